@@ -1,0 +1,149 @@
+"""The one TOML file that configures a site: read once, validated, handed around as frozen dataclasses.
+
+Unknown sections and keys are refused with the offending name, because a typo silently
+ignored in a security setting (a file mode, a secret) is worse than a refusal.
+Relative paths are resolved against the directory of the config file, so a config and
+its state can be moved together.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from srm_dicom.errors import ConfigError
+from srm_dicom.rights import parse_metadata_mode, parse_mode
+
+CONFIG_ENV = "MDM_CONFIG"
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    vo: str = "demo"
+    secret: str = ""
+    uids: str = "deidentified"
+    registrar: str = "/C=XX/O=srm-dicom/CN=registration service"
+    file_mode: str = "rwxr-x---"
+    metadata_mode: str = "group"
+
+    @property
+    def secret_bytes(self) -> bytes:
+        return self.secret.encode()
+
+
+@dataclass(frozen=True)
+class CatalogConfig:
+    backend: str = "sqlite"
+    url: str = "catalog.db"
+
+
+@dataclass(frozen=True)
+class PacsConfig:
+    aet: str = "MDM_PACS"
+    host: str = "127.0.0.1"
+    port: int = 11114
+    calling_aet: str = "MDM"
+    timeout: float = 30.0
+    retrieve: str = "get"
+    move_port: int = 11113
+
+
+@dataclass(frozen=True)
+class ListenConfig:
+    aet: str = "MDM_PUSH"
+    host: str = "127.0.0.1"
+    port: int = 11112
+    store_to_pacs: bool = True
+
+
+@dataclass(frozen=True)
+class EmbeddedPacsConfig:
+    aet: str = "MDM_PACS"
+    host: str = "127.0.0.1"
+    port: int = 11114
+    storage: str = "pacs"
+    # C-MOVE destinations the embedded PACS knows: AET → "host:port".
+    move_destinations: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Config:
+    site: SiteConfig = field(default_factory=SiteConfig)
+    catalog: CatalogConfig = field(default_factory=CatalogConfig)
+    pacs: PacsConfig = field(default_factory=PacsConfig)
+    listen: ListenConfig = field(default_factory=ListenConfig)
+    embedded_pacs: EmbeddedPacsConfig = field(default_factory=EmbeddedPacsConfig)
+    base_dir: Path = field(default_factory=Path.cwd)
+
+    def path(self, value: str) -> Path:
+        """A path from the config, relative ones taken from the config file's directory."""
+        return (self.base_dir / Path(value).expanduser()).resolve()
+
+
+_SECTIONS: dict[str, type] = {
+    "site": SiteConfig,
+    "catalog": CatalogConfig,
+    "pacs": PacsConfig,
+    "listen": ListenConfig,
+    "embedded_pacs": EmbeddedPacsConfig,
+}
+
+
+def _section(name: str, cls: type, values: Any) -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"config: [{name}] must be a table")
+    known = {f.name: f for f in fields(cls)}
+    for key, value in values.items():
+        if key not in known:
+            raise ConfigError(f"config: unknown key '{key}' in [{name}]")
+        spec = known[key]
+        expected = dict if spec.default is MISSING else type(spec.default)
+        if expected is float and isinstance(value, int):
+            continue
+        if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+            raise ConfigError(
+                f"config: [{name}] {key} must be a {expected.__name__}, not {value!r}"
+            )
+    return cls(**{k: float(v) if known[k].default.__class__ is float else v for k, v in values.items()})
+
+
+def _validate(config: Config) -> None:
+    if not config.site.secret or len(config.site.secret) < 16:
+        raise ConfigError("config: [site] secret must be set, at least 16 characters")
+    if config.site.uids not in ("deidentified", "original"):
+        raise ConfigError("config: [site] uids must be 'deidentified' or 'original'")
+    if config.pacs.retrieve not in ("get", "move"):
+        raise ConfigError("config: [pacs] retrieve must be 'get' or 'move'")
+    try:
+        parse_mode(config.site.file_mode)
+        parse_metadata_mode(config.site.metadata_mode)
+    except ValueError as exc:
+        raise ConfigError(f"config: [site] {exc}") from None
+
+
+def parse_config(data: dict[str, Any], base_dir: Path) -> Config:
+    sections = {}
+    for name, values in data.items():
+        if name not in _SECTIONS:
+            raise ConfigError(f"config: unknown section [{name}]")
+        sections[name] = _section(name, _SECTIONS[name], values)
+    config = Config(base_dir=base_dir, **sections)
+    _validate(config)
+    return config
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> Config:
+    """Load the config named by ``path``, else by ``$MDM_CONFIG``, else ``./mdm.toml``."""
+    chosen = Path(path or os.environ.get(CONFIG_ENV) or "mdm.toml")
+    try:
+        data = tomllib.loads(chosen.read_text())
+    except FileNotFoundError:
+        raise ConfigError(
+            f"config: {chosen} not found (give --config FILE or set {CONFIG_ENV})"
+        ) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config: {chosen}: {exc}") from None
+    return parse_config(data, chosen.resolve().parent)

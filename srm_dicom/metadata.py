@@ -1,0 +1,111 @@
+"""The paper's metadata schema, read from one DICOM header.
+
+Patient (nominative, indexed by an irreversible patient key), Image (technical, per GUID),
+Medical (acquisition), DICOM (original and de-identified identifiers) and Protocol
+(protocol name → GUIDs). The catalog backends store these rows next to the entry, in the
+same transaction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydicom.dataset import Dataset
+
+from srm_dicom.uids import deidentify_uid, patient_key
+
+Row = dict[str, Any]
+
+# Column name → DICOM keyword, per table. The order is the column order of the schema.
+PATIENT_FIELDS = {
+    "name": "PatientName",
+    "patient_id": "PatientID",
+    "issuer": "IssuerOfPatientID",
+    "birth_date": "PatientBirthDate",
+    "sex": "PatientSex",
+    "age": "PatientAge",
+    "weight": "PatientWeight",
+    "size": "PatientSize",
+}
+IMAGE_FIELDS = {
+    "rows": "Rows",
+    "columns": "Columns",
+    "bits_allocated": "BitsAllocated",
+    "bits_stored": "BitsStored",
+    "samples_per_pixel": "SamplesPerPixel",
+    "photometric": "PhotometricInterpretation",
+    "number_of_frames": "NumberOfFrames",
+    "pixel_spacing": "PixelSpacing",
+    "slice_thickness": "SliceThickness",
+    "image_position": "ImagePositionPatient",
+    "image_orientation": "ImageOrientationPatient",
+    "instance_number": "InstanceNumber",
+}
+MEDICAL_FIELDS = {
+    "modality": "Modality",
+    "study_date": "StudyDate",
+    "series_date": "SeriesDate",
+    "acquisition_date": "AcquisitionDate",
+    "body_part": "BodyPartExamined",
+    "institution": "InstitutionName",
+    "referring_physician": "ReferringPhysicianName",
+    "performing_physician": "PerformingPhysicianName",
+    "study_description": "StudyDescription",
+    "series_description": "SeriesDescription",
+    "manufacturer": "Manufacturer",
+    "model": "ManufacturerModelName",
+}
+
+
+@dataclass(frozen=True)
+class ImageMetadata:
+    patient_key: str
+    patient: Row
+    image: Row
+    medical: Row
+    dicom: Row
+    protocols: tuple[str, ...] = field(default=())
+
+
+def _value(ds: Dataset, keyword: str) -> Any:
+    """A header value as a plain Python value: numbers stay numbers, lists become backslash text."""
+    element = ds.get(keyword)
+    if element is None or element.value is None or element.value == "":
+        return None
+    value = element.value
+    if element.VM > 1:
+        return "\\".join(str(v) for v in value)
+    if isinstance(value, int | float | str):
+        return value
+    if isinstance(value, bytes):
+        return None
+    return str(value)
+
+
+def extract_metadata(ds: Dataset, secret: bytes) -> ImageMetadata:
+    """Read the five tables' rows from a header; the patient key is keyed by the site secret."""
+    study, series, sop = (str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID))
+    patient = {column: _value(ds, kw) for column, kw in PATIENT_FIELDS.items()}
+    key = patient_key(secret, str(patient["patient_id"] or patient["name"] or ""), str(patient["issuer"] or ""))
+    sop_class = ds.get("SOPClassUID") or ds.file_meta.get("MediaStorageSOPClassUID", "")
+    transfer_syntax = ds.file_meta.get("TransferSyntaxUID", "") if hasattr(ds, "file_meta") else ""
+    dicom = {
+        "study_uid": study,
+        "series_uid": series,
+        "sop_uid": sop,
+        "deid_study_uid": deidentify_uid(secret, study),
+        "deid_series_uid": deidentify_uid(secret, series),
+        "deid_sop_uid": deidentify_uid(secret, sop),
+        "sop_class_uid": str(sop_class),
+        "transfer_syntax_uid": str(transfer_syntax),
+    }
+    protocol = _value(ds, "ProtocolName")
+    return ImageMetadata(
+        patient_key=key,
+        patient=patient,
+        image={column: _value(ds, kw) for column, kw in IMAGE_FIELDS.items()},
+        medical={column: _value(ds, kw) for column, kw in MEDICAL_FIELDS.items()},
+        dicom=dicom,
+        protocols=(protocol,) if protocol else (),
+    )
