@@ -7,15 +7,16 @@ imports a backend by name.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from enum import Enum
 from importlib.metadata import entry_points
 from typing import Protocol
 
 from srm_dicom.config import Config
-from srm_dicom.errors import ConfigError
+from srm_dicom.errors import ConfigError, NotFound
 from srm_dicom.metadata import ImageMetadata
-from srm_dicom.names import UidTriple
+from srm_dicom.names import UidTriple, parse_lfn, parse_sop_spec
 
 ENTRY_POINT_GROUP = "srm_dicom.catalog"
 
@@ -105,3 +106,23 @@ def open_catalog(config: Config) -> Catalog:
         )
     backend = next(iter(found)).load()
     return backend.from_config(config)
+
+
+_GUID = re.compile(r"^(?:guid:|/guid/)?([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})$")
+
+
+def find_entry(catalog: Catalog, spec: list[str] | str) -> Entry:
+    """Resolve any identifier users type: an LFN, a GUID (``guid:…``, ``/guid/…`` or bare),
+    or a study/series/sop triple in any of the seeds' forms, with original or names' UIDs."""
+    parts = [spec] if isinstance(spec, str) else spec
+    text = " ".join(parts).strip()
+    if text.startswith("/grid/"):
+        parse_lfn(text)
+        entry = catalog.lookup(text)
+    elif guid := _GUID.match(text.lower()):
+        entry = catalog.lookup_guid(guid.group(1))
+    else:
+        entry = catalog.lookup_uids(parse_sop_spec(parts))
+    if entry is None:
+        raise NotFound(f"no such entry: {text}")
+    return entry

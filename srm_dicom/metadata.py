@@ -70,16 +70,16 @@ class ImageMetadata:
 
 def _value(ds: Dataset, keyword: str) -> Any:
     """A header value as a plain Python value: numbers stay numbers, lists become backslash text."""
-    element = ds.get(keyword)
-    if element is None or element.value is None or element.value == "":
+    element = ds.data_element(keyword) if keyword in ds else None
+    if element is None or element.value is None or element.value == "" or isinstance(element.value, bytes):
         return None
     value = element.value
     if element.VM > 1:
         return "\\".join(str(v) for v in value)
-    if isinstance(value, int | float | str):
-        return value
-    if isinstance(value, bytes):
-        return None
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return float(value)
     return str(value)
 
 

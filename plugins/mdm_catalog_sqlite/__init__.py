@@ -1,0 +1,307 @@
+"""SQLite catalog backend: the embedded default, one file, WAL mode.
+
+Lookups go through indexes only (LFN, GUID, parent directory, UID triples), so the
+catalog stays fast at 10^6 entries. Directories are rows of their own, made when the
+first entry below them is added and removed with the last one, so listing a directory
+never scans entries.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from mdm_catalog_sqlite.schema import MIGRATIONS
+from srm_dicom.catalog import AclEntry, Entry, Listing, Outcome
+from srm_dicom.config import Config
+from srm_dicom.metadata import IMAGE_FIELDS, MEDICAL_FIELDS, PATIENT_FIELDS, ImageMetadata
+from srm_dicom.names import UidTriple, normalize_lfn
+
+_ENTRY_COLUMNS = (
+    "lfn", "guid", "pfn", "kind", "study_uid", "series_uid", "sop_uid", "owner", "vo", "mode",
+    "metadata_mode", "size", "adler32", "content_version", "source_digest", "created", "modified",
+)
+_DICOM_COLUMNS = (
+    "study_uid", "series_uid", "sop_uid", "deid_study_uid", "deid_series_uid", "deid_sop_uid",
+    "sop_class_uid", "transfer_syntax_uid",
+)
+
+
+class SQLiteCatalog:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._lock = threading.RLock()
+        self._migrate()
+
+    @classmethod
+    def from_config(cls, config: Config) -> SQLiteCatalog:
+        return cls(config.path(config.catalog.url))
+
+    # -- schema ---------------------------------------------------------------
+
+    def _migrate(self) -> None:
+        with self._transaction() as db:
+            db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            row = db.execute("SELECT max(version) FROM schema_version").fetchone()
+            current = row[0] or 0
+            for version, script in enumerate(MIGRATIONS[current:], start=current + 1):
+                for statement in script.split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+                db.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
+
+    @property
+    def schema_version(self) -> int:
+        return self._db.execute("SELECT max(version) FROM schema_version").fetchone()[0]
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    # -- writes ---------------------------------------------------------------
+
+    def register_image(self, entry: Entry, metadata: ImageMetadata, volume: Entry) -> Outcome:
+        with self._transaction() as db:
+            old = db.execute(
+                "SELECT guid, content_version, source_digest FROM entries WHERE lfn = ?",
+                (entry.lfn,),
+            ).fetchone()
+            if old and old["source_digest"] == entry.source_digest:
+                return Outcome.UNCHANGED
+            now = time.time()
+            if old:
+                guid = old["guid"]
+                db.execute(
+                    "UPDATE entries SET pfn = ?, size = ?, adler32 = ?, source_digest = ?,"
+                    " content_version = content_version + 1, modified = ? WHERE guid = ?",
+                    (entry.pfn, entry.size, entry.adler32, entry.source_digest, now, guid),
+                )
+                self._delete_metadata(db, guid)
+            else:
+                guid = entry.guid
+                self._insert_entry(db, entry, now)
+            self._insert_metadata(db, guid, metadata)
+            self._upsert_volume(db, volume, now)
+            return Outcome.UPDATED if old else Outcome.ADDED
+
+    def _insert_entry(self, db: sqlite3.Connection, entry: Entry, now: float) -> None:
+        lfn = normalize_lfn(entry.lfn)
+        values = {c: getattr(entry, c) for c in _ENTRY_COLUMNS}
+        values.update(lfn=lfn, created=now, modified=now)
+        parent, name = posixpath.split(lfn)
+        db.execute(
+            f"INSERT INTO entries ({', '.join(values)}, parent, name)"
+            f" VALUES ({', '.join('?' * (len(values) + 2))})",
+            (*values.values(), parent, name),
+        )
+        db.executemany(
+            "INSERT INTO acl (guid, dn, perms, metadata) VALUES (?, ?, ?, ?)",
+            [(entry.guid, a.dn, a.perms, a.metadata) for a in entry.acl],
+        )
+        while parent != "/":
+            grandparent = posixpath.dirname(parent)
+            inserted = db.execute(
+                "INSERT OR IGNORE INTO directories (path, parent) VALUES (?, ?)",
+                (parent, grandparent),
+            ).rowcount
+            if not inserted:
+                break
+            parent = grandparent
+
+    def _upsert_volume(self, db: sqlite3.Connection, volume: Entry, now: float) -> None:
+        bumped = db.execute(
+            "UPDATE entries SET content_version = content_version + 1, size = NULL,"
+            " adler32 = NULL, modified = ? WHERE lfn = ?",
+            (now, volume.lfn),
+        ).rowcount
+        if not bumped:
+            self._insert_entry(db, volume, now)
+
+    def _insert_metadata(self, db: sqlite3.Connection, guid: str, metadata: ImageMetadata) -> None:
+        patient = {"patient_key": metadata.patient_key, **metadata.patient}
+        db.execute(
+            f"INSERT OR REPLACE INTO patient ({', '.join(patient)})"
+            f" VALUES ({', '.join('?' * len(patient))})",
+            tuple(patient.values()),
+        )
+        for table, row in (
+            ("image", {"patient_key": metadata.patient_key, **metadata.image}),
+            ("medical", metadata.medical),
+            ("dicom", metadata.dicom),
+        ):
+            row = {"guid": guid, **row}
+            db.execute(
+                f"INSERT INTO {table} ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
+                tuple(row.values()),
+            )
+        db.executemany(
+            "INSERT INTO protocol (name, guid) VALUES (?, ?)",
+            [(name, guid) for name in metadata.protocols],
+        )
+
+    def _delete_metadata(self, db: sqlite3.Connection, guid: str) -> None:
+        row = db.execute("SELECT patient_key FROM image WHERE guid = ?", (guid,)).fetchone()
+        for table in ("image", "medical", "dicom", "protocol"):
+            db.execute(f"DELETE FROM {table} WHERE guid = ?", (guid,))
+        if row:
+            # The Patient table holds the most sensitive data: no row outlives its last image.
+            db.execute(
+                "DELETE FROM patient WHERE patient_key = ? AND NOT EXISTS"
+                " (SELECT 1 FROM image WHERE patient_key = ?)",
+                (row["patient_key"], row["patient_key"]),
+            )
+
+    def delete(self, lfn: str) -> Entry | None:
+        with self._transaction() as db:
+            entry = self._entry_where(db, "lfn = ?", normalize_lfn(lfn))
+            if entry is None:
+                return None
+            self._delete_metadata(db, entry.guid)
+            db.execute("DELETE FROM entries WHERE guid = ?", (entry.guid,))
+            if entry.kind == "slice":
+                volume_lfn = posixpath.join(posixpath.dirname(entry.lfn), "3D")
+                remaining = db.execute(
+                    "SELECT 1 FROM entries WHERE parent = ? AND kind = 'slice' LIMIT 1",
+                    (posixpath.dirname(entry.lfn),),
+                ).fetchone()
+                if remaining:
+                    db.execute(
+                        "UPDATE entries SET content_version = content_version + 1, size = NULL,"
+                        " adler32 = NULL, modified = ? WHERE lfn = ?",
+                        (time.time(), volume_lfn),
+                    )
+                else:
+                    db.execute("DELETE FROM entries WHERE lfn = ?", (volume_lfn,))
+            self._prune_directories(db, posixpath.dirname(entry.lfn))
+            return entry
+
+    def _prune_directories(self, db: sqlite3.Connection, path: str) -> None:
+        while path != "/" and not (
+            db.execute("SELECT 1 FROM entries WHERE parent = ? LIMIT 1", (path,)).fetchone()
+            or db.execute("SELECT 1 FROM directories WHERE parent = ? LIMIT 1", (path,)).fetchone()
+        ):
+            db.execute("DELETE FROM directories WHERE path = ?", (path,))
+            path = posixpath.dirname(path)
+
+    # -- reads ----------------------------------------------------------------
+
+    def _entry_where(self, db: sqlite3.Connection, where: str, *params: object) -> Entry | None:
+        row = db.execute(
+            f"SELECT {', '.join(_ENTRY_COLUMNS)} FROM entries WHERE {where}", params
+        ).fetchone()
+        return self._entry(db, row) if row else None
+
+    def _entry(self, db: sqlite3.Connection, row: sqlite3.Row) -> Entry:
+        acl = tuple(
+            AclEntry(a["dn"], a["perms"], a["metadata"])
+            for a in db.execute(
+                "SELECT dn, perms, metadata FROM acl WHERE guid = ? ORDER BY dn", (row["guid"],)
+            )
+        )
+        return Entry(**dict(row), acl=acl)
+
+    def lookup(self, lfn: str) -> Entry | None:
+        with self._lock:
+            return self._entry_where(self._db, "lfn = ?", normalize_lfn(lfn))
+
+    def lookup_guid(self, guid: str) -> Entry | None:
+        with self._lock:
+            return self._entry_where(self._db, "guid = ?", guid.removeprefix("guid:"))
+
+    def lookup_uids(self, triple: UidTriple) -> Entry | None:
+        with self._lock:
+            found = self._entry_where(
+                self._db,
+                "study_uid = ? AND series_uid = ? AND sop_uid = ?",
+                triple.study, triple.series, triple.sop,
+            )
+            if found:
+                return found
+            if triple.is_volume:
+                row = self._db.execute(
+                    "SELECT e.lfn FROM dicom d JOIN entries e ON e.guid = d.guid"
+                    " WHERE d.study_uid = ? AND d.series_uid = ? LIMIT 1",
+                    (triple.study, triple.series),
+                ).fetchone()
+                lfn = posixpath.join(posixpath.dirname(row["lfn"]), "3D") if row else None
+                return self._entry_where(self._db, "lfn = ?", lfn) if lfn else None
+            return self._entry_where(
+                self._db,
+                "guid = (SELECT guid FROM dicom WHERE sop_uid = ? AND series_uid = ?"
+                " AND study_uid = ?)",
+                triple.sop, triple.series, triple.study,
+            )
+
+    def list_dir(self, path: str) -> Listing | None:
+        path = normalize_lfn(path)
+        with self._lock:
+            directories = [
+                r["path"]
+                for r in self._db.execute(
+                    "SELECT path FROM directories WHERE parent = ? ORDER BY path", (path,)
+                )
+            ]
+            entries = [
+                self._entry(self._db, r)
+                for r in self._db.execute(
+                    f"SELECT {', '.join(_ENTRY_COLUMNS)} FROM entries WHERE parent = ?"
+                    " ORDER BY name",
+                    (path,),
+                )
+            ]
+            if not directories and not entries and not self._directory_exists(path):
+                return None
+            return Listing(directories, entries)
+
+    def _directory_exists(self, path: str) -> bool:
+        return bool(
+            self._db.execute("SELECT 1 FROM directories WHERE path = ?", (path,)).fetchone()
+        )
+
+    def metadata(self, guid: str) -> ImageMetadata | None:
+        with self._lock:
+            image = self._db.execute("SELECT * FROM image WHERE guid = ?", (guid,)).fetchone()
+            if image is None:
+                return None
+            key = image["patient_key"]
+            patient = self._db.execute(
+                "SELECT * FROM patient WHERE patient_key = ?", (key,)
+            ).fetchone()
+            medical = self._db.execute("SELECT * FROM medical WHERE guid = ?", (guid,)).fetchone()
+            dicom = self._db.execute("SELECT * FROM dicom WHERE guid = ?", (guid,)).fetchone()
+            protocols = self._db.execute(
+                "SELECT name FROM protocol WHERE guid = ? ORDER BY name", (guid,)
+            ).fetchall()
+            return ImageMetadata(
+                patient_key=key,
+                patient={c: patient[c] for c in PATIENT_FIELDS},
+                image={c: image[c] for c in IMAGE_FIELDS},
+                medical={c: medical[c] for c in MEDICAL_FIELDS},
+                dicom={c: dicom[c] for c in _DICOM_COLUMNS},
+                protocols=tuple(p["name"] for p in protocols),
+            )
+
+    def count(self) -> int:
+        with self._lock:
+            return self._db.execute("SELECT count(*) FROM entries").fetchone()[0]
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()

@@ -1,0 +1,73 @@
+"""Versioned schema: migration N brings a catalog from version N-1 to N; never edit a released one."""
+
+MIGRATIONS: list[str] = [
+    # 1: the namespace, per-DN rights and the paper's five metadata tables.
+    """
+    CREATE TABLE entries (
+        guid TEXT PRIMARY KEY,
+        lfn TEXT NOT NULL UNIQUE,
+        parent TEXT NOT NULL,
+        name TEXT NOT NULL,
+        kind TEXT NOT NULL CHECK (kind IN ('slice', 'volume')),
+        pfn TEXT NOT NULL,
+        study_uid TEXT NOT NULL,
+        series_uid TEXT NOT NULL,
+        sop_uid TEXT NOT NULL,
+        owner TEXT NOT NULL,
+        vo TEXT NOT NULL,
+        mode INTEGER NOT NULL,
+        metadata_mode TEXT NOT NULL,
+        size INTEGER,
+        adler32 TEXT,
+        content_version INTEGER NOT NULL DEFAULT 1,
+        source_digest TEXT,
+        created REAL NOT NULL,
+        modified REAL NOT NULL
+    );
+    CREATE INDEX entries_parent ON entries (parent, name);
+    CREATE INDEX entries_uids ON entries (study_uid, series_uid, sop_uid);
+    CREATE TABLE directories (path TEXT PRIMARY KEY, parent TEXT NOT NULL);
+    CREATE INDEX directories_parent ON directories (parent);
+    CREATE TABLE acl (
+        guid TEXT NOT NULL REFERENCES entries (guid) ON DELETE CASCADE,
+        dn TEXT NOT NULL,
+        perms INTEGER NOT NULL,
+        metadata TEXT NOT NULL,
+        PRIMARY KEY (guid, dn)
+    );
+    CREATE TABLE patient (
+        patient_key TEXT PRIMARY KEY,
+        name TEXT, patient_id TEXT, issuer TEXT, birth_date TEXT, sex TEXT, age TEXT,
+        weight REAL, size REAL
+    );
+    CREATE TABLE image (
+        guid TEXT PRIMARY KEY REFERENCES entries (guid) ON DELETE CASCADE,
+        patient_key TEXT NOT NULL,
+        rows INTEGER, columns INTEGER, bits_allocated INTEGER, bits_stored INTEGER,
+        samples_per_pixel INTEGER, photometric TEXT, number_of_frames TEXT,
+        pixel_spacing TEXT, slice_thickness REAL, image_position TEXT,
+        image_orientation TEXT, instance_number INTEGER
+    );
+    CREATE INDEX image_patient ON image (patient_key);
+    CREATE TABLE medical (
+        guid TEXT PRIMARY KEY REFERENCES entries (guid) ON DELETE CASCADE,
+        modality TEXT, study_date TEXT, series_date TEXT, acquisition_date TEXT,
+        body_part TEXT, institution TEXT, referring_physician TEXT,
+        performing_physician TEXT, study_description TEXT, series_description TEXT,
+        manufacturer TEXT, model TEXT
+    );
+    CREATE INDEX medical_modality ON medical (modality, study_date);
+    CREATE TABLE dicom (
+        guid TEXT PRIMARY KEY REFERENCES entries (guid) ON DELETE CASCADE,
+        study_uid TEXT NOT NULL, series_uid TEXT NOT NULL, sop_uid TEXT NOT NULL,
+        deid_study_uid TEXT NOT NULL, deid_series_uid TEXT NOT NULL,
+        deid_sop_uid TEXT NOT NULL, sop_class_uid TEXT, transfer_syntax_uid TEXT
+    );
+    CREATE INDEX dicom_original ON dicom (study_uid, series_uid, sop_uid);
+    CREATE TABLE protocol (
+        name TEXT NOT NULL,
+        guid TEXT NOT NULL REFERENCES entries (guid) ON DELETE CASCADE,
+        PRIMARY KEY (name, guid)
+    )
+    """,
+]

@@ -1,0 +1,124 @@
+"""``mdm register``: the seeds' glite-mdm-register, for files, directories and PACS contents."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from srm_dicom.catalog import open_catalog
+from srm_dicom.config import load_config
+from srm_dicom.errors import InvalidInput, MdmError, PacsError
+from srm_dicom.pacs.client import PacsClient
+from srm_dicom.register import Registrar, Summary, iter_files, read_dicom
+
+EXIT_SOME_FAILED = 1
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "register",
+        help="register DICOM files, directories or PACS contents (hospital side)",
+        description=(
+            "Register images: each file is stored into the PACS, then cataloged under "
+            "/grid/<vo>/mdm/<Study>/<Series>/<SOP> with its metadata, and its series gets a 3D "
+            "entry. Registering an unchanged image again does nothing; a changed one gets a new "
+            "content version. With --from-pacs, images already in the PACS are indexed in place: "
+            "nothing is stored into the PACS."
+        ),
+        epilog=(
+            "examples:\n"
+            "  mdm register scans/                     # a directory, recursively\n"
+            "  mdm register -v a.dcm b.dcm             # two files, one line each\n"
+            "  mdm register --from-pacs --study 1.2.3  # index a study already in the PACS\n"
+            "  mdm register --from-pacs --all\n"
+            "exit codes: 0 all registered or already there, 1 some files failed, 4 PACS error"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("paths", nargs="*", type=Path, metavar="PATH", help="DICOM files or directories")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="-v: one line per image; -vv: debug")
+    parser.add_argument("--owner", metavar="DN", help="owner of the new entries (default: [site] registrar)")
+    source = parser.add_argument_group("indexing images already in the PACS")
+    source.add_argument("--from-pacs", action="store_true", help="index images of the PACS instead of files")
+    which = source.add_mutually_exclusive_group()
+    which.add_argument("--study", metavar="UID", help="one study")
+    which.add_argument("--patient", metavar="ID", help="all studies of one patient")
+    which.add_argument("--all", action="store_true", help="every study in the PACS")
+    parser.set_defaults(handler=run)
+
+
+def _progress(total: int) -> Progress | nullcontext:
+    if total < 2 or not sys.stderr.isatty():
+        return nullcontext()
+    return Progress(
+        TextColumn("registering"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+        transient=True,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.from_pacs and args.paths:
+        raise InvalidInput("give either PATHs or --from-pacs, not both")
+    if args.from_pacs and not (args.study or args.patient or args.all):
+        raise InvalidInput("--from-pacs needs --study UID, --patient ID or --all")
+    if not args.from_pacs and not args.paths:
+        raise InvalidInput("nothing to register: give PATHs (files or directories) or --from-pacs")
+    config = load_config(args.config)
+    catalog = open_catalog(config)
+    summary = Summary()
+    try:
+        with PacsClient(config.pacs) as pacs:
+            registrar = Registrar(config, catalog, pacs, owner=args.owner)
+            if args.from_pacs:
+                _register_from_pacs(registrar, pacs, args, summary)
+            else:
+                _register_files(registrar, args, summary)
+    except PacsError as exc:
+        print(summary.line(), file=sys.stderr)
+        raise exc
+    finally:
+        catalog.close()
+    for source, reason in summary.failures:
+        print(f"failed: {source}: {reason}", file=sys.stderr)
+    print(summary.line())
+    return EXIT_SOME_FAILED if summary.failures else 0
+
+
+def _register_files(registrar: Registrar, args: argparse.Namespace, summary: Summary) -> None:
+    files = list(iter_files(args.paths, summary))
+    with _progress(len(files)) as progress:
+        task = progress.add_task("register", total=len(files)) if progress else None
+        for path in files:
+            try:
+                outcome = registrar.register(read_dicom(path), store_in_pacs=True)
+                summary.add(outcome)
+                if args.verbose:
+                    print(f"{outcome.value}: {path}")
+            except PacsError:
+                raise
+            except MdmError as exc:
+                summary.fail(str(path), str(exc))
+            if progress:
+                progress.advance(task)
+
+
+def _register_from_pacs(
+    registrar: Registrar, pacs: PacsClient, args: argparse.Namespace, summary: Summary
+) -> None:
+    studies = [args.study] if args.study else pacs.find_studies(patient_id=args.patient)
+    for study in studies:
+        for series in pacs.find_series(study):
+            for ds in pacs.retrieve(study, series):
+                try:
+                    outcome = registrar.register(ds, store_in_pacs=False)
+                    summary.add(outcome)
+                    if args.verbose:
+                        print(f"{outcome.value}: {ds.get('SOPInstanceUID', '?')}")
+                except PacsError:
+                    raise
+                except MdmError as exc:
+                    summary.fail(f"PACS image {ds.get('SOPInstanceUID', '?')}", str(exc))

@@ -1,0 +1,207 @@
+"""Registration, the hospital side's write path: from a DICOM header to a catalog entry.
+
+Every entry point (files, a PACS index walk, a DICOM push) hands datasets to
+``Registrar.register``, which reads the header, stores the image into the PACS when
+asked, and catalogs the slice, its metadata and its series volume in one transaction.
+Idempotent: an unchanged image adds nothing; a changed one bumps its content version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import uuid
+import zlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
+
+from srm_dicom.catalog import Catalog, Entry, Outcome
+from srm_dicom.config import Config
+from srm_dicom.errors import InvalidInput, MdmError
+from srm_dicom.metadata import extract_metadata
+from srm_dicom.names import VOLUME, UidTriple, is_uid, pfn
+from srm_dicom.rights import parse_mode
+from srm_dicom.uids import deidentify_uid
+
+if TYPE_CHECKING:
+    from srm_dicom.pacs.client import PacsClient
+
+log = logging.getLogger(__name__)
+
+_REQUIRED_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
+
+
+@dataclass
+class Summary:
+    """What a batch did, per outcome, with the reason of every failure."""
+
+    counts: dict[Outcome, int] = field(default_factory=lambda: dict.fromkeys(Outcome, 0))
+    failures: list[tuple[str, str]] = field(default_factory=list)
+
+    def add(self, outcome: Outcome) -> None:
+        self.counts[outcome] += 1
+
+    def fail(self, source: str, reason: str) -> None:
+        self.failures.append((source, reason))
+
+    def line(self) -> str:
+        parts = [f"{n} {o.value}" for o, n in self.counts.items()]
+        parts.append(f"{len(self.failures)} failed")
+        return ", ".join(parts)
+
+
+def dataset_digest(ds: Dataset) -> str:
+    """Digest of the encoded data set without its file meta, so a file and the same image
+    received over the network (whose file meta differs) are recognised as one object."""
+    buffer = DicomBytesIO()
+    transfer_syntax = ds.file_meta.TransferSyntaxUID
+    buffer.is_little_endian = transfer_syntax.is_little_endian
+    buffer.is_implicit_VR = transfer_syntax.is_implicit_VR
+    write_dataset(buffer, ds)
+    return hashlib.sha256(buffer.getvalue()).hexdigest()
+
+
+def served_bytes(ds: Dataset) -> bytes:
+    """The bytes a grid client receives for this image: a Part-10 file."""
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+def check_header(ds: Dataset) -> None:
+    """Refuse a data set the catalog cannot name: one of the three UIDs missing or malformed."""
+    if "TransferSyntaxUID" not in getattr(ds, "file_meta", Dataset()):
+        raise InvalidInput("no transfer syntax in the file meta information")
+    for keyword in _REQUIRED_UIDS:
+        value = str(ds.get(keyword, "") or "").strip()
+        if not value:
+            raise InvalidInput(f"missing {keyword}")
+        if not is_uid(value):
+            raise InvalidInput(f"{keyword} is not a valid UID")
+
+
+class Registrar:
+    """Registers images for one site: names them, stores them into the PACS, catalogs them."""
+
+    def __init__(
+        self,
+        config: Config,
+        catalog: Catalog,
+        pacs: PacsClient | None,
+        owner: str | None = None,
+    ) -> None:
+        self._config = config
+        self._catalog = catalog
+        self._pacs = pacs
+        self._owner = owner or config.site.registrar
+        self._mode = parse_mode(config.site.file_mode)
+
+    def _names(self, ds: Dataset) -> tuple[str, str, str]:
+        original = tuple(str(ds.get(k)).strip() for k in _REQUIRED_UIDS)
+        if self._config.site.uids == "original":
+            return original  # type: ignore[return-value]
+        secret = self._config.site.secret_bytes
+        return tuple(deidentify_uid(secret, uid) for uid in original)  # type: ignore[return-value]
+
+    def register(self, ds: Dataset, store_in_pacs: bool) -> Outcome:
+        """Register one image. Raises MdmError with the reason if it cannot be registered."""
+        check_header(ds)
+        study, series, sop = self._names(ds)
+        site, pacs = self._config.site, self._config.pacs
+        lfn = UidTriple(study, series, sop).lfn(site.vo)
+        digest = dataset_digest(ds)
+        known = self._catalog.lookup(lfn)
+        if known is not None and known.source_digest == digest:
+            return Outcome.UNCHANGED
+        metadata = extract_metadata(ds, site.secret_bytes)
+        payload = served_bytes(ds)
+        if store_in_pacs:
+            if self._pacs is None:
+                raise MdmError("no PACS connection to store the image into")
+            self._pacs.store(ds)
+        original = metadata.dicom
+        common = dict(owner=self._owner, vo=site.vo, mode=self._mode, metadata_mode=site.metadata_mode)
+        entry = Entry(
+            lfn=lfn,
+            guid=str(uuid.uuid4()),
+            pfn=pfn(pacs.aet, pacs.host, pacs.port, original["study_uid"], original["series_uid"], original["sop_uid"]),
+            kind="slice",
+            study_uid=study,
+            series_uid=series,
+            sop_uid=sop,
+            size=len(payload),
+            adler32=f"{zlib.adler32(payload):08x}",
+            source_digest=digest,
+            **common,
+        )
+        volume = Entry(
+            lfn=UidTriple(study, series, VOLUME).lfn(site.vo),
+            guid=str(uuid.uuid4()),
+            pfn=pfn(pacs.aet, pacs.host, pacs.port, original["study_uid"], original["series_uid"]),
+            kind="volume",
+            study_uid=study,
+            series_uid=series,
+            sop_uid=VOLUME,
+            **common,
+        )
+        outcome = self._catalog.register_image(entry, metadata, volume)
+        log.debug("%s %s", outcome.value, lfn)
+        return outcome
+
+
+def iter_files(paths: Iterable[Path], summary: Summary) -> Iterator[Path]:
+    """Files under the given paths, recursively and sorted; unreadable directories are reported."""
+    for path in paths:
+        if path.is_file():
+            yield path
+        elif path.is_dir():
+            def report(error: OSError) -> None:
+                summary.fail(str(error.filename), f"cannot read directory: {error.strerror}")
+
+            for root, dirs, files in os.walk(path, onerror=report):
+                dirs.sort()
+                for name in sorted(files):
+                    yield Path(root) / name
+        else:
+            summary.fail(str(path), "no such file or directory")
+
+
+def read_dicom(path: Path) -> Dataset:
+    """Read a whole Part-10 file (or a bare data set), turning every failure into one reason."""
+    try:
+        ds = pydicom.dcmread(path)
+    except InvalidDicomError:
+        raise InvalidInput("not a DICOM file") from None
+    except PermissionError:
+        raise InvalidInput("permission denied") from None
+    except (OSError, EOFError) as exc:
+        raise InvalidInput(f"cannot read: {exc.__class__.__name__}") from None
+    except Exception as exc:  # pydicom raises many types on corrupt input
+        raise InvalidInput(f"corrupt or truncated DICOM ({exc.__class__.__name__})") from None
+    if "TransferSyntaxUID" not in getattr(ds, "file_meta", Dataset()):
+        raise InvalidInput("not a DICOM Part-10 file (no file meta information)")
+    _check_complete(ds)
+    return ds
+
+
+def _check_complete(ds: Dataset) -> None:
+    """pydicom stops quietly at a short read; a truncated file shows as a last element
+    shorter than its declared length, or as an image without its pixel data."""
+    if len(ds):
+        last = ds.get_item(list(ds.keys())[-1])
+        declared = getattr(last, "length", 0xFFFFFFFF)
+        if declared != 0xFFFFFFFF and isinstance(last.value, bytes) and len(last.value) < declared:
+            raise InvalidInput("truncated DICOM file")
+    is_image = "Rows" in ds or "Image" in getattr(ds.get("SOPClassUID"), "name", "")
+    if is_image and not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        raise InvalidInput("truncated DICOM file (image without pixel data)")
