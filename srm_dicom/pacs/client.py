@@ -1,0 +1,440 @@
+"""A DICOM client for the site's PACS: echo, store, find, get and move over one kept association.
+
+Opening an association costs a round trip or two and, on some PACS, a process fork; a
+registration or a staging run makes hundreds of calls. So one association is kept open
+and reused while it offers the presentation contexts a call needs; when a call needs
+more, it is reopened with the union (at most 128 contexts, the protocol's limit).
+
+Every presentation context carries exactly one transfer syntax, so the PACS chooses a
+context by the syntax an image is stored in: stored images keep their encoding, and
+retrieved ones arrive as the PACS holds them (no silent transcoding).
+
+Every failure a person can meet (refused, aborted, timed out, down, failure status) is
+a ``PacsError`` whose one line names the PACS and, for DIMSE failures, the status.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydicom import Dataset
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000TransferSyntaxes,
+    JPEGLSTransferSyntaxes,
+    JPEGTransferSyntaxes,
+    RLETransferSyntaxes,
+)
+from pynetdicom import (
+    AE,
+    AllStoragePresentationContexts,
+    StoragePresentationContexts,
+    build_context,
+    build_role,
+    evt,
+)
+from pynetdicom.association import Association
+from pynetdicom.sop_class import (
+    PatientRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+    Verification,
+)
+from pynetdicom.status import (
+    QR_FIND_SERVICE_CLASS_STATUS,
+    QR_GET_SERVICE_CLASS_STATUS,
+    QR_MOVE_SERVICE_CLASS_STATUS,
+    STORAGE_SERVICE_CLASS_STATUS,
+    VERIFICATION_SERVICE_CLASS_STATUS,
+)
+
+import srm_dicom.pacs  # noqa: F401  (TCP_NODELAY and quiet pynetdicom logging)
+from srm_dicom.config import PacsConfig
+from srm_dicom.errors import InvalidInput, NotFound, PacsError
+
+MAX_CONTEXTS = 128
+LEVELS = ("PATIENT", "STUDY", "SERIES", "IMAGE")
+
+# Transfer syntaxes offered, one context each, for every storage SOP class a C-GET may
+# bring back: the uncompressed ones and the image compressions pydicom decodes.
+COMPRESSED_SYNTAXES: tuple[str, ...] = tuple(
+    str(ts)
+    for group in (
+        JPEGTransferSyntaxes,
+        JPEGLSTransferSyntaxes,
+        JPEG2000TransferSyntaxes,
+        RLETransferSyntaxes,
+    )
+    for ts in group
+)
+RETRIEVE_SYNTAXES: tuple[str, ...] = (
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    *COMPRESSED_SYNTAXES,
+)
+# A pynetdicom acceptor takes the first of *its own* syntaxes the requestor proposes.
+# A C-MOVE requestor that proposes several in one context lists the image's own first
+# when it is compressed (DCMTK, Orthanc), so compressed syntaxes come first here.
+MOVE_SCP_SYNTAXES: tuple[str, ...] = (*COMPRESSED_SYNTAXES, *RETRIEVE_SYNTAXES[:4])
+
+# (abstract syntax, transfer syntaxes): one syntax, except in the fallback below.
+Context = tuple[str, tuple[str, ...]]
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What an association offers: its presentation contexts and the SOP classes for
+    which we also take the SCP role (to receive C-GET's C-STOREs)."""
+
+    contexts: frozenset[Context] = frozenset()
+    scp_roles: frozenset[str] = frozenset()
+
+    def covers(self, other: _Plan) -> bool:
+        return other.contexts <= self.contexts and other.scp_roles <= self.scp_roles
+
+    def union(self, other: _Plan) -> _Plan:
+        return _Plan(self.contexts | other.contexts, self.scp_roles | other.scp_roles)
+
+
+@dataclass
+class _Inbox:
+    """Datasets a C-STORE sub-operation delivered, waiting for the caller's iteration."""
+
+    datasets: deque[Dataset] = field(default_factory=deque)
+
+    def on_store(self, event: evt.Event) -> int:
+        ds = event.dataset
+        ds.file_meta = event.file_meta
+        self.datasets.append(ds)
+        return 0x0000
+
+    def drain(self) -> Iterator[Dataset]:
+        while self.datasets:
+            yield self.datasets.popleft()
+
+
+def _transfer_syntax(ds: Dataset) -> str:
+    meta = getattr(ds, "file_meta", None)
+    ts = getattr(meta, "TransferSyntaxUID", None) if meta is not None else None
+    if not ts:
+        raise InvalidInput(
+            "C-STORE: dataset has no file_meta.TransferSyntaxUID; read it from a file or set it"
+        )
+    return str(ts)
+
+
+def _status_text(code: int, table: dict[int, tuple[str, str]]) -> str:
+    meaning = table.get(code, ("", "unknown status"))[1]
+    return f"status 0x{code:04X} ({meaning})"
+
+
+def _category(code: int, table: dict[int, tuple[str, str]]) -> str:
+    if code in table:
+        return table[code][0]
+    return "Failure"
+
+
+class PacsClient:
+    """The site's PACS, as one kept association. Use as a context manager."""
+
+    def __init__(self, config: PacsConfig) -> None:
+        self.config = config
+        self.name = f"PACS {config.aet}@{config.host}:{config.port}"
+        self._ae = AE(ae_title=config.calling_aet)
+        for attr in ("acse_timeout", "dimse_timeout", "network_timeout", "connection_timeout"):
+            setattr(self._ae, attr, config.timeout)
+        self._assoc: Association | None = None
+        self._plan = _Plan()
+        self._inbox = _Inbox()
+
+    def __enter__(self) -> PacsClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release the kept association, if any."""
+        assoc, self._assoc = self._assoc, None
+        if assoc is not None and assoc.is_established:
+            assoc.release()
+
+    def _error(self, what: str) -> PacsError:
+        return PacsError(f"{self.name}: {what}")
+
+    # -- association -------------------------------------------------------------
+
+    def _association(self, needed: _Plan) -> Association:
+        """An established association offering ``needed``: the kept one, or a new one."""
+        if self._assoc is not None and self._assoc.is_established and self._plan.covers(needed):
+            return self._assoc
+        plan = needed
+        if self._assoc is not None and self._assoc.is_established:
+            union = self._plan.union(needed)
+            if len(union.contexts) <= MAX_CONTEXTS:
+                plan = union
+        if len(plan.contexts) > MAX_CONTEXTS:
+            raise self._error(
+                f"a call needs {len(plan.contexts)} presentation contexts, more than "
+                f"the {MAX_CONTEXTS} one association can carry"
+            )
+        self.close()
+        self._assoc = self._open(plan)
+        self._plan = plan
+        return self._assoc
+
+    def _open(self, plan: _Plan) -> Association:
+        contexts = [build_context(abstract, list(ts)) for abstract, ts in sorted(plan.contexts)]
+        roles = [build_role(uid, scu_role=True, scp_role=True) for uid in sorted(plan.scp_roles)]
+        connected = threading.Event()
+        assoc = self._ae.associate(
+            self.config.host,
+            self.config.port,
+            contexts=contexts,
+            ae_title=self.config.aet,
+            ext_neg=roles or None,
+            evt_handlers=[
+                (evt.EVT_C_STORE, self._inbox.on_store),
+                (evt.EVT_CONN_OPEN, lambda event: connected.set()),
+            ],
+        )
+        if assoc.is_established:
+            return assoc
+        if assoc.is_rejected:
+            rj = assoc.acceptor.primitive
+            raise self._error(
+                f"association rejected ({rj.result_str}, {rj.source_str}: {rj.reason_str})"
+            )
+        if not connected.is_set():
+            raise self._error("cannot connect (PACS down or unreachable?)")
+        if assoc.is_aborted and assoc.acceptor.primitive is not None:
+            raise self._error("association accepted but no presentation context was")
+        raise self._error(
+            f"association aborted or not answered within {self.config.timeout:g} s"
+        )
+
+    def _context_accepted(self, assoc: Association, abstract: str, ts: str) -> bool:
+        return any(
+            cx.abstract_syntax == abstract and cx.transfer_syntax[0] == ts
+            for cx in assoc.accepted_contexts
+        )
+
+    def _single(self, abstract: str, ts: str = ImplicitVRLittleEndian) -> _Plan:
+        return _Plan(frozenset({(abstract, (ts,))}))
+
+    def _no_response(self, service: str) -> PacsError:
+        self.close()
+        return self._error(
+            f"{service}: no response (aborted, or timed out after {self.config.timeout:g} s)"
+        )
+
+    # -- services ----------------------------------------------------------------
+
+    def echo(self) -> None:
+        """C-ECHO: proves the PACS answers to our AE title."""
+        assoc = self._association(self._single(Verification))
+        status = assoc.send_c_echo()
+        if "Status" not in status:
+            raise self._no_response("C-ECHO")
+        if status.Status != 0x0000:
+            raise self._error(
+                f"C-ECHO failed: {_status_text(status.Status, VERIFICATION_SERVICE_CLASS_STATUS)}"
+            )
+
+    def store(self, ds: Dataset) -> None:
+        """C-STORE one dataset, in exactly its own transfer syntax."""
+        sop_class, ts = str(ds.SOPClassUID), _transfer_syntax(ds)
+        assoc = self._association(self._single(sop_class, ts))
+        if not self._context_accepted(assoc, sop_class, ts):
+            raise self._error(
+                f"C-STORE refused: {UID(sop_class).name} in {UID(ts).name} is not accepted"
+            )
+        status = assoc.send_c_store(ds)
+        if "Status" not in status:
+            raise self._no_response("C-STORE")
+        if _category(status.Status, STORAGE_SERVICE_CLASS_STATUS) == "Failure":
+            raise self._error(
+                f"C-STORE failed: {_status_text(status.Status, STORAGE_SERVICE_CLASS_STATUS)}"
+            )
+
+    def store_many(self, datasets: Iterable[Dataset]) -> int:
+        """C-STORE a batch over one association opened for all its contexts; returns the count."""
+        batch = list(datasets)
+        contexts = frozenset((str(ds.SOPClassUID), (_transfer_syntax(ds),)) for ds in batch)
+        if batch and len(contexts) <= MAX_CONTEXTS:
+            self._association(_Plan(contexts))
+        for ds in batch:
+            self.store(ds)
+        return len(batch)
+
+    def find(self, level: str, query: Dataset) -> list[Dataset]:
+        """C-FIND at ``level``: Patient Root for PATIENT, Study Root otherwise."""
+        if level not in LEVELS:
+            raise InvalidInput(f"C-FIND level must be one of {', '.join(LEVELS)}, not {level!r}")
+        model = (
+            PatientRootQueryRetrieveInformationModelFind
+            if level == "PATIENT"
+            else StudyRootQueryRetrieveInformationModelFind
+        )
+        identifier = Dataset()
+        identifier.update(query)
+        identifier.QueryRetrieveLevel = level
+        assoc = self._association(self._single(model))
+        matches: list[Dataset] = []
+        for status, found in assoc.send_c_find(identifier, model):
+            if "Status" not in status:
+                raise self._no_response("C-FIND")
+            category = _category(status.Status, QR_FIND_SERVICE_CLASS_STATUS)
+            if category == "Pending":
+                if found is not None:
+                    matches.append(found)
+            elif category != "Success":
+                raise self._error(
+                    f"C-FIND failed: {_status_text(status.Status, QR_FIND_SERVICE_CLASS_STATUS)}"
+                )
+        return matches
+
+    def _uids(self, level: str, key: str, **match: str) -> list[str]:
+        query = Dataset()
+        for name, value in match.items():
+            setattr(query, name, value)
+        setattr(query, key, "")
+        uids = (str(found.get(key, "")) for found in self.find(level, query))
+        return list(dict.fromkeys(uid for uid in uids if uid))
+
+    def find_studies(self, patient_id: str | None = None) -> list[str]:
+        """Study Instance UIDs, all or of one patient."""
+        return self._uids("STUDY", "StudyInstanceUID", PatientID=patient_id or "")
+
+    def find_series(self, study_uid: str) -> list[str]:
+        """Series Instance UIDs of a study."""
+        return self._uids("SERIES", "SeriesInstanceUID", StudyInstanceUID=study_uid)
+
+    def find_instances(self, study_uid: str, series_uid: str) -> list[str]:
+        """SOP Instance UIDs of a series."""
+        return self._uids(
+            "IMAGE", "SOPInstanceUID", StudyInstanceUID=study_uid, SeriesInstanceUID=series_uid
+        )
+
+    def _retrieve_query(self, study: str, series: str, sop: str | None) -> Dataset:
+        query = Dataset()
+        query.QueryRetrieveLevel = "IMAGE" if sop else "SERIES"
+        query.StudyInstanceUID = study
+        query.SeriesInstanceUID = series
+        if sop:
+            query.SOPInstanceUID = sop
+        return query
+
+    def _get_plan(self, study: str, series: str, sop: str | None) -> _Plan:
+        """Storage contexts for the SOP classes a C-GET will bring, found by C-FIND.
+
+        Known classes get one context per transfer syntax, so the PACS sends each image
+        as it holds it. A PACS that does not return SOP Class UID (dcmqrscp) gets the
+        common storage classes, each one context listing every syntax: the PACS picks.
+        """
+        query = Dataset()
+        query.StudyInstanceUID = study
+        query.SeriesInstanceUID = series
+        query.SOPInstanceUID = sop or ""
+        query.SOPClassUID = ""
+        found = self.find("IMAGE", query)
+        if not found:
+            raise NotFound(f"{self.name}: no such {'instance' if sop else 'series'}")
+        get = (StudyRootQueryRetrieveInformationModelGet, (ImplicitVRLittleEndian,))
+        classes = {str(ds.get("SOPClassUID", "")) for ds in found} - {""}
+        if classes:
+            contexts = {(uid, (ts,)) for uid in classes for ts in RETRIEVE_SYNTAXES}
+        else:
+            classes = {cx.abstract_syntax for cx in StoragePresentationContexts[: MAX_CONTEXTS - 1]}
+            contexts = {(uid, RETRIEVE_SYNTAXES) for uid in classes}
+        return _Plan(frozenset(contexts | {get}), frozenset(classes))
+
+    def get(self, study: str, series: str, sop: str | None = None) -> Iterator[Dataset]:
+        """C-GET one instance, or a whole series, over one association.
+
+        Datasets are yielded as they arrive, with ``file_meta`` carrying the transfer
+        syntax they were sent in.
+        """
+        assoc = self._association(self._get_plan(study, series, sop))
+        query = self._retrieve_query(study, series, sop)
+        responses = assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet)
+        yield from self._collect("C-GET", responses, QR_GET_SERVICE_CLASS_STATUS)
+
+    def move(self, study: str, series: str, sop: str | None = None) -> Iterator[Dataset]:
+        """C-MOVE to our own storage SCP (AE calling_aet on move_port), run for this call."""
+        scp = AE(ae_title=self.config.calling_aet)
+        scp.network_timeout = scp.acse_timeout = scp.dimse_timeout = self.config.timeout
+        for cx in AllStoragePresentationContexts:
+            scp.add_supported_context(cx.abstract_syntax, list(MOVE_SCP_SYNTAXES))
+        inbox = _Inbox()
+        try:
+            server = scp.start_server(
+                ("0.0.0.0", self.config.move_port),
+                block=False,
+                evt_handlers=[(evt.EVT_C_STORE, inbox.on_store)],
+            )
+        except OSError as exc:
+            raise self._error(
+                f"C-MOVE: cannot listen on port {self.config.move_port} ({exc.strerror})"
+            ) from None
+        try:
+            model = StudyRootQueryRetrieveInformationModelMove
+            assoc = self._association(self._single(model))
+            query = self._retrieve_query(study, series, sop)
+            responses = assoc.send_c_move(query, self.config.calling_aet, model)
+            yield from self._collect("C-MOVE", responses, QR_MOVE_SERVICE_CLASS_STATUS, inbox)
+        finally:
+            server.shutdown()
+
+    def retrieve(self, study: str, series: str, sop: str | None = None) -> Iterator[Dataset]:
+        """C-GET or C-MOVE, as the config's ``retrieve`` says."""
+        if self.config.retrieve == "move":
+            return self.move(study, series, sop)
+        return self.get(study, series, sop)
+
+    def _collect(
+        self,
+        service: str,
+        responses: Iterable[tuple[Dataset, Any]],
+        table: dict[int, tuple[str, str]],
+        inbox: _Inbox | None = None,
+    ) -> Iterator[Dataset]:
+        """Yield what sub-operations delivered while reading a retrieve's responses.
+
+        Stopping the iteration early aborts the association: the PACS would otherwise
+        keep sending into an association the next call wants to use.
+        """
+        inbox = inbox or self._inbox
+        inbox.datasets.clear()
+        finished = False
+        try:
+            for status, _ in responses:
+                if "Status" not in status:
+                    raise self._no_response(service)
+                yield from inbox.drain()
+                category = _category(status.Status, table)
+                if category == "Pending":
+                    continue
+                failed = int(status.get("NumberOfFailedSuboperations", 0) or 0)
+                if category not in ("Success", "Warning") or failed:
+                    detail = f", {failed} sub-operations failed" if failed else ""
+                    raise self._error(
+                        f"{service} failed: {_status_text(status.Status, table)}{detail}"
+                    )
+            yield from inbox.drain()
+            finished = True
+        finally:
+            if not finished and self._assoc is not None:
+                self._assoc.abort()
+                self._assoc = None
