@@ -1,0 +1,480 @@
+"""PS3.15 Annex E de-identification: the Basic Application Level Confidentiality Profile.
+
+Driven by the standard's own table (srm_dicom/data/confidentiality_profile_attributes.json,
+one entry per attribute with the Basic Profile action and each option's action) so a new
+edition of the standard is a data update, not a code change. No library applies that table
+with the properties this storage element needs (keyed UIDs shared with the catalog's
+names, byte-identical pixel data, deterministic output, a record of what was erased), so
+the walk over the dataset is written here.
+
+Choices the standard leaves to the implementer:
+
+- Combined actions (X/Z, X/D, Z/D, X/Z/D, X/Z/U*) exist because the right action depends on
+  the attribute's type in the IOD, which a generic anonymizer does not know. We always take
+  the last, least destructive alternative (X/Z -> Z, X/D, Z/D, X/Z/D -> D, X/Z/U* -> U*):
+  it still removes the value, and keeps the attribute present, so a type 1 or 2 attribute
+  stays valid in every IOD.
+- D on a sequence gives an empty sequence: a "dummy" item would mean nothing, and
+  recursing would keep unlisted attributes such as a code meaning naming the hospital.
+- U* (and U on a sequence) keeps the sequence and applies the profile to its items, which
+  replaces the instance UIDs they reference with the same keyed hashes as the instances.
+- C (clean) has no meaning-preserving implementation here: text is replaced like D; dates
+  are shifted when the longitudinal option is on; times are kept (a whole-day shift does
+  not change the time of day).
+- D on Patient ID writes the keyed patient key (srm_dicom.uids.patient_key), the same
+  irreversible pseudonym that indexes the Patient metadata table, so the images of one
+  patient stay together without revealing the ID.
+- Attributes the table does not list are kept, as the Basic Profile says.
+"""
+
+import hashlib
+import hmac
+import json
+from dataclasses import dataclass, field
+from datetime import date, timedelta
+from functools import lru_cache
+from importlib.resources import files
+from io import BytesIO
+
+from pydicom import dcmwrite
+from pydicom.datadict import dictionary_VR, get_entry
+from pydicom.dataelem import DataElement, RawDataElement
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.multival import MultiValue
+from pydicom.sequence import Sequence
+from pydicom.tag import BaseTag
+from pydicom.uid import (
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    UID_dictionary,
+)
+
+from srm_dicom import __version__
+from srm_dicom.errors import InvalidInput
+from srm_dicom.uids import deidentify_uid, patient_key
+
+# Fixed so that output bytes never depend on the host: 2.25 form of uuid5(NAMESPACE_URL,
+# "https://srm-dicom/implementation").
+IMPLEMENTATION_CLASS_UID = "2.25.213516390658331094463393722612738307766"
+IMPLEMENTATION_VERSION_NAME = f"SRM_DICOM_{__version__}"[:16]
+
+_TABLE_FILE = "confidentiality_profile_attributes.json"
+
+# PS3.16 CID 7050 "De-identification Method" codes.
+_BASIC_PROFILE_CODE = ("113100", "Basic Application Confidentiality Profile")
+
+# A subset of PS3.15 Table E.3.10-1 (Safe Private Attributes): (private creator, group,
+# element offset). Only attributes whose values are acquisition parameters (diffusion
+# b-values and directions, PET scale factors) are listed; anything else private goes.
+SAFE_PRIVATE: frozenset[tuple[str, int, int]] = frozenset(
+    {
+        ("SIEMENS MR HEADER", 0x0019, 0x0C),
+        ("SIEMENS MR HEADER", 0x0019, 0x0D),
+        ("SIEMENS MR HEADER", 0x0019, 0x0E),
+        ("SIEMENS MR HEADER", 0x0019, 0x27),
+        ("GEMS_PARM_01", 0x0043, 0x39),
+        ("GEMS_ACQU_01", 0x0019, 0xBB),
+        ("GEMS_ACQU_01", 0x0019, 0xBC),
+        ("GEMS_ACQU_01", 0x0019, 0xBD),
+        ("Philips Imaging DD 001", 0x2001, 0x03),
+        ("Philips Imaging DD 001", 0x2001, 0x04),
+        ("Philips MR Imaging DD 001", 0x2005, 0xB0),
+        ("Philips MR Imaging DD 001", 0x2005, 0xB1),
+        ("Philips MR Imaging DD 001", 0x2005, 0xB2),
+        ("Philips PET Private Group", 0x7053, 0x00),
+        ("Philips PET Private Group", 0x7053, 0x09),
+    }
+)
+
+_DUMMY_TEXT = "ANONYMIZED"
+_DUMMY: dict[str, object] = {
+    "AS": "000Y",
+    "DA": "19000101",
+    "DT": "19000101000000",
+    "TM": "000000",
+    "DS": "0",
+    "IS": "0",
+    "UR": "urn:anonymized",
+    "FL": 0.0,
+    "FD": 0.0,
+    "SS": 0,
+    "US": 0,
+    "SL": 0,
+    "UL": 0,
+    "SV": 0,
+    "UV": 0,
+}
+_BINARY_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
+_PATIENT_ID = 0x00100020
+_ISSUER_OF_PATIENT_ID = 0x00100021
+_SOP_CLASS_UID = 0x00080016
+_SOP_INSTANCE_UID = 0x00080018
+_PIXEL_DATA = 0x7FE00010
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+
+
+@dataclass(frozen=True)
+class AnonymizationOptions:
+    """The PS3.15 profile options a site may switch on (all off: the Basic Profile alone)."""
+
+    retain_longitudinal_modified_dates: bool = False
+    retain_patient_characteristics: bool = False
+    retain_device_identity: bool = False
+    retain_institution_identity: bool = False
+    retain_safe_private: bool = False
+    clean_descriptors: bool = False
+
+    def table_columns(self) -> list[tuple[str, str, str]]:
+        """(JSON column, CID 7050 code, code meaning) of every option switched on."""
+        switches = [
+            (self.clean_descriptors, "cleanDescOpt", "113105", "Clean Descriptors Option"),
+            (
+                self.retain_longitudinal_modified_dates,
+                "rtnLongModifDatesOpt",
+                "113107",
+                "Retain Longitudinal Temporal Information Modified Dates Option",
+            ),
+            (
+                self.retain_patient_characteristics,
+                "rtnPatCharsOpt",
+                "113108",
+                "Retain Patient Characteristics Option",
+            ),
+            (self.retain_device_identity, "rtnDevIdOpt", "113109", "Retain Device Identity Option"),
+            (self.retain_safe_private, "rtnSafePrivOpt", "113111", "Retain Safe Private Option"),
+            (
+                self.retain_institution_identity,
+                "rtnInstIdOpt",
+                "113112",
+                "Retain Institution Identity Option",
+            ),
+        ]
+        return [(column, code, meaning) for on, column, code, meaning in switches if on]
+
+
+@dataclass(frozen=True)
+class ErasedValue:
+    """One original value the anonymizer removed or replaced (PHI: stored for `all` rights only)."""
+
+    path: str
+    keyword: str
+    value: str
+
+
+@dataclass
+class AnonymizationResult:
+    dataset: Dataset
+    erased: list[ErasedValue] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Rules:
+    """The table resolved for one set of options: one action letter per attribute."""
+
+    exact: dict[int, str]
+    curve: str | None
+    overlay: dict[int, str]
+    private: str
+
+
+def _resolve(entry: dict[str, str], columns: list[str]) -> str:
+    """Options win over the Basic Profile; among options, K (keep) wins over C (clean)."""
+    chosen = {entry[c] for c in columns if c in entry}
+    if "K" in chosen:
+        return "K"
+    if "C" in chosen:
+        return "C"
+    return entry["basicProfile"].split("/")[-1].rstrip("*")
+
+
+@lru_cache(maxsize=16)
+def _rules(options: AnonymizationOptions) -> _Rules:
+    columns = [column for column, _, _ in options.table_columns()]
+    table = json.loads((files("srm_dicom") / "data" / _TABLE_FILE).read_text(encoding="utf-8"))
+    exact: dict[int, str] = {}
+    overlay: dict[int, str] = {}
+    curve = None
+    private = "X"
+    for entry in table:
+        action = _resolve(entry, columns)
+        tag = entry["tag"].upper()
+        if tag.startswith("(GGGG,EEEE)"):
+            private = action
+        elif tag.startswith("(50XX,"):
+            curve = action
+        elif tag.startswith("(60XX,"):
+            overlay[int(tag[6:10], 16)] = action
+        else:
+            exact[int(tag[1:5] + tag[6:10], 16)] = action
+    return _Rules(exact, curve, overlay, private)
+
+
+def _tag_text(tag: int) -> str:
+    return f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
+
+
+def _value_text(value: object) -> str:
+    """The original value as one string for the erased-values record."""
+    if isinstance(value, bytes):
+        stripped = value.rstrip(b"\0 ")
+        if all(32 <= c < 127 for c in stripped):
+            return stripped.decode("ascii")
+        return f"<{len(value)} bytes>"
+    if isinstance(value, MultiValue | list | tuple):
+        return "\\".join(_value_text(v) for v in value)
+    return "" if value is None else str(value)
+
+
+def _keyword(tag: int) -> str:
+    """The standard keyword, also for repeating groups (overlays, curves); '' for private tags."""
+    try:
+        return get_entry(tag)[4]
+    except KeyError:
+        return ""
+
+
+def _is_well_known(uid: str) -> bool:
+    return uid in UID_dictionary
+
+
+def _date_offset(secret: bytes, patient_id: str, issuer: str) -> timedelta:
+    """A per-patient shift of 1 to 3650 days back: keyed, so it cannot be guessed from the ID."""
+    digest = hmac.new(
+        secret, f"dateshift\0{issuer}\0{patient_id}".encode(), hashlib.sha256
+    ).digest()
+    return timedelta(days=-(1 + int.from_bytes(digest[:8], "big") % 3650))
+
+
+def _shift_date(text: str, offset: timedelta) -> str | None:
+    text = text.strip()
+    if len(text) < 8 or not text[:8].isdigit():
+        return None
+    try:
+        day = date(int(text[:4]), int(text[4:6]), int(text[6:8]))
+    except ValueError:
+        return None
+    return (day + offset).strftime("%Y%m%d") + text[8:]
+
+
+class _Anonymizer:
+    def __init__(self, secret: bytes, options: AnonymizationOptions, top: Dataset) -> None:
+        self.secret = secret
+        self.options = options
+        self.rules = _rules(options)
+        self.erased: list[ErasedValue] = []
+        patient_id = _value_text(top.get(_PATIENT_ID, DataElement(0, "LO", "")).value)
+        issuer = _value_text(top.get(_ISSUER_OF_PATIENT_ID, DataElement(0, "LO", "")).value)
+        self.patient_key = patient_key(secret, patient_id, issuer)
+        self.date_offset = _date_offset(secret, patient_id, issuer)
+
+    # -- decisions -----------------------------------------------------------------------
+
+    def _action(self, tag: int) -> str:
+        action = self.rules.exact.get(tag)
+        if action is not None:
+            return action
+        group = tag >> 16
+        if 0x5000 <= group <= 0x50FF and self.rules.curve:
+            return self.rules.curve
+        if 0x6000 <= group <= 0x60FF and not group & 1:
+            return self.rules.overlay.get(tag & 0xFFFF, "K")
+        return "K"
+
+    @staticmethod
+    def _vr(raw: DataElement | RawDataElement) -> str:
+        vr = raw.VR
+        if vr is None or vr == "UN":
+            try:
+                return dictionary_VR(raw.tag)
+            except KeyError:
+                return vr or "UN"
+        return vr
+
+    # -- records -------------------------------------------------------------------------
+
+    def record(self, path: str, elem: DataElement) -> None:
+        if elem.VR == "SQ":
+            for index, item in enumerate(elem.value):
+                for child in item:
+                    self.record(f"{path}[{index}].{_tag_text(child.tag)}", child)
+            return
+        text = _value_text(elem.value)
+        if text:
+            self.erased.append(ErasedValue(path, _keyword(elem.tag), text))
+
+    # -- the walk ------------------------------------------------------------------------
+
+    def dataset(self, src: Dataset, prefix: str) -> Dataset:
+        out = Dataset()
+        out.set_original_encoding(*src.original_encoding, src.original_character_set)
+        kept_private: list[int] = []
+        for tag in sorted(src.keys()):
+            raw = src.get_item(tag)
+            path = prefix + _tag_text(tag)
+            group = tag >> 16
+            if tag & 0xFFFF == 0:
+                continue  # group lengths: wrong once anything is removed, and retired
+            if group == 0x0002 or group & 1:
+                if group & 1 and self.rules.private != "X" and self._safe_private(src, tag):
+                    kept_private.append(tag)
+                else:
+                    self.record(path, src[tag])
+                continue
+            action = self._action(tag)
+            vr = self._vr(raw)
+            if action == "K" and vr != "SQ":
+                out[tag] = raw if isinstance(raw, RawDataElement) else _copy(raw)
+                continue
+            new = self._apply(action, src[tag], vr, path)
+            if new is not None:
+                out[tag] = new
+        for tag in kept_private:
+            creator = BaseTag((tag & 0xFFFF0000) | ((tag >> 8) & 0xFF))
+            out[tag] = _copy(src[tag])
+            out[creator] = _copy(src[creator])
+        return out
+
+    def _safe_private(self, src: Dataset, tag: int) -> bool:
+        element = tag & 0xFFFF
+        if element < 0x1000:
+            return False
+        creator = src.get((tag & 0xFFFF0000) | (element >> 8))
+        if creator is None:
+            return False
+        return (_value_text(creator.value), tag >> 16, element & 0xFF) in SAFE_PRIVATE
+
+    def _apply(self, action: str, elem: DataElement, vr: str, path: str) -> DataElement | None:
+        tag = elem.tag
+        if action == "X":
+            self.record(path, elem)
+            return None
+        if vr == "SQ":
+            if action in ("K", "U", "C"):
+                items = [
+                    self.dataset(item, f"{path}[{i}].") for i, item in enumerate(elem.value)
+                ]
+                return DataElement(tag, "SQ", Sequence(items))
+            self.record(path, elem)
+            return DataElement(tag, "SQ", Sequence())
+        if action == "Z":
+            self.record(path, elem)
+            return DataElement(tag, vr, b"" if vr in _BINARY_VRS else None)
+        if action == "U" or vr == "UI":
+            return self._uids(elem, path)
+        if action == "C" and vr in ("DA", "DT") and self.options.retain_longitudinal_modified_dates:
+            return self._dates(elem, vr, path)
+        if action == "C" and vr == "TM":
+            return _copy(elem)
+        if action == "K":
+            return _copy(elem)
+        self.record(path, elem)
+        return DataElement(tag, vr, self._dummy(tag, vr))
+
+    def _dummy(self, tag: int, vr: str) -> object:
+        if tag == _PATIENT_ID:
+            return self.patient_key
+        if vr in _BINARY_VRS:
+            return b"\0\0"
+        return _DUMMY.get(vr, _DUMMY_TEXT)
+
+    def _uids(self, elem: DataElement, path: str) -> DataElement:
+        values = list(elem.value) if isinstance(elem.value, MultiValue) else [elem.value]
+        mapped = [
+            v if not v or _is_well_known(v) else deidentify_uid(self.secret, v) for v in values
+        ]
+        if mapped != values:
+            self.record(path, elem)
+        return DataElement(elem.tag, "UI", mapped if len(mapped) > 1 else mapped[0])
+
+    def _dates(self, elem: DataElement, vr: str, path: str) -> DataElement:
+        values = list(elem.value) if isinstance(elem.value, MultiValue) else [elem.value]
+        shifted = []
+        for value in values:
+            parts = [_shift_date(p, self.date_offset) if p else "" for p in str(value).split("-")]
+            ok = all(p is not None for p in parts)
+            shifted.append("-".join(parts) if ok else _DUMMY[vr])  # type: ignore[arg-type]
+        if any(str(v) for v in values):
+            self.record(path, elem)
+        return DataElement(elem.tag, vr, shifted if len(shifted) > 1 else shifted[0])
+
+
+def _copy(elem: DataElement) -> DataElement:
+    """A kept element the output owns: lists are copied, immutable values shared (no deepcopy)."""
+    value = elem.value
+    if isinstance(value, MultiValue):
+        value = list(value)
+    return DataElement(elem.tag, elem.VR, value, is_undefined_length=elem.is_undefined_length)
+
+
+def _transfer_syntax(src: Dataset) -> str:
+    meta = getattr(src, "file_meta", None)
+    syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+    if syntax:
+        return str(syntax)
+    pixels = src.get_item(_PIXEL_DATA) if _PIXEL_DATA in src else None
+    if isinstance(pixels, RawDataElement):
+        encapsulated = pixels.length == _UNDEFINED_LENGTH
+    else:
+        encapsulated = pixels is not None and pixels.is_undefined_length
+    if encapsulated:
+        raise InvalidInput("encapsulated (compressed) pixel data but no transfer syntax in file meta")
+    implicit, little = src.original_encoding
+    if implicit:
+        return ImplicitVRLittleEndian
+    return ExplicitVRBigEndian if little is False else ExplicitVRLittleEndian
+
+
+def _identity_removed(out: Dataset, options: AnonymizationOptions) -> None:
+    codes = [_BASIC_PROFILE_CODE] + [(code, meaning) for _, code, meaning in options.table_columns()]
+    out.PatientIdentityRemoved = "YES"
+    out.DeidentificationMethod = "PS3.15 E Basic Profile; srm-dicom"
+    items = []
+    for code, meaning in codes:
+        item = Dataset()
+        item.CodeValue = code
+        item.CodingSchemeDesignator = "DCM"
+        item.CodeMeaning = meaning
+        items.append(item)
+    out.DeidentificationMethodCodeSequence = Sequence(items)
+    modified = options.retain_longitudinal_modified_dates
+    out.LongitudinalTemporalInformationModified = "MODIFIED" if modified else "REMOVED"
+
+
+def _file_meta(src: Dataset, out: Dataset, anonymizer: _Anonymizer) -> FileMetaDataset:
+    syntax = _transfer_syntax(src)
+    source_meta = getattr(src, "file_meta", None) or FileMetaDataset()
+    meta = FileMetaDataset()
+    meta.FileMetaInformationVersion = b"\x00\x01"
+    sop_class = out.get("SOPClassUID") or source_meta.get("MediaStorageSOPClassUID")
+    if sop_class:
+        meta.MediaStorageSOPClassUID = sop_class
+    if "SOPInstanceUID" in out:
+        meta.MediaStorageSOPInstanceUID = out.SOPInstanceUID
+    meta.TransferSyntaxUID = syntax
+    meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+    meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
+    for elem in source_meta:
+        tag = elem.tag
+        if tag & 0xFFFF and (tag not in meta or meta[tag].value != elem.value):
+            anonymizer.record(_tag_text(tag), elem)
+    return meta
+
+
+def anonymize(
+    ds: Dataset, secret: bytes, options: AnonymizationOptions | None = None
+) -> AnonymizationResult:
+    """De-identify `ds` into a new dataset (`ds` is not changed); pixel data is shared, never decoded."""
+    options = options or AnonymizationOptions()
+    anonymizer = _Anonymizer(secret, options, ds)
+    out = anonymizer.dataset(ds, "")
+    _identity_removed(out, options)
+    out.file_meta = _file_meta(ds, out, anonymizer)
+    return AnonymizationResult(out, anonymizer.erased)
+
+
+def to_bytes(result: AnonymizationResult) -> bytes:
+    """A Part-10 file: zero preamble, rebuilt file meta, the source's transfer syntax."""
+    buffer = BytesIO()
+    dcmwrite(buffer, result.dataset, enforce_file_format=True)
+    return buffer.getvalue()
