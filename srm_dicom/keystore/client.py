@@ -1,0 +1,240 @@
+"""The client of the n key servers: write shares everywhere, read any k of them back.
+
+All servers are asked in parallel and every call is bounded by one timeout, so a dead or
+hanging server costs at most that long and the error names it. Reading tolerates n - k
+servers down, refusing or returning a wrong share: each k-subset is combined and checked
+against the file's key commitment until one passes.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import http.client
+import itertools
+import json
+import logging
+import socket
+import ssl
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+from srm_dicom.config import Config
+from srm_dicom.crypto.shares import Share, combine_key, split_key
+from srm_dicom.errors import ConfigError, InvalidInput, NotFound
+from srm_dicom.keystore import Acl, KeyAccessDenied, KeystoreError, check_key_id
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServerFailure(Exception):
+    """One server's failure; ``reason`` is a short phrase ("unreachable: timed out")."""
+
+    url: str
+    reason: str
+    status: int | None = None
+
+    def __str__(self) -> str:
+        return f"{self.url} {self.reason}"
+
+
+def _summary(failures: Sequence[ServerFailure]) -> str:
+    return "; ".join(str(f) for f in failures)
+
+
+class KeystoreClient:
+    """Talks to n key servers (mutual TLS with ``cert``/``key``, servers checked against ``ca``)."""
+
+    def __init__(
+        self,
+        urls: Sequence[str],
+        k: int = 2,
+        *,
+        ca: Path,
+        cert: Path,
+        key: Path,
+        timeout: float = 10.0,
+    ):
+        if not 1 <= k <= len(urls):
+            raise ConfigError(f"keystore: k={k} needs at least k server URLs, got {len(urls)}")
+        for url in urls:
+            if urlsplit(url).scheme != "https" or not urlsplit(url).hostname:
+                raise ConfigError(f"keystore: server URL {url!r} must be https://HOST:PORT")
+        for name, path in (("ca", ca), ("cert", cert), ("key", key)):
+            if not Path(path).is_file():
+                raise ConfigError(f"keystore: {name} file {path} not found")
+        self.urls = tuple(url.rstrip("/") for url in urls)
+        self.k = k
+        self.timeout = timeout
+        self._context = ssl.create_default_context(cafile=str(ca))
+        try:
+            self._context.load_cert_chain(str(cert), str(key))
+        except ssl.SSLError as exc:
+            raise ConfigError(f"keystore: cannot load {cert} / {key}: {exc.reason}") from None
+
+    @classmethod
+    def from_config(cls, config: Config) -> KeystoreClient:
+        section = config.keystore
+        return cls(
+            section.urls,
+            section.k,
+            ca=config.path(section.ca),
+            cert=config.path(section.cert),
+            key=config.path(section.key),
+            timeout=section.timeout,
+        )
+
+    @property
+    def n(self) -> int:
+        return len(self.urls)
+
+    def put_key(self, key_id: str, key: bytes, acl: Acl) -> None:
+        """Store one share on every server; if any write fails, delete the others and raise."""
+        check_key_id(key_id)
+        shares = split_key(key, self.k, self.n)
+        bodies = [{"index": s.index, "share": base64.b64encode(s.data).decode(), "acl": acl.to_json()} for s in shares]
+        results = self._on_all("PUT", key_id, "", bodies)
+        failures = [r for r in results.values() if isinstance(r, ServerFailure)]
+        if not failures:
+            return
+        stored = [url for url, r in results.items() if not isinstance(r, ServerFailure)]
+        undo = self._on_all("DELETE", key_id, "", [None] * self.n, only=stored)
+        left = [r for r in undo.values() if isinstance(r, ServerFailure) and r.status != 404]
+        rollback = f"; rollback failed on {_summary(left)}" if left else ", rolled back"
+        raise _error(f"storing key {key_id} failed: {_summary(failures)}{rollback}", failures)
+
+    def fetch_key(self, key_id: str, check: Callable[[bytes], bool]) -> bytes:
+        """The key from the first k-subset of shares that passes ``check`` (the key commitment)."""
+        check_key_id(key_id)
+        shares: list[Share] = []
+        failures: list[ServerFailure] = []
+        tried: set[frozenset[int]] = set()
+        deadline = time.monotonic() + self.timeout
+        pool = ThreadPoolExecutor(max_workers=self.n)
+        try:
+            pending: dict[Future, str] = {
+                pool.submit(self._request, "GET", url, key_id, "", None): url for url in self.urls
+            }
+            while pending:
+                done, _ = wait(pending, timeout=max(0.0, deadline - time.monotonic()), return_when=FIRST_COMPLETED)
+                if not done:
+                    failures += [ServerFailure(u, "unreachable: timed out") for u in pending.values()]
+                    break
+                for future in done:
+                    url = pending.pop(future)
+                    try:
+                        shares.append(_share_from(url, future.result()))
+                    except ServerFailure as failure:
+                        failures.append(failure)
+                for subset in itertools.combinations(shares, self.k):
+                    indices = frozenset(s.index for s in subset)
+                    if indices in tried:
+                        continue
+                    tried.add(indices)
+                    key = combine_key(list(subset))
+                    if check(key):
+                        return key
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+        if len(shares) >= self.k:
+            raise KeystoreError(
+                f"key {key_id}: no {self.k} of the {len(shares)} shares received match the "
+                "file's key commitment (a key server returned a wrong share)"
+                + (f"; {_summary(failures)}" if failures else "")
+            )
+        if failures and all(f.status == 404 for f in failures):
+            raise NotFound(f"key {key_id} is on none of the key servers")
+        raise _error(
+            f"key {key_id}: got {len(shares)} of the {self.k} shares needed: {_summary(failures)}",
+            failures,
+        )
+
+    def set_acl(self, key_id: str, acl: Acl) -> None:
+        """Replace the ACL on every server; raise naming those that did not take it."""
+        check_key_id(key_id)
+        results = self._on_all("PUT", key_id, "/acl", [acl.to_json()] * self.n)
+        failures = [r for r in results.values() if isinstance(r, ServerFailure)]
+        if failures:
+            raise _error(f"ACL of key {key_id} not changed on {_summary(failures)}", failures)
+
+    def delete_key(self, key_id: str) -> None:
+        """Delete the shares everywhere; a server that has none already counts as done."""
+        check_key_id(key_id)
+        results = self._on_all("DELETE", key_id, "", [None] * self.n)
+        failures = [r for r in results.values() if isinstance(r, ServerFailure) and r.status != 404]
+        if failures:
+            raise _error(f"key {key_id} not deleted on {_summary(failures)}", failures)
+
+    def _on_all(
+        self,
+        method: str,
+        key_id: str,
+        suffix: str,
+        bodies: Sequence[Any],
+        only: Sequence[str] | None = None,
+    ) -> dict[str, Any]:
+        """One request per server in parallel (body i to server i); a result or a failure each."""
+        targets = [(u, b) for u, b in zip(self.urls, bodies, strict=True) if only is None or u in only]
+        results: dict[str, Any] = {}
+        pool = ThreadPoolExecutor(max_workers=max(1, len(targets)))
+        try:
+            futures = {pool.submit(self._request, method, u, key_id, suffix, b): u for u, b in targets}
+            done, late = wait(futures, timeout=self.timeout)
+        finally:
+            # A hanging server must not hold the caller past the timeout: leave its thread.
+            pool.shutdown(wait=False, cancel_futures=True)
+        for future in done:
+            try:
+                results[futures[future]] = future.result()
+            except ServerFailure as failure:
+                results[futures[future]] = failure
+        for future in late:
+            results[futures[future]] = ServerFailure(futures[future], "unreachable: timed out")
+        return results
+
+    def _request(self, method: str, url: str, key_id: str, suffix: str, body: Any) -> Any:
+        parts = urlsplit(url)
+        connection = http.client.HTTPSConnection(
+            parts.hostname, parts.port or 443, context=self._context, timeout=self.timeout
+        )
+        payload = None if body is None else json.dumps(body).encode()
+        headers = {"Content-Type": "application/json"} if payload is not None else {}
+        try:
+            connection.request(method, f"{parts.path}/keys/{quote(key_id, safe='')}{suffix}", payload, headers)
+            response = connection.getresponse()
+            data = response.read()
+        except ssl.SSLCertVerificationError as exc:
+            raise ServerFailure(url, f"untrusted: {exc.verify_message}") from None
+        except (OSError, http.client.HTTPException) as exc:
+            reason = "timed out" if isinstance(exc, socket.timeout) else str(exc) or type(exc).__name__
+            raise ServerFailure(url, f"unreachable: {reason}") from None
+        finally:
+            connection.close()
+        try:
+            answer = json.loads(data) if data else None
+        except ValueError:
+            answer = None
+        if response.status >= 400:
+            detail = answer.get("detail") if isinstance(answer, dict) else None
+            raise ServerFailure(url, f"answered {response.status}: {detail or response.reason}", response.status)
+        return answer
+
+
+def _share_from(url: str, answer: Any) -> Share:
+    try:
+        return Share(int(answer["index"]), base64.b64decode(answer["share"], validate=True))
+    except (TypeError, KeyError, ValueError, binascii.Error, InvalidInput):
+        raise ServerFailure(url, "answered with a malformed share") from None
+
+
+def _error(message: str, failures: Sequence[ServerFailure]) -> KeystoreError:
+    """Access denied when the servers that answered refused; a plain failure otherwise."""
+    if failures and all(f.status == 403 for f in failures):
+        return KeyAccessDenied(message)
+    return KeystoreError(message)

@@ -1,0 +1,297 @@
+"""A demo PKI: one CA, host certificates, the storage element's service certificate, users.
+
+A real site uses its grid CA (IGTF) and VOMS; the demo needs the same shapes on loopback
+so that every TLS path (mutual TLS to the key servers, proxies, DNs in the VO map) is the
+real one. Keys are EC P-256: fast to make and accepted by OpenSSL and grid tools alike.
+Re-running keeps what exists, so a demo's certificates survive a restart.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from srm_dicom.errors import InvalidInput
+
+DN_BASE = (("C", "XX"), ("O", "srm-dicom"))
+SERVICE_NAME = "storage element"
+SERVICE_DN = "/C=XX/O=srm-dicom/CN=storage element"
+HOSTS = ("storage-element", "keystore-1", "keystore-2", "keystore-3")
+DEFAULT_KEYSTORE_URLS = (
+    "https://localhost:8441",
+    "https://localhost:8442",
+    "https://localhost:8443",
+)
+
+
+@dataclass(frozen=True)
+class DemoUser:
+    name: str
+    vo: str
+    groups: tuple[str, ...]
+
+    @property
+    def dn(self) -> str:
+        return f"/C=XX/O=srm-dicom/CN={self.name}"
+
+
+USERS = (
+    DemoUser("alice", "demo", ("register",)),
+    DemoUser("bob", "demo", ("physician",)),
+    DemoUser("carol", "demo", ("mia",)),
+    DemoUser("dave", "demo", ()),
+    DemoUser("eve", "other", ()),
+)
+
+# RFC 3820 proxyCertInfo: cryptography has no builder for it, so its DER is written out:
+# ProxyCertInfo ::= SEQUENCE { proxyPolicy SEQUENCE { policyLanguage id-ppl-inheritAll } }.
+PROXY_CERT_INFO_OID = x509.ObjectIdentifier("1.3.6.1.5.5.7.1.14")
+_INHERIT_ALL_POLICY_DER = bytes.fromhex("300c300a06082b06010505071501")
+
+_NAME_OIDS = {"C": NameOID.COUNTRY_NAME, "O": NameOID.ORGANIZATION_NAME, "CN": NameOID.COMMON_NAME}
+_DAY = dt.timedelta(days=1)
+
+
+def _name(common_name: str) -> x509.Name:
+    parts = [*DN_BASE, ("CN", common_name)]
+    return x509.Name([x509.NameAttribute(_NAME_OIDS[k], v) for k, v in parts])
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(pem)
+
+
+def _write_cert(path: Path, cert: x509.Certificate) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+
+def load_key(path: Path) -> ec.EllipticCurvePrivateKey:
+    key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise InvalidInput(f"{path}: not an EC private key")
+    return key
+
+
+@dataclass(frozen=True)
+class CertificateAuthority:
+    cert: x509.Certificate
+    key: ec.EllipticCurvePrivateKey
+
+    def issue(
+        self,
+        common_name: str,
+        key: ec.EllipticCurvePrivateKey,
+        *,
+        server: bool = False,
+        days: int = 825,
+    ) -> x509.Certificate:
+        """An end-entity certificate: client auth always, server auth plus SANs for hosts."""
+        usages = [ExtendedKeyUsageOID.CLIENT_AUTH]
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(_name(common_name))
+            .issuer_name(self.cert.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(_now() - _DAY)
+            .not_valid_after(_now() + days * _DAY)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(_end_entity_key_usage(), critical=True)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()),
+                critical=False,
+            )
+        )
+        if server:
+            usages.append(ExtendedKeyUsageOID.SERVER_AUTH)
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName(
+                    [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+                ),
+                critical=False,
+            )
+        builder = builder.add_extension(x509.ExtendedKeyUsage(usages), critical=False)
+        return builder.sign(self.key, hashes.SHA256())
+
+
+def _end_entity_key_usage() -> x509.KeyUsage:
+    return x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=True,
+        key_cert_sign=False,
+        crl_sign=False,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
+def _create_ca() -> CertificateAuthority:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = _name("srm-dicom demo CA")
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(_now() - _DAY)
+        .not_valid_after(_now() + 3650 * _DAY)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return CertificateAuthority(cert, key)
+
+
+def _ensure_ca(root: Path) -> CertificateAuthority:
+    cert_path, key_path = root / "ca.pem", root / "ca" / "key.pem"
+    if cert_path.exists() and key_path.exists():
+        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+        return CertificateAuthority(cert, load_key(key_path))
+    if cert_path.exists() or key_path.exists():
+        raise InvalidInput(f"{root}: ca.pem and ca/key.pem must both exist or both be absent")
+    ca = _create_ca()
+    _write_key(key_path, ca.key)
+    os.chmod(key_path.parent, 0o700)
+    _write_cert(cert_path, ca.cert)
+    return ca
+
+
+def _ensure_pair(ca: CertificateAuthority, folder: Path, common_name: str, server: bool) -> bool:
+    """Issue ``folder/cert.pem`` + ``key.pem`` unless both exist; True if it made them."""
+    cert_path, key_path = folder / "cert.pem", folder / "key.pem"
+    if cert_path.exists() and key_path.exists():
+        return False
+    key = ec.generate_private_key(ec.SECP256R1())
+    _write_key(key_path, key)
+    _write_cert(cert_path, ca.issue(common_name, key, server=server))
+    return True
+
+
+def client_toml(ca_path: str, keystore_urls: tuple[str, ...]) -> str:
+    """A user's client config; the site secret is never in it (only the storage element has it)."""
+    urls = ", ".join(f'"{url}"' for url in keystore_urls)
+    return (
+        "# Client config made by 'mdm pki init'; paths are relative to this file.\n"
+        "[keystore]\n"
+        f"urls = [{urls}]\n"
+        "k = 2\n"
+        f'ca = "{ca_path}"\n'
+        'cert = "cert.pem"\n'
+        'key = "key.pem"\n'
+        "timeout = 10.0\n"
+    )
+
+
+def vomap_toml(users: tuple[DemoUser, ...] = USERS) -> str:
+    lines = ["# VO map: certificate DN -> VO and groups (register, physician, mia).", ""]
+    for user in users:
+        groups = ", ".join(f'"{g}"' for g in user.groups)
+        lines += ["[[user]]", f'dn = "{user.dn}"', f'vo = "{user.vo}"', f"groups = [{groups}]", ""]
+    return "\n".join(lines)
+
+
+def init_pki(root: Path, keystore_urls: tuple[str, ...] = DEFAULT_KEYSTORE_URLS) -> list[str]:
+    """Create the demo PKI under ``root``, keeping what exists; returns what it created."""
+    root.mkdir(parents=True, exist_ok=True)
+    created = [] if (root / "ca.pem").exists() else ["ca.pem"]
+    ca = _ensure_ca(root)
+    for host in HOSTS:
+        if _ensure_pair(ca, root / "hosts" / host, host, server=True):
+            created.append(f"hosts/{host}")
+    if _ensure_pair(ca, root / "service", SERVICE_NAME, server=False):
+        created.append("service")
+    for user in USERS:
+        folder = root / "users" / user.name
+        if _ensure_pair(ca, folder, user.name, server=False):
+            created.append(f"users/{user.name}")
+        config = folder / "client.toml"
+        if not config.exists():
+            config.write_text(client_toml("../../ca.pem", keystore_urls))
+    vomap = root / "vomap.toml"
+    if not vomap.exists():
+        vomap.write_text(vomap_toml())
+        created.append("vomap.toml")
+    return created
+
+
+def make_proxy(
+    cert_pem: bytes,
+    key_pem: bytes,
+    *,
+    hours: float = 12,
+    legacy: bool = False,
+) -> tuple[bytes, bytes]:
+    """A proxy signed by a user's certificate: (proxy cert + user cert chain PEM, proxy key PEM).
+
+    RFC 3820 by default (subject = issuer + CN=<serial>, proxyCertInfo inheritAll, as
+    voms-proxy-init -rfc makes); ``legacy`` gives a Globus GT2 proxy (CN=proxy, no extension).
+    """
+    issuer_cert = x509.load_pem_x509_certificate(cert_pem)
+    issuer_key = serialization.load_pem_private_key(key_pem, password=None)
+    if not isinstance(issuer_key, ec.EllipticCurvePrivateKey):
+        raise InvalidInput("make_proxy: the user key must be an EC key")
+    key = ec.generate_private_key(ec.SECP256R1())
+    serial = x509.random_serial_number()
+    last_cn = "proxy" if legacy else str(serial)
+    subject = x509.Name([*issuer_cert.subject, x509.NameAttribute(NameOID.COMMON_NAME, last_cn)])
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(serial)
+        .not_valid_before(_now() - dt.timedelta(minutes=5))
+        .not_valid_after(_now() + dt.timedelta(hours=hours))
+        .add_extension(_end_entity_key_usage(), critical=True)
+    )
+    if not legacy:
+        builder = builder.add_extension(
+            x509.UnrecognizedExtension(PROXY_CERT_INFO_OID, _INHERIT_ALL_POLICY_DER),
+            critical=True,
+        )
+    proxy = builder.sign(issuer_key, hashes.SHA256())
+    key_out = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    return proxy.public_bytes(serialization.Encoding.PEM) + cert_pem, key_out
