@@ -70,10 +70,16 @@ class ImageMetadata:
 
 def _value(ds: Dataset, keyword: str) -> Any:
     """A header value as a plain Python value: numbers stay numbers, lists become backslash text."""
-    element = ds.data_element(keyword) if keyword in ds else None
-    if element is None or element.value is None or element.value == "" or isinstance(element.value, bytes):
+    if keyword not in ds:
         return None
-    value = element.value
+    try:
+        element = ds.data_element(keyword)
+        value = element.value
+    except ValueError:  # a value that breaks its VR (e.g. text in a DS): keep what was written
+        raw = ds.get_item(keyword).value
+        return raw.decode("latin-1", "replace").strip() if isinstance(raw, bytes) else str(raw)
+    if value is None or value == "" or isinstance(value, bytes):
+        return None
     if element.VM > 1:
         return "\\".join(str(v) for v in value)
     if isinstance(value, int):

@@ -1,0 +1,49 @@
+from pathlib import Path
+
+import pytest
+
+from srm_dicom.config import load_config, parse_config
+from srm_dicom.errors import ConfigError
+
+SECRET = {"site": {"secret": "0123456789abcdef"}}
+
+
+def test_example_config_documents_every_key_and_loads():
+    example = Path(__file__).parents[1] / "conf" / "mdm.toml"
+    config = load_config(example)
+    assert config.pacs.retrieve == "get"
+    assert config.embedded_pacs.move_destinations == {"MDM": "127.0.0.1:11113"}
+    assert config.path(config.catalog.url) == example.parent / "catalog.db"
+
+
+def test_config_is_found_through_the_environment(tmp_path, monkeypatch):
+    path = tmp_path / "site.toml"
+    path.write_text('[site]\nsecret = "0123456789abcdef"\nvo = "biomed"\n')
+    monkeypatch.setenv("MDM_CONFIG", str(path))
+    assert load_config().site.vo == "biomed"
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"site": {"secret": "short"}}, "secret must be set"),
+        ({**SECRET, "pacs": {"prot": 4}}, "unknown key 'prot' in \\[pacs\\]"),
+        ({**SECRET, "pcas": {}}, "unknown section \\[pcas\\]"),
+        ({**SECRET, "pacs": {"port": "104"}}, "port must be a int"),
+        ({**SECRET, "pacs": {"retrieve": "push"}}, "retrieve must be"),
+        ({"site": {"secret": "0123456789abcdef", "file_mode": "rwxrwxrwz"}}, "file mode"),
+        ({"site": {"secret": "0123456789abcdef", "metadata_mode": "open"}}, "metadata mode"),
+    ],
+)
+def test_mistakes_are_refused_with_the_offending_name(data, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_config(data, Path("/tmp"))
+
+
+def test_missing_or_broken_file_is_one_clear_line(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.toml")
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[site\n")
+    with pytest.raises(ConfigError, match="broken.toml"):
+        load_config(broken)
