@@ -1,0 +1,66 @@
+"""A site config for tests, pointing at a real PACS peer, and a way to run the real ``mdm``."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from peers import Peer
+
+DATA = Path(os.environ.get("SRM_DICOM_DATA", "/work/shared/data"))
+VENDOR = DATA / "dicom2nifti"
+
+
+def write_site_config(workdir: Path, peer: Peer, uids: str = "deidentified", store_to_pacs: bool = True,
+                      listen_port: int = 0) -> Path:
+    """DIR/mdm.toml for a site whose PACS is ``peer``; the catalog lives in DIR."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    pacs = peer.pacs_config()
+    path = workdir / "mdm.toml"
+    path.write_text(
+        f"""
+[site]
+vo = "biomed"
+secret = "test site secret, not for production"
+uids = "{uids}"
+
+[catalog]
+url = "catalog.db"
+
+[pacs]
+aet = "{pacs.aet}"
+host = "{pacs.host}"
+port = {pacs.port}
+calling_aet = "{pacs.calling_aet}"
+move_port = {pacs.move_port}
+timeout = 10
+
+[listen]
+port = {listen_port}
+store_to_pacs = {str(store_to_pacs).lower()}
+"""
+    )
+    return path
+
+
+def mdm(*args: str, config: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run the installed ``mdm`` command as a user would, with no terminal."""
+    env = {**os.environ, "MDM_CONFIG": str(config)} if config else dict(os.environ)
+    return subprocess.run(
+        [shutil.which("mdm") or "mdm", *args], env=env, capture_output=True, text=True, timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def require_vendor_data() -> Path:
+    """The vendor series; skip outside CI when absent, fail in CI."""
+    if not VENDOR.is_dir():
+        message = f"vendor DICOM data not found at {VENDOR} (set SRM_DICOM_DATA)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return VENDOR

@@ -1,0 +1,125 @@
+import os
+import zlib
+from pathlib import Path
+
+import pydicom
+import pytest
+from sites import require_vendor_data, write_site_config
+
+from srm_dicom.catalog import Outcome, open_catalog
+from srm_dicom.config import load_config
+from srm_dicom.errors import InvalidInput
+from srm_dicom.pacs.client import PacsClient
+from srm_dicom.register import Registrar, Summary, iter_files, read_dicom, served_bytes
+from srm_dicom.synthetic import make_series
+from srm_dicom.uids import deidentify_uid
+
+
+def write_series(directory: Path, slices: int = 3, seed: str = "reg") -> list[Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, ds in enumerate(make_series(slices=slices, size=16, seed=seed)):
+        path = directory / f"{i:03d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def test_each_pacs_receives_the_images_and_the_catalog_names_them(any_pacs, tmp_path):
+    config = load_config(write_site_config(tmp_path / "site", any_pacs))
+    files = write_series(tmp_path / "in")
+    catalog = open_catalog(config)
+    with PacsClient(config.pacs) as pacs:
+        registrar = Registrar(config, catalog, pacs)
+        outcomes = [registrar.register(read_dicom(f), store_in_pacs=True) for f in files]
+        assert outcomes == [Outcome.ADDED] * 3
+        first = pydicom.dcmread(files[0])
+        in_pacs = pacs.find_instances(first.StudyInstanceUID, first.SeriesInstanceUID)
+    assert sorted(in_pacs) == sorted(pydicom.dcmread(f).SOPInstanceUID for f in files)
+    secret = config.site.secret_bytes
+    study, series = (deidentify_uid(secret, first.StudyInstanceUID), deidentify_uid(secret, first.SeriesInstanceUID))
+    listing = catalog.list_dir(f"/grid/biomed/mdm/{study}/{series}")
+    names = sorted(e.sop_uid for e in listing.entries)
+    assert names == sorted([deidentify_uid(secret, pydicom.dcmread(f).SOPInstanceUID) for f in files] + ["3D"])
+    slice_entry = next(e for e in listing.entries if e.kind == "slice")
+    assert slice_entry.pfn.startswith(f"dicom://{any_pacs.aet}@127.0.0.1:{any_pacs.port}/{first.StudyInstanceUID}/")
+    assert slice_entry.owner == config.site.registrar and slice_entry.mode == 0o750
+    catalog.close()
+
+
+def test_original_uids_mode_keeps_the_pacs_names(embedded_pacs, tmp_path):
+    config = load_config(write_site_config(tmp_path / "site", embedded_pacs, uids="original"))
+    ds = make_series(slices=1, size=8)[0]
+    catalog = open_catalog(config)
+    with PacsClient(config.pacs) as pacs:
+        Registrar(config, catalog, pacs).register(ds, store_in_pacs=True)
+    lfn = f"/grid/biomed/mdm/{ds.StudyInstanceUID}/{ds.SeriesInstanceUID}/{ds.SOPInstanceUID}"
+    assert catalog.lookup(lfn) is not None
+    catalog.close()
+
+
+def test_size_and_adler32_describe_the_served_bytes(embedded_pacs, tmp_path):
+    config = load_config(write_site_config(tmp_path / "site", embedded_pacs))
+    ds = make_series(slices=1, size=8)[0]
+    catalog = open_catalog(config)
+    with PacsClient(config.pacs) as pacs:
+        Registrar(config, catalog, pacs).register(ds, store_in_pacs=True)
+    (entry,) = [e for e in catalog.list_dir(catalog.list_dir(catalog.list_dir("/grid/biomed/mdm").directories[0])
+                                            .directories[0]).entries if e.kind == "slice"]
+    payload = served_bytes(ds)
+    assert entry.size == len(payload) and entry.adler32 == f"{zlib.adler32(payload):08x}"
+    catalog.close()
+
+
+def test_bad_files_get_a_reason_each(tmp_path):
+    good = write_series(tmp_path, slices=1)[0]
+    (tmp_path / "notes.txt").write_text("not an image")
+    (tmp_path / "cut.dcm").write_bytes(good.read_bytes()[:-100])
+    (tmp_path / "head.dcm").write_bytes(good.read_bytes()[:700])
+    no_uid = pydicom.dcmread(good)
+    del no_uid.SeriesInstanceUID
+    no_uid.save_as(tmp_path / "nouid.dcm")
+    (tmp_path / "zeros.dcm").write_bytes(b"\0" * 64)
+    os.symlink(tmp_path / "gone.dcm", tmp_path / "dangling.dcm")
+    summary = Summary()
+    reasons = {}
+    for path in iter_files([tmp_path, tmp_path / "missing"], summary):
+        try:
+            read_dicom(path)
+        except InvalidInput as exc:
+            reasons[path.name] = str(exc)
+    assert reasons["notes.txt"] == "not a DICOM file"
+    assert reasons["cut.dcm"].startswith("truncated")
+    assert reasons["head.dcm"].startswith("truncated")
+    assert reasons["zeros.dcm"] == "not a DICOM file"
+    assert "cannot read" in reasons["dangling.dcm"]
+    assert "nouid.dcm" not in reasons  # readable: refused at registration, see below
+    assert summary.failures == [(str(tmp_path / "missing"), "no such file or directory")]
+
+
+def test_a_header_without_its_uids_is_refused_before_anything_is_stored(embedded_pacs, tmp_path):
+    config = load_config(write_site_config(tmp_path, embedded_pacs))
+    ds = make_series(slices=1, size=8)[0]
+    del ds.SeriesInstanceUID
+    catalog = open_catalog(config)
+    with pytest.raises(InvalidInput, match="missing SeriesInstanceUID"):
+        Registrar(config, catalog, pacs=None).register(ds, store_in_pacs=True)
+    ds.SeriesInstanceUID = "1.2.abc"
+    with pytest.raises(InvalidInput, match="not a valid UID"):
+        Registrar(config, catalog, pacs=None).register(ds, store_in_pacs=True)
+    assert catalog.count() == 0
+    catalog.close()
+
+
+def test_every_vendor_series_is_readable_and_named(tmp_path):
+    vendor = require_vendor_data()
+    summary = Summary()
+    readable = []
+    for path in iter_files([vendor], summary):
+        try:
+            readable.append(read_dicom(path))
+        except InvalidInput as exc:
+            assert path.suffix in ("", ".gz") or path.name == "LICENSE", (path, exc)
+    assert len(readable) == 66  # 12 series; the compressed variants share their 4 SOP UIDs
+    assert len({ds.SeriesInstanceUID for ds in readable}) == 12
+
