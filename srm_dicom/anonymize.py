@@ -427,33 +427,32 @@ def _transfer_syntax(src: Dataset) -> str:
 
 def _identity_removed(out: Dataset, options: AnonymizationOptions) -> None:
     codes = [_BASIC_PROFILE_CODE] + [(code, meaning) for _, code, meaning in options.table_columns()]
-    out.PatientIdentityRemoved = "YES"
-    out.DeidentificationMethod = "PS3.15 E Basic Profile; srm-dicom"
     items = []
     for code, meaning in codes:
         item = Dataset()
-        item.CodeValue = code
-        item.CodingSchemeDesignator = "DCM"
-        item.CodeMeaning = meaning
+        item.add_new(0x00080100, "SH", code)  # CodeValue
+        item.add_new(0x00080102, "SH", "DCM")  # CodingSchemeDesignator
+        item.add_new(0x00080104, "LO", meaning)  # CodeMeaning
         items.append(item)
-    out.DeidentificationMethodCodeSequence = Sequence(items)
-    modified = options.retain_longitudinal_modified_dates
-    out.LongitudinalTemporalInformationModified = "MODIFIED" if modified else "REMOVED"
+    modified = "MODIFIED" if options.retain_longitudinal_modified_dates else "REMOVED"
+    out.add_new(0x00120062, "CS", "YES")  # PatientIdentityRemoved
+    out.add_new(0x00120063, "LO", "PS3.15 E Basic Profile; srm-dicom")  # DeidentificationMethod
+    out.add_new(0x00120064, "SQ", Sequence(items))  # DeidentificationMethodCodeSequence
+    out.add_new(0x00280303, "CS", modified)  # LongitudinalTemporalInformationModified
 
 
 def _file_meta(src: Dataset, out: Dataset, anonymizer: _Anonymizer) -> FileMetaDataset:
-    syntax = _transfer_syntax(src)
     source_meta = getattr(src, "file_meta", None) or FileMetaDataset()
+    sop_class = src.get(_SOP_CLASS_UID) or source_meta.get(0x00020002)
     meta = FileMetaDataset()
-    meta.FileMetaInformationVersion = b"\x00\x01"
-    sop_class = out.get("SOPClassUID") or source_meta.get("MediaStorageSOPClassUID")
-    if sop_class:
-        meta.MediaStorageSOPClassUID = sop_class
-    if "SOPInstanceUID" in out:
-        meta.MediaStorageSOPInstanceUID = out.SOPInstanceUID
-    meta.TransferSyntaxUID = syntax
-    meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
-    meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
+    meta.add_new(0x00020001, "OB", b"\x00\x01")  # FileMetaInformationVersion
+    if sop_class is not None:
+        meta.add_new(0x00020002, "UI", sop_class.value)  # MediaStorageSOPClassUID
+    if _SOP_INSTANCE_UID in out:
+        meta.add_new(0x00020003, "UI", out[_SOP_INSTANCE_UID].value)  # MediaStorageSOPInstanceUID
+    meta.add_new(0x00020010, "UI", _transfer_syntax(src))  # TransferSyntaxUID
+    meta.add_new(0x00020012, "UI", IMPLEMENTATION_CLASS_UID)
+    meta.add_new(0x00020013, "SH", IMPLEMENTATION_VERSION_NAME)
     for elem in source_meta:
         tag = elem.tag
         if tag & 0xFFFF and (tag not in meta or meta[tag].value != elem.value):
