@@ -204,8 +204,8 @@ def identity_from_cert_chain(chain_der_or_pem: list[Any], vomap: VoMap, services
 class Issuer:
     """A trusted token issuer: its JWKS (an https URL or a file) and the audiences accepted.
 
-    The JWKS is fetched through PyJWT's client, which caches the key set (5 min) and
-    refreshes it once on an unknown key id; a file is read through a file:// URL.
+    A URL is fetched through PyJWT's client, which caches the key set (5 min) and
+    refreshes it once on an unknown key id; a file (offline sites, tests) is read once.
     """
 
     iss: str
@@ -224,16 +224,30 @@ class Issuer:
         if not audience or not all(isinstance(a, str) for a in audience):
             raise ConfigError(f"config: issuer {iss}: audience must be a string or a list")
         if "://" not in jwks:
-            jwks = (base_dir / jwks).resolve().as_uri()
+            jwks = str((base_dir / jwks).resolve())
         return cls(iss, jwks, tuple(audience))
 
     @cached_property
-    def _keys(self) -> jwt.PyJWKClient:
+    def _client(self) -> jwt.PyJWKClient:
         return jwt.PyJWKClient(self.jwks, timeout=10)
+
+    @cached_property
+    def _file_keys(self) -> jwt.PyJWKSet:
+        try:
+            return jwt.PyJWKSet.from_json(Path(self.jwks).read_text())
+        except (OSError, jwt.PyJWTError) as exc:
+            message = f"cannot read the keys of token issuer {self.iss}: {exc}"
+            raise AuthenticationError(message) from None
 
     def signing_key(self, token: str) -> Any:
         try:
-            return self._keys.get_signing_key_from_jwt(token).key
+            if "://" in self.jwks:
+                return self._client.get_signing_key_from_jwt(token).key
+            kid = jwt.get_unverified_header(token).get("kid")
+            keys = self._file_keys
+            return (keys[kid] if kid else next(iter(keys.keys))).key
+        except KeyError:
+            raise AuthenticationError(f"bearer token: no key {kid!r} of {self.iss}") from None
         except jwt.PyJWKClientConnectionError:
             raise AuthenticationError(f"cannot fetch the keys of token issuer {self.iss}") from None
         except jwt.PyJWTError as exc:

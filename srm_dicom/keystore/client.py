@@ -45,7 +45,11 @@ class ServerFailure(Exception):
 
 
 def _summary(failures: Sequence[ServerFailure]) -> str:
-    return "; ".join(str(f) for f in failures)
+    """``url1, url2 unreachable: timed out; url3 answered 403: ...``: servers grouped by reason."""
+    by_reason: dict[str, list[str]] = {}
+    for failure in failures:
+        by_reason.setdefault(failure.reason, []).append(failure.url)
+    return "; ".join(f"{', '.join(urls)} {reason}" for reason, urls in by_reason.items())
 
 
 class KeystoreClient:
@@ -211,6 +215,9 @@ class KeystoreClient:
             data = response.read()
         except ssl.SSLCertVerificationError as exc:
             raise ServerFailure(url, f"untrusted: {exc.verify_message}") from None
+        except ssl.SSLError as exc:
+            reason = exc.reason or "connection closed"
+            raise ServerFailure(url, f"refused the TLS handshake ({reason})") from None
         except (OSError, http.client.HTTPException) as exc:
             reason = "timed out" if isinstance(exc, socket.timeout) else str(exc) or type(exc).__name__
             raise ServerFailure(url, f"unreachable: {reason}") from None
