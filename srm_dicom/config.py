@@ -70,12 +70,34 @@ class EmbeddedPacsConfig:
 
 
 @dataclass(frozen=True)
+class IdentityConfig:
+    vomap: str = "vomap.toml"
+    ca: str = "ca.pem"
+    # Trusted token issuers: iss → {jwks = "https URL or file", audience = "..." or [..]}.
+    issuers: dict[str, dict] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class KeystoreConfig:
+    """The client side of the key servers; n is the number of URLs."""
+
+    urls: list[str] = field(default_factory=list)
+    k: int = 2
+    ca: str = "ca.pem"
+    cert: str = "cert.pem"
+    key: str = "key.pem"
+    timeout: float = 10.0
+
+
+@dataclass(frozen=True)
 class Config:
     site: SiteConfig = field(default_factory=SiteConfig)
     catalog: CatalogConfig = field(default_factory=CatalogConfig)
     pacs: PacsConfig = field(default_factory=PacsConfig)
     listen: ListenConfig = field(default_factory=ListenConfig)
     embedded_pacs: EmbeddedPacsConfig = field(default_factory=EmbeddedPacsConfig)
+    identity: IdentityConfig = field(default_factory=IdentityConfig)
+    keystore: KeystoreConfig = field(default_factory=KeystoreConfig)
     base_dir: Path = field(default_factory=Path.cwd)
 
     def path(self, value: str) -> Path:
@@ -89,6 +111,8 @@ _SECTIONS: dict[str, type] = {
     "pacs": PacsConfig,
     "listen": ListenConfig,
     "embedded_pacs": EmbeddedPacsConfig,
+    "identity": IdentityConfig,
+    "keystore": KeystoreConfig,
 }
 
 
@@ -100,7 +124,7 @@ def _section(name: str, cls: type, values: Any) -> Any:
         if key not in known:
             raise ConfigError(f"config: unknown key '{key}' in [{name}]")
         spec = known[key]
-        expected = dict if spec.default is MISSING else type(spec.default)
+        expected = type(spec.default_factory()) if spec.default is MISSING else type(spec.default)
         if expected is float and isinstance(value, int):
             continue
         if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
