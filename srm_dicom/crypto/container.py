@@ -28,13 +28,13 @@ in the header is what tells a truncated file from an altered last chunk.
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import io
 import secrets
 import struct
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import BinaryIO
 
 from cryptography.exceptions import InvalidTag
@@ -59,8 +59,7 @@ _DIGEST_SIZE = 32
 HEADER_SIZE = _FIELDS.size + 2 * _DIGEST_SIZE
 _NONCE_TAIL = struct.Struct(">IB")
 
-_COMMITMENT_LABEL = b"srm-dicom container v1 key commitment"
-_HEADER_LABEL = b"srm-dicom container v1 header tag"
+_FILE_LABEL = b"srm-dicom container v1 key commitment and header key"
 _CONTENT_LABEL = b"srm-dicom container v1 content "
 
 ReadAt = Callable[[int, int], bytes]
@@ -99,7 +98,7 @@ class WrongKey(ContainerError):
     """The key does not match the header's commitment: wrong key or wrong key shares."""
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Header:
     """The clear-text header: a client reads it to learn which key to fetch."""
 
@@ -196,7 +195,7 @@ def read_header(source: Buffer | BinaryIO) -> Header:
 
 def check_key(header: Header, key: bytes) -> bool:
     """Whether ``key`` is the file's key; tells the right combination of key shares."""
-    return hmac.compare_digest(header.commitment, _commitment(key))
+    return hmac.compare_digest(header.commitment, _FileSecrets.of(key).commitment)
 
 
 def encrypt_stream(
@@ -215,8 +214,8 @@ def encrypt_stream(
     """
     if size is None:
         size = _remaining(src)
-    header = _new_header(key, key_id, version, size, chunk_size)
-    chunks = _Chunks.of(header, key)
+    chunks = _Chunks.sealing(key, key_id, version, size, chunk_size)
+    header = chunks.header
     dst.write(chunks.associated_data)
     plain = memoryview(bytearray(min(chunk_size, size)))
     sealed = memoryview(bytearray(len(plain) + TAG_SIZE))
@@ -242,10 +241,15 @@ def encrypt_bytes(
     version: int,
     data: Buffer,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
-) -> bytes:
+) -> bytearray:
+    """The container of ``data``, built in place.
+
+    A bytearray, not bytes: turning the filled buffer into bytes would copy the whole
+    file once more, which costs as much as the encryption itself (see the benchmark).
+    """
     plain = memoryview(data).cast("B")
-    header = _new_header(key, key_id, version, len(plain), chunk_size)
-    chunks = _Chunks.of(header, key)
+    chunks = _Chunks.sealing(key, key_id, version, len(plain), chunk_size)
+    header = chunks.header
     out = bytearray(header.encrypted_size)
     out_view = memoryview(out)
     out_view[:HEADER_SIZE] = chunks.associated_data
@@ -259,7 +263,7 @@ def encrypt_bytes(
             chunks.associated_data,
             out_view[offset : offset + length + TAG_SIZE],
         )
-    return bytes(out)
+    return out
 
 
 def decrypt_stream(key: bytes, src: BinaryIO, dst: BinaryIO) -> Header:
@@ -283,7 +287,8 @@ def decrypt_stream(key: bytes, src: BinaryIO, dst: BinaryIO) -> Header:
     return header
 
 
-def decrypt_bytes(key: bytes, data: Buffer) -> bytes:
+def decrypt_bytes(key: bytes, data: Buffer) -> bytearray:
+    """The plaintext of a whole container, decrypted in place (bytearray: as encrypt_bytes)."""
     sealed = memoryview(data).cast("B")
     header = read_header(sealed)
     chunks = _Chunks.opened(header, key)
@@ -299,7 +304,7 @@ def decrypt_bytes(key: bytes, data: Buffer) -> bytes:
         chunks.decrypt_into(index, chunk, out_view[start : start + length])
     if len(sealed) > header.encrypted_size:
         raise _trailing_data()
-    return bytes(out)
+    return out
 
 
 def decrypt_range(key: bytes, source: ReadAt | BinaryIO, offset: int, length: int) -> bytes:
@@ -334,7 +339,7 @@ def decrypt_range(key: bytes, source: ReadAt | BinaryIO, offset: int, length: in
     return bytes(plain_view[skip : skip + end - offset])
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class _Chunks:
     """The per-content cipher of one file: its chunk key, nonce prefix and header bytes."""
 
@@ -344,15 +349,33 @@ class _Chunks:
     associated_data: bytes
 
     @classmethod
-    def of(cls, header: Header, key: bytes) -> _Chunks:
-        aead, prefix = _content_keys(key, header.version)
+    def sealing(
+        cls, key: bytes, key_id: bytes, version: int, plain_size: int, chunk_size: int
+    ) -> _Chunks:
+        """Validate what the header will say, then derive everything from the key once."""
+        if len(key) != KEY_SIZE:
+            raise ValueError(f"file key must be {KEY_SIZE} bytes, not {len(key)}")
+        if len(key_id) != KEY_ID_SIZE:
+            raise ValueError(f"key id must be {KEY_ID_SIZE} bytes, not {len(key_id)}")
+        if not 0 <= version < 1 << 32:
+            raise ValueError(f"content version must fit 32 bits, not {version}")
+        _check_layout(plain_size, chunk_size)
+        derived = _FileSecrets.of(key)
+        aead, prefix = _content_keys(key, version)
+        unsealed = Header(key_id, chunk_size, version, plain_size, prefix, b"", b"")
+        header = dataclasses.replace(
+            unsealed,
+            commitment=derived.commitment,
+            tag=derived.header_tag(unsealed.fields()),
+        )
         return cls(header, aead, prefix, header.to_bytes())
 
     @classmethod
     def opened(cls, header: Header, key: bytes) -> _Chunks:
         """Check the key, then the header, before any chunk is read."""
-        tag_ok = hmac.compare_digest(header.tag, _header_tag(key, header.fields()))
-        if not check_key(header, key):
+        derived = _FileSecrets.of(key)
+        tag_ok = hmac.compare_digest(header.tag, derived.header_tag(header.fields()))
+        if not hmac.compare_digest(header.commitment, derived.commitment):
             if tag_ok:
                 raise TamperedHeader("header key commitment was altered: the file was altered")
             raise WrongKey(
@@ -361,7 +384,8 @@ class _Chunks:
             )
         if not tag_ok:
             raise TamperedHeader("header fails authentication: the file was altered")
-        return cls.of(header, key)
+        aead, prefix = _content_keys(key, header.version)
+        return cls(header, aead, prefix, header.to_bytes())
 
     def nonce(self, index: int) -> bytes:
         return self.prefix + _NONCE_TAIL.pack(index, index == self.header.chunk_count - 1)
@@ -392,29 +416,6 @@ class _Chunks:
         return TamperedChunk(index, count)
 
 
-def _new_header(
-    key: bytes, key_id: bytes, version: int, plain_size: int, chunk_size: int
-) -> Header:
-    if len(key) != KEY_SIZE:
-        raise ValueError(f"file key must be {KEY_SIZE} bytes, not {len(key)}")
-    if len(key_id) != KEY_ID_SIZE:
-        raise ValueError(f"key id must be {KEY_ID_SIZE} bytes, not {len(key_id)}")
-    if not 0 <= version < 1 << 32:
-        raise ValueError(f"content version must fit 32 bits, not {version}")
-    _check_layout(plain_size, chunk_size)
-    _, prefix = _content_keys(key, version)
-    fields = Header(key_id, chunk_size, version, plain_size, prefix, b"", b"").fields()
-    return Header(
-        key_id=key_id,
-        chunk_size=chunk_size,
-        version=version,
-        plain_size=plain_size,
-        nonce_prefix=prefix,
-        commitment=_commitment(key),
-        tag=_header_tag(key, fields),
-    )
-
-
 def _check_layout(plain_size: int, chunk_size: int) -> None:
     if not 0 < chunk_size <= MAX_CHUNK_SIZE:
         raise ValueError(f"chunk size must be 1 to {MAX_CHUNK_SIZE} bytes, not {chunk_size}")
@@ -430,12 +431,20 @@ def _hkdf(key: bytes, info: bytes, length: int) -> bytes:
     return HKDF(algorithm=hashes.SHA256(), length=length, salt=None, info=info).derive(key)
 
 
-def _commitment(key: bytes) -> bytes:
-    return _hkdf(key, _COMMITMENT_LABEL, _DIGEST_SIZE)
+@dataclasses.dataclass(frozen=True)
+class _FileSecrets:
+    """What derives from the key alone: the commitment and the header's MAC key."""
 
+    commitment: bytes
+    header_key: bytes
 
-def _header_tag(key: bytes, fields: bytes) -> bytes:
-    return hmac.digest(_hkdf(key, _HEADER_LABEL, _DIGEST_SIZE), fields, "sha256")
+    @classmethod
+    def of(cls, key: bytes) -> _FileSecrets:
+        material = _hkdf(key, _FILE_LABEL, 2 * _DIGEST_SIZE)
+        return cls(material[:_DIGEST_SIZE], material[_DIGEST_SIZE:])
+
+    def header_tag(self, fields: bytes) -> bytes:
+        return hmac.digest(self.header_key, fields, "sha256")
 
 
 def _content_keys(key: bytes, version: int) -> tuple[AESGCM, bytes]:
