@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
+import sys
 from pathlib import Path
 
 from srm_dicom.keystore.server import KeystoreServerConfig, make_server
@@ -46,6 +48,8 @@ def _serve(args: argparse.Namespace) -> int:
         log.error("cannot listen on %s:%d: %s", config.host, config.port, exc.strerror)
         return 1
     host, port = server.bind_addr[:2]
+    # systemd stops services with SIGTERM: leave through the finally below, exit status 0.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     print(f"serving https://{host}:{port}", flush=True)
     try:
         server.serve()

@@ -41,9 +41,7 @@ def test_three_of_five():
     assert combine_key(shares[:2]) != key
 
 
-@pytest.mark.parametrize(
-    ("key", "k", "n"), [(b"short", 2, 3), (bytes(32), 0, 3), (bytes(32), 4, 3)]
-)
+@pytest.mark.parametrize(("key", "k", "n"), [(b"short", 2, 3), (bytes(32), 0, 3), (bytes(32), 4, 3)])
 def test_bad_parameters_are_refused(key, k, n):
     with pytest.raises(InvalidInput):
         split_key(key, k, n)

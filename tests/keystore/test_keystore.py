@@ -11,12 +11,14 @@ import ssl
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
+from srm_dicom.config import parse_config
 from srm_dicom.crypto.shares import Share, combine_key
 from srm_dicom.errors import NotFound
 from srm_dicom.keystore import Acl, AclEntry, KeyAccessDenied, KeystoreError
@@ -83,7 +85,7 @@ class KeyServer:
     def stop(self) -> None:
         if self.process is not None:
             self.process.terminate()
-            self.process.wait(timeout=10)
+            assert self.process.wait(timeout=10) == 0
             self.process = None
 
 
@@ -363,3 +365,16 @@ def test_a_client_without_a_certificate_is_refused_at_the_handshake(pki, servers
         connection.request("GET", "/keys/guid:put-fetch")
         connection.getresponse()
     connection.close()
+
+
+def test_client_from_a_users_client_toml(pki, servers):
+    key = stored_key(pki, servers, "guid:from-config")
+    folder = pki / "users" / "bob"
+    data = tomllib.loads((folder / "client.toml").read_text())
+    data["keystore"]["urls"] = urls_of(servers)
+    # client.toml carries no site secret; the storage element's config does.
+    data["site"] = {"secret": "x" * 32}
+    config = parse_config(data, folder)
+    client_from = KeystoreClient.from_config(config)
+    assert client_from.n == 3 and client_from.k == 2
+    assert client_from.fetch_key("guid:from-config", exact(key)) == key
