@@ -1,0 +1,74 @@
+import pytest
+
+from sites import mdm, write_site_config
+from srm_dicom.synthetic import make_series
+
+
+@pytest.fixture
+def site(embedded_pacs, tmp_path):
+    """A site with one registered 3-slice series; returns (config path, original datasets)."""
+    config_path = write_site_config(tmp_path, embedded_pacs)
+    series = make_series(slices=3, size=8, seed="ns")
+    for i, ds in enumerate(series):
+        ds.save_as(tmp_path / f"{i}.dcm", enforce_file_format=True)
+    assert mdm("register", *(str(tmp_path / f"{i}.dcm") for i in range(3)), config=config_path).returncode == 0
+    return config_path, series
+
+
+def test_ls_walks_studies_series_and_entries(site):
+    config_path, _ = site
+    (study,) = mdm("ls", config=config_path).stdout.split()
+    assert study.startswith("2.25.") and study.endswith("/")
+    (series,) = mdm("ls", f"/grid/biomed/mdm/{study}", config=config_path).stdout.split()
+    entries = mdm("ls", f"/grid/biomed/mdm/{study}{series}", config=config_path).stdout.split()
+    assert len(entries) == 4 and "3D" in entries and all(e.startswith("2.25.") for e in entries if e != "3D")
+    long = mdm("ls", "-l", f"/grid/biomed/mdm/{study}{series}", config=config_path).stdout.splitlines()
+    assert all(line.startswith("-rwxr-x---") for line in long)
+    assert sum("/C=XX/O=srm-dicom/CN=registration service" in line for line in long) == 4
+    missing = mdm("ls", "/grid/biomed/mdm/2.25.1", config=config_path)
+    assert missing.returncode == 3 and "no such file or directory" in missing.stderr
+
+
+def test_stat_accepts_every_identifier_form(site):
+    config_path, series = site
+    ds = series[1]
+    forms = [
+        [f"{ds.StudyInstanceUID},{ds.SeriesInstanceUID},{ds.SOPInstanceUID}"],
+        [ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID],
+        [f"/{ds.StudyInstanceUID}/{ds.SeriesInstanceUID}/{ds.SOPInstanceUID}"],
+    ]
+    outputs = [mdm("stat", *form, config=config_path) for form in forms]
+    assert all(o.returncode == 0 for o in outputs) and len({o.stdout for o in outputs}) == 1
+    fields = dict(line.split(":", 1) for line in outputs[0].stdout.splitlines())
+    lfn, guid = fields["LFN"].strip(), fields["GUID"].strip()
+    assert mdm("stat", lfn, config=config_path).stdout == outputs[0].stdout
+    assert mdm("stat", guid, config=config_path).stdout == outputs[0].stdout
+    assert fields["PFN"].strip().endswith(f"/{ds.StudyInstanceUID}/{ds.SeriesInstanceUID}/{ds.SOPInstanceUID}")
+    assert fields["mode"].strip() == "rwxr-x---" and fields["metadata mode"].strip() == "group"
+    volume = mdm("stat", f"{ds.StudyInstanceUID},{ds.SeriesInstanceUID},3D", config=config_path)
+    assert "kind:            volume" in volume.stdout
+    bad = mdm("stat", "1.2,banana,3", config=config_path)
+    assert bad.returncode == 2 and "not a DICOM UID" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_del_removes_entries_but_not_the_images_in_the_pacs(site, embedded_pacs):
+    config_path, series = site
+    first, second, third = series
+    lfn = mdm("stat", f"/{first.StudyInstanceUID}/{first.SeriesInstanceUID}/{first.SOPInstanceUID}",
+              config=config_path).stdout.splitlines()[0].split()[-1]
+    assert mdm("del", "-l", lfn, config=config_path).returncode == 0
+    assert mdm("stat", lfn, config=config_path).returncode == 3
+    again = mdm("del", "-l", lfn, config=config_path)
+    assert again.returncode == 3 and "no such entry" in again.stderr
+    by_sop = mdm("del", "-v", "-s", f"{second.StudyInstanceUID},{second.SeriesInstanceUID},{second.SOPInstanceUID}",
+                  config=config_path)
+    assert by_sop.returncode == 0 and "stays in the PACS" in by_sop.stdout
+    assert mdm("del", "-s", third.StudyInstanceUID, third.SeriesInstanceUID, third.SOPInstanceUID,
+               config=config_path).returncode == 0
+    assert mdm("ls", config=config_path).stdout == ""  # the last slice took its 3D and directories along
+    # The PACS still has all three images.
+    from srm_dicom.config import load_config
+    from srm_dicom.pacs.client import PacsClient
+
+    with PacsClient(load_config(config_path).pacs) as pacs:
+        assert len(pacs.find_instances(first.StudyInstanceUID, first.SeriesInstanceUID)) == 3
