@@ -1,0 +1,82 @@
+import os
+import shutil
+import signal
+import subprocess
+
+import pydicom
+import pytest
+
+from conftest import require_program
+from peers import free_port
+from sites import write_site_config
+from srm_dicom.catalog import open_catalog
+from srm_dicom.config import load_config
+from srm_dicom.pacs.client import PacsClient
+from srm_dicom.synthetic import make_series
+
+
+def start_listener(config_path):
+    proc = subprocess.Popen([shutil.which("mdm"), "listen"], env={**os.environ, "MDM_CONFIG": str(config_path)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    line = proc.stdout.readline()
+    assert line.startswith("listening as MDM_PUSH@127.0.0.1:"), line + proc.stderr.read()
+    return proc
+
+
+def stop_listener(proc):
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    return out
+
+
+def push(files, port, *options):
+    storescu = require_program("/usr/bin/storescu")
+    return subprocess.run([storescu, *options, "-aec", "MDM_PUSH", "127.0.0.1", str(port), *map(str, files)],
+                          capture_output=True, text=True, timeout=60, env={**os.environ, "TCP_NODELAY": "1"})
+
+
+def write_files(tmp_path, seed, slices=3):
+    files = []
+    for i, ds in enumerate(make_series(slices=slices, size=16, seed=seed)):
+        files.append(tmp_path / f"{seed}-{i}.dcm")
+        ds.save_as(files[-1], enforce_file_format=True)
+    return files
+
+
+@pytest.mark.parametrize("store_to_pacs", [True, False])
+def test_pushed_images_are_registered_and_stored_into_the_pacs_when_asked(embedded_pacs, tmp_path, store_to_pacs):
+    port = free_port()
+    config_path = write_site_config(tmp_path / "site", embedded_pacs, store_to_pacs=store_to_pacs, listen_port=port)
+    files = write_files(tmp_path, "push")
+    proc = start_listener(config_path)
+    try:
+        result = push(files, port)
+        assert result.returncode == 0, result.stderr
+    finally:
+        out = stop_listener(proc)
+    assert "3 registered, 0 updated, 0 already registered, 0 failed" in out
+    config = load_config(config_path)
+    catalog = open_catalog(config)
+    assert catalog.count() == 4
+    catalog.close()
+    first = make_series(slices=1, size=16, seed="push")[0]
+    with PacsClient(config.pacs) as pacs:
+        in_pacs = pacs.find_instances(first.StudyInstanceUID, first.SeriesInstanceUID)
+    assert len(in_pacs) == (3 if store_to_pacs else 0)
+
+
+def test_a_push_the_catalog_cannot_name_is_refused_and_the_rest_goes_on(embedded_pacs, tmp_path):
+    port = free_port()
+    config_path = write_site_config(tmp_path / "site", embedded_pacs, store_to_pacs=False, listen_port=port)
+    good, bad = write_files(tmp_path, "mixed", slices=2)
+    ds = pydicom.dcmread(bad)
+    ds.SeriesInstanceUID = "not.a.uid"
+    ds.save_as(bad)
+    proc = start_listener(config_path)
+    try:
+        result = push([bad, good], port, "--no-halt")
+    finally:
+        out = stop_listener(proc)
+    assert result.returncode != 0  # storescu saw the refusal status of the first file
+    assert "1 registered" in out and "1 failed" in out and "SeriesInstanceUID is not a valid UID" in out
