@@ -1,0 +1,283 @@
+"""Registration rate of ``mdm register`` next to DCMTK ``storescu`` sending the same files.
+
+Run: python tests/bench/bench_register.py [--pacs orthanc embedded dcmqrscp] [--rounds 3]
+
+The peer is DCMTK's /usr/bin/storescu (not the pyenv shim of pynetdicom's app) storing
+the same files into the same kind of PACS: the C-STORE alone, the floor of what a
+registration that stores into the PACS can cost. Measured, each against a fresh PACS
+(new process, empty storage) and, for mdm, a fresh catalog:
+
+- storescu: the whole process, files given in sorted order, TCP_NODELAY=1.
+- mdm register DIR: the whole CLI process, as a user runs it.
+- Registrar loop: ``Registrar.register(read_dicom(path))`` for each file in this
+  process, after config, catalog and imports are loaded: what the CLI does per file.
+  The CLI time minus this loop is the CLI's start-up (interpreter, imports, config,
+  catalog open).
+
+Two file sets: the vendor series of dicom2nifti, one file per SOP Instance UID (the
+compressed variants of the generic series share UIDs; the uncompressed file is kept when
+there is one, so the set holds uncompressed images plus a few JPEG 2000 ones), and a
+synthetic CT series (steadier: more and larger images). dcmqrscp accepts uncompressed
+syntaxes only, so against it both tools get the uncompressed files of the vendor set.
+Each figure is the median of ``--rounds`` runs; the tools alternate within a round so
+load from other processes hits all of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import JPEG2000Lossless, JPEGLosslessSV1, JPEGLSLossless, RLELossless
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import peers  # noqa: E402
+from sites import mdm, write_site_config  # noqa: E402
+from srm_dicom.catalog import Outcome, open_catalog  # noqa: E402
+from srm_dicom.config import load_config  # noqa: E402
+from srm_dicom.pacs.client import PacsClient  # noqa: E402
+from srm_dicom.register import Registrar, read_dicom  # noqa: E402
+from srm_dicom.synthetic import make_series  # noqa: E402
+
+STORESCU = "/usr/bin/storescu"
+CLIENT_AET = "MDM_BENCH"
+STARTERS: dict[str, Callable[[Path, str, int], peers.Peer]] = {
+    "orthanc": peers.start_orthanc,
+    "embedded": peers.start_embedded,
+    "dcmqrscp": peers.start_dcmqrscp,
+}
+# storescu proposes one compressed syntax per run, chosen by its -x option.
+STORESCU_SYNTAX_OPTION = {
+    JPEG2000Lossless: "-xv",
+    JPEGLosslessSV1: "-xs",
+    JPEGLSLossless: "-xt",
+    RLELossless: "-xr",
+}
+
+
+@dataclass
+class FileSet:
+    """Files copied into one flat directory, named in the order both tools send them."""
+
+    name: str
+    directory: Path
+    files: list[Path]
+    series: Counter[tuple[str, str]]  # (study, series) -> images: what the PACS must hold after
+    compressed_syntax: str | None
+
+
+def _file_set(name: str, directory: Path, sources: list[Path]) -> FileSet:
+    directory.mkdir(parents=True)
+    files, series, compressed = [], Counter[tuple[str, str]](), set()
+    for index, source in enumerate(sources):
+        target = directory / f"{index:04d}.dcm"
+        shutil.copyfile(source, target)
+        ds = pydicom.dcmread(target, stop_before_pixels=True)
+        series[(ds.StudyInstanceUID, ds.SeriesInstanceUID)] += 1
+        if ds.file_meta.TransferSyntaxUID.is_compressed:
+            compressed.add(ds.file_meta.TransferSyntaxUID)
+        files.append(target)
+    if len(compressed) > 1:
+        raise SystemExit(f"{name}: storescu proposes one compressed syntax per run, found {compressed}")
+    return FileSet(name, directory, files, series, next(iter(compressed), None))
+
+
+def vendor_sources(vendor: Path, uncompressed_only: bool) -> list[Path]:
+    """One DICOM file per SOP Instance UID, preferring an uncompressed one."""
+    candidates = []
+    for path in sorted(vendor.rglob("*")):
+        if not path.is_file():
+            continue
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        except (InvalidDicomError, OSError):
+            continue
+        compressed = ds.file_meta.TransferSyntaxUID.is_compressed
+        if not (compressed and uncompressed_only):
+            candidates.append((compressed, str(path), ds.SOPInstanceUID))
+    chosen: dict[str, Path] = {}
+    for _, path, sop in sorted(candidates):
+        chosen.setdefault(sop, Path(path))
+    return sorted(chosen.values())
+
+
+def synthetic_sources(directory: Path, slices: int, size: int) -> list[Path]:
+    directory.mkdir(parents=True)
+    paths = []
+    for index, ds in enumerate(make_series(slices=slices, size=size, seed="bench-register")):
+        path = directory / f"{index:04d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+class PeerPool:
+    """A fresh PACS per measurement; stopping one (Orthanc takes seconds) overlaps the next."""
+
+    def __init__(self, workdir: Path, kind: str) -> None:
+        self._workdir, self._start, self._count = workdir, STARTERS[kind], 0
+        self._stopper = ThreadPoolExecutor(max_workers=4)
+
+    @contextmanager
+    def fresh(self) -> Iterator[peers.Peer]:
+        self._count += 1
+        peer = self._start(self._workdir / f"peer{self._count}", CLIENT_AET, peers.free_port())
+        try:
+            yield peer
+        finally:
+            self._stopper.submit(peer.stop)
+
+    def close(self) -> None:
+        self._stopper.shutdown(wait=True)
+
+
+def check_pacs_holds(peer: peers.Peer, files: FileSet) -> None:
+    """A run counts only if the PACS answers C-FIND with every image of the set."""
+    with PacsClient(peer.pacs_config()) as pacs:
+        for (study, series), expected in files.series.items():
+            found = len(pacs.find_instances(study, series))
+            if found != expected:
+                raise SystemExit(f"{peer.name}: {found} of {expected} images of a series after the run")
+
+
+def run_storescu(peer: peers.Peer, files: FileSet, workdir: Path) -> float:
+    options = ["-R"]  # propose only the contexts the files need, as PacsClient does
+    if files.compressed_syntax:
+        options.append(STORESCU_SYNTAX_OPTION[files.compressed_syntax])
+    command = [STORESCU, *options, "-aet", CLIENT_AET, "-aec", peer.aet, peer.host, str(peer.port)]
+    env = {**os.environ, "TCP_NODELAY": "1"}
+    start = time.perf_counter()
+    done = subprocess.run([*command, *map(str, files.files)], env=env, capture_output=True, text=True)
+    elapsed = time.perf_counter() - start
+    if done.returncode != 0:
+        raise SystemExit(f"storescu failed ({done.returncode}): {done.stderr[-1000:]}")
+    return elapsed
+
+
+def run_mdm(peer: peers.Peer, files: FileSet, workdir: Path) -> float:
+    config = write_site_config(workdir, peer)
+    start = time.perf_counter()
+    done = mdm("register", str(files.directory), config=config, timeout=600)
+    elapsed = time.perf_counter() - start
+    if done.returncode != 0 or not done.stdout.startswith(f"{len(files.files)} registered,"):
+        raise SystemExit(f"mdm register failed ({done.returncode}): {done.stdout} {done.stderr[-1000:]}")
+    return elapsed
+
+
+def run_registrar(peer: peers.Peer, files: FileSet, workdir: Path) -> float:
+    config = load_config(write_site_config(workdir, peer))
+    catalog = open_catalog(config)
+    try:
+        with PacsClient(config.pacs) as pacs:
+            registrar = Registrar(config, catalog, pacs)
+            start = time.perf_counter()
+            outcomes = [registrar.register(read_dicom(path), store_in_pacs=True) for path in files.files]
+            elapsed = time.perf_counter() - start
+    finally:
+        catalog.close()
+    if outcomes != [Outcome.ADDED] * len(files.files):
+        raise SystemExit(f"Registrar: {Counter(outcomes)} instead of {len(files.files)} added")
+    return elapsed
+
+
+TOOLS: dict[str, Callable[[peers.Peer, FileSet, Path], float]] = {
+    "storescu": run_storescu,
+    "mdm register": run_mdm,
+    "Registrar loop": run_registrar,
+}
+
+
+def measure(pool: PeerPool, files: FileSet, rounds: int, workdir: Path) -> dict[str, list[float]]:
+    times: dict[str, list[float]] = {tool: [] for tool in TOOLS}
+    for round_ in range(rounds):
+        for tool, run in TOOLS.items():
+            with pool.fresh() as peer:
+                times[tool].append(run(peer, files, workdir / f"{files.name}-{tool.split()[0]}-{round_}"))
+                check_pacs_holds(peer, files)
+    return times
+
+
+def startup_time(rounds: int) -> float:
+    """``mdm --version``: interpreter, pyenv shim and the imports of every command module."""
+    runs = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        done = mdm("--version")
+        runs.append(time.perf_counter() - start)
+        if done.returncode != 0:
+            raise SystemExit(f"mdm --version failed: {done.stderr}")
+    return statistics.median(runs)
+
+
+def report(kind: str, rounds: int, results: list[tuple[FileSet, dict[str, list[float]]]]) -> None:
+    print(f"\nPACS: {kind}  (median of {rounds}; seconds [min-max], images/s, ratio to storescu)")
+    header = f"{'file set':28s} {'images':>6s}  {'tool':15s} {'seconds':>19s} {'images/s':>9s} {'ratio':>6s}"
+    print(header)
+    print("-" * len(header))
+    for files, times in results:
+        count = len(files.files)
+        peer_rate = count / statistics.median(times["storescu"])
+        for tool, runs in times.items():
+            median = statistics.median(runs)
+            spread = f"{median:6.2f} [{min(runs):.2f}-{max(runs):.2f}]"
+            rate = count / median
+            print(f"{files.name:28s} {count:6d}  {tool:15s} {spread:>19s} {rate:9.1f} {rate / peer_rate:6.2f}")
+        startup = statistics.median(times["mdm register"]) - statistics.median(times["Registrar loop"])
+        print(f"{files.name:28s} {count:6d}  {'CLI start-up':15s} {startup:6.2f}   (mdm register - Registrar loop)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--pacs", nargs="+", choices=list(STARTERS), default=["orthanc"])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--slices", type=int, default=200, help="synthetic series: slices")
+    parser.add_argument("--size", type=int, default=256, help="synthetic series: rows and columns")
+    parser.add_argument(
+        "--data", type=Path, default=Path(os.environ.get("SRM_DICOM_DATA", "/work/shared/data")),
+        help="data directory holding dicom2nifti/ (default: $SRM_DICOM_DATA or /work/shared/data)",
+    )
+    args = parser.parse_args()
+    for program in (STORESCU, shutil.which("mdm")):
+        if not program or not os.access(program, os.X_OK):
+            raise SystemExit(f"missing program: {program or 'mdm'}")
+    vendor = args.data / "dicom2nifti"
+    if not vendor.is_dir():
+        raise SystemExit(f"vendor data not found at {vendor}")
+    with tempfile.TemporaryDirectory(prefix="bench-register-") as tmp:
+        workdir = Path(tmp)
+        synthetic = _file_set(
+            f"synthetic CT {args.slices}x{args.size}^2", workdir / "synthetic",
+            synthetic_sources(workdir / "synthetic-src", args.slices, args.size),
+        )
+        print(f"mdm --version (CLI start-up alone): {startup_time(args.rounds):.2f} s")
+        for kind in args.pacs:
+            uncompressed_only = kind == "dcmqrscp"
+            vendor_set = _file_set(
+                "vendor (uncompressed)" if uncompressed_only else "vendor (distinct SOP UIDs)",
+                workdir / f"vendor-{kind}", vendor_sources(vendor, uncompressed_only),
+            )
+            pool = PeerPool(workdir / kind, kind)
+            try:
+                results = [(s, measure(pool, s, args.rounds, workdir / kind)) for s in (vendor_set, synthetic)]
+            finally:
+                pool.close()
+            report(kind, args.rounds, results)
+
+
+if __name__ == "__main__":
+    main()
