@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from sites import require_vendor_data, write_site_config
 
+from sites import require_vendor_data, write_site_config
 from srm_dicom.catalog import Outcome, open_catalog
 from srm_dicom.config import load_config
 from srm_dicom.errors import InvalidInput
