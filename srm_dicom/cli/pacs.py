@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 
 from srm_dicom.config import load_config
 
@@ -12,9 +13,18 @@ def _serve(args: argparse.Namespace) -> int:
 
     pacs = EmbeddedPacs.from_config(load_config(args.config))
     s = pacs.settings
+    # systemd and test harnesses stop with SIGTERM: stop as on Ctrl-C, index closed.
+    signal.signal(signal.SIGTERM, _interrupt)
     print(f"embedded PACS {s.aet}@{s.host}:{s.port}, storage {pacs.storage}", flush=True)
-    pacs.serve_forever()
+    try:
+        pacs.serve_forever()
+    except KeyboardInterrupt:
+        print(f"{pacs.name}: stopped", flush=True)
     return 0
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _echo(args: argparse.Namespace) -> int:

@@ -16,6 +16,7 @@ a ``PacsError`` whose one line names the PACS and, for DIMSE failures, the statu
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -145,6 +146,22 @@ def _category(code: int, table: dict[int, tuple[str, str]]) -> str:
     return "Failure"
 
 
+# Offered on every association, so that storing, querying and retrieving in turn do
+# not reopen it each time.
+BASE_PLAN = _Plan(
+    frozenset(
+        (model, (ImplicitVRLittleEndian,))
+        for model in (
+            Verification,
+            PatientRootQueryRetrieveInformationModelFind,
+            StudyRootQueryRetrieveInformationModelFind,
+            StudyRootQueryRetrieveInformationModelGet,
+            StudyRootQueryRetrieveInformationModelMove,
+        )
+    )
+)
+
+
 class PacsClient:
     """The site's PACS, as one kept association. Use as a context manager."""
 
@@ -177,6 +194,7 @@ class PacsClient:
 
     def _association(self, needed: _Plan) -> Association:
         """An established association offering ``needed``: the kept one, or a new one."""
+        needed = needed.union(BASE_PLAN)
         if self._assoc is not None and self._assoc.is_established and self._plan.covers(needed):
             return self._assoc
         plan = needed
@@ -198,6 +216,7 @@ class PacsClient:
         contexts = [build_context(abstract, list(ts)) for abstract, ts in sorted(plan.contexts)]
         roles = [build_role(uid, scu_role=True, scp_role=True) for uid in sorted(plan.scp_roles)]
         connected = threading.Event()
+        started = time.monotonic()
         assoc = self._ae.associate(
             self.config.host,
             self.config.port,
@@ -218,11 +237,15 @@ class PacsClient:
             )
         if not connected.is_set():
             raise self._error("cannot connect (PACS down or unreachable?)")
-        if assoc.is_aborted and assoc.acceptor.primitive is not None:
-            raise self._error("association accepted but no presentation context was")
-        raise self._error(
-            f"association aborted or not answered within {self.config.timeout:g} s"
-        )
+        if assoc.rejected_contexts:
+            refused = ", ".join(
+                f"{UID(cx.abstract_syntax).name} in {' or '.join(UID(t).name for t in cx.transfer_syntax)}"
+                for cx in assoc.rejected_contexts[:3]
+            )
+            raise self._error(f"no presentation context accepted, refused: {refused}")
+        if time.monotonic() - started < self.config.timeout:
+            raise self._error("association aborted by the PACS")
+        raise self._error(f"association not answered within {self.config.timeout:g} s")
 
     def _context_accepted(self, assoc: Association, abstract: str, ts: str) -> bool:
         return any(
@@ -351,14 +374,14 @@ class PacsClient:
         found = self.find("IMAGE", query)
         if not found:
             raise NotFound(f"{self.name}: no such {'instance' if sop else 'series'}")
-        get = (StudyRootQueryRetrieveInformationModelGet, (ImplicitVRLittleEndian,))
         classes = {str(ds.get("SOPClassUID", "")) for ds in found} - {""}
         if classes:
             contexts = {(uid, (ts,)) for uid in classes for ts in RETRIEVE_SYNTAXES}
         else:
-            classes = {cx.abstract_syntax for cx in StoragePresentationContexts[: MAX_CONTEXTS - 1]}
+            room = MAX_CONTEXTS - len(BASE_PLAN.contexts)
+            classes = {cx.abstract_syntax for cx in StoragePresentationContexts[:room]}
             contexts = {(uid, RETRIEVE_SYNTAXES) for uid in classes}
-        return _Plan(frozenset(contexts | {get}), frozenset(classes))
+        return _Plan(frozenset(contexts), frozenset(classes))
 
     def get(self, study: str, series: str, sop: str | None = None) -> Iterator[Dataset]:
         """C-GET one instance, or a whole series, over one association.

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom import Dataset, dcmread
+from pydicom.multival import MultiValue
 from pynetdicom import AE, AllStoragePresentationContexts, build_context, evt
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind,
@@ -84,6 +85,13 @@ class _File:
 
 _UNIQUE = {"PATIENT": "PatientID", "STUDY": "StudyInstanceUID",
            "SERIES": "SeriesInstanceUID", "IMAGE": "SOPInstanceUID"}
+
+
+def _text(value: object) -> str:
+    """An element value as received: a multi-valued one (a UID list) joined by backslash."""
+    if isinstance(value, MultiValue | list):
+        return "\\".join(str(v) for v in value)
+    return str(value or "")
 
 
 def _like(value: str) -> str:
@@ -155,7 +163,7 @@ class Index:
         depth = LEVELS.index(level)
         where, args = [], []
         for key in KEYS:
-            value = str(query.get(key.keyword, "") or "")
+            value = _text(query.get(key.keyword, ""))
             if value and value != "*":
                 sql, values = _condition(key, value)
                 where.append(sql)

@@ -1,0 +1,57 @@
+"""Shared test fixtures: external-program checks and real PACS peers."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import peers
+
+CLIENT_AET = "MDM_TEST"
+
+
+def require_program(name: str) -> str:
+    """The program's path; skip the test if missing, but fail in CI (env CI set)."""
+    path = shutil.which(name)
+    if path is None:
+        message = f"{name} is not installed"
+        if os.environ.get("CI"):
+            pytest.fail(f"{message} (required in CI)")
+        pytest.skip(message)
+    return path
+
+
+def _peer(start, workdir: Path) -> Iterator[peers.Peer]:  # type: ignore[no-untyped-def]
+    peer = start(workdir, CLIENT_AET, peers.free_port())
+    try:
+        yield peer
+    finally:
+        peer.stop()
+
+
+# Orthanc and dcmqrscp serve a whole test module (Orthanc takes seconds to stop); tests
+# using them must not assume an empty PACS. The embedded PACS is new for each test.
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[peers.Peer]:
+    require_program(peers.ORTHANC)
+    yield from _peer(peers.start_orthanc, tmp_path_factory.mktemp("orthanc"))
+
+
+@pytest.fixture(scope="module")
+def dcmqrscp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[peers.Peer]:
+    require_program(peers.DCMQRSCP)
+    yield from _peer(peers.start_dcmqrscp, tmp_path_factory.mktemp("dcmqrscp"))
+
+
+@pytest.fixture
+def embedded_pacs(tmp_path: Path) -> Iterator[peers.Peer]:
+    yield from _peer(peers.start_embedded, tmp_path / "embedded")
+
+
+@pytest.fixture(params=["orthanc", "dcmqrscp", "embedded_pacs"])
+def any_pacs(request: pytest.FixtureRequest) -> peers.Peer:
+    return request.getfixturevalue(request.param)
