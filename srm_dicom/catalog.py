@@ -14,7 +14,7 @@ from importlib.metadata import entry_points
 from typing import Protocol
 
 from srm_dicom.config import Config
-from srm_dicom.errors import ConfigError, NotFound
+from srm_dicom.errors import ConfigError, MdmError, NotFound
 from srm_dicom.metadata import ImageMetadata
 from srm_dicom.names import UidTriple, parse_lfn, parse_sop_spec
 
@@ -54,6 +54,10 @@ class Entry:
     @property
     def triple(self) -> UidTriple:
         return UidTriple(self.study_uid, self.series_uid, self.sop_uid)
+
+
+class CatalogConflict(MdmError):
+    """Another writer changed the entry between lookup and commit: nothing was written."""
 
 
 class Outcome(Enum):

@@ -14,6 +14,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from srm_dicom.anonymize import AnonymizationOptions
 from srm_dicom.errors import ConfigError
 from srm_dicom.rights import parse_metadata_mode, parse_mode
 
@@ -31,6 +32,9 @@ class SiteConfig:
 
     @property
     def secret_bytes(self) -> bytes:
+        """The site secret; only the hospital side has one, so it is checked where it is used."""
+        if len(self.secret) < 16:
+            raise ConfigError("config: [site] secret must be set, at least 16 characters")
         return self.secret.encode()
 
 
@@ -98,7 +102,10 @@ class Config:
     embedded_pacs: EmbeddedPacsConfig = field(default_factory=EmbeddedPacsConfig)
     identity: IdentityConfig = field(default_factory=IdentityConfig)
     keystore: KeystoreConfig = field(default_factory=KeystoreConfig)
+    anonymization: AnonymizationOptions = field(default_factory=AnonymizationOptions)
     base_dir: Path = field(default_factory=Path.cwd)
+    # The sections the file really has: a user's client config has no catalog, for instance.
+    sections: frozenset[str] = frozenset()
 
     def path(self, value: str) -> Path:
         """A path from the config, relative ones taken from the config file's directory."""
@@ -113,6 +120,7 @@ _SECTIONS: dict[str, type] = {
     "embedded_pacs": EmbeddedPacsConfig,
     "identity": IdentityConfig,
     "keystore": KeystoreConfig,
+    "anonymization": AnonymizationOptions,
 }
 
 
@@ -135,8 +143,8 @@ def _section(name: str, cls: type, values: Any) -> Any:
 
 
 def _validate(config: Config) -> None:
-    if not config.site.secret or len(config.site.secret) < 16:
-        raise ConfigError("config: [site] secret must be set, at least 16 characters")
+    if config.site.secret:
+        config.site.secret_bytes  # noqa: B018 - a secret that is given must be usable
     if config.site.uids not in ("deidentified", "original"):
         raise ConfigError("config: [site] uids must be 'deidentified' or 'original'")
     if config.pacs.retrieve not in ("get", "move"):
@@ -154,7 +162,7 @@ def parse_config(data: dict[str, Any], base_dir: Path) -> Config:
         if name not in _SECTIONS:
             raise ConfigError(f"config: unknown section [{name}]")
         sections[name] = _section(name, _SECTIONS[name], values)
-    config = Config(base_dir=base_dir, **sections)
+    config = Config(base_dir=base_dir, sections=frozenset(sections), **sections)
     _validate(config)
     return config
 

@@ -19,6 +19,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from srm_dicom.catalog import Catalog
 from srm_dicom.config import Config
 from srm_dicom.errors import MdmError, PacsError
+from srm_dicom.keystore.client import KeystoreClient
 from srm_dicom.pacs import nodelay
 from srm_dicom.pacs.client import PacsClient
 from srm_dicom.register import Registrar, Summary
@@ -37,7 +38,7 @@ class PushListener:
         nodelay.install()
         self._config = config
         self._pacs = PacsClient(config.pacs) if config.listen.store_to_pacs else None
-        self._registrar = Registrar(config, catalog, self._pacs)
+        self._registrar = Registrar(config, catalog, self._pacs, KeystoreClient.from_config(config))
         self._lock = threading.Lock()
         self.summary = Summary()
         self._ae = AE(ae_title=config.listen.aet)

@@ -66,6 +66,8 @@ class ImageMetadata:
     medical: Row
     dicom: Row
     protocols: tuple[str, ...] = field(default=())
+    # (tag path, keyword, original value) of what anonymization erased: "all" rights only.
+    erased: tuple[tuple[str, str, str], ...] = field(default=())
 
 
 def _value(ds: Dataset, keyword: str) -> Any:

@@ -1,21 +1,21 @@
 """Registration, the hospital side's write path: from a DICOM header to a catalog entry.
 
 Every entry point (files, a PACS index walk, a DICOM push) hands datasets to
-``Registrar.register``, which reads the header, stores the image into the PACS when
-asked, and catalogs the slice, its metadata and its series volume in one transaction.
+``Registrar.register``, which reads the header, anonymizes and encrypts the image once
+(to record the true size and adler32 of what grid clients will get), stores it into the
+PACS when asked, puts its key's shares on the key servers, and catalogs the slice, its
+metadata, the erased header values and its series volume in one transaction.
 Idempotent: an unchanged image adds nothing; a changed one bumps its content version.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import os
 import uuid
-import zlib
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,13 +27,16 @@ from pydicom.filewriter import write_dataset
 
 from srm_dicom.catalog import Catalog, Entry, Outcome
 from srm_dicom.config import Config
+from srm_dicom.crypto.container import new_file_key
 from srm_dicom.errors import InvalidInput, MdmError
 from srm_dicom.metadata import extract_metadata
 from srm_dicom.names import VOLUME, UidTriple, is_uid, pfn
+from srm_dicom.protect import key_acl, key_name, protect_image
 from srm_dicom.rights import parse_mode
 from srm_dicom.uids import deidentify_uid
 
 if TYPE_CHECKING:
+    from srm_dicom.keystore.client import KeystoreClient
     from srm_dicom.pacs.client import PacsClient
 
 log = logging.getLogger(__name__)
@@ -71,13 +74,6 @@ def dataset_digest(ds: Dataset) -> str:
     return hashlib.sha256(buffer.getvalue()).hexdigest()
 
 
-def served_bytes(ds: Dataset) -> bytes:
-    """The bytes a grid client receives for this image: a Part-10 file."""
-    out = io.BytesIO()
-    ds.save_as(out, enforce_file_format=True)
-    return out.getvalue()
-
-
 def check_header(ds: Dataset) -> None:
     """Refuse a data set the catalog cannot name: one of the three UIDs missing or malformed."""
     if "TransferSyntaxUID" not in getattr(ds, "file_meta", Dataset()):
@@ -91,30 +87,34 @@ def check_header(ds: Dataset) -> None:
 
 
 class Registrar:
-    """Registers images for one site: names them, stores them into the PACS, catalogs them."""
+    """Registers images for one site: names them, protects them, stores them into the PACS,
+    puts their keys on the key servers and catalogs them."""
 
     def __init__(
         self,
         config: Config,
         catalog: Catalog,
         pacs: PacsClient | None,
+        keystore: KeystoreClient,
         owner: str | None = None,
     ) -> None:
         self._config = config
         self._catalog = catalog
         self._pacs = pacs
+        self._keystore = keystore
         self._owner = owner or config.site.registrar
         self._mode = parse_mode(config.site.file_mode)
+        self._secret = config.site.secret_bytes
 
     def _names(self, ds: Dataset) -> tuple[str, str, str]:
         original = tuple(str(ds.get(k)).strip() for k in _REQUIRED_UIDS)
         if self._config.site.uids == "original":
             return original  # type: ignore[return-value]
-        secret = self._config.site.secret_bytes
-        return tuple(deidentify_uid(secret, uid) for uid in original)  # type: ignore[return-value]
+        return tuple(deidentify_uid(self._secret, uid) for uid in original)  # type: ignore[return-value]
 
     def register(self, ds: Dataset, store_in_pacs: bool) -> Outcome:
-        """Register one image. Raises MdmError with the reason if it cannot be registered."""
+        """Register one image. Raises MdmError with the reason if it cannot be registered;
+        then nothing is cataloged and no key is left on the key servers."""
         check_header(ds)
         study, series, sop = self._names(ds)
         site, pacs = self._config.site, self._config.pacs
@@ -123,24 +123,29 @@ class Registrar:
         known = self._catalog.lookup(lfn)
         if known is not None and known.source_digest == digest:
             return Outcome.UNCHANGED
-        metadata = extract_metadata(ds, site.secret_bytes)
-        payload = served_bytes(ds)
+        metadata = extract_metadata(ds, self._secret)
+        guid = known.guid if known else str(uuid.uuid4())
+        version = known.content_version + 1 if known else 1
+        owner, mode = (known.owner, known.mode) if known else (self._owner, self._mode)
+        key = new_file_key()
+        protected = protect_image(ds, self._secret, self._config.anonymization, key, guid, version)
         if store_in_pacs:
             if self._pacs is None:
                 raise MdmError("no PACS connection to store the image into")
             self._pacs.store(ds)
         original = metadata.dicom
-        common = dict(owner=self._owner, vo=site.vo, mode=self._mode, metadata_mode=site.metadata_mode)
+        common = dict(owner=owner, vo=site.vo, mode=mode, metadata_mode=site.metadata_mode)
         entry = Entry(
             lfn=lfn,
-            guid=str(uuid.uuid4()),
+            guid=guid,
             pfn=pfn(pacs.aet, pacs.host, pacs.port, original["study_uid"], original["series_uid"], original["sop_uid"]),
             kind="slice",
             study_uid=study,
             series_uid=series,
             sop_uid=sop,
-            size=len(payload),
-            adler32=f"{zlib.adler32(payload):08x}",
+            size=protected.size,
+            adler32=protected.adler32,
+            content_version=version,
             source_digest=digest,
             **common,
         )
@@ -154,9 +159,25 @@ class Registrar:
             sop_uid=VOLUME,
             **common,
         )
-        outcome = self._catalog.register_image(entry, metadata, volume)
+        erased = tuple((e.path, e.keyword, e.value) for e in protected.erased)
+        readers = tuple(a.dn for a in known.acl if a.perms & 4) if known else ()
+        self._keystore.put_key(key_name(guid, version), key, key_acl(owner, site.vo, mode, readers))
+        try:
+            outcome = self._catalog.register_image(entry, replace(metadata, erased=erased), volume)
+        except BaseException:
+            self._forget_key(key_name(guid, version))
+            raise
+        if known is not None:
+            self._forget_key(key_name(guid, known.content_version))
         log.debug("%s %s", outcome.value, lfn)
         return outcome
+
+    def _forget_key(self, name: str) -> None:
+        """Best effort: a share left behind unlocks nothing the catalog still names."""
+        try:
+            self._keystore.delete_key(name)
+        except MdmError as exc:
+            log.warning("key %s left on key servers: %s", name, exc)
 
 
 def iter_files(paths: Iterable[Path], summary: Summary) -> Iterator[Path]:

@@ -55,3 +55,22 @@ def embedded_pacs(tmp_path: Path) -> Iterator[peers.Peer]:
 @pytest.fixture(params=["orthanc", "dcmqrscp", "embedded_pacs"])
 def any_pacs(request: pytest.FixtureRequest) -> peers.Peer:
     return request.getfixturevalue(request.param)
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo PKI: CA, hosts, the storage element's service identity, users alice…eve."""
+    from srm_dicom.pki import init_pki
+
+    root = tmp_path_factory.mktemp("pki")
+    init_pki(root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def key_servers(pki: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """Three real key servers (mutual TLS, own SQLite stores) on loopback for the session."""
+    from srm_dicom.keystore.local import LocalKeyServers
+
+    with LocalKeyServers(pki, tmp_path_factory.mktemp("keystores")) as servers:
+        yield servers

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -10,14 +11,16 @@ from pathlib import Path
 import pytest
 
 from peers import Peer
+from srm_dicom.keystore.local import LocalKeyServers
 
 DATA = Path(os.environ.get("SRM_DICOM_DATA", "/work/shared/data"))
 VENDOR = DATA / "dicom2nifti"
 
 
-def write_site_config(workdir: Path, peer: Peer, uids: str = "deidentified", store_to_pacs: bool = True,
-                      listen_port: int = 0) -> Path:
-    """DIR/mdm.toml for a site whose PACS is ``peer``; the catalog lives in DIR."""
+def write_site_config(workdir: Path, peer: Peer, key_servers: LocalKeyServers, uids: str = "deidentified",
+                      store_to_pacs: bool = True, listen_port: int = 0) -> Path:
+    """DIR/mdm.toml for a site whose PACS is ``peer`` and whose key servers are ``key_servers``
+    (the demo PKI's service identity); the catalog lives in DIR."""
     workdir.mkdir(parents=True, exist_ok=True)
     pacs = peer.pacs_config()
     path = workdir / "mdm.toml"
@@ -42,9 +45,23 @@ timeout = 10
 [listen]
 port = {listen_port}
 store_to_pacs = {str(store_to_pacs).lower()}
+
+[keystore]
+urls = {json.dumps(key_servers.urls)}
+ca = "{key_servers.pki / "ca.pem"}"
+cert = "{key_servers.pki / "service" / "cert.pem"}"
+key = "{key_servers.pki / "service" / "key.pem"}"
+timeout = 5
 """
     )
     return path
+
+
+def keystore_section(key_servers: LocalKeyServers) -> dict:
+    """The [keystore] section of the storage element's own config (its service identity)."""
+    pki = key_servers.pki
+    return {"urls": key_servers.urls, "ca": str(pki / "ca.pem"), "cert": str(pki / "service" / "cert.pem"),
+            "key": str(pki / "service" / "key.pem"), "timeout": 5.0}
 
 
 def mdm(*args: str, config: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:

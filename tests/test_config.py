@@ -40,6 +40,20 @@ def test_mistakes_are_refused_with_the_offending_name(data, message):
         parse_config(data, Path("/tmp"))
 
 
+def test_the_secret_is_required_where_it_is_used_not_in_a_client_config():
+    client = parse_config({"keystore": {"urls": ["https://localhost:8441"]}}, Path("/tmp"))
+    assert client.sections == {"keystore"}
+    with pytest.raises(ConfigError, match="secret must be set"):
+        client.site.secret_bytes  # noqa: B018
+
+
+def test_anonymization_options_come_from_their_section():
+    config = parse_config({**SECRET, "anonymization": {"retain_institution_identity": True}}, Path("/tmp"))
+    assert config.anonymization.retain_institution_identity and not config.anonymization.retain_safe_private
+    with pytest.raises(ConfigError, match="unknown key 'retain_everything'"):
+        parse_config({**SECRET, "anonymization": {"retain_everything": True}}, Path("/tmp"))
+
+
 def test_missing_or_broken_file_is_one_clear_line(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "nope.toml")

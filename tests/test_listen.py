@@ -45,9 +45,13 @@ def write_files(tmp_path, seed, slices=3):
 
 
 @pytest.mark.parametrize("store_to_pacs", [True, False])
-def test_pushed_images_are_registered_and_stored_into_the_pacs_when_asked(embedded_pacs, tmp_path, store_to_pacs):
+def test_pushed_images_are_registered_and_stored_into_the_pacs_when_asked(
+    embedded_pacs, tmp_path, store_to_pacs, key_servers
+):
     port = free_port()
-    config_path = write_site_config(tmp_path / "site", embedded_pacs, store_to_pacs=store_to_pacs, listen_port=port)
+    config_path = write_site_config(
+        tmp_path / "site", embedded_pacs, key_servers, store_to_pacs=store_to_pacs, listen_port=port
+    )
     files = write_files(tmp_path, "push")
     proc = start_listener(config_path)
     try:
@@ -66,9 +70,11 @@ def test_pushed_images_are_registered_and_stored_into_the_pacs_when_asked(embedd
     assert len(in_pacs) == (3 if store_to_pacs else 0)
 
 
-def test_a_push_the_catalog_cannot_name_is_refused_and_the_rest_goes_on(embedded_pacs, tmp_path):
+def test_a_push_the_catalog_cannot_name_is_refused_and_the_rest_goes_on(embedded_pacs, tmp_path, key_servers):
     port = free_port()
-    config_path = write_site_config(tmp_path / "site", embedded_pacs, store_to_pacs=False, listen_port=port)
+    config_path = write_site_config(
+        tmp_path / "site", embedded_pacs, key_servers, store_to_pacs=False, listen_port=port
+    )
     good, bad = write_files(tmp_path, "mixed", slices=2)
     ds = pydicom.dcmread(bad)
     ds.SeriesInstanceUID = "not.a.uid"

@@ -8,9 +8,12 @@ import pytest
 from sites import require_vendor_data, write_site_config
 from srm_dicom.catalog import Outcome, open_catalog
 from srm_dicom.config import load_config
+from srm_dicom.crypto.container import check_key, read_header
 from srm_dicom.errors import InvalidInput
+from srm_dicom.keystore.client import KeystoreClient
 from srm_dicom.pacs.client import PacsClient
-from srm_dicom.register import Registrar, Summary, iter_files, read_dicom, served_bytes
+from srm_dicom.protect import key_name, protect_image
+from srm_dicom.register import Registrar, Summary, iter_files, read_dicom
 from srm_dicom.synthetic import make_series
 from srm_dicom.uids import deidentify_uid
 
@@ -25,12 +28,12 @@ def write_series(directory: Path, slices: int = 3, seed: str = "reg") -> list[Pa
     return paths
 
 
-def test_each_pacs_receives_the_images_and_the_catalog_names_them(any_pacs, tmp_path):
-    config = load_config(write_site_config(tmp_path / "site", any_pacs))
+def test_each_pacs_receives_the_images_and_the_catalog_names_them(any_pacs, tmp_path, key_servers):
+    config = load_config(write_site_config(tmp_path / "site", any_pacs, key_servers))
     files = write_series(tmp_path / "in")
     catalog = open_catalog(config)
     with PacsClient(config.pacs) as pacs:
-        registrar = Registrar(config, catalog, pacs)
+        registrar = Registrar(config, catalog, pacs, KeystoreClient.from_config(config))
         outcomes = [registrar.register(read_dicom(f), store_in_pacs=True) for f in files]
         assert outcomes == [Outcome.ADDED] * 3
         first = pydicom.dcmread(files[0])
@@ -47,27 +50,30 @@ def test_each_pacs_receives_the_images_and_the_catalog_names_them(any_pacs, tmp_
     catalog.close()
 
 
-def test_original_uids_mode_keeps_the_pacs_names(embedded_pacs, tmp_path):
-    config = load_config(write_site_config(tmp_path / "site", embedded_pacs, uids="original"))
+def test_original_uids_mode_keeps_the_pacs_names(embedded_pacs, tmp_path, key_servers):
+    config = load_config(write_site_config(tmp_path / "site", embedded_pacs, key_servers, uids="original"))
     ds = make_series(slices=1, size=8)[0]
     catalog = open_catalog(config)
     with PacsClient(config.pacs) as pacs:
-        Registrar(config, catalog, pacs).register(ds, store_in_pacs=True)
+        Registrar(config, catalog, pacs, KeystoreClient.from_config(config)).register(ds, store_in_pacs=True)
     lfn = f"/grid/biomed/mdm/{ds.StudyInstanceUID}/{ds.SeriesInstanceUID}/{ds.SOPInstanceUID}"
     assert catalog.lookup(lfn) is not None
     catalog.close()
 
 
-def test_size_and_adler32_describe_the_served_bytes(embedded_pacs, tmp_path):
-    config = load_config(write_site_config(tmp_path / "site", embedded_pacs))
+def test_size_and_adler32_describe_the_served_bytes(embedded_pacs, tmp_path, key_servers):
+    config = load_config(write_site_config(tmp_path / "site", embedded_pacs, key_servers))
     ds = make_series(slices=1, size=8)[0]
     catalog = open_catalog(config)
     with PacsClient(config.pacs) as pacs:
-        Registrar(config, catalog, pacs).register(ds, store_in_pacs=True)
+        Registrar(config, catalog, pacs, KeystoreClient.from_config(config)).register(ds, store_in_pacs=True)
     (entry,) = [e for e in catalog.list_dir(catalog.list_dir(catalog.list_dir("/grid/biomed/mdm").directories[0])
                                             .directories[0]).entries if e.kind == "slice"]
-    payload = served_bytes(ds)
-    assert entry.size == len(payload) and entry.adler32 == f"{zlib.adler32(payload):08x}"
+    # Restaging (anonymize + encrypt again with the key from the key servers) gives the same bytes.
+    key = KeystoreClient.from_config(config).fetch_key(key_name(entry.guid, 1), lambda k: len(k) == 32)
+    again = protect_image(ds, config.site.secret_bytes, config.anonymization, key, entry.guid, 1)
+    assert check_key(read_header(again.payload), key)
+    assert entry.size == again.size and entry.adler32 == again.adler32 == f"{zlib.adler32(again.payload):08x}"
     catalog.close()
 
 
@@ -97,16 +103,16 @@ def test_bad_files_get_a_reason_each(tmp_path):
     assert summary.failures == [(str(tmp_path / "missing"), "no such file or directory")]
 
 
-def test_a_header_without_its_uids_is_refused_before_anything_is_stored(embedded_pacs, tmp_path):
-    config = load_config(write_site_config(tmp_path, embedded_pacs))
+def test_a_header_without_its_uids_is_refused_before_anything_is_stored(embedded_pacs, tmp_path, key_servers):
+    config = load_config(write_site_config(tmp_path, embedded_pacs, key_servers))
     ds = make_series(slices=1, size=8)[0]
     del ds.SeriesInstanceUID
     catalog = open_catalog(config)
     with pytest.raises(InvalidInput, match="missing SeriesInstanceUID"):
-        Registrar(config, catalog, pacs=None).register(ds, store_in_pacs=True)
+        Registrar(config, catalog, None, KeystoreClient.from_config(config)).register(ds, store_in_pacs=True)
     ds.SeriesInstanceUID = "1.2.abc"
     with pytest.raises(InvalidInput, match="not a valid UID"):
-        Registrar(config, catalog, pacs=None).register(ds, store_in_pacs=True)
+        Registrar(config, catalog, None, KeystoreClient.from_config(config)).register(ds, store_in_pacs=True)
     assert catalog.count() == 0
     catalog.close()
 

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from mdm_catalog_sqlite.schema import MIGRATIONS
-from srm_dicom.catalog import AclEntry, Entry, Listing, Outcome
+from srm_dicom.catalog import AclEntry, CatalogConflict, Entry, Listing, Outcome
 from srm_dicom.config import Config
 from srm_dicom.metadata import IMAGE_FIELDS, MEDICAL_FIELDS, PATIENT_FIELDS, ImageMetadata
 from srm_dicom.names import UidTriple, normalize_lfn
@@ -88,10 +88,12 @@ class SQLiteCatalog:
             now = time.time()
             if old:
                 guid = old["guid"]
+                if (guid, old["content_version"] + 1) != (entry.guid, entry.content_version):
+                    raise CatalogConflict(f"{entry.lfn} changed while it was being registered; register it again")
                 db.execute(
                     "UPDATE entries SET pfn = ?, size = ?, adler32 = ?, source_digest = ?,"
-                    " content_version = content_version + 1, modified = ? WHERE guid = ?",
-                    (entry.pfn, entry.size, entry.adler32, entry.source_digest, now, guid),
+                    " content_version = ?, modified = ? WHERE guid = ?",
+                    (entry.pfn, entry.size, entry.adler32, entry.source_digest, entry.content_version, now, guid),
                 )
                 self._delete_metadata(db, guid)
             else:
@@ -155,10 +157,14 @@ class SQLiteCatalog:
             "INSERT INTO protocol (name, guid) VALUES (?, ?)",
             [(name, guid) for name in metadata.protocols],
         )
+        db.executemany(
+            "INSERT INTO erased (guid, path, keyword, value) VALUES (?, ?, ?, ?)",
+            [(guid, *erased) for erased in metadata.erased],
+        )
 
     def _delete_metadata(self, db: sqlite3.Connection, guid: str) -> None:
         row = db.execute("SELECT patient_key FROM image WHERE guid = ?", (guid,)).fetchone()
-        for table in ("image", "medical", "dicom", "protocol"):
+        for table in ("image", "medical", "dicom", "protocol", "erased"):
             db.execute(f"DELETE FROM {table} WHERE guid = ?", (guid,))
         if row:
             # The Patient table holds the most sensitive data: no row outlives its last image.
@@ -289,6 +295,9 @@ class SQLiteCatalog:
             protocols = self._db.execute(
                 "SELECT name FROM protocol WHERE guid = ? ORDER BY name", (guid,)
             ).fetchall()
+            erased = self._db.execute(
+                "SELECT path, keyword, value FROM erased WHERE guid = ? ORDER BY path", (guid,)
+            ).fetchall()
             return ImageMetadata(
                 patient_key=key,
                 patient={c: patient[c] for c in PATIENT_FIELDS},
@@ -296,6 +305,7 @@ class SQLiteCatalog:
                 medical={c: medical[c] for c in MEDICAL_FIELDS},
                 dicom={c: dicom[c] for c in _DICOM_COLUMNS},
                 protocols=tuple(p["name"] for p in protocols),
+                erased=tuple(tuple(row) for row in erased),
             )
 
     def count(self) -> int:

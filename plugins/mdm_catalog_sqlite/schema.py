@@ -70,4 +70,14 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (name, guid)
     )
     """,
+    # 2: header values erased by anonymization, kept on the hospital side for "all" rights.
+    """
+    CREATE TABLE erased (
+        guid TEXT NOT NULL REFERENCES entries (guid) ON DELETE CASCADE,
+        path TEXT NOT NULL,
+        keyword TEXT NOT NULL,
+        value TEXT NOT NULL,
+        PRIMARY KEY (guid, path)
+    )
+    """,
 ]

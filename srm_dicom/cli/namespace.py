@@ -7,9 +7,11 @@ import posixpath
 import time
 
 from srm_dicom.catalog import Catalog, Entry, find_entry, open_catalog
-from srm_dicom.config import load_config
+from srm_dicom.config import Config, load_config
 from srm_dicom.errors import InvalidInput, NotFound
+from srm_dicom.keystore.client import KeystoreClient
 from srm_dicom.names import normalize_lfn, vo_root
+from srm_dicom.protect import key_name
 from srm_dicom.rights import format_mode
 
 _IDENTIFIER_HELP = (
@@ -41,7 +43,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "del",
         help="remove an entry and its metadata (the image stays in the PACS)",
         description=(
-            "Remove an entry and its metadata from the catalog. The image itself stays in the "
+            "Remove an entry, its metadata and its key shares. The image itself stays in the "
             "PACS: clinical data are never deleted by the grid side. Deleting the last slice of "
             "a series removes its 3D entry too."
         ),
@@ -55,9 +57,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     delete.set_defaults(handler=run_del)
 
 
-def _with_catalog(args: argparse.Namespace) -> tuple[Catalog, str]:
+def _with_catalog(args: argparse.Namespace) -> tuple[Config, Catalog]:
     config = load_config(args.config)
-    return open_catalog(config), config.site.vo
+    return config, open_catalog(config)
 
 
 def _long(entry: Entry) -> str:
@@ -68,9 +70,9 @@ def _long(entry: Entry) -> str:
 
 
 def run_ls(args: argparse.Namespace) -> int:
-    catalog, vo = _with_catalog(args)
+    config, catalog = _with_catalog(args)
     try:
-        path = normalize_lfn(args.path or vo_root(vo))
+        path = normalize_lfn(args.path or vo_root(config.site.vo))
         listing = catalog.list_dir(path)
         if listing is None:
             entry = catalog.lookup(path)
@@ -89,7 +91,7 @@ def run_ls(args: argparse.Namespace) -> int:
 
 
 def run_stat(args: argparse.Namespace) -> int:
-    catalog, _ = _with_catalog(args)
+    _, catalog = _with_catalog(args)
     try:
         entry = find_entry(catalog, args.id)
         fields = {
@@ -118,13 +120,15 @@ def run_stat(args: argparse.Namespace) -> int:
 
 
 def run_del(args: argparse.Namespace) -> int:
-    catalog, _ = _with_catalog(args)
+    config, catalog = _with_catalog(args)
     try:
         spec = args.lfn or args.sop or f"guid:{args.guid.removeprefix('guid:')}"
         if args.lfn and not args.lfn.startswith("/grid/"):
             raise InvalidInput(f"'{args.lfn}' is not an LFN of the form /grid/<vo>/mdm/...")
         entry = find_entry(catalog, spec)
+        keystore = KeystoreClient.from_config(config)
         catalog.delete(entry.lfn)
+        keystore.delete_key(key_name(entry.guid, entry.content_version))
         if args.verbose:
             print(f"removed {entry.lfn} (the image stays in the PACS)")
         return 0

@@ -12,6 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from srm_dicom.catalog import open_catalog
 from srm_dicom.config import load_config
 from srm_dicom.errors import InvalidInput, MdmError, PacsError
+from srm_dicom.keystore.client import KeystoreClient
 from srm_dicom.pacs.client import PacsClient
 from srm_dicom.register import Registrar, Summary, iter_files, read_dicom
 
@@ -71,8 +72,9 @@ def run(args: argparse.Namespace) -> int:
     catalog = open_catalog(config)
     summary = Summary()
     try:
+        keystore = KeystoreClient.from_config(config)
         with PacsClient(config.pacs) as pacs:
-            registrar = Registrar(config, catalog, pacs, owner=args.owner)
+            registrar = Registrar(config, catalog, pacs, keystore, owner=args.owner)
             if args.from_pacs:
                 _register_from_pacs(registrar, pacs, args, summary)
             else:

@@ -5,9 +5,9 @@ from srm_dicom.synthetic import make_series
 
 
 @pytest.fixture
-def site(embedded_pacs, tmp_path):
+def site(embedded_pacs, tmp_path, key_servers):
     """A site with one registered 3-slice series; returns (config path, original datasets)."""
-    config_path = write_site_config(tmp_path, embedded_pacs)
+    config_path = write_site_config(tmp_path, embedded_pacs, key_servers)
     series = make_series(slices=3, size=8, seed="ns")
     for i, ds in enumerate(series):
         ds.save_as(tmp_path / f"{i}.dcm", enforce_file_format=True)

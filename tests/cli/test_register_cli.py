@@ -22,9 +22,9 @@ def series_dirs(catalog, root="/grid/biomed/mdm"):
     return [s for study in catalog.list_dir(root).directories for s in catalog.list_dir(study).directories]
 
 
-def test_vendor_tree_registers_into_orthanc_with_a_3d_per_series(orthanc, tmp_path):
+def test_vendor_tree_registers_into_orthanc_with_a_3d_per_series(orthanc, tmp_path, key_servers):
     vendor = require_vendor_data()
-    config_path = write_site_config(tmp_path, orthanc)
+    config_path = write_site_config(tmp_path, orthanc, key_servers)
     result = mdm("register", str(vendor), config=config_path)
     assert result.returncode == 1, result.stderr  # the tree also holds NIfTI references and a LICENSE
     failed = [line for line in result.stderr.splitlines() if line.startswith("failed: ")]
@@ -49,7 +49,7 @@ def test_vendor_tree_registers_into_orthanc_with_a_3d_per_series(orthanc, tmp_pa
     assert again.returncode == 1 and "0 registered, 0 updated, 4 already registered" in again.stdout
 
 
-def test_from_pacs_indexes_a_study_stored_by_storescu_moving_nothing(orthanc, tmp_path):
+def test_from_pacs_indexes_a_study_stored_by_storescu_moving_nothing(orthanc, tmp_path, key_servers):
     storescu = require_program("/usr/bin/storescu")
     before = orthanc_instances(orthanc)
     files = []
@@ -62,7 +62,7 @@ def test_from_pacs_indexes_a_study_stored_by_storescu_moving_nothing(orthanc, tm
                    capture_output=True, timeout=60)
     stored = orthanc_instances(orthanc)
     assert stored == before + 6
-    config_path = write_site_config(tmp_path / "site", orthanc)
+    config_path = write_site_config(tmp_path / "site", orthanc, key_servers)
     study_a = pydicom.dcmread(files[0]).StudyInstanceUID
 
     by_study = mdm("register", "--from-pacs", "--study", study_a, config=config_path)
@@ -79,8 +79,8 @@ def test_from_pacs_indexes_a_study_stored_by_storescu_moving_nothing(orthanc, tm
     catalog.close()
 
 
-def test_a_pacs_that_is_down_is_one_line_naming_it(embedded_pacs, tmp_path):
-    config_path = write_site_config(tmp_path, embedded_pacs)
+def test_a_pacs_that_is_down_is_one_line_naming_it(embedded_pacs, tmp_path, key_servers):
+    config_path = write_site_config(tmp_path, embedded_pacs, key_servers)
     embedded_pacs.stop()
     path = tmp_path / "one.dcm"
     make_series(slices=1, size=8)[0].save_as(path, enforce_file_format=True)
@@ -91,8 +91,8 @@ def test_a_pacs_that_is_down_is_one_line_naming_it(embedded_pacs, tmp_path):
     assert len(error) == 1 and f"{embedded_pacs.aet}@127.0.0.1:{embedded_pacs.port}" in error[0]
 
 
-def test_usage_mistakes_exit_2_with_a_hint(embedded_pacs, tmp_path):
-    config_path = write_site_config(tmp_path, embedded_pacs)
+def test_usage_mistakes_exit_2_with_a_hint(embedded_pacs, tmp_path, key_servers):
+    config_path = write_site_config(tmp_path, embedded_pacs, key_servers)
     nothing = mdm("register", config=config_path)
     assert nothing.returncode == 2 and "give PATHs" in nothing.stderr
     half = mdm("register", "--from-pacs", config=config_path)

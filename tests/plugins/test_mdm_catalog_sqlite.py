@@ -7,16 +7,19 @@ from pydicom import dcmread
 
 from mdm_catalog_sqlite import SQLiteCatalog
 from mdm_catalog_sqlite.schema import MIGRATIONS
+from sites import keystore_section
 from srm_dicom.catalog import Outcome, find_entry, open_catalog
 from srm_dicom.config import parse_config
 from srm_dicom.errors import NotFound
-from srm_dicom.register import Registrar, served_bytes
+from srm_dicom.keystore.client import KeystoreClient
+from srm_dicom.register import Registrar
 from srm_dicom.synthetic import FakePatient, make_series
 
 
 @pytest.fixture
-def config(tmp_path):
-    return parse_config({"site": {"secret": "catalog test secret"}}, tmp_path)
+def config(tmp_path, key_servers):
+    sections = {"site": {"secret": "catalog test secret"}, "keystore": keystore_section(key_servers)}
+    return parse_config(sections, tmp_path)
 
 
 @pytest.fixture
@@ -28,7 +31,7 @@ def catalog(config):
 
 def register_series(config, catalog, slices=4, seed="s"):
     series = make_series(slices=slices, size=8, seed=seed)
-    registrar = Registrar(config, catalog, pacs=None)
+    registrar = Registrar(config, catalog, None, KeystoreClient.from_config(config))
     return series, [registrar.register(ds, store_in_pacs=False) for ds in series]
 
 
@@ -60,7 +63,7 @@ def test_series_registers_slices_and_one_volume_with_directories(config, catalog
 
 def test_registering_again_adds_nothing_and_a_change_bumps_the_version(config, catalog):
     series, _ = register_series(config, catalog)
-    registrar = Registrar(config, catalog, pacs=None)
+    registrar = Registrar(config, catalog, None, KeystoreClient.from_config(config))
     assert [registrar.register(ds, store_in_pacs=False) for ds in series] == [Outcome.UNCHANGED] * 4
     assert catalog.count() == 5
     series[1].SeriesDescription = "re-reconstructed"
@@ -119,7 +122,7 @@ def test_a_failed_registration_leaves_no_half_entry(config, catalog):
     # A real SQLite failure in the last statement of the transaction (the Protocol table).
     catalog._db.execute("CREATE TRIGGER fail BEFORE INSERT ON protocol BEGIN SELECT RAISE(ABORT, 'disk full'); END")
     with pytest.raises(sqlite3.DatabaseError, match="disk full"):
-        Registrar(config, catalog, pacs=None).register(broken, store_in_pacs=False)
+        Registrar(config, catalog, None, KeystoreClient.from_config(config)).register(broken, store_in_pacs=False)
     db = catalog._db
     assert catalog.count() == 2  # the first slice and its volume only
     for table in ("image", "medical", "dicom", "patient"):
@@ -130,8 +133,11 @@ def test_a_failed_registration_leaves_no_half_entry(config, catalog):
 def test_a_header_value_that_breaks_its_vr_is_kept_as_text_not_a_crash(config, catalog):
     ds = make_series(slices=1, size=8)[0]
     ds.PatientWeight = "71.25"
-    ds = dcmread(io.BytesIO(served_bytes(ds).replace(b"71.25 ", b"heavy ")))
-    assert Registrar(config, catalog, pacs=None).register(ds, store_in_pacs=False) is Outcome.ADDED
+    raw = io.BytesIO()
+    ds.save_as(raw, enforce_file_format=True)
+    ds = dcmread(io.BytesIO(raw.getvalue().replace(b"71.25 ", b"heavy ")))
+    registrar = Registrar(config, catalog, None, KeystoreClient.from_config(config))
+    assert registrar.register(ds, store_in_pacs=False) is Outcome.ADDED
     entry = next(e for e in catalog.list_dir(series_dir(catalog)).entries if e.kind == "slice")
     assert catalog.metadata(entry.guid).patient["weight"] == "heavy"
 

@@ -1,0 +1,70 @@
+"""Three key servers on loopback inside one process, for the demo and the tests.
+
+Real servers (cheroot, mutual TLS, one SQLite store each), only run as threads instead
+of separate processes so a demo starts in a second; a site runs one
+``mdm keystore serve`` per host instead.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+from cheroot import wsgi
+
+from srm_dicom.keystore.server import KeystoreServerConfig, make_server
+from srm_dicom.pki import SERVICE_DN
+
+HOST = "127.0.0.1"
+
+
+class LocalKeyServers:
+    """``n`` key servers using the demo PKI in ``pki``, keeping their shares under ``state``."""
+
+    def __init__(self, pki: Path, state: Path, n: int = 3) -> None:
+        state.mkdir(parents=True, exist_ok=True)
+        self.pki = pki
+        self._servers: list[wsgi.Server] = []
+        self._threads: list[threading.Thread] = []
+        self._configs = [
+            KeystoreServerConfig(
+                cert=pki / "hosts" / f"keystore-{i}" / "cert.pem",
+                key=pki / "hosts" / f"keystore-{i}" / "key.pem",
+                ca=pki / "ca.pem",
+                database=state / f"keystore-{i}.db",
+                vomap=pki / "vomap.toml",
+                services=(SERVICE_DN,),
+                host=HOST,
+                port=0,
+                threads=4,
+            )
+            for i in range(1, n + 1)
+        ]
+
+    @property
+    def urls(self) -> list[str]:
+        return [f"https://{HOST}:{server.bind_addr[1]}" for server in self._servers]
+
+    def start(self) -> None:
+        for config in self._configs:
+            server = make_server(config)
+            server.prepare()
+            thread = threading.Thread(target=server.serve, name=f"keystore-{config.database.stem}", daemon=True)
+            thread.start()
+            self._servers.append(server)
+            self._threads.append(thread)
+
+    def stop(self) -> None:
+        for server in self._servers:
+            server.stop()
+        for thread in self._threads:
+            thread.join(timeout=10)
+        self._servers.clear()
+        self._threads.clear()
+
+    def __enter__(self) -> LocalKeyServers:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
