@@ -1,0 +1,403 @@
+"""SQLite catalog: registration rate, and lookup latency at 10^4 and 10^6 entries.
+
+Run: python tests/bench/bench_catalog.py [--studies 10000] [--lookups 10000]
+
+Three catalogs in a temporary directory under /tmp (removed at the end), opened with
+``open_catalog`` from a parsed config, holding studies x series x slices images with
+one patient per study (default 10^4 x 10 x 10 = 10^6 slices, plus one ``3D`` entry per
+series):
+
+- honest: ``SQLiteCatalog.register_image`` for ``--honest`` slices, timed: the rate a
+  registration gets from the catalog alone (no DICOM, no PACS).
+- small (10^4 slices) and large (``--studies``): filled with ``executemany`` straight into
+  the schema, in the rows ``register_image`` writes for the same images (entries and
+  their directories, patient, image, medical, dicom, protocol; the volume's content
+  version counts its slices as the bumps would). Before any lookup, one series of the
+  large catalog is compared with the same series registered by ``register_image``: every
+  table, every column but the two timestamps, must be equal. Both catalogs are filled the
+  same way so their B-trees compare.
+
+The peer is the same lookup on the 100x smaller catalog in the same run: an indexed
+lookup stays flat (ratio ~1); a scan grows with the entries (ratio ~100). Listing the
+VO root returns one directory per study, so it grows with the studies by design: its
+per-item figure is the one that must stay flat.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import posixpath
+import random
+import sqlite3
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from functools import lru_cache, partial
+from pathlib import Path
+
+# The tree this script lives in, ahead of whatever the shared interpreter has installed in
+# editable mode (a CI run elsewhere re-points it).
+ROOT = Path(__file__).resolve().parents[2]
+sys.path[:0] = [str(ROOT), str(ROOT / "plugins")]
+
+import srm_dicom  # noqa: E402
+from srm_dicom.catalog import Catalog, Entry, open_catalog  # noqa: E402
+from srm_dicom.config import Config, parse_config  # noqa: E402
+from srm_dicom.metadata import ImageMetadata  # noqa: E402
+from srm_dicom.names import VOLUME, UidTriple, pfn, vo_root  # noqa: E402
+from srm_dicom.rights import parse_mode  # noqa: E402
+from srm_dicom.uids import deidentify_uid, patient_key  # noqa: E402
+
+SERIES, SLICES = 10, 10
+ORIGINAL_ROOT = "1.2.826.0.1.3680043.8.498"  # pydicom's root: original UIDs look like a PACS's
+TIMESTAMPS = {"created", "modified"}
+
+
+@dataclass(frozen=True)
+class Image:
+    """One slice as a registration hands it to the catalog, with its series volume."""
+
+    entry: Entry
+    metadata: ImageMetadata
+    volume: Entry
+    original: UidTriple
+
+
+class Images:
+    """Deterministic images: image (i, j, k) is slice k of series j of study i, the same in every catalog."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.secret = config.site.secret_bytes
+        self.mode = parse_mode(config.site.file_mode)
+        self.root = vo_root(config.site.vo)
+        # Study and series UIDs repeat over their slices: hash each once (the fill is CPU-bound).
+        self._deidentify = lru_cache(maxsize=1 << 16)(partial(deidentify_uid, self.secret))
+        self.volume = lru_cache(maxsize=1 << 10)(self._volume)
+
+    def original(self, i: int, j: int, k: int | None = None) -> UidTriple:
+        study = f"{ORIGINAL_ROOT}.{i + 1}"
+        series = f"{study}.{j + 1}"
+        return UidTriple(study, series, VOLUME if k is None else f"{series}.{k + 1}")
+
+    def names(self, original: UidTriple) -> UidTriple:
+        sop = original.sop if original.is_volume else deidentify_uid(self.secret, original.sop)
+        return UidTriple(self._deidentify(original.study), self._deidentify(original.series), sop)
+
+    @staticmethod
+    def guid(i: int, j: int, k: int | None) -> str:
+        return str(uuid.UUID(bytes=hashlib.md5(f"{i}/{j}/{k}".encode()).digest(), version=4))
+
+    def _entry(self, original: UidTriple, names: UidTriple, guid: str, kind: str, **extra: object) -> Entry:
+        site, pacs = self.config.site, self.config.pacs
+        sop = None if original.is_volume else original.sop
+        return Entry(
+            lfn=names.lfn(site.vo), guid=guid,
+            pfn=pfn(pacs.aet, pacs.host, pacs.port, original.study, original.series, sop),
+            kind=kind, study_uid=names.study, series_uid=names.series, sop_uid=names.sop,
+            owner=site.registrar, vo=site.vo, mode=self.mode, metadata_mode=site.metadata_mode,
+            **extra,  # type: ignore[arg-type]
+        )
+
+    def image(self, i: int, j: int, k: int) -> Image:
+        original = self.original(i, j, k)
+        names = self.names(original)
+        digest = hashlib.sha256(original.sop.encode()).hexdigest()
+        entry = self._entry(
+            original, names, self.guid(i, j, k), "slice", size=133_000 + k, adler32=digest[:8], source_digest=digest
+        )
+        patient_id = f"PAT{i:07d}"
+        metadata = ImageMetadata(
+            patient_key=patient_key(self.secret, patient_id),
+            patient={
+                "name": f"DOE^PATIENT{i}", "patient_id": patient_id, "issuer": None, "birth_date": "19700101",
+                "sex": "O", "age": "056Y", "weight": 70.0, "size": 1.75,
+            },
+            image={
+                "rows": 512, "columns": 512, "bits_allocated": 16, "bits_stored": 12, "samples_per_pixel": 1,
+                "photometric": "MONOCHROME2", "number_of_frames": None, "pixel_spacing": "0.7\\0.7",
+                "slice_thickness": 1.0, "image_position": f"-180\\-180\\{k}", "image_orientation": "1\\0\\0\\0\\1\\0",
+                "instance_number": k + 1,
+            },
+            medical={
+                "modality": "CT", "study_date": "20260101", "series_date": "20260101", "acquisition_date": "20260101",
+                "body_part": "HEAD", "institution": "Bench Hospital", "referring_physician": "DOE^REFERRER",
+                "performing_physician": None, "study_description": f"study {i}", "series_description": f"series {j}",
+                "manufacturer": "srm-dicom", "model": "bench",
+            },
+            dicom={
+                "study_uid": original.study, "series_uid": original.series, "sop_uid": original.sop,
+                "deid_study_uid": names.study, "deid_series_uid": names.series, "deid_sop_uid": names.sop,
+                "sop_class_uid": "1.2.840.10008.5.1.4.1.1.2", "transfer_syntax_uid": "1.2.840.10008.1.2.1",
+            },
+            protocols=("head-routine",),
+        )
+        return Image(entry, metadata, self.volume(i, j), original)
+
+    def _volume(self, i: int, j: int) -> Entry:
+        original = self.original(i, j)
+        return self._entry(original, self.names(original), self.guid(i, j, None), "volume")
+
+    def all(self, studies: int) -> Iterator[Image]:
+        for i in range(studies):
+            for j in range(SERIES):
+                for k in range(SLICES):
+                    yield self.image(i, j, k)
+
+
+def make_config(directory: Path, name: str) -> Config:
+    return parse_config(
+        {
+            "site": {"vo": "biomed", "secret": "bench site secret, not for production"},
+            "catalog": {"backend": "sqlite", "url": f"{name}.db"},
+        },
+        directory,
+    )
+
+
+# -- filling --------------------------------------------------------------------------
+
+
+def register_honestly(catalog: Catalog, images: Iterator[Image]) -> tuple[int, float]:
+    """register_image for each image; returns (count, seconds)."""
+    count, start = 0, time.perf_counter()
+    for image in images:
+        catalog.register_image(image.entry, image.metadata, image.volume)
+        count += 1
+    return count, time.perf_counter() - start
+
+
+class BulkWriter:
+    """The rows register_image writes, for many images at once (see the module docstring)."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+        self.entry_columns = [row[1] for row in db.execute("PRAGMA table_info(entries)")]
+        self.rows: dict[str, list[tuple[object, ...]]] = {}
+        self.directories: set[str] = set()
+        self.patients: dict[str, tuple[object, ...]] = {}  # register_image replaces a patient's row per image
+
+    def _add(self, table: str, row: tuple[object, ...]) -> None:
+        self.rows.setdefault(table, []).append(row)
+
+    def _entry(self, entry: Entry, now: float, content_version: int) -> None:
+        parent, name = posixpath.split(entry.lfn)
+        values = {"parent": parent, "name": name, "created": now, "modified": now, "content_version": content_version}
+        self._add("entries", tuple(values[c] if c in values else getattr(entry, c) for c in self.entry_columns))
+        while parent != "/" and parent not in self.directories:
+            self.directories.add(parent)
+            self._add("directories", (parent, posixpath.dirname(parent)))
+            parent = posixpath.dirname(parent)
+
+    def add(self, image: Image, now: float) -> None:
+        self._entry(image.entry, now, 1)
+        if image.original.sop.endswith(f".{SLICES}"):  # the series' last slice: its volume, bumped per slice
+            self._entry(image.volume, now, SLICES)
+        meta, guid = image.metadata, image.entry.guid
+        self.patients[meta.patient_key] = (meta.patient_key, *meta.patient.values())
+        self._add("image", (guid, meta.patient_key, *meta.image.values()))
+        self._add("medical", (guid, *meta.medical.values()))
+        self._add("dicom", (guid, *meta.dicom.values()))
+        for protocol in meta.protocols:
+            self._add("protocol", (protocol, guid))
+
+    def flush(self) -> None:
+        self.db.execute("BEGIN")
+        for table, rows in self.rows.items():
+            self.db.executemany(f"INSERT INTO {table} VALUES ({', '.join('?' * len(rows[0]))})", rows)
+        patients = list(self.patients.values())
+        self.db.executemany(f"INSERT OR REPLACE INTO patient VALUES ({', '.join('?' * len(patients[0]))})", patients)
+        self.db.execute("COMMIT")
+        self.rows.clear()
+        self.patients.clear()
+
+
+def bulk_fill(path: Path, images: Images, studies: int) -> float:
+    """Fill the catalog file at ``path`` (schema already made by the backend); returns seconds."""
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("PRAGMA synchronous=OFF")
+    db.execute("PRAGMA cache_size=-1048576")  # 1 GiB: random B-tree inserts stay in memory
+    writer = BulkWriter(db)
+    start, now = time.perf_counter(), time.time()
+    for i in range(studies):
+        for j in range(SERIES):
+            for k in range(SLICES):
+                writer.add(images.image(i, j, k), now)
+        if i % 100 == 99 or i == studies - 1:
+            writer.flush()
+    db.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # no ANALYZE: the backend never runs it, query plans stay its own
+    db.close()
+    return time.perf_counter() - start
+
+
+# -- checking the bulk rows against register_image ------------------------------------
+
+
+def series_rows(path: Path, study_uid: str, series_uid: str) -> dict[str, list[tuple[object, ...]]]:
+    """Every table's rows belonging to one series (by its entries' GUIDs, its patient, its directories)."""
+    db = sqlite3.connect(path)
+    try:
+        guids = [r[0] for r in db.execute(
+            "SELECT guid FROM entries WHERE study_uid = ? AND series_uid = ?", (study_uid, series_uid))]
+        marks = ", ".join("?" * len(guids))
+        tables = [r[0] for r in db.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")]
+        out = {}
+        for table in tables:
+            columns = [r[1] for r in db.execute(f"PRAGMA table_info({table})")]
+            if "guid" in columns:
+                where, params = f"guid IN ({marks})", guids
+            elif table == "patient":
+                where, params = "patient_key IN (SELECT patient_key FROM image WHERE guid IN (" + marks + "))", guids
+            elif table == "directories":
+                where, params = "path IN (SELECT parent FROM entries WHERE guid IN (" + marks + "))", guids
+            elif table == "schema_version":
+                where, params = "1", []
+            else:
+                raise SystemExit(f"bench does not know which rows of table {table} belong to a series: update it")
+            keep = [c for c in columns if c not in TIMESTAMPS]
+            out[table] = sorted(db.execute(f"SELECT {', '.join(keep)} FROM {table} WHERE {where}", params))
+        return out
+    finally:
+        db.close()
+
+
+def check_bulk_matches(directory: Path, images: Images, large: Path) -> None:
+    config = make_config(directory, "reference")
+    reference = open_catalog(config)
+    register_honestly(reference, (images.image(0, 3, k) for k in range(SLICES)))
+    reference.close()
+    names = images.names(images.original(0, 3))
+    expected = series_rows(config.path(config.catalog.url), names.study, names.series)
+    found = series_rows(large, names.study, names.series)
+    for table, rows in expected.items():
+        if found.get(table) != rows:
+            raise SystemExit(f"bulk rows of table {table} differ from register_image's:\n{rows}\n{found.get(table)}")
+
+
+# -- lookups --------------------------------------------------------------------------
+
+
+@dataclass
+class Timing:
+    calls: int
+    median_us: float
+    p99_us: float
+    items: float  # mean entries + directories returned
+
+
+def timed(calls: list[Callable[[], object]], budget: float) -> Timing:
+    """Latency of each call, stopping early once ``budget`` seconds are spent (a scan at 10^6
+    entries would take the whole run): the table reports how many calls were made."""
+    times: list[int] = []
+    items, deadline = 0, time.perf_counter_ns() + int(budget * 1e9)
+    for call in calls:
+        start = time.perf_counter_ns()
+        result = call()
+        times.append(time.perf_counter_ns() - start)
+        if result is None:
+            raise SystemExit("a lookup of an existing entry found nothing")
+        items += (len(result.directories) + len(result.entries)) if hasattr(result, "entries") else 1
+        if start > deadline:
+            break
+    times.sort()
+    p99 = times[min(len(times) - 1, int(len(times) * 0.99))]
+    return Timing(len(times), statistics.median(times) / 1e3, p99 / 1e3, items / len(times))
+
+
+def lookups(
+    catalog: Catalog, images: Images, studies: int, count: int, root_count: int, budget: float
+) -> dict[str, Timing]:
+    rng = random.Random(42)
+    picks = [(rng.randrange(studies), rng.randrange(SERIES), rng.randrange(SLICES)) for _ in range(count)]
+    sample = [images.image(*p) for p in picks]
+    series_dirs = [posixpath.dirname(s.entry.lfn) for s in sample]
+    mdm_root = images.root
+    operations: dict[str, list[Callable[[], object]]] = {
+        "lookup(lfn)": [lambda s=s: catalog.lookup(s.entry.lfn) for s in sample],
+        "lookup_guid": [lambda s=s: catalog.lookup_guid(f"guid:{s.entry.guid}") for s in sample],
+        "lookup_uids (names' UIDs)": [lambda s=s: catalog.lookup_uids(s.entry.triple) for s in sample],
+        "lookup_uids (original UIDs)": [lambda s=s: catalog.lookup_uids(s.original) for s in sample],
+        "lookup_uids (original, 3D)": [
+            lambda s=s: catalog.lookup_uids(UidTriple(s.original.study, s.original.series, VOLUME)) for s in sample
+        ],
+        "metadata(guid)": [lambda s=s: catalog.metadata(s.entry.guid) for s in sample],
+        "list_dir(series)": [lambda d=d: catalog.list_dir(d) for d in series_dirs],
+        f"list_dir({mdm_root}) x{root_count}": [lambda: catalog.list_dir(mdm_root)] * root_count,
+    }
+    for call in operations["lookup(lfn)"][:200]:  # warm the connection's page cache alike for both sizes
+        call()
+    return {name: timed(calls, budget) for name, calls in operations.items()}
+
+
+def report(small: dict[str, Timing], large: dict[str, Timing], small_n: int, large_n: int) -> None:
+    print(f"\nlookup latency, microseconds: median and p99 at {small_n:,} and {large_n:,} slices; ratio large/small")
+    header = (
+        f"{'operation':34s} {'calls':>11s} {'items':>11s} | {'small med':>9s} {'p99':>8s}"
+        f" | {'large med':>9s} {'p99':>8s} | {'ratio med':>9s} {'p99':>6s} {'per item':>8s}"
+    )
+    print(header)
+    print("-" * len(header))
+    for name, s in small.items():
+        g = large[name]
+        items = f"{s.items:.0f}->{g.items:.0f}"
+        calls = f"{s.calls}/{g.calls}"
+        per_item = (g.median_us / g.items) / (s.median_us / s.items)
+        print(
+            f"{name:34s} {calls:>11s} {items:>11s} | {s.median_us:9.1f} {s.p99_us:8.1f}"
+            f" | {g.median_us:9.1f} {g.p99_us:8.1f}"
+            f" | {g.median_us / s.median_us:9.2f} {g.p99_us / s.p99_us:6.2f} {per_item:8.2f}"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--studies", type=int, default=10_000, help=f"large catalog: studies of {SERIES}x{SLICES}")
+    parser.add_argument("--small-studies", type=int, default=100, help="small catalog: studies")
+    parser.add_argument("--honest", type=int, default=20_000, help="slices registered through register_image")
+    parser.add_argument("--lookups", type=int, default=10_000, help="random lookups per operation")
+    parser.add_argument("--root-lookups", type=int, default=20, help="listings of the VO root")
+    parser.add_argument("--budget", type=float, default=30.0, help="seconds at most per operation and catalog")
+    args = parser.parse_args()
+    per_study = SERIES * SLICES
+    print(f"code under test: {Path(srm_dicom.__file__).parent}")
+    with tempfile.TemporaryDirectory(prefix="bench-catalog-", dir="/tmp") as tmp:
+        directory = Path(tmp)
+
+        config = make_config(directory, "honest")
+        images = Images(config)
+        catalog = open_catalog(config)
+        count, seconds = register_honestly(catalog, images.all(-(-args.honest // per_study)))
+        catalog.close()
+        print(f"register_image: {count:,} slices (+{count // SLICES:,} volumes) in {seconds:.1f} s:"
+              f" {count / seconds:,.0f} slices/s")
+
+        timings = {}
+        for name, studies in (("small", args.small_studies), ("large", args.studies)):
+            config = make_config(directory, name)
+            open_catalog(config).close()  # the backend makes the schema
+            path = config.path(config.catalog.url)
+            seconds = bulk_fill(path, images, studies)
+            slices = studies * per_study
+            print(f"{name}: bulk fill of {slices:,} slices in {seconds:.1f} s ({slices / seconds:,.0f} slices/s),"
+                  f" {path.stat().st_size / 2**20:,.0f} MiB")
+            if name == "large":
+                check_bulk_matches(directory, images, path)
+                print("large: one series' rows equal register_image's (all tables, timestamps aside)")
+            catalog = open_catalog(config)
+            if catalog.count() != slices + studies * SERIES:
+                raise SystemExit(f"{name}: {catalog.count()} entries, expected {slices + studies * SERIES}")
+            start = time.perf_counter()
+            timings[name] = lookups(catalog, images, studies, args.lookups, args.root_lookups, args.budget)
+            catalog.close()
+            print(f"{name}: lookups in {time.perf_counter() - start:.1f} s")
+        report(timings["small"], timings["large"], args.small_studies * per_study, args.studies * per_study)
+
+
+if __name__ == "__main__":
+    main()
