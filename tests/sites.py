@@ -27,7 +27,7 @@ def write_site_config(workdir: Path, peer: Peer, key_servers: LocalKeyServers, u
     path.write_text(
         f"""
 [site]
-vo = "biomed"
+vo = "demo"
 secret = "test site secret, not for production"
 uids = "{uids}"
 

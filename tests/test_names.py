@@ -31,7 +31,7 @@ def test_lfn_round_trip_and_pfn():
     vo, triple = parse_lfn(TRIPLE.lfn("biomed"))
     assert (vo, triple) == ("biomed", TRIPLE)
     assert parse_lfn("/grid/biomed/mdm/1.2.3") == ("biomed", None)
-    assert normalize_lfn("//grid/biomed//mdm/1.2.3/") == "/grid/biomed/mdm/1.2.3"
+    assert normalize_lfn("//grid/demo//mdm/1.2.3/") == "/grid/demo/mdm/1.2.3"
     assert pfn("PACS", "h", 104, "1.2", "1.3", "1.4") == "dicom://PACS@h:104/1.2/1.3/1.4"
     assert pfn("PACS", "h", 104, "1.2", "1.3") == "dicom://PACS@h:104/1.2/1.3"
 

@@ -19,13 +19,13 @@ def test_ls_walks_studies_series_and_entries(site):
     config_path, _ = site
     (study,) = mdm("ls", config=config_path).stdout.split()
     assert study.startswith("2.25.") and study.endswith("/")
-    (series,) = mdm("ls", f"/grid/biomed/mdm/{study}", config=config_path).stdout.split()
-    entries = mdm("ls", f"/grid/biomed/mdm/{study}{series}", config=config_path).stdout.split()
+    (series,) = mdm("ls", f"/grid/demo/mdm/{study}", config=config_path).stdout.split()
+    entries = mdm("ls", f"/grid/demo/mdm/{study}{series}", config=config_path).stdout.split()
     assert len(entries) == 4 and "3D" in entries and all(e.startswith("2.25.") for e in entries if e != "3D")
-    long = mdm("ls", "-l", f"/grid/biomed/mdm/{study}{series}", config=config_path).stdout.splitlines()
+    long = mdm("ls", "-l", f"/grid/demo/mdm/{study}{series}", config=config_path).stdout.splitlines()
     assert all(line.startswith("-rwxr-x---") for line in long)
     assert sum("/C=XX/O=srm-dicom/CN=registration service" in line for line in long) == 4
-    missing = mdm("ls", "/grid/biomed/mdm/2.25.1", config=config_path)
+    missing = mdm("ls", "/grid/demo/mdm/2.25.1", config=config_path)
     assert missing.returncode == 3 and "no such file or directory" in missing.stderr
 
 

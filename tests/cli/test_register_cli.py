@@ -18,7 +18,7 @@ def orthanc_instances(peer) -> int:
         return json.load(response)["CountInstances"]
 
 
-def series_dirs(catalog, root="/grid/biomed/mdm"):
+def series_dirs(catalog, root="/grid/demo/mdm"):
     return [s for study in catalog.list_dir(root).directories for s in catalog.list_dir(study).directories]
 
 
