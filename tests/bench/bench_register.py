@@ -26,6 +26,7 @@ load from other processes hits all of them.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import shutil
 import statistics
@@ -38,19 +39,30 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from multiprocessing.synchronize import Event
 from pathlib import Path
 
 import pydicom
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import JPEG2000Lossless, JPEGLosslessSV1, JPEGLSLossless, RLELossless
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# The tree this script lives in, ahead of whatever the shared interpreter has installed in
+# editable mode (a CI run elsewhere re-points it), here and in the mdm subprocesses.
+ROOT = Path(__file__).resolve().parents[2]
+TREE = [str(ROOT / "tests"), str(ROOT), str(ROOT / "plugins")]
+sys.path[:0] = TREE
+os.environ["PYTHONPATH"] = os.pathsep.join([*TREE[1:], os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
 
 import peers  # noqa: E402
+import srm_dicom  # noqa: E402
 from sites import mdm, write_site_config  # noqa: E402
 from srm_dicom.catalog import Outcome, open_catalog  # noqa: E402
 from srm_dicom.config import load_config  # noqa: E402
+from srm_dicom.keystore.client import KeystoreClient  # noqa: E402
+from srm_dicom.keystore.local import LocalKeyServers  # noqa: E402
 from srm_dicom.pacs.client import PacsClient  # noqa: E402
+from srm_dicom.pki import init_pki  # noqa: E402
 from srm_dicom.register import Registrar, read_dicom  # noqa: E402
 from srm_dicom.synthetic import make_series  # noqa: E402
 
@@ -126,6 +138,34 @@ def synthetic_sources(directory: Path, slices: int, size: int) -> list[Path]:
     return paths
 
 
+def _serve_keys(pki: Path, state: Path, urls: Connection, stop: Event) -> None:
+    with LocalKeyServers(pki, state) as servers:
+        urls.send(servers.urls)
+        stop.wait()
+
+
+class KeyServers:
+    """The demo PKI's three key servers, in a process of their own so their TLS work does not
+    share a GIL with the Registrar loop; one set serves the whole run (GUIDs never repeat)."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.pki = workdir / "pki"
+        init_pki(self.pki)
+        receiver, sender = multiprocessing.Pipe(duplex=False)
+        self._stop = multiprocessing.Event()
+        self._process = multiprocessing.Process(
+            target=_serve_keys, args=(self.pki, workdir / "keystores", sender, self._stop), daemon=True
+        )
+        self._process.start()
+        if not receiver.poll(30):
+            raise SystemExit("key servers did not start")
+        self.urls: list[str] = receiver.recv()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._process.join(timeout=15)
+
+
 class PeerPool:
     """A fresh PACS per measurement; stopping one (Orthanc takes seconds) overlaps the next."""
 
@@ -155,7 +195,7 @@ def check_pacs_holds(peer: peers.Peer, files: FileSet) -> None:
                 raise SystemExit(f"{peer.name}: {found} of {expected} images of a series after the run")
 
 
-def run_storescu(peer: peers.Peer, files: FileSet, workdir: Path) -> float:
+def run_storescu(peer: peers.Peer, files: FileSet, workdir: Path, keys: KeyServers) -> float:
     options = ["-R"]  # propose only the contexts the files need, as PacsClient does
     if files.compressed_syntax:
         options.append(STORESCU_SYNTAX_OPTION[files.compressed_syntax])
@@ -169,8 +209,8 @@ def run_storescu(peer: peers.Peer, files: FileSet, workdir: Path) -> float:
     return elapsed
 
 
-def run_mdm(peer: peers.Peer, files: FileSet, workdir: Path) -> float:
-    config = write_site_config(workdir, peer)
+def run_mdm(peer: peers.Peer, files: FileSet, workdir: Path, keys: KeyServers) -> float:
+    config = write_site_config(workdir, peer, keys)  # type: ignore[arg-type]  (urls and pki suffice)
     start = time.perf_counter()
     done = mdm("register", str(files.directory), config=config, timeout=600)
     elapsed = time.perf_counter() - start
@@ -179,12 +219,12 @@ def run_mdm(peer: peers.Peer, files: FileSet, workdir: Path) -> float:
     return elapsed
 
 
-def run_registrar(peer: peers.Peer, files: FileSet, workdir: Path) -> float:
-    config = load_config(write_site_config(workdir, peer))
+def run_registrar(peer: peers.Peer, files: FileSet, workdir: Path, keys: KeyServers) -> float:
+    config = load_config(write_site_config(workdir, peer, keys))  # type: ignore[arg-type]
     catalog = open_catalog(config)
     try:
         with PacsClient(config.pacs) as pacs:
-            registrar = Registrar(config, catalog, pacs)
+            registrar = Registrar(config, catalog, pacs, KeystoreClient.from_config(config))
             start = time.perf_counter()
             outcomes = [registrar.register(read_dicom(path), store_in_pacs=True) for path in files.files]
             elapsed = time.perf_counter() - start
@@ -195,19 +235,19 @@ def run_registrar(peer: peers.Peer, files: FileSet, workdir: Path) -> float:
     return elapsed
 
 
-TOOLS: dict[str, Callable[[peers.Peer, FileSet, Path], float]] = {
+TOOLS: dict[str, Callable[[peers.Peer, FileSet, Path, KeyServers], float]] = {
     "storescu": run_storescu,
     "mdm register": run_mdm,
     "Registrar loop": run_registrar,
 }
 
 
-def measure(pool: PeerPool, files: FileSet, rounds: int, workdir: Path) -> dict[str, list[float]]:
+def measure(pool: PeerPool, files: FileSet, rounds: int, workdir: Path, keys: KeyServers) -> dict[str, list[float]]:
     times: dict[str, list[float]] = {tool: [] for tool in TOOLS}
     for round_ in range(rounds):
         for tool, run in TOOLS.items():
             with pool.fresh() as peer:
-                times[tool].append(run(peer, files, workdir / f"{files.name}-{tool.split()[0]}-{round_}"))
+                times[tool].append(run(peer, files, workdir / f"{files.name}-{tool.split()[0]}-{round_}", keys))
                 check_pacs_holds(peer, files)
     return times
 
@@ -264,19 +304,27 @@ def main() -> None:
             f"synthetic CT {args.slices}x{args.size}^2", workdir / "synthetic",
             synthetic_sources(workdir / "synthetic-src", args.slices, args.size),
         )
+        print(f"code under test: {Path(srm_dicom.__file__).parent}")
         print(f"mdm --version (CLI start-up alone): {startup_time(args.rounds):.2f} s")
-        for kind in args.pacs:
-            uncompressed_only = kind == "dcmqrscp"
-            vendor_set = _file_set(
-                "vendor (uncompressed)" if uncompressed_only else "vendor (distinct SOP UIDs)",
-                workdir / f"vendor-{kind}", vendor_sources(vendor, uncompressed_only),
-            )
-            pool = PeerPool(workdir / kind, kind)
-            try:
-                results = [(s, measure(pool, s, args.rounds, workdir / kind)) for s in (vendor_set, synthetic)]
-            finally:
-                pool.close()
-            report(kind, args.rounds, results)
+        keys = KeyServers(workdir)
+        try:
+            for kind in args.pacs:
+                uncompressed_only = kind == "dcmqrscp"
+                vendor_set = _file_set(
+                    "vendor (uncompressed)" if uncompressed_only else "vendor (distinct SOP UIDs)",
+                    workdir / f"vendor-{kind}", vendor_sources(vendor, uncompressed_only),
+                )
+                pool = PeerPool(workdir / kind, kind)
+                try:
+                    results = [
+                        (files, measure(pool, files, args.rounds, workdir / kind, keys))
+                        for files in (vendor_set, synthetic)
+                    ]
+                finally:
+                    pool.close()
+                report(kind, args.rounds, results)
+        finally:
+            keys.close()
 
 
 if __name__ == "__main__":
