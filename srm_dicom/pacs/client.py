@@ -320,8 +320,9 @@ class PacsClient:
                 raise self._no_response("C-FIND")
             category = _category(status.Status, QR_FIND_SERVICE_CLASS_STATUS)
             if category == "Pending":
-                if found is not None:
-                    matches.append(found)
+                if found is None:  # pynetdicom could not decode an answer: never drop a match silently
+                    raise self._error("C-FIND: an answer could not be decoded")
+                matches.append(found)
             elif category != "Success":
                 raise self._error(
                     f"C-FIND failed: {_status_text(status.Status, QR_FIND_SERVICE_CLASS_STATUS)}"
@@ -450,7 +451,8 @@ class PacsClient:
                 if category == "Pending":
                     continue
                 failed = int(status.get("NumberOfFailedSuboperations", 0) or 0)
-                if category not in ("Success", "Warning") or failed:
+                # 0xB000 says some sub-operations failed even when the optional count is absent.
+                if category not in ("Success", "Warning") or failed or status.Status == 0xB000:
                     detail = f", {failed} sub-operations failed" if failed else ""
                     raise self._error(
                         f"{service} failed: {_status_text(status.Status, table)}{detail}"
