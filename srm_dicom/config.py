@@ -94,6 +94,43 @@ class KeystoreConfig:
 
 
 @dataclass(frozen=True)
+class CacheConfig:
+    """The disk cache of staged (anonymized, encrypted) files and the stager that fills it."""
+
+    dir: str = "cache"
+    quota_bytes: int = 10 * 1024**3
+    # Pin lifetime (seconds) when a request does not say (WLCG diskLifetime).
+    pin_lifetime: int = 3600
+    # Concurrent staging workers (each holds at most one PACS association).
+    workers: int = 4
+    # A GET of a file not on disk waits this long for staging before answering 503.
+    wait_timeout: float = 30.0
+    # Retry-After (seconds) sent with that 503.
+    retry_after: int = 10
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """`mdm serve`: the HTTPS endpoint (WebDAV, WLCG Tape REST, metadata APIs)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8443
+    cert: str = "hostcert.pem"
+    key: str = "hostkey.pem"
+    sitename: str = "srm-dicom"
+    # How clients reach this server (used in the Tape REST discovery document); default https://host:port.
+    public_url: str = ""
+    threads: int = 16
+
+
+@dataclass(frozen=True)
+class VolumeConfig:
+    """3D volumes assembled from a series: "nifti" (NIfTI-1) or "nrrd" (human-readable header)."""
+
+    format: str = "nifti"
+
+
+@dataclass(frozen=True)
 class Config:
     site: SiteConfig = field(default_factory=SiteConfig)
     catalog: CatalogConfig = field(default_factory=CatalogConfig)
@@ -103,6 +140,9 @@ class Config:
     identity: IdentityConfig = field(default_factory=IdentityConfig)
     keystore: KeystoreConfig = field(default_factory=KeystoreConfig)
     anonymization: AnonymizationOptions = field(default_factory=AnonymizationOptions)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    volume: VolumeConfig = field(default_factory=VolumeConfig)
     base_dir: Path = field(default_factory=Path.cwd)
     # The sections the file really has: a user's client config has no catalog, for instance.
     sections: frozenset[str] = frozenset()
@@ -121,6 +161,9 @@ _SECTIONS: dict[str, type] = {
     "identity": IdentityConfig,
     "keystore": KeystoreConfig,
     "anonymization": AnonymizationOptions,
+    "cache": CacheConfig,
+    "server": ServerConfig,
+    "volume": VolumeConfig,
 }
 
 
@@ -147,6 +190,8 @@ def _validate(config: Config) -> None:
         config.site.secret_bytes  # noqa: B018 - a secret that is given must be usable
     if config.site.uids not in ("deidentified", "original"):
         raise ConfigError("config: [site] uids must be 'deidentified' or 'original'")
+    if config.volume.format not in ("nifti", "nrrd"):
+        raise ConfigError("config: [volume] format must be 'nifti' or 'nrrd'")
     if config.pacs.retrieve not in ("get", "move"):
         raise ConfigError("config: [pacs] retrieve must be 'get' or 'move'")
     try:
