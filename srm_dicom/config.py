@@ -131,6 +131,15 @@ class VolumeConfig:
 
 
 @dataclass(frozen=True)
+class StorageConfig:
+    """The grid side's view of a storage element: where `mdm get` downloads from."""
+
+    url: str = ""
+    # Seconds `mdm get` keeps retrying while the storage element answers 503 (staging).
+    timeout: float = 300.0
+
+
+@dataclass(frozen=True)
 class Config:
     site: SiteConfig = field(default_factory=SiteConfig)
     catalog: CatalogConfig = field(default_factory=CatalogConfig)
@@ -143,6 +152,7 @@ class Config:
     cache: CacheConfig = field(default_factory=CacheConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     volume: VolumeConfig = field(default_factory=VolumeConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
     base_dir: Path = field(default_factory=Path.cwd)
     # The sections the file really has: a user's client config has no catalog, for instance.
     sections: frozenset[str] = frozenset()
@@ -164,6 +174,7 @@ _SECTIONS: dict[str, type] = {
     "cache": CacheConfig,
     "server": ServerConfig,
     "volume": VolumeConfig,
+    "storage": StorageConfig,
 }
 
 
