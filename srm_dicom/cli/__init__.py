@@ -15,7 +15,7 @@ import sys
 from srm_dicom import __version__
 from srm_dicom.errors import MdmError
 
-COMMAND_MODULES = ("register", "namespace", "listen", "pacs", "decrypt", "demo", "keystore", "pki")
+COMMAND_MODULES = ("register", "namespace", "listen", "pacs", "decrypt", "demo", "keystore", "pki", "get")
 
 EXIT_INTERRUPTED = 130
 
