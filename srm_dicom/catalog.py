@@ -56,6 +56,49 @@ class Entry:
         return UidTriple(self.study_uid, self.series_uid, self.sop_uid)
 
 
+# Per-file states of a stage request: the WLCG Tape REST API v1 names.
+SUBMITTED, STARTED, COMPLETED, FAILED, CANCELLED = "SUBMITTED", "STARTED", "COMPLETED", "FAILED", "CANCELLED"
+FINAL_STATES = frozenset({COMPLETED, FAILED, CANCELLED})
+
+
+@dataclass(frozen=True)
+class StageFile:
+    """One file of a stage request. Times are epoch seconds. A COMPLETED file is pinned
+    until ``pin_expires`` unless ``released``; ``on_disk`` is filled in by the stager."""
+
+    lfn: str
+    guid: str
+    state: str = SUBMITTED
+    error: str | None = None
+    started_at: int | None = None
+    finished_at: int | None = None
+    pin_expires: int | None = None
+    released: bool = False
+    on_disk: bool = False
+
+
+@dataclass(frozen=True)
+class StageRequest:
+    """An SRM prepareToGet / WLCG stage request: its files keep the order they were asked in."""
+
+    id: str
+    requester: str
+    created_at: int
+    pin_lifetime: int
+    files: tuple[StageFile, ...]
+
+    @property
+    def started_at(self) -> int | None:
+        return min((f.started_at for f in self.files if f.started_at is not None), default=None)
+
+    @property
+    def completed_at(self) -> int | None:
+        """When the last file reached a final state; None while any is still to do."""
+        if not self.files or any(f.state not in FINAL_STATES for f in self.files):
+            return None
+        return max((f.finished_at or self.created_at) for f in self.files)
+
+
 class CatalogConflict(MdmError):
     """Another writer changed the entry between lookup and commit: nothing was written."""
 
@@ -96,6 +139,34 @@ class Catalog(Protocol):
         """Remove an entry and its metadata; a slice's volume is bumped, or removed with its last slice."""
 
     def count(self) -> int: ...
+
+    def set_checksum(self, guid: str, version: int, size: int, adler32: str) -> bool:
+        """Record a volume's size and adler32 at its first assembly, only while ``version``
+        is still its content version and none is recorded; else False and nothing written."""
+
+    # -- stage requests and pins (they survive a restart of the server) ---------------
+
+    def add_stage_request(self, request: StageRequest) -> None: ...
+
+    def stage_request(self, request_id: str) -> StageRequest | None: ...
+
+    def set_stage_state(self, guid: str, state: str, at: int, error: str | None = None) -> None:
+        """Move every not yet final file of ``guid``, in every request, to ``state``
+        (STARTED or a final state); COMPLETED starts each request's pin lifetime."""
+
+    def cancel_stage_files(self, request_id: str, lfns: list[str], at: int) -> None:
+        """CANCELLED for those of ``lfns`` not yet final; their pins are released."""
+
+    def release_stage_files(self, request_id: str | None, lfns: list[str] | None) -> None:
+        """Release the pins of ``lfns`` (all files if None) of one request, or of every request."""
+
+    def delete_stage_request(self, request_id: str) -> bool: ...
+
+    def staging_guids(self) -> list[str]:
+        """GUIDs that some request still waits for (SUBMITTED or STARTED), oldest request first."""
+
+    def pinned_guids(self, now: int) -> set[str]:
+        """GUIDs with a COMPLETED, unreleased file whose pin has not expired at ``now``."""
 
     def close(self) -> None: ...
 

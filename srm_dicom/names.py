@@ -76,3 +76,27 @@ def pfn(aet: str, host: str, port: int, study: str, series: str, sop: str | None
     """Where the bytes really are: a DICOM address, resolved by a DICOM transaction."""
     tail = f"/{study}/{series}" + (f"/{sop}" if sop else "")
     return f"dicom://{aet}@{host}:{port}{tail}"
+
+
+@dataclass(frozen=True)
+class Pfn:
+    """A parsed PFN: the PACS to ask and the PACS's original UIDs (no SOP for a series)."""
+
+    aet: str
+    host: str
+    port: int
+    study: str
+    series: str
+    sop: str | None
+
+
+_PFN = re.compile(r"^dicom://([^@/]{1,16})@([^:/]+):([0-9]{1,5})/([0-9.]+)/([0-9.]+)(?:/([0-9.]+))?$")
+
+
+def parse_pfn(text: str) -> Pfn:
+    """The inverse of ``pfn``; a malformed PFN is an error in the catalog, named without its UIDs."""
+    found = _PFN.match(text)
+    if not found or not all(is_uid(u) for u in found.groups()[3:] if u is not None):
+        raise InvalidInput("a catalog PFN is not of the form dicom://AET@host:port/Study/Series[/SOP]")
+    aet, host, port, study, series, sop = found.groups()
+    return Pfn(aet, host, int(port), study, series, sop)

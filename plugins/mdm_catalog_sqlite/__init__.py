@@ -17,7 +17,17 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from mdm_catalog_sqlite.schema import MIGRATIONS
-from srm_dicom.catalog import AclEntry, CatalogConflict, Entry, Listing, Outcome
+from srm_dicom.catalog import (
+    COMPLETED,
+    FINAL_STATES,
+    AclEntry,
+    CatalogConflict,
+    Entry,
+    Listing,
+    Outcome,
+    StageFile,
+    StageRequest,
+)
 from srm_dicom.config import Config
 from srm_dicom.metadata import IMAGE_FIELDS, MEDICAL_FIELDS, PATIENT_FIELDS, ImageMetadata
 from srm_dicom.names import UidTriple, normalize_lfn
@@ -311,6 +321,106 @@ class SQLiteCatalog:
     def count(self) -> int:
         with self._lock:
             return self._db.execute("SELECT count(*) FROM entries").fetchone()[0]
+
+    def set_checksum(self, guid: str, version: int, size: int, adler32: str) -> bool:
+        with self._transaction() as db:
+            return bool(
+                db.execute(
+                    "UPDATE entries SET size = ?, adler32 = ? WHERE guid = ? AND content_version = ?"
+                    " AND adler32 IS NULL",
+                    (size, adler32, guid, version),
+                ).rowcount
+            )
+
+    # -- stage requests ---------------------------------------------------------
+
+    def add_stage_request(self, request: StageRequest) -> None:
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO stage_requests (id, requester, created_at, pin_lifetime) VALUES (?, ?, ?, ?)",
+                (request.id, request.requester, request.created_at, request.pin_lifetime),
+            )
+            db.executemany(
+                "INSERT INTO stage_files (request_id, position, lfn, guid, state, error, started_at,"
+                " finished_at, pin_expires, released) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (request.id, i, f.lfn, f.guid, f.state, f.error, f.started_at, f.finished_at,
+                     f.pin_expires, int(f.released))
+                    for i, f in enumerate(request.files)
+                ],
+            )
+
+    def stage_request(self, request_id: str) -> StageRequest | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM stage_requests WHERE id = ?", (request_id,)).fetchone()
+            if row is None:
+                return None
+            files = self._db.execute(
+                "SELECT lfn, guid, state, error, started_at, finished_at, pin_expires, released"
+                " FROM stage_files WHERE request_id = ? ORDER BY position",
+                (request_id,),
+            ).fetchall()
+        return StageRequest(
+            id=row["id"],
+            requester=row["requester"],
+            created_at=row["created_at"],
+            pin_lifetime=row["pin_lifetime"],
+            files=tuple(StageFile(**{**dict(f), "released": bool(f["released"])}) for f in files),
+        )
+
+    def set_stage_state(self, guid: str, state: str, at: int, error: str | None = None) -> None:
+        final = state in FINAL_STATES
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE stage_files SET state = ?, error = ?,"
+                " started_at = coalesce(started_at, ?),"
+                " finished_at = CASE WHEN ? THEN ? END,"
+                " pin_expires = CASE WHEN ? THEN ? + (SELECT pin_lifetime FROM stage_requests"
+                "   WHERE id = request_id) END"
+                " WHERE guid = ? AND state IN ('SUBMITTED', 'STARTED')",
+                (state, error, at, final, at, state == COMPLETED, at, guid),
+            )
+
+    def cancel_stage_files(self, request_id: str, lfns: list[str], at: int) -> None:
+        with self._transaction() as db:
+            db.executemany(
+                "UPDATE stage_files SET state = 'CANCELLED', finished_at = ?, released = 1"
+                " WHERE request_id = ? AND lfn = ? AND state IN ('SUBMITTED', 'STARTED')",
+                [(at, request_id, normalize_lfn(lfn)) for lfn in lfns],
+            )
+
+    def release_stage_files(self, request_id: str | None, lfns: list[str] | None) -> None:
+        where, params = [], []
+        if request_id is not None:
+            where.append("request_id = ?")
+            params.append(request_id)
+        if lfns is not None:
+            where.append(f"lfn IN ({', '.join('?' * len(lfns))})")
+            params.extend(normalize_lfn(lfn) for lfn in lfns)
+        with self._transaction() as db:
+            db.execute(f"UPDATE stage_files SET released = 1 WHERE {' AND '.join(where) or '1'}", params)
+
+    def delete_stage_request(self, request_id: str) -> bool:
+        with self._transaction() as db:
+            return bool(db.execute("DELETE FROM stage_requests WHERE id = ?", (request_id,)).rowcount)
+
+    def staging_guids(self) -> list[str]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT f.guid FROM stage_files f JOIN stage_requests r ON r.id = f.request_id"
+                " WHERE f.state IN ('SUBMITTED', 'STARTED')"
+                " GROUP BY f.guid ORDER BY min(r.created_at), min(f.position)"
+            ).fetchall()
+        return [r["guid"] for r in rows]
+
+    def pinned_guids(self, now: int) -> set[str]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT DISTINCT guid FROM stage_files"
+                " WHERE state = 'COMPLETED' AND released = 0 AND pin_expires > ?",
+                (now,),
+            ).fetchall()
+        return {r["guid"] for r in rows}
 
     def close(self) -> None:
         with self._lock:

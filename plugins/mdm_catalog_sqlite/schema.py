@@ -80,4 +80,30 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (guid, path)
     )
     """,
+    # 3: stage requests (SRM prepareToGet / WLCG Tape REST) and their pins. No foreign key
+    # to entries: a request outlives a deleted entry and reports it as failed.
+    """
+    CREATE TABLE stage_requests (
+        id TEXT PRIMARY KEY,
+        requester TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        pin_lifetime INTEGER NOT NULL
+    );
+    CREATE TABLE stage_files (
+        request_id TEXT NOT NULL REFERENCES stage_requests (id) ON DELETE CASCADE,
+        position INTEGER NOT NULL,
+        lfn TEXT NOT NULL,
+        guid TEXT NOT NULL,
+        state TEXT NOT NULL
+            CHECK (state IN ('SUBMITTED', 'STARTED', 'COMPLETED', 'FAILED', 'CANCELLED')),
+        error TEXT,
+        started_at INTEGER,
+        finished_at INTEGER,
+        pin_expires INTEGER,
+        released INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (request_id, lfn)
+    );
+    CREATE INDEX stage_files_guid ON stage_files (guid, state);
+    CREATE INDEX stage_files_lfn ON stage_files (lfn)
+    """,
 ]

@@ -1,0 +1,157 @@
+"""The disk cache of staged files: what grid clients download, anonymized and encrypted.
+
+A file is named after its entry's GUID and content version, so a new version can never
+be served with the old bytes; publishing a version retires the older ones. Files are
+written under a temporary name, fsynced and published by an atomic rename, so a crash
+leaves only a temporary file, which ``open`` removes and no lookup ever returns.
+
+The quota is kept by evicting the least recently used files that nobody has pinned.
+Recency is the file's mtime, touched on every use, so the order survives a restart.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from srm_dicom.errors import MdmError
+
+log = logging.getLogger(__name__)
+
+_PUBLISHED = re.compile(r"^([0-9a-f-]{36})\.([0-9]+)$")
+PARTIAL_SUFFIX = ".part"
+
+
+class CacheFull(MdmError):
+    """No room for a file: everything that could make room is pinned."""
+
+
+@dataclass
+class _Cached:
+    size: int
+    used: float
+
+
+class DiskCache:
+    """A directory of published files with a size quota. Thread-safe."""
+
+    def __init__(self, directory: Path, quota_bytes: int) -> None:
+        self.directory = directory
+        self.quota = quota_bytes
+        self._lock = threading.Lock()
+        self._files: dict[tuple[str, int], _Cached] = {}
+
+    @staticmethod
+    def name(guid: str, version: int) -> str:
+        return f"{guid}.{version}"
+
+    def open(self) -> int:
+        """Index the published files and remove leftovers of interrupted staging; returns how many."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        removed = 0
+        files: dict[tuple[str, int], _Cached] = {}
+        for path in self.directory.iterdir():
+            found = _PUBLISHED.match(path.name)
+            if found and path.is_file():
+                stat = path.stat()
+                files[(found.group(1), int(found.group(2)))] = _Cached(stat.st_size, stat.st_mtime)
+            elif path.name.endswith(PARTIAL_SUFFIX):
+                path.unlink(missing_ok=True)
+                removed += 1
+        with self._lock:
+            self._files = files
+        if removed:
+            log.info("cache: removed %d leftovers of interrupted staging", removed)
+        return removed
+
+    @property
+    def used(self) -> int:
+        with self._lock:
+            return sum(f.size for f in self._files.values())
+
+    def path(self, guid: str, version: int, touch: bool = True) -> Path | None:
+        """The published file of this version, marked recently used; None if not cached."""
+        with self._lock:
+            cached = self._files.get((guid, version))
+            if cached is None:
+                return None
+            path = self.directory / self.name(guid, version)
+            if touch:
+                cached.used = time.time()
+                try:
+                    os.utime(path)
+                except FileNotFoundError:
+                    del self._files[(guid, version)]
+                    return None
+            return path
+
+    def publish(self, guid: str, version: int, data: bytes | bytearray, pinned: set[str]) -> Path:
+        """Store ``data`` as this version: make room, write, fsync, rename; retire older versions.
+
+        ``pinned`` are the GUIDs whose files must not be evicted to make room.
+        """
+        size = len(data)
+        key = (guid, version)
+        with self._lock:
+            self._make_room(size, pinned | {guid}, exclude=key)
+            # Reserved at once so that concurrent publishers do not count the same room.
+            self._files[key] = _Cached(size, time.time())
+        final = self.directory / self.name(guid, version)
+        partial = self.directory / f".{self.name(guid, version)}.{secrets.token_hex(4)}{PARTIAL_SUFFIX}"
+        try:
+            with open(partial, "wb") as out:
+                out.write(data)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(partial, final)
+            self._fsync_directory()
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            with self._lock:
+                self._files.pop(key, None)
+            raise
+        self.retire(guid, version)
+        return final
+
+    def _make_room(self, size: int, keep: set[str], exclude: tuple[str, int]) -> None:
+        """Evict unpinned files, least recently used first, until ``size`` more bytes fit."""
+        if size > self.quota:
+            raise CacheFull(f"cache: a file of {size} bytes is larger than the whole quota ({self.quota} bytes)")
+        used = sum(f.size for k, f in self._files.items() if k != exclude)
+        if used + size <= self.quota:
+            return
+        candidates = sorted(
+            (f.used, k) for k, f in self._files.items() if k[0] not in keep and k != exclude
+        )
+        freeable = sum(self._files[k].size for _, k in candidates)
+        if used - freeable + size > self.quota:
+            raise CacheFull(
+                f"cache full: {size} bytes needed, {used - freeable} of the {self.quota}-byte quota"
+                " held by pinned or in-use files; release pins or raise [cache] quota_bytes"
+            )
+        for _, victim in candidates:
+            if used + size <= self.quota:
+                break
+            used -= self._files.pop(victim).size
+            (self.directory / self.name(*victim)).unlink(missing_ok=True)
+
+    def retire(self, guid: str, current: int) -> None:
+        """Remove the cached versions of ``guid`` older than ``current``: they are never served again."""
+        with self._lock:
+            old = [k for k in self._files if k[0] == guid and k[1] < current]
+            for key in old:
+                del self._files[key]
+                (self.directory / self.name(*key)).unlink(missing_ok=True)
+
+    def _fsync_directory(self) -> None:
+        fd = os.open(self.directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

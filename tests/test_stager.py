@@ -1,0 +1,213 @@
+"""The stager against real PACS peers, real key servers and a real SQLite catalog."""
+
+from __future__ import annotations
+
+import threading
+import time
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from sites import write_site_config
+from srm_dicom import stager as stager_module
+from srm_dicom.catalog import Catalog, Entry, open_catalog
+from srm_dicom.config import Config, EmbeddedPacsConfig, load_config
+from srm_dicom.crypto.container import decrypt_bytes, read_header
+from srm_dicom.keystore.client import KeystoreClient
+from srm_dicom.pacs.client import PacsClient
+from srm_dicom.pacs.server import EmbeddedPacs
+from srm_dicom.protect import key_name
+from srm_dicom.register import Registrar
+from srm_dicom.stager import StageFailed, Stager, StagingPending
+from srm_dicom.synthetic import make_series
+from srm_dicom.uids import deidentify_uid
+
+
+@dataclass
+class Site:
+    config: Config
+    catalog: Catalog
+    series: list[pydicom.Dataset]
+    slices: list[Entry]  # in the series' order
+    volume: Entry
+    keystore: KeystoreClient
+
+    def stager(self) -> Stager:
+        return Stager(self.config, self.catalog, self.keystore)
+
+    def refresh(self, entry: Entry) -> Entry:
+        found = self.catalog.lookup_guid(entry.guid)
+        assert found is not None
+        return found
+
+
+def make_site(workdir: Path, peer, key_servers, slices: int = 3, cache: str = "", seed: str = "stage") -> Site:  # type: ignore[no-untyped-def]
+    path = write_site_config(workdir, peer, key_servers)
+    with path.open("a") as out:
+        out.write(f"\n[cache]\ndir = \"cache\"\nworkers = 2\n{cache}\n")
+    config = load_config(path)
+    catalog = open_catalog(config)
+    keystore = KeystoreClient.from_config(config)
+    series = make_series(slices=slices, size=16, seed=seed)
+    with PacsClient(config.pacs) as pacs:
+        registrar = Registrar(config, catalog, pacs, keystore)
+        for ds in series:
+            registrar.register(ds, store_in_pacs=True)
+    secret = config.site.secret_bytes
+    slices_ = []
+    for ds in series:
+        uids = (ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+        found = catalog.lookup("/grid/demo/mdm/" + "/".join(deidentify_uid(secret, u) for u in uids))
+        assert found is not None
+        slices_.append(found)
+    volume = catalog.lookup(slices_[0].lfn.rsplit("/", 1)[0] + "/3D")
+    assert volume is not None
+    return Site(config, catalog, series, slices_, volume, keystore)
+
+
+@pytest.fixture
+def site(embedded_pacs, tmp_path, key_servers) -> Iterator[Site]:  # type: ignore[no-untyped-def]
+    made = make_site(tmp_path / "site", embedded_pacs, key_servers)
+    yield made
+    made.catalog.close()
+
+
+@pytest.fixture
+def running(site: Site) -> Iterator[Stager]:
+    stager = site.stager()
+    stager.start()
+    yield stager
+    stager.stop()
+
+
+def wait_final(stager: Stager, request_id: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = stager.request(request_id)
+        assert found is not None
+        if found.completed_at is not None:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"request {request_id} not final after {timeout} s: {stager.request(request_id)}")
+
+
+def test_a_fetched_slice_is_the_registered_bytes_and_decrypts_to_the_anonymized_image(site, running):
+    entry = site.slices[1]
+    assert running.locality(entry) == "TAPE" and running.cached_path(entry) is None
+    path = running.fetch(entry, timeout=20)
+    data = path.read_bytes()
+    assert len(data) == entry.size and f"{zlib.adler32(data):08x}" == entry.adler32
+    assert running.locality(entry) == "DISK_AND_TAPE" and running.cached_path(entry) == path
+    key = site.keystore.fetch_key(key_name(entry.guid, entry.content_version), lambda k: True)
+    assert read_header(data).version == entry.content_version
+    served = pydicom.dcmread(pydicom.filebase.DicomBytesIO(bytes(decrypt_bytes(key, data))))
+    original = site.series[1]
+    assert served.SOPInstanceUID == entry.sop_uid != original.SOPInstanceUID
+    assert "PatientName" not in served or str(served.PatientName) != str(original.PatientName)
+    assert np.array_equal(served.pixel_array, original.pixel_array)
+
+
+def test_stage_request_states_cancel_release_and_delete(site, running):
+    first, second, third = site.slices
+    request_id = running.submit([first, second], pin_lifetime=600, requester="/C=XX/O=srm-dicom/CN=bob")
+    wait_final(running, request_id)
+    found = running.request(request_id)
+    assert [f.lfn for f in found.files] == [first.lfn, second.lfn]
+    assert all(f.state == "COMPLETED" and f.on_disk and f.error is None for f in found.files)
+    assert found.requester == "/C=XX/O=srm-dicom/CN=bob"
+    assert found.created_at <= found.started_at <= found.completed_at <= int(time.time())
+    assert all(f.pin_expires >= f.finished_at + 600 for f in found.files)
+    assert site.catalog.pinned_guids(int(time.time())) == {first.guid, second.guid}
+
+    running.release(request_id, [first.lfn])
+    assert site.catalog.pinned_guids(int(time.time())) == {second.guid}
+    with pytest.raises(Exception, match="not in stage request"):
+        running.release(request_id, [third.lfn])
+
+    # A cancelled file stays cancelled even when its staging finishes.
+    other = running.submit([third], pin_lifetime=None, requester="bob")
+    running.cancel(other, [third.lfn])
+    wait_final(running, other)
+    (cancelled,) = running.request(other).files
+    assert cancelled.state == "CANCELLED"
+
+    running.release_paths([second.lfn])
+    assert site.catalog.pinned_guids(int(time.time())) == set()
+    running.delete(request_id)
+    assert running.request(request_id) is None
+    with pytest.raises(Exception, match="no such stage request"):
+        running.delete(request_id)
+
+
+def test_concurrent_fetches_of_one_file_make_one_retrieval(site, monkeypatch):
+    retrievals: list[str] = []
+
+    class CountingPacs(PacsClient):
+        def retrieve(self, study, series, sop=None):  # type: ignore[no-untyped-def]
+            retrievals.append(sop or series)
+            return super().retrieve(study, series, sop)
+
+    monkeypatch.setattr(stager_module, "PacsClient", CountingPacs)
+    stager = site.stager()
+    stager.start()
+    try:
+        entry = site.slices[0]
+        paths: list[Path] = []
+        threads = [threading.Thread(target=lambda: paths.append(stager.fetch(entry, 20))) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert len(paths) == 8 and len(set(paths)) == 1
+        assert len(retrievals) == 1
+    finally:
+        stager.stop()
+
+
+def test_pacs_down_is_a_clear_failure_then_staging_recovers(embedded_pacs, tmp_path, key_servers):
+    site = make_site(tmp_path / "site", embedded_pacs, key_servers, slices=1)
+    pacs_storage = embedded_pacs.storage
+    embedded_pacs.stop()
+    stager = site.stager()
+    stager.start()
+    try:
+        named = f"PACS {embedded_pacs.aet}@127.0.0.1:{embedded_pacs.port}: cannot connect"
+        with pytest.raises(StageFailed, match=named):
+            stager.fetch(site.slices[0], timeout=20)
+        settings = EmbeddedPacsConfig(aet=embedded_pacs.aet, host="127.0.0.1", port=embedded_pacs.port)
+        back = EmbeddedPacs(settings, pacs_storage)
+        back.start()
+        try:
+            path = stager.fetch(site.slices[0], timeout=20)
+            assert len(path.read_bytes()) == site.slices[0].size
+        finally:
+            back.stop()
+    finally:
+        stager.stop()
+        site.catalog.close()
+
+
+def test_fetch_times_out_as_pending_while_staging_goes_on(site, monkeypatch):
+    release = threading.Event()
+
+    class SlowPacs(PacsClient):
+        def retrieve(self, study, series, sop=None):  # type: ignore[no-untyped-def]
+            release.wait(10)
+            return super().retrieve(study, series, sop)
+
+    monkeypatch.setattr(stager_module, "PacsClient", SlowPacs)
+    stager = site.stager()
+    stager.start()
+    try:
+        with pytest.raises(StagingPending):
+            stager.fetch(site.slices[0], timeout=0.2)
+        release.set()
+        assert stager.fetch(site.slices[0], timeout=20).is_file()
+    finally:
+        release.set()
+        stager.stop()
