@@ -225,16 +225,21 @@ class _Body(io.RawIOBase):
         try:
             count = self._response.readinto(view)
         except (OSError, http.client.HTTPException) as exc:
-            reason = "stalled" if isinstance(exc, TimeoutError) else type(exc).__name__
-            raise DownloadFailed(
-                f"download from {self._url} broken after {self._received} of {self._total} bytes ({reason})"
-            ) from None
+            raise self._broken("stalled" if isinstance(exc, TimeoutError) else type(exc).__name__) from None
+        if not count and view and self._received < self._total:
+            # http.client returns a short body without complaint when the server hangs up early.
+            raise self._broken("connection closed")
         if len(self._kept) < HEADER_SIZE:
             self._kept += view[: min(count, HEADER_SIZE - len(self._kept))]
         self._received += count
         if self._progress and count:
             self._progress(self._received, self._total)
         return count
+
+    def _broken(self, reason: str) -> DownloadFailed:
+        return DownloadFailed(
+            f"download from {self._url} broken after {self._received} of {self._total} bytes ({reason})"
+        )
 
 
 def _write_atomically(destination: Path, fill: Callable[[BinaryIO], object]) -> None:
