@@ -41,6 +41,7 @@ from srm_dicom.keystore.client import KeystoreClient
 from srm_dicom.names import Pfn, parse_pfn
 from srm_dicom.pacs.client import PacsClient
 from srm_dicom.protect import key_acl, key_name, protect_image
+from srm_dicom.volume import NotAVolume, assemble
 
 log = logging.getLogger(__name__)
 
@@ -307,8 +308,6 @@ class Stager:
         return produced[key]
 
     def _volume(self, entry: Entry, source: Pfn) -> bytes:
-        from srm_dicom.volume import NotAVolume, assemble
-
         datasets = self._retrieve(source)
         try:
             plain = assemble(datasets, self._config.volume.format)

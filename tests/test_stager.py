@@ -6,7 +6,7 @@ import threading
 import time
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -211,3 +211,110 @@ def test_fetch_times_out_as_pending_while_staging_goes_on(site, monkeypatch):
     finally:
         release.set()
         stager.stop()
+
+
+def test_requests_and_pins_survive_a_restart(site):
+    stager = site.stager()
+    stager.start()
+    request_id = stager.submit(site.slices[:2], pin_lifetime=600, requester="bob")
+    wait_final(stager, request_id)
+    before = stager.request(request_id)
+    stager.stop()
+    site.catalog.close()
+
+    site.catalog = open_catalog(site.config)
+    again = site.stager()
+    again.start()
+    try:
+        after = again.request(request_id)
+        assert after == before and all(f.on_disk for f in after.files)
+        assert site.catalog.pinned_guids(int(time.time())) == {e.guid for e in site.slices[:2]}
+        assert again.locality(site.slices[0]) == "DISK_AND_TAPE" and again.locality(site.slices[2]) == "TAPE"
+    finally:
+        again.stop()
+
+
+def test_stopped_mid_retrieve_nothing_is_published_and_the_request_resumes(site, monkeypatch):
+    inside, release = threading.Event(), threading.Event()
+
+    class BlockedPacs(PacsClient):
+        def retrieve(self, study, series, sop=None):  # type: ignore[no-untyped-def]
+            inside.set()
+            release.wait(10)
+            return super().retrieve(study, series, sop)
+
+    monkeypatch.setattr(stager_module, "PacsClient", BlockedPacs)
+    stager = site.stager()
+    stager.start()
+    request_id = stager.submit(site.slices, pin_lifetime=600, requester="bob")
+    assert inside.wait(10)
+    stopping = threading.Thread(target=stager.stop)
+    stopping.start()
+    time.sleep(0.1)
+    release.set()  # the retrievals under way finish, but the stager is stopping
+    stopping.join(20)
+    states = {f.state for f in stager.request(request_id).files}
+    assert states <= {"SUBMITTED", "STARTED"} and "STARTED" in states
+    cache_dir = site.config.path(site.config.cache.dir)
+    assert list(cache_dir.iterdir()) == []
+
+    monkeypatch.setattr(stager_module, "PacsClient", PacsClient)
+    again = site.stager()
+    again.start()
+    try:
+        wait_final(again, request_id)
+        assert all(f.state == "COMPLETED" and f.on_disk for f in again.request(request_id).files)
+    finally:
+        again.stop()
+
+
+def test_leftovers_of_interrupted_staging_are_removed_and_never_served(site):
+    entry = site.slices[0]
+    cache_dir = site.config.path(site.config.cache.dir)
+    cache_dir.mkdir(parents=True)
+    leftover = cache_dir / f".{entry.guid}.{entry.content_version}.deadbeef.part"
+    leftover.write_bytes(b"MDMENC half written")
+    stager = site.stager()
+    stager.start()
+    try:
+        assert not leftover.exists()
+        assert stager.locality(entry) == "TAPE" and stager.cached_path(entry) is None
+        data = stager.fetch(entry, 20).read_bytes()
+        assert f"{zlib.adler32(data):08x}" == entry.adler32
+    finally:
+        stager.stop()
+
+
+def test_a_cache_full_of_pinned_files_fails_clearly_and_corrupts_nothing(site):
+    quota = 2 * site.slices[0].size + site.slices[0].size // 2  # room for two slices
+    site.config = replace(site.config, cache=replace(site.config.cache, quota_bytes=quota))
+    stager = site.stager()
+    stager.start()
+    try:
+        request_id = stager.submit(site.slices[:2], pin_lifetime=600, requester="bob")
+        wait_final(stager, request_id)
+        with pytest.raises(StageFailed, match="cache full: .* held by pinned"):
+            stager.fetch(site.slices[2], 20)
+        cache_dir = site.config.path(site.config.cache.dir)
+        assert sorted(p.name for p in cache_dir.iterdir()) == sorted(f"{e.guid}.1" for e in site.slices[:2])
+        for entry in site.slices[:2]:
+            assert f"{zlib.adler32((cache_dir / f'{entry.guid}.1').read_bytes()):08x}" == entry.adler32
+        third = stager.submit([site.slices[2]], 600, "bob")
+        wait_final(stager, third)
+        (failed,) = stager.request(third).files
+        assert failed.state == "FAILED" and failed.error.startswith("cache full") and not failed.on_disk
+        stager.release(request_id, [site.slices[0].lfn])
+        assert stager.fetch(site.slices[2], 20).is_file()
+        assert stager.locality(site.slices[0]) == "TAPE" and stager.locality(site.slices[1]) == "DISK_AND_TAPE"
+    finally:
+        stager.stop()
+
+
+def test_content_changed_in_the_pacs_is_refused(site, running):
+    changed = site.series[0].copy()
+    changed.PixelData = bytes(len(changed.PixelData))
+    with PacsClient(site.config.pacs) as pacs:
+        pacs.store(changed)
+    with pytest.raises(StageFailed, match="the PACS returned different content than was registered"):
+        running.fetch(site.slices[0], 20)
+    assert running.locality(site.slices[0]) == "TAPE"

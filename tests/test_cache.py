@@ -1,0 +1,76 @@
+"""The disk cache on a real directory: quota, LRU eviction, pins, versions, crash leftovers."""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+
+import pytest
+
+from srm_dicom.cache import CacheFull, DiskCache
+
+A, B, C, D = (str(uuid.uuid4()) for _ in range(4))
+
+
+def test_published_file_is_found_by_guid_and_version_only(tmp_path):
+    cache = DiskCache(tmp_path, 1000)
+    cache.open()
+    path = cache.publish(A, 1, b"x" * 10, set())
+    assert path.read_bytes() == b"x" * 10 and cache.path(A, 1) == path
+    assert cache.path(A, 2) is None and cache.path(B, 1) is None
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary left behind
+
+
+def test_a_new_version_retires_the_old_bytes(tmp_path):
+    cache = DiskCache(tmp_path, 1000)
+    cache.open()
+    old = cache.publish(A, 1, b"old", set())
+    new = cache.publish(A, 2, b"new", set())
+    assert not old.exists() and cache.path(A, 1) is None
+    assert cache.path(A, 2) == new and cache.used == 3
+
+
+def test_least_recently_used_unpinned_files_make_room(tmp_path):
+    cache = DiskCache(tmp_path, 300)
+    cache.open()
+    for guid in (A, B, C):
+        cache.publish(guid, 1, b"." * 100, set())
+        time.sleep(0.01)
+    assert cache.path(A, 1) is not None  # A is now the most recently used
+    cache.publish(D, 1, b"." * 100, set())
+    assert cache.path(B, 1, touch=False) is None  # B was the least recently used
+    assert {g for g in (A, C, D) if cache.path(g, 1, touch=False)} == {A, C, D}
+    assert cache.used == 300
+
+
+def test_pinned_files_are_never_evicted_and_a_full_cache_says_so(tmp_path):
+    cache = DiskCache(tmp_path, 200)
+    cache.open()
+    cache.publish(A, 1, b"." * 100, set())
+    cache.publish(B, 1, b"." * 100, set())
+    with pytest.raises(CacheFull, match="cache full: 100 bytes needed, 200 of the 200-byte quota held by pinned"):
+        cache.publish(C, 1, b"." * 100, {A, B})
+    assert cache.path(A, 1) and cache.path(B, 1) and cache.path(C, 1) is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f"{A}.1", f"{B}.1"])
+    cache.publish(C, 1, b"." * 100, {B})  # A is no longer pinned: it goes
+    assert cache.path(A, 1) is None and cache.used == 200
+    with pytest.raises(CacheFull, match="larger than the whole quota"):
+        cache.publish(D, 1, b"." * 201, set())
+
+
+def test_reopening_removes_leftovers_and_keeps_the_recency_order(tmp_path):
+    cache = DiskCache(tmp_path, 200)
+    cache.open()
+    cache.publish(A, 1, b"." * 100, set())
+    cache.publish(B, 1, b"." * 100, set())
+    old = time.time() - 100
+    os.utime(tmp_path / f"{B}.1", (old, old))  # B used long ago
+    leftover = tmp_path / f".{C}.1.0123abcd.part"
+    leftover.write_bytes(b"half a file")
+    reopened = DiskCache(tmp_path, 200)
+    assert reopened.open() == 1
+    assert not leftover.exists() and reopened.path(C, 1) is None
+    assert reopened.used == 200
+    reopened.publish(C, 1, b"." * 100, set())
+    assert reopened.path(B, 1) is None and reopened.path(A, 1) is not None
