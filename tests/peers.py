@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import socket
 import subprocess
 import time
@@ -30,6 +31,13 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind((HOST, 0))
         return sock.getsockname()[1]
+
+
+def unique_aet(kind: str) -> str:
+    """An AE title no other peer has: free ports are only free when asked, so on a busy machine
+    two peers can race for one; with their own called AE title, a client that reached the
+    other one is rejected instead of silently talking to the wrong PACS."""
+    return f"{kind}_{secrets.token_hex(3).upper()}"
 
 
 def peer_env() -> dict[str, str]:
@@ -98,7 +106,7 @@ def start_orthanc(workdir: Path, client_aet: str, client_port: int) -> Peer:
     """Orthanc with its own storage, no plugins, the client registered as a modality."""
     workdir.mkdir(parents=True, exist_ok=True)
     port, http_port = free_port(), free_port()
-    aet = "ORTHANC"
+    aet = unique_aet("ORTHANC")
     config = {
         "Name": "srm-dicom-test",
         "StorageDirectory": str(workdir / "storage"),
@@ -157,7 +165,7 @@ def start_dcmqrscp(workdir: Path, client_aet: str, client_port: int) -> Peer:
     storage = workdir / "storage"
     storage.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    aet = "DCMQRSCP"
+    aet = unique_aet("DCMQRSCP")
     config_file = workdir / "dcmqrscp.cfg"
     config_file.write_text(
         f"""NetworkTCPPort = {port}
@@ -191,7 +199,7 @@ def start_embedded(workdir: Path, client_aet: str, client_port: int) -> Peer:
     from srm_dicom.pacs.server import EmbeddedPacs
 
     port = free_port()
-    aet = "MDM_PACS"
+    aet = unique_aet("MDM_PACS")
     config = EmbeddedPacsConfig(
         aet=aet,
         host=HOST,

@@ -152,7 +152,7 @@ def test_refused_syntax_names_pacs_and_syntax(dcmqrscp: Peer) -> None:
     with PacsClient(dcmqrscp.pacs_config()) as client, pytest.raises(PacsError) as err:
         client.store(sent)
     message = str(err.value)
-    assert message.startswith(f"PACS DCMQRSCP@127.0.0.1:{dcmqrscp.port}: ")
+    assert message.startswith(f"PACS {dcmqrscp.aet}@127.0.0.1:{dcmqrscp.port}: ")
     assert "MR Image Storage in JPEG-LS Lossless Image Compression" in message
 
 
