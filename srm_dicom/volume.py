@@ -22,16 +22,16 @@ from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset
-from pydicom.pixels import apply_modality_lut
+from pydicom.pixels import apply_modality_lut, pixel_array
 
 from srm_dicom.errors import InvalidInput, MdmError
-from srm_dicom.metadata import extract_metadata
+from srm_dicom.metadata import IMAGE_FIELDS, _value
 
 FORMATS = ("nifti", "nrrd")
 
@@ -155,35 +155,38 @@ def plan_volume(slices: Sequence[dict[str, Any]]) -> VolumePlan:
 
 
 def image_row(ds: Dataset) -> dict[str, Any]:
-    """A dataset's Image row, exactly as the catalog stored it at registration."""
-    return extract_metadata(ds, b"").image  # the Image row does not depend on the site secret
+    """A dataset's Image row, exactly as ``extract_metadata`` gives it to the catalog.
+
+    Same fields, same value conversion; the other four tables are not read (they took
+    60 % of a 100-slice assembly).
+    """
+    return {column: _value(ds, keyword) for column, keyword in IMAGE_FIELDS.items()}
 
 
 def assemble(datasets: Sequence[Dataset], fmt: str) -> bytes:
     """The series as one volume file; ``len(result) == plan_volume(rows).file_size(fmt)``."""
     plan = plan_volume([image_row(ds) for ds in datasets])
-    return render(plan, [_pixels(datasets[index], plan) for index in plan.order], fmt)
+    return render(plan, (_pixels(datasets[index], plan) for index in plan.order), fmt)
 
 
-def render(plan: VolumePlan, frames: Sequence[np.ndarray], fmt: str) -> bytes:
-    """Header then voxels; ``frames`` are the decoded slices in ``plan.order``."""
+def render(plan: VolumePlan, frames: Iterable[np.ndarray], fmt: str) -> bytes:
+    """Header then voxels; ``frames`` are the decoded slices in ``plan.order``, taken one at
+    a time so that only the output buffer holds the whole volume."""
     header = plan.header(fmt)
-    if len(frames) != len(plan.order):
-        raise NotAVolume(f"{len(frames)} slices decoded where {len(plan.order)} were planned")
     out = np.empty(len(header) + plan.data_size, dtype=np.uint8)
     out[: len(header)] = np.frombuffer(header, dtype=np.uint8)
     voxels = out[len(header):]
     if not plan.rgb:
         voxels = voxels.view("<f4")
-    voxels = voxels.reshape(len(frames), plan.rows, plan.columns, *((3,) if plan.rgb else ()))
-    for index, frame in enumerate(frames):
-        voxels[index] = frame  # C order (row, column[, sample]) = NIfTI/NRRD order, x fastest
+    voxels = voxels.reshape(len(plan.order), plan.rows, plan.columns, *((3,) if plan.rgb else ()))
+    for slot, frame in zip(voxels, frames, strict=True):
+        slot[...] = frame  # C order (row, column[, sample]) = NIfTI/NRRD order, x fastest
     return out.tobytes()
 
 
 def _pixels(ds: Dataset, plan: VolumePlan) -> np.ndarray:
     """One slice's voxel values: rescaled float32 grayscale, or 8-bit RGB."""
-    array = ds.pixel_array
+    array = pixel_array(ds)  # not ds.pixel_array, which keeps a decoded copy on the dataset
     expected = (plan.rows, plan.columns, 3) if plan.rgb else (plan.rows, plan.columns)
     if array.shape != expected:
         raise NotAVolume(f"a slice decodes to {array.shape} pixels where {expected} were expected")

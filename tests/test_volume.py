@@ -154,6 +154,7 @@ def test_size_from_the_catalogs_rows_is_the_assembled_size(series: str, tmp_path
     finally:
         catalog.close()
     plan = plan_volume(rows)
+    assert [image_row(ds) for ds in datasets] == [extract_metadata(ds, b"any").image for ds in datasets]
     for fmt in FORMATS:
         assert len(assemble(datasets, fmt)) == plan.file_size(fmt)
 
