@@ -481,7 +481,7 @@ def test_curl_with_certificate_and_with_token(storage, image, bob_cred, pki, tmp
     assert {"bob", "token"} <= _served_as(storage, LFN)
 
 
-def test_davix_get_and_ls(storage, image, bob_cred, tmp_path):
+def test_davix_get_and_ls(storage, image, volume, bob_cred, tmp_path):
     out = tmp_path / "enc"
     result = clients.davix_get(storage.url + LFN, out, bob_cred)
     assert result.returncode == 0, result.stderr
@@ -491,7 +491,7 @@ def test_davix_get_and_ls(storage, image, bob_cred, tmp_path):
     assert {SOP, "3D"} <= set(listing.stdout.split())
 
 
-def test_gfal_copy_ls_and_sum(storage, image, bob_cred, tmp_path):
+def test_gfal_copy_ls_and_sum(storage, image, volume, bob_cred, tmp_path):
     out = tmp_path / "enc"
     result = clients.gfal("copy", storage.url + LFN, f"file://{out}", cred=bob_cred)
     assert result.returncode == 0, result.stderr
