@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 import threading
 import time
 import zlib
@@ -17,7 +20,7 @@ from sites import write_site_config
 from srm_dicom import stager as stager_module
 from srm_dicom.catalog import Catalog, Entry, open_catalog
 from srm_dicom.config import Config, EmbeddedPacsConfig, load_config
-from srm_dicom.crypto.container import decrypt_bytes, read_header
+from srm_dicom.crypto.container import check_key, decrypt_bytes, read_header
 from srm_dicom.keystore.client import KeystoreClient
 from srm_dicom.pacs.client import PacsClient
 from srm_dicom.pacs.server import EmbeddedPacs
@@ -26,6 +29,7 @@ from srm_dicom.register import Registrar
 from srm_dicom.stager import StageFailed, Stager, StagingPending
 from srm_dicom.synthetic import make_series
 from srm_dicom.uids import deidentify_uid
+from srm_dicom.volume import assemble
 
 
 @dataclass
@@ -46,14 +50,16 @@ class Site:
         return found
 
 
-def make_site(workdir: Path, peer, key_servers, slices: int = 3, cache: str = "", seed: str = "stage") -> Site:  # type: ignore[no-untyped-def]
+def make_site(workdir: Path, peer, key_servers, slices: int = 3, workers: int = 2, seed: str = "stage",  # type: ignore[no-untyped-def]
+              drop: tuple[int, ...] = ()) -> Site:
+    """A site with a synthetic series registered (and stored in ``peer``), but for the ``drop`` slices."""
     path = write_site_config(workdir, peer, key_servers)
     with path.open("a") as out:
-        out.write(f"\n[cache]\ndir = \"cache\"\nworkers = 2\n{cache}\n")
+        out.write(f"\n[cache]\ndir = \"cache\"\nworkers = {workers}\n")
     config = load_config(path)
     catalog = open_catalog(config)
     keystore = KeystoreClient.from_config(config)
-    series = make_series(slices=slices, size=16, seed=seed)
+    series = [ds for i, ds in enumerate(make_series(slices=slices, size=16, seed=seed)) if i not in drop]
     with PacsClient(config.pacs) as pacs:
         registrar = Registrar(config, catalog, pacs, keystore)
         for ds in series:
@@ -318,3 +324,103 @@ def test_content_changed_in_the_pacs_is_refused(site, running):
     with pytest.raises(StageFailed, match="the PACS returned different content than was registered"):
         running.fetch(site.slices[0], 20)
     assert running.locality(site.slices[0]) == "TAPE"
+
+
+def test_a_volume_is_assembled_once_per_version_and_restaged_identically(site, running):
+    volume = site.volume
+    assert volume.adler32 is None
+    data = running.fetch(volume, 20).read_bytes()
+    recorded = site.refresh(volume)
+    assert recorded.size == len(data) and recorded.adler32 == f"{zlib.adler32(data):08x}"
+    header = read_header(data)
+    key = site.keystore.fetch_key(key_name(volume.guid, volume.content_version), lambda k: check_key(header, k))
+    assert bytes(decrypt_bytes(key, data)) == assemble(site.series, site.config.volume.format)
+
+    # The cached copy gone, a restage of the same version reuses the key: identical bytes.
+    running.stop()
+    running.cached_path(recorded).unlink()
+    again = site.stager()
+    again.start()
+    try:
+        assert again.fetch(recorded, 20).read_bytes() == data
+        # A slice added to the series: a new version, a new key, the old copy retired.
+        with PacsClient(site.config.pacs) as pacs:
+            extra = make_series(slices=4, size=16, seed="stage")[3]
+            Registrar(site.config, site.catalog, pacs, site.keystore).register(extra, store_in_pacs=True)
+        bumped = site.refresh(volume)
+        assert bumped.content_version == recorded.content_version + 1 and bumped.adler32 is None
+        assert again.locality(bumped) == "TAPE"
+        newer = again.fetch(bumped, 20)
+        assert site.refresh(volume).adler32 == f"{zlib.adler32(newer.read_bytes()):08x}"
+        cache_dir = site.config.path(site.config.cache.dir)
+        assert f"{volume.guid}.{recorded.content_version}" not in {p.name for p in cache_dir.iterdir()}
+    finally:
+        again.stop()
+
+
+def test_a_series_that_is_not_one_volume_fails_with_the_reason(embedded_pacs, tmp_path, key_servers):
+    site = make_site(tmp_path / "site", embedded_pacs, key_servers, slices=5, seed="gap", drop=(2,))
+    stager = site.stager()
+    stager.start()
+    try:
+        with pytest.raises(StageFailed, match="^not a volume: .+") as failed:
+            stager.fetch(site.volume, 20)
+        assert "\n" not in failed.value.reason
+        assert site.refresh(site.volume).adler32 is None
+    finally:
+        stager.stop()
+        site.catalog.close()
+
+
+STAGER_PROCESS = """
+import sys, time
+from srm_dicom.catalog import open_catalog
+from srm_dicom.config import load_config
+from srm_dicom.keystore.client import KeystoreClient
+from srm_dicom.stager import Stager
+
+config = load_config(sys.argv[1])
+catalog = open_catalog(config)
+stager = Stager(config, catalog, KeystoreClient.from_config(config))
+stager.start()
+print(stager.submit([catalog.lookup(lfn) for lfn in sys.argv[2:]], 600, "bob"), flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_server_killed_while_staging_serves_no_partial_file_and_resumes(embedded_pacs, tmp_path, key_servers):
+    site = make_site(tmp_path / "site", embedded_pacs, key_servers, slices=24, seed="kill", workers=1)
+    config_file = site.config.base_dir / "mdm.toml"
+    lfns = [e.lfn for e in site.slices]
+    process = subprocess.Popen([sys.executable, "-c", STAGER_PROCESS, str(config_file), *lfns],
+                               stdout=subprocess.PIPE, text=True)
+    try:
+        request_id = process.stdout.readline().strip()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            states = [f.state for f in site.catalog.stage_request(request_id).files]
+            if "COMPLETED" in states:
+                break
+            time.sleep(0.005)
+        process.send_signal(signal.SIGKILL)
+        process.wait(10)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    states = [f.state for f in site.catalog.stage_request(request_id).files]
+    assert "COMPLETED" in states and set(states) != {"COMPLETED"}, states  # killed in the middle
+
+    stager = site.stager()
+    stager.start()
+    try:
+        cache_dir = site.config.path(site.config.cache.dir)
+        assert not [p for p in cache_dir.iterdir() if p.name.endswith(".part")]
+        wait_final(stager, request_id)
+        assert all(f.state == "COMPLETED" and f.on_disk for f in stager.request(request_id).files)
+        for entry in site.slices:
+            data = stager.cached_path(entry).read_bytes()
+            assert len(data) == entry.size and f"{zlib.adler32(data):08x}" == entry.adler32
+    finally:
+        stager.stop()
+        site.catalog.close()
