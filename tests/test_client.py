@@ -12,7 +12,10 @@ from __future__ import annotations
 import io
 import json
 import os
+import pty
+import shutil
 import ssl
+import subprocess
 import sys
 import threading
 import time
@@ -515,3 +518,30 @@ def test_rclone_copy_and_ls_while_staging(storage, image, bob_cred, tmp_path):
     listing = clients.rclone("ls", f"mdm:/grid/demo/mdm/{STUDY}/{SERIES}", url=storage.url, cred=bob_cred)
     assert listing.returncode == 0, listing.stderr
     assert f"{len(image.container)} {SOP}" in " ".join(listing.stdout.split())
+
+
+def test_a_large_download_on_a_terminal_shows_a_progress_bar(storage, key_servers, bob, tmp_path):
+    big = store_image(key_servers, os.urandom(12 * 1024 * 1024))
+    path = f"/grid/demo/mdm/{STUDY}/{SERIES}/2.25.6"
+    storage.files[path] = Served(big.container)
+    out = tmp_path / "big.dcm"
+    primary, secondary = pty.openpty()
+    process = subprocess.Popen(
+        [shutil.which("mdm") or "mdm", "get", "-l", path, str(out)],
+        env={**os.environ, "MDM_CONFIG": str(bob), "TERM": "xterm"},
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=secondary,
+    )
+    os.close(secondary)
+    terminal = b""
+    while True:
+        try:
+            chunk = os.read(primary, 65536)
+        except OSError:  # EIO: the program exited and closed the terminal
+            break
+        if not chunk:
+            break
+        terminal += chunk
+    os.close(primary)
+    assert process.wait(timeout=60) == 0 and process.stdout.read() == b""  # type: ignore[union-attr]
+    assert "━".encode() in terminal and b"MB" in terminal
+    assert out.read_bytes() == big.plain
