@@ -38,7 +38,7 @@ from srm_dicom.crypto.container import encrypt_bytes, new_file_key
 from srm_dicom.errors import InvalidInput, MdmError, NotFound
 from srm_dicom.keystore import KeystoreError
 from srm_dicom.keystore.client import KeystoreClient
-from srm_dicom.names import Pfn, parse_pfn
+from srm_dicom.names import Pfn, normalize_lfn, parse_pfn
 from srm_dicom.pacs.client import PacsClient
 from srm_dicom.protect import key_acl, key_name, protect_image
 from srm_dicom.volume import NotAVolume, assemble
@@ -208,7 +208,7 @@ class Stager:
         found = self._catalog.stage_request(request_id)
         if found is None:
             raise NotFound(f"no such stage request: {request_id}")
-        unknown = set(lfns) - {f.lfn for f in found.files}
+        unknown = {normalize_lfn(lfn) for lfn in lfns} - {f.lfn for f in found.files}
         if unknown:
             raise InvalidInput(f"not in stage request {request_id}: {', '.join(sorted(unknown))}")
 

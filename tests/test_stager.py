@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import signal
 import subprocess
 import sys
 import threading
 import time
 import zlib
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -102,7 +104,8 @@ def wait_final(stager: Stager, request_id: str, timeout: float = 20) -> None:
     raise AssertionError(f"request {request_id} not final after {timeout} s: {stager.request(request_id)}")
 
 
-def test_a_fetched_slice_is_the_registered_bytes_and_decrypts_to_the_anonymized_image(site, running):
+def test_a_fetched_slice_is_the_registered_bytes_and_decrypts_to_the_anonymized_image(site, running, caplog):
+    caplog.set_level(logging.DEBUG)
     entry = site.slices[1]
     assert running.locality(entry) == "TAPE" and running.cached_path(entry) is None
     path = running.fetch(entry, timeout=20)
@@ -116,6 +119,9 @@ def test_a_fetched_slice_is_the_registered_bytes_and_decrypts_to_the_anonymized_
     assert served.SOPInstanceUID == entry.sop_uid != original.SOPInstanceUID
     assert "PatientName" not in served or str(served.PatientName) != str(original.PatientName)
     assert np.array_equal(served.pixel_array, original.pixel_array)
+    assert entry.lfn in caplog.text  # logged by its de-identified name, never by the PACS's UIDs
+    for phi in (original.StudyInstanceUID, original.SOPInstanceUID, str(original.PatientName), entry.pfn):
+        assert phi not in caplog.text
 
 
 def test_stage_request_states_cancel_release_and_delete(site, running):
@@ -144,6 +150,9 @@ def test_stage_request_states_cancel_release_and_delete(site, running):
 
     running.release_paths([second.lfn])
     assert site.catalog.pinned_guids(int(time.time())) == set()
+    unpinned = running.submit([first], pin_lifetime=0, requester="bob")  # on disk already: pin over at once
+    assert running.request(unpinned).files[0].state == "COMPLETED"
+    assert site.catalog.pinned_guids(int(time.time())) == set()
     running.delete(request_id)
     assert running.request(request_id) is None
     with pytest.raises(Exception, match="no such stage request"):
@@ -152,11 +161,16 @@ def test_stage_request_states_cancel_release_and_delete(site, running):
 
 def test_concurrent_fetches_of_one_file_make_one_retrieval(site, monkeypatch):
     retrievals: list[str] = []
+    associations: list[str] = []
 
     class CountingPacs(PacsClient):
         def retrieve(self, study, series, sop=None):  # type: ignore[no-untyped-def]
             retrievals.append(sop or series)
             return super().retrieve(study, series, sop)
+
+        def _open(self, plan):  # type: ignore[no-untyped-def]
+            associations.append(threading.current_thread().name)
+            return super()._open(plan)
 
     monkeypatch.setattr(stager_module, "PacsClient", CountingPacs)
     stager = site.stager()
@@ -171,6 +185,13 @@ def test_concurrent_fetches_of_one_file_make_one_retrieval(site, monkeypatch):
             thread.join()
         assert len(paths) == 8 and len(set(paths)) == 1
         assert len(retrievals) == 1
+        # The other slices and the volume: a worker opens its association once (then once
+        # more to add the storage contexts C-GET needs) and keeps it for all its jobs.
+        for entry in [*site.slices[1:], site.volume]:
+            stager.fetch(entry, 20)
+        assert len(retrievals) == 4
+        assert len(set(associations)) <= site.config.cache.workers
+        assert max(Counter(associations).values()) <= 2
     finally:
         stager.stop()
 
