@@ -10,12 +10,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from srm_dicom import __version__
 from srm_dicom.errors import MdmError
 
-COMMAND_MODULES = ("register", "namespace", "listen", "pacs", "decrypt", "demo", "keystore", "pki", "get")
+COMMAND_MODULES = ("register", "namespace", "listen", "pacs", "decrypt", "serve", "demo", "keystore", "pki", "get")
 
 EXIT_INTERRUPTED = 130
 
@@ -55,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     except MdmError as exc:
         print(f"mdm {args.command}: {exc}", file=sys.stderr)
         return exc.exit_code
+    except BrokenPipeError:  # output piped into head & co: stop quietly, like any Unix tool
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print(f"mdm {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

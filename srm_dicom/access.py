@@ -1,0 +1,64 @@
+"""Who may list, read and stage what: the seeds' file rights, decided for one caller.
+
+Certificate users get the bits of the entry's mode that apply to them (owner, VO, others),
+unless a per-DN entry names them. Token users get what their scopes say
+(``storage.read:/path`` lists and reads below /path, ``storage.stage:/path`` stages): a
+WLCG token is a capability, the ACL was checked when it was issued. The storage element's
+own service identity and the hospital's ``register`` group see everything.
+"""
+
+from __future__ import annotations
+
+from srm_dicom.catalog import Entry
+from srm_dicom.identity import Identity
+
+READ, WRITE, LIST = 4, 2, 1
+
+
+def _privileged(identity: Identity) -> bool:
+    return identity.kind == "service" or (identity.kind == "x509" and "register" in identity.groups)
+
+
+def file_perms(identity: Identity, entry: Entry) -> int:
+    """The caller's rwx bits (0-7) on an entry."""
+    if _privileged(identity):
+        return READ | WRITE | LIST
+    if identity.kind == "jwt":
+        return READ | LIST if identity.may_scope("read", entry.lfn) else 0
+    for acl in entry.acl:
+        if acl.dn == identity.subject:
+            return acl.perms
+    if identity.subject == entry.owner:
+        return (entry.mode >> 6) & 7
+    if identity.vo == entry.vo:
+        return (entry.mode >> 3) & 7
+    return entry.mode & 7
+
+
+def may_list(identity: Identity, entry: Entry) -> bool:
+    return bool(file_perms(identity, entry) & LIST)
+
+
+def may_read(identity: Identity, entry: Entry) -> bool:
+    """Getting a file needs both x (to see it) and r (to read it), as in the seeds."""
+    return file_perms(identity, entry) & (READ | LIST) == READ | LIST
+
+
+def may_stage(identity: Identity, entry: Entry) -> bool:
+    if identity.kind == "jwt":
+        return identity.may_scope("stage", entry.lfn) or identity.may_scope("read", entry.lfn)
+    return may_read(identity, entry)
+
+
+def may_browse(identity: Identity, vo: str, path: str) -> bool:
+    """Directories of a VO's namespace are visible to its members (and to tokens whose
+    scope lies on the way to, or below, the directory); the entries inside are filtered."""
+    if _privileged(identity):
+        return True
+    if identity.kind == "jwt":
+        return any(
+            base == "/" or path == base or path.startswith(base + "/") or base.startswith(path.rstrip("/") + "/")
+            for action, base in identity.scopes
+            if action in ("read", "stage")
+        )
+    return identity.vo == vo

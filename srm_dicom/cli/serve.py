@@ -1,0 +1,54 @@
+"""``mdm serve``: the grid side's HTTPS endpoint (WebDAV, WLCG Tape REST), staging from the PACS."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import threading
+
+from srm_dicom.catalog import open_catalog
+from srm_dicom.config import load_config
+from srm_dicom.keystore.client import KeystoreClient
+from srm_dicom.server.app import StorageElement, make_server
+from srm_dicom.stager import Stager
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "serve",
+        help="serve the catalog over HTTPS: WebDAV, WLCG Tape REST, staging from the PACS",
+        description=(
+            "Run the storage element: GET/HEAD/PROPFIND of /grid/<vo>/mdm/... and /guid/<uuid> "
+            "(read-only), files staged from the PACS on first read (503 with Retry-After while "
+            "that takes longer than [cache] wait_timeout), and the WLCG Tape REST API under "
+            "/api/v1/tape. Clients authenticate with an X.509 certificate or proxy, or a WLCG "
+            "bearer token. Prints 'serving https://HOST:PORT' once listening; runs until Ctrl-C."
+        ),
+        epilog="example: curl --cacert ca.pem --cert bob/cert.pem --key bob/key.pem https://localhost:8443/grid/demo/mdm/",
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="-v: info; -vv: debug")
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    catalog = open_catalog(config)
+    stager = Stager(config, catalog, KeystoreClient.from_config(config))
+    server = make_server(config, StorageElement(config, catalog, stager))
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    stager.start()
+    try:
+        server.prepare()
+        host, port = server.bind_addr[:2]
+        print(f"serving https://{host}:{port}", flush=True)
+        thread = threading.Thread(target=server.serve, name="https", daemon=True)
+        thread.start()
+        stop.wait()
+        server.stop()
+        thread.join(timeout=10)
+    finally:
+        stager.stop()
+        catalog.close()
+    return 0
