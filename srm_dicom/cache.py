@@ -28,8 +28,12 @@ _PUBLISHED = re.compile(r"^([0-9a-f-]{36})\.([0-9]+)$")
 PARTIAL_SUFFIX = ".part"
 
 
-class CacheFull(MdmError):
-    """No room for a file: everything that could make room is pinned."""
+class CacheError(MdmError):
+    """The cache directory cannot take a file (disk full, permissions)."""
+
+
+class CacheFull(CacheError):
+    """No room within the quota: everything that could make room is pinned."""
 
 
 @dataclass
@@ -45,7 +49,8 @@ class DiskCache:
         self.directory = directory
         self.quota = quota_bytes
         self._lock = threading.Lock()
-        self._files: dict[tuple[str, int], _Cached] = {}
+        self._files: dict[tuple[str, int], _Cached] = {}  # published
+        self._writing: dict[tuple[str, int], int] = {}  # sizes of files being written
 
     @staticmethod
     def name(guid: str, version: int) -> str:
@@ -73,7 +78,7 @@ class DiskCache:
     @property
     def used(self) -> int:
         with self._lock:
-            return sum(f.size for f in self._files.values())
+            return sum(f.size for f in self._files.values()) + sum(self._writing.values())
 
     def path(self, guid: str, version: int, touch: bool = True) -> Path | None:
         """The published file of this version, marked recently used; None if not cached."""
@@ -96,12 +101,11 @@ class DiskCache:
 
         ``pinned`` are the GUIDs whose files must not be evicted to make room.
         """
-        size = len(data)
         key = (guid, version)
         with self._lock:
-            self._make_room(size, pinned | {guid}, exclude=key)
+            self._make_room(len(data), pinned | {guid})
             # Reserved at once so that concurrent publishers do not count the same room.
-            self._files[key] = _Cached(size, time.time())
+            self._writing[key] = len(data)
         final = self.directory / self.name(guid, version)
         partial = self.directory / f".{self.name(guid, version)}.{secrets.token_hex(4)}{PARTIAL_SUFFIX}"
         try:
@@ -111,24 +115,25 @@ class DiskCache:
                 os.fsync(out.fileno())
             os.replace(partial, final)
             self._fsync_directory()
-        except BaseException:
+        except OSError as exc:
             partial.unlink(missing_ok=True)
+            raise CacheError(f"cache: cannot write a staged file in {self.directory} ({exc.strerror})") from None
+        finally:
             with self._lock:
-                self._files.pop(key, None)
-            raise
+                del self._writing[key]
+        with self._lock:
+            self._files[key] = _Cached(len(data), time.time())
         self.retire(guid, version)
         return final
 
-    def _make_room(self, size: int, keep: set[str], exclude: tuple[str, int]) -> None:
+    def _make_room(self, size: int, keep: set[str]) -> None:
         """Evict unpinned files, least recently used first, until ``size`` more bytes fit."""
         if size > self.quota:
             raise CacheFull(f"cache: a file of {size} bytes is larger than the whole quota ({self.quota} bytes)")
-        used = sum(f.size for k, f in self._files.items() if k != exclude)
+        used = sum(f.size for f in self._files.values()) + sum(self._writing.values())
         if used + size <= self.quota:
             return
-        candidates = sorted(
-            (f.used, k) for k, f in self._files.items() if k[0] not in keep and k != exclude
-        )
+        candidates = sorted((f.used, k) for k, f in self._files.items() if k[0] not in keep)
         freeable = sum(self._files[k].size for _, k in candidates)
         if used - freeable + size > self.quota:
             raise CacheFull(
