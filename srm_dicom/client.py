@@ -166,9 +166,8 @@ class StorageClient:
             wait = _retry_after(response.getheader("Retry-After"))
             if time.monotonic() + wait >= deadline:
                 raise StillStaging(
-                    f"{path}: still staging after {attempts} attempts in {self.timeout:g} s"
-                    + (f" ({problem})" if problem else "")
-                    + "; try again later or give a longer --timeout"
+                    f"still staging after {attempts} attempts in {self.timeout:g} s: {_naming(path, problem)}; "
+                    "try again later or give a longer --timeout"
                 )
             log.info("%s: 503 %s; retrying in %g s", self.url, problem or "staging", wait)
             time.sleep(wait)
@@ -276,12 +275,17 @@ def _problem(response: http.client.HTTPResponse) -> str:
     return response.reason
 
 
+def _naming(path: str, problem: str) -> str:
+    """The server's explanation, with the path in front unless it already names it (say it once)."""
+    return problem if path in problem else f"{path}: {problem}"
+
+
 def _refusal(status: int, path: str, problem: str) -> MdmError:
     if status == 404:
-        return NotFound(f"{path}: not found ({problem})")
+        return NotFound(f"not found: {_naming(path, problem)}")
     if status in (401, 403):
-        return AccessDenied(f"{path}: access denied ({status} {problem})")
-    return DownloadFailed(f"{path}: the storage element answered {status} ({problem})")
+        return AccessDenied(f"access denied ({status}): {_naming(path, problem)}")
+    return DownloadFailed(f"the storage element answered {status}: {_naming(path, problem)}")
 
 
 def _retry_after(value: str | None) -> float:
