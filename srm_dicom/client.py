@@ -155,7 +155,11 @@ class StorageClient:
             attempts += 1
             remaining = max(1.0, deadline - time.monotonic())
             connection = http.client.HTTPSConnection(self.host, self.port, context=self._context, timeout=remaining)
-            response = self._request(connection, path)
+            try:
+                response = self._request(connection, path)
+            except BaseException:
+                connection.close()
+                raise
             if response.status == 200:
                 connection.sock.settimeout(STALL_TIMEOUT)
                 return response, connection, attempts

@@ -37,7 +37,7 @@ from srm_dicom.cli import main
 from srm_dicom.crypto.container import encrypt_bytes
 from srm_dicom.keystore import Acl, AclEntry
 from srm_dicom.keystore.client import KeystoreClient
-from srm_dicom.pki import USERS
+from srm_dicom.pki import USERS, make_proxy
 from srm_dicom.protect import key_name
 
 STUDY, SERIES, SOP = "2.25.1001", "2.25.1002", "2.25.1003"
@@ -71,6 +71,7 @@ class TinyStorage:
         host = self.pki / "hosts" / "storage-element"
         context.load_cert_chain(str(host / "cert.pem"), str(host / "key.pem"))
         context.verify_mode = ssl.CERT_OPTIONAL
+        context.verify_flags |= ssl.VERIFY_ALLOW_PROXY_CERTS
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
         self.server.daemon_threads = True
         # Handshakes that clients abort on purpose (untrusted CA) are the client's outcome to assert.
@@ -322,6 +323,19 @@ def test_the_installed_command_verbose_says_what_it_got(image, bob, tmp_path):
     result = mdm("get", "-v", "-g", f"guid:{image.guid}", str(out), config=bob)
     assert result.returncode == 0, result.stderr
     assert f"guid:{image.guid} -> {out}: {len(image.plain)} bytes" in result.stdout
+    assert out.read_bytes() == image.plain
+
+
+def test_a_grid_proxy_works_as_the_credential(storage, image, key_servers, tmp_path):
+    user = key_servers.pki / "users" / "bob"
+    chain, key = make_proxy((user / "cert.pem").read_bytes(), (user / "key.pem").read_bytes())
+    proxy = tmp_path / "x509up"
+    proxy.write_bytes(chain + key)  # as voms-proxy-init writes it: one file, cert chain and key
+    config = client_config(tmp_path, key_servers, storage.url)
+    config.write_text(config.read_text().replace(str(user / "cert.pem"), str(proxy))
+                      .replace(str(user / "key.pem"), str(proxy)))
+    out = tmp_path / "slice.dcm"
+    assert get(config, LFN, str(out)) == (0, "", "")
     assert out.read_bytes() == image.plain
 
 
