@@ -12,6 +12,7 @@ the catalog's names stay valid.
 
 from __future__ import annotations
 
+import posixpath
 import re
 import secrets
 import signal
@@ -30,6 +31,8 @@ from srm_dicom.pacs.client import PacsClient
 from srm_dicom.pacs.server import EmbeddedPacs
 from srm_dicom.pki import USERS, client_toml, init_pki
 from srm_dicom.register import Registrar, Summary
+from srm_dicom.server.app import StorageElement, make_server
+from srm_dicom.stager import Stager
 from srm_dicom.synthetic import make_series
 
 _CONFIG = """\
@@ -70,6 +73,22 @@ host = "127.0.0.1"
 port = {pacs_port}
 storage = "pacs"
 move_destinations = {{ MDM = "127.0.0.1:{move_port}" }}
+
+[server]
+host = "127.0.0.1"
+port = {server_port}
+cert = "hosts/storage-element/cert.pem"
+key = "hosts/storage-element/key.pem"
+sitename = "srm-dicom-demo"
+
+[identity]
+vomap = "vomap.toml"
+ca = "ca.pem"
+
+[cache]
+dir = "cache"
+quota_bytes = 1073741824
+wait_timeout = 30.0
 """
 
 
@@ -83,30 +102,22 @@ def write_config(workdir: Path, keystore_urls: list[str]) -> Path:
     """Write DIR/mdm.toml with fresh loopback ports, keeping the secret of an earlier run."""
     path = workdir / "mdm.toml"
     found = re.search(r'^secret = "([0-9a-f]+)"', path.read_text(), re.M) if path.exists() else None
+    server_port = _free_port()
     path.write_text(
         _CONFIG.format(
             secret=found.group(1) if found else secrets.token_hex(32),
             pacs_port=_free_port(),
             move_port=_free_port(),
             listen_port=_free_port(),
+            server_port=server_port,
             keystore_urls=", ".join(f'"{url}"' for url in keystore_urls),
         )
     )
+    storage_url = f"https://127.0.0.1:{server_port}"
     for user in USERS:
-        (workdir / "users" / user.name / "client.toml").write_text(client_toml("../../ca.pem", tuple(keystore_urls)))
+        client = client_toml("../../ca.pem", tuple(keystore_urls), storage_url, vo=user.vo)
+        (workdir / "users" / user.name / "client.toml").write_text(client)
     return path
-
-
-def _namespace(catalog: Catalog, root: str) -> list[str]:
-    """Each series directory with its slice count and volume, as a newcomer wants to see it."""
-    lines = []
-    top = catalog.list_dir(root)
-    for study in top.directories if top else []:
-        for series in catalog.list_dir(study).directories:
-            entries = catalog.list_dir(series).entries
-            slices = sum(e.kind == "slice" for e in entries)
-            lines.append(f"{series}/  {slices} slices + 3D")
-    return lines
 
 
 def run_demo(workdir: Path, say: Callable[[str], None] = print) -> int:
@@ -130,31 +141,69 @@ def _serve(
     config: Config, config_path: Path, catalog: Catalog, key_servers: LocalKeyServers, stop: threading.Event,
     say: Callable[[str], None],
 ) -> None:
-    workdir = config_path.parent
+    keystore = KeystoreClient.from_config(config)
     with EmbeddedPacs(config.embedded_pacs, config.path(config.embedded_pacs.storage)):
         summary = Summary()
         with PacsClient(config.pacs) as pacs:
-            registrar = Registrar(config, catalog, pacs, KeystoreClient.from_config(config))
+            registrar = Registrar(config, catalog, pacs, keystore)
             for ds in make_series():
                 summary.add(registrar.register(ds, store_in_pacs=True))
-        with PushListener(config, catalog) as listener:
-            host, port = listener.address
-            say(f"embedded PACS {config.pacs.aet}@{config.pacs.host}:{config.pacs.port}")
-            say(f"key servers {' '.join(key_servers.urls)} (2 of 3 shares rebuild a key)")
-            say(f"push listener {config.listen.aet}@{host}:{port}")
-            say(f"synthetic series: {summary.line()}")
-            say("namespace:")
-            for line in _namespace(catalog, vo_root(config.site.vo)):
-                say(f"  {line}")
-            say("")
-            say("from another shell (hospital side):")
-            say(f"  export MDM_CONFIG={config_path}")
-            say(f"  mdm ls {vo_root(config.site.vo)}")
-            say("  mdm stat LFN; mdm del -l LFN; mdm register PATH...")
-            say(f"  /usr/bin/storescu -aec {config.listen.aet} {host} {port} FILE.dcm   # push")
-            say(f"demo users (CA {workdir / 'ca.pem'}): alice register, bob physician, carol mia, dave VO,")
-            say("  eve another VO; each has users/NAME/cert.pem, key.pem and client.toml")
-            say(f"  MDM_CONFIG={workdir / 'users' / 'bob' / 'client.toml'} mdm decrypt GUID IN OUT")
-            say("")
-            say("demo ready; press Ctrl-C to stop")
-            stop.wait()
+        stager = Stager(config, catalog, keystore)
+        stager.start()
+        server = make_server(config, StorageElement(config, catalog, stager))
+        server.prepare()
+        https = threading.Thread(target=server.serve, name="https", daemon=True)
+        https.start()
+        try:
+            with PushListener(config, catalog) as listener:
+                _banner(config, config_path, catalog, key_servers, listener.address, summary, say)
+                stop.wait()
+        finally:
+            server.stop()
+            https.join(timeout=10)
+            stager.stop()
+
+
+def _banner(
+    config: Config, config_path: Path, catalog: Catalog, key_servers: LocalKeyServers, push: tuple[str, int],
+    summary: Summary, say: Callable[[str], None],
+) -> None:
+    """What runs, and commands to paste in another shell, with real names from the catalog."""
+    workdir, root = config_path.parent, vo_root(config.site.vo)
+    url = f"https://127.0.0.1:{config.server.port}"
+    series = _series(catalog, root)
+    entries = catalog.list_dir(series[0]).entries if series else []
+    slice_lfn = next((e.lfn for e in entries if e.kind == "slice"), f"{root}/STUDY/SERIES/SOP")
+    volume_lfn = posixpath.join(posixpath.dirname(slice_lfn), "3D")
+    bob = workdir / "users" / "bob"
+    curl = f"curl --cacert {workdir / 'ca.pem'} --cert {bob / 'cert.pem'} --key {bob / 'key.pem'}"
+    gfal = (f"X509_USER_CERT={bob / 'cert.pem'} X509_USER_KEY={bob / 'key.pem'} X509_CERT_DIR={workdir / 'cadir'} "
+            "GFAL_PYTHONBIN=/usr/bin/python3")
+    say(f"storage element {url} (WebDAV, WLCG Tape REST at {url}/api/v1/tape)")
+    say(f"embedded PACS {config.pacs.aet}@{config.pacs.host}:{config.pacs.port}")
+    say(f"key servers {' '.join(key_servers.urls)} (2 of 3 shares rebuild a key)")
+    say(f"push listener {config.listen.aet}@{push[0]}:{push[1]}")
+    say(f"synthetic series: {summary.line()}")
+    say("namespace:")
+    for directory in series:
+        slices = sum(e.kind == "slice" for e in catalog.list_dir(directory).entries)
+        say(f"  {directory}/  {slices} slices + 3D")
+    say("")
+    say("from another shell, as bob (physician; alice register, carol mia, dave VO member, eve another VO):")
+    say(f"  {curl} -O {url}{slice_lfn}")
+    say(f"  MDM_CONFIG={bob / 'client.toml'} mdm get -l {slice_lfn} slice.dcm")
+    say(f"  MDM_CONFIG={bob / 'client.toml'} mdm get -l {volume_lfn} volume.nii")
+    say(f"  {gfal} gfal-copy davs://127.0.0.1:{config.server.port}{volume_lfn} file:///tmp/volume.enc")
+    say(f"  rclone ls :webdav:{root} --webdav-url {url} --ca-cert {workdir / 'ca.pem'} "
+        f"--client-cert {bob / 'cert.pem'} --client-key {bob / 'key.pem'}")
+    say("hospital side:")
+    say(f"  export MDM_CONFIG={config_path}")
+    say(f"  mdm ls {root}; mdm stat LFN; mdm register PATH...")
+    say(f"  /usr/bin/storescu -aec {config.listen.aet} {push[0]} {push[1]} FILE.dcm   # push")
+    say("")
+    say("demo ready; press Ctrl-C to stop")
+
+
+def _series(catalog: Catalog, root: str) -> list[str]:
+    top = catalog.list_dir(root)
+    return [s for study in (top.directories if top else []) for s in catalog.list_dir(study).directories]

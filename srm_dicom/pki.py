@@ -206,11 +206,15 @@ def _ensure_pair(ca: CertificateAuthority, folder: Path, common_name: str, serve
     return True
 
 
-def client_toml(ca_path: str, keystore_urls: tuple[str, ...]) -> str:
+def client_toml(ca_path: str, keystore_urls: tuple[str, ...], storage_url: str = "", vo: str = "demo") -> str:
     """A user's client config; the site secret is never in it (only the storage element has it)."""
     urls = ", ".join(f'"{url}"' for url in keystore_urls)
     return (
         "# Client config made by 'mdm pki init'; paths are relative to this file.\n"
+        "[site]\n"
+        f'vo = "{vo}"\n'
+        "[storage]\n"
+        f'url = "{storage_url}"\n'
         "[keystore]\n"
         f"urls = [{urls}]\n"
         "k = 2\n"

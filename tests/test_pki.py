@@ -62,6 +62,8 @@ def test_vomap_and_client_configs(tmp_path):
     assert identity_from_cert_chain([service], vomap, [SERVICE_DN]).kind == "service"
     client = tomllib.loads((tmp_path / "users" / "bob" / "client.toml").read_text())
     assert client == {
+        "site": {"vo": "demo"},
+        "storage": {"url": ""},
         "keystore": {
             "urls": ["https://ks1:1", "https://ks2:2", "https://ks3:3"],
             "k": 2,
