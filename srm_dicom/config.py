@@ -114,7 +114,7 @@ class ServerConfig:
     """`mdm serve`: the HTTPS endpoint (WebDAV, WLCG Tape REST, metadata APIs)."""
 
     host: str = "127.0.0.1"
-    port: int = 8443
+    port: int = 2880
     cert: str = "hostcert.pem"
     key: str = "hostkey.pem"
     sitename: str = "srm-dicom"

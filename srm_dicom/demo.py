@@ -29,7 +29,7 @@ from srm_dicom.listen import PushListener
 from srm_dicom.names import vo_root
 from srm_dicom.pacs.client import PacsClient
 from srm_dicom.pacs.server import EmbeddedPacs
-from srm_dicom.pki import USERS, client_toml, init_pki
+from srm_dicom.pki import USERS, client_toml, hashed_ca_dir, init_pki
 from srm_dicom.register import Registrar, Summary
 from srm_dicom.server.app import StorageElement, make_server
 from srm_dicom.stager import Stager
@@ -125,6 +125,7 @@ def run_demo(workdir: Path, say: Callable[[str], None] = print) -> int:
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
     init_pki(workdir)
+    hashed_ca_dir(workdir / "ca.pem", workdir / "cadir")
     with LocalKeyServers(workdir, workdir / "keystores") as key_servers:
         config_path = write_config(workdir, key_servers.urls)
         config = load_config(config_path)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -255,6 +256,18 @@ def init_pki(root: Path, keystore_urls: tuple[str, ...] = DEFAULT_KEYSTORE_URLS)
         vomap.write_text(vomap_toml())
         created.append("vomap.toml")
     return created
+
+
+def hashed_ca_dir(ca: Path, folder: Path) -> Path:
+    """The CA as an OpenSSL hashed directory (``<subject hash>.0``), the form gfal2
+    (X509_CERT_DIR) and davix (--capath) want. The hash is OpenSSL's own canonical-name
+    digest, so it is asked of the openssl command rather than reimplemented."""
+    subject_hash = subprocess.run(
+        ["openssl", "x509", "-subject_hash", "-noout", "-in", str(ca)], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{subject_hash}.0").write_bytes(ca.read_bytes())
+    return folder
 
 
 def make_proxy(

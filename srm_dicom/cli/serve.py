@@ -24,7 +24,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
             "/api/v1/tape. Clients authenticate with an X.509 certificate or proxy, or a WLCG "
             "bearer token. Prints 'serving https://HOST:PORT' once listening; runs until Ctrl-C."
         ),
-        epilog="example: curl --cacert ca.pem --cert bob/cert.pem --key bob/key.pem https://localhost:8443/grid/demo/mdm/",
+        epilog="example: curl --cacert ca.pem --cert bob/cert.pem --key bob/key.pem https://localhost:2880/grid/demo/mdm/",
     )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="-v: info; -vv: debug")
     parser.set_defaults(handler=run)
