@@ -18,7 +18,8 @@ VENDOR = DATA / "dicom2nifti"
 
 
 def write_site_config(workdir: Path, peer: Peer, key_servers: LocalKeyServers, uids: str = "deidentified",
-                      store_to_pacs: bool = True, listen_port: int = 0) -> Path:
+                      store_to_pacs: bool = True, listen_port: int = 0, wait_timeout: float = 20.0,
+                      quota_bytes: int = 1 << 30, retrieve: str = "get") -> Path:
     """DIR/mdm.toml for a site whose PACS is ``peer`` and whose key servers are ``key_servers``
     (the demo PKI's service identity); the catalog lives in DIR."""
     workdir.mkdir(parents=True, exist_ok=True)
@@ -41,6 +42,7 @@ port = {pacs.port}
 calling_aet = "{pacs.calling_aet}"
 move_port = {pacs.move_port}
 timeout = 10
+retrieve = "{retrieve}"
 
 [listen]
 port = {listen_port}
@@ -52,6 +54,23 @@ ca = "{key_servers.pki / "ca.pem"}"
 cert = "{key_servers.pki / "service" / "cert.pem"}"
 key = "{key_servers.pki / "service" / "key.pem"}"
 timeout = 5
+
+[server]
+port = 0
+cert = "{key_servers.pki / "hosts" / "storage-element" / "cert.pem"}"
+key = "{key_servers.pki / "hosts" / "storage-element" / "key.pem"}"
+threads = 8
+
+[identity]
+vomap = "{key_servers.pki / "vomap.toml"}"
+ca = "{key_servers.pki / "ca.pem"}"
+
+[cache]
+dir = "cache"
+quota_bytes = {quota_bytes}
+wait_timeout = {wait_timeout}
+retry_after = 1
+workers = 2
 """
     )
     return path
