@@ -45,7 +45,7 @@ def parse_ranges(header: str, size: int) -> list[tuple[int, int]] | None:
                 ranges.append((max(0, size - length), size - 1))
         else:
             start, end = int(first), int(last) if last else size - 1
-            if end < start:
+            if last and end < start:
                 return None
             if start < size:
                 ranges.append((start, min(end, size - 1)))

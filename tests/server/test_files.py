@@ -1,0 +1,121 @@
+"""GET and HEAD of files: bytes true to the catalog, Range, Digest, rights, read-only, 503 while staging."""
+
+import base64
+import hashlib
+import json
+import time
+import zlib
+
+import pytest
+
+from https import request
+from sites import write_site_config
+from srm_dicom.names import UidTriple
+from srm_dicom.synthetic import make_series
+from srm_dicom.uids import deidentify_uid
+from storage import register, start_storage_element
+
+
+def lfn_of(running, ds, sop=None):
+    secret = running.config.site.secret_bytes
+    triple = UidTriple(*(deidentify_uid(secret, u) for u in (ds.StudyInstanceUID, ds.SeriesInstanceUID)),
+                       sop or deidentify_uid(secret, ds.SOPInstanceUID))
+    return triple.lfn("demo")
+
+
+def test_get_stages_and_serves_the_bytes_the_catalog_describes(storage_element, pki):
+    running, series = storage_element
+    lfn = lfn_of(running, series[0])
+    entry = running.catalog.lookup(lfn)
+    assert running.stager.locality(entry) == "TAPE"
+    answer = request(running.url, pki, "bob", path=lfn, headers={"Want-Digest": "adler32"})
+    assert answer.status == 200, answer.body
+    assert len(answer.body) == entry.size == int(answer.headers["content-length"])
+    assert answer.headers["digest"] == f"adler32={zlib.adler32(answer.body):08x}" == f"adler32={entry.adler32}"
+    assert running.stager.locality(entry) == "DISK_AND_TAPE"
+    by_guid = request(running.url, pki, "bob", path=f"/guid/{entry.guid}")
+    assert by_guid.body == answer.body
+
+
+def test_head_answers_from_the_catalog_without_staging(storage_element, pki):
+    running, series = storage_element
+    lfn = lfn_of(running, series[1])
+    entry = running.catalog.lookup(lfn)
+    answer = request(running.url, pki, "bob", "HEAD", lfn, headers={"Want-Digest": "sha-512, ADLER32;q=0.9, md5;q=0"})
+    assert answer.status == 200 and answer.body == b""
+    assert answer.headers["content-length"] == str(entry.size)
+    assert answer.headers["digest"] == f"adler32={entry.adler32}"  # md5 refused with q=0, sha-512 unknown
+    assert running.stager.locality(entry) == "TAPE"
+
+
+def test_md5_digest_on_a_staged_file(storage_element, pki):
+    running, series = storage_element
+    lfn = lfn_of(running, series[2])
+    answer = request(running.url, pki, "bob", path=lfn, headers={"Want-Digest": "md5"})
+    assert answer.headers["digest"] == "md5=" + base64.b64encode(hashlib.md5(answer.body).digest()).decode()
+
+
+def test_ranges_single_suffix_multi_and_unsatisfiable(storage_element, pki):
+    running, series = storage_element
+    lfn = lfn_of(running, series[3])
+    full = request(running.url, pki, "bob", path=lfn).body
+    size = len(full)
+    one = request(running.url, pki, "bob", path=lfn, headers={"Range": "bytes=10-19"})
+    assert (one.status, one.body, one.headers["content-range"]) == (206, full[10:20], f"bytes 10-19/{size}")
+    tail = request(running.url, pki, "bob", path=lfn, headers={"Range": "bytes=-5"})
+    assert tail.body == full[-5:]
+    multi = request(running.url, pki, "bob", path=lfn, headers={"Range": "bytes=0-3,100-103"})
+    assert multi.status == 206 and multi.headers["content-type"].startswith("multipart/byteranges; boundary=")
+    assert int(multi.headers["content-length"]) == len(multi.body)
+    assert full[0:4] in multi.body and full[100:104] in multi.body
+    assert f"Content-Range: bytes 100-103/{size}".encode() in multi.body
+    beyond = request(running.url, pki, "bob", path=lfn, headers={"Range": f"bytes={size + 10}-"})
+    assert beyond.status == 416 and beyond.headers["content-range"] == f"bytes */{size}"
+    garbage = request(running.url, pki, "bob", path=lfn, headers={"Range": "bytes=abc"})
+    assert garbage.status == 200 and garbage.body == full
+
+
+def test_rights_decide_who_reads(storage_element, pki):
+    running, series = storage_element
+    lfn = lfn_of(running, series[4])
+    for reader in ("bob", "carol", "dave", "alice"):
+        assert request(running.url, pki, reader, "HEAD", lfn).status == 200, reader
+    refused = request(running.url, pki, "eve", path=lfn)
+    assert refused.status == 403 and refused.headers["content-type"] == "application/problem+json"
+    assert json.loads(refused.body)["status"] == 403
+    anonymous = request(running.url, pki, None, path=lfn)
+    assert anonymous.status == 401 and "certificate" in anonymous.json()["detail"]
+    assert request(running.url, pki, "bob", path=lfn.replace("/grid/demo/", "/grid/demo/mdm/x/")).status == 404
+
+
+@pytest.mark.parametrize("method", ["PUT", "DELETE", "MKCOL", "MOVE", "COPY", "PROPPATCH", "LOCK", "UNLOCK", "POST"])
+def test_every_write_is_refused_and_changes_nothing(storage_element, pki, method):
+    running, series = storage_element
+    lfn = lfn_of(running, series[5])
+    before = running.catalog.lookup(lfn)
+    answer = request(running.url, pki, "alice", method, lfn, body=b"x", headers={"Destination": running.url + "/x"})
+    assert answer.status == 405 and answer.headers["allow"] == "GET, HEAD, OPTIONS, PROPFIND"
+    assert answer.json()["status"] == 405
+    assert running.catalog.lookup(lfn) == before
+
+
+def test_a_get_that_outlasts_the_wait_answers_503_with_retry_after_then_serves(embedded_pacs, key_servers, pki,
+                                                                               tmp_path):
+    config_path = write_site_config(tmp_path / "site", embedded_pacs, key_servers, wait_timeout=0.0)
+    series = make_series(slices=4, size=16, seed="slow")
+    register(config_path, series)
+    running = start_storage_element(config_path)
+    try:
+        lfn = lfn_of(running, series[0], sop="3D")
+        first = request(running.url, pki, "bob", path=lfn)
+        assert first.status == 503 and first.headers["retry-after"] == "1"
+        assert first.headers["content-type"] == "application/problem+json"
+        assert "being staged" in first.json()["detail"]
+        for _ in range(100):
+            later = request(running.url, pki, "bob", path=lfn)
+            if later.status == 200:
+                break
+            time.sleep(0.1)
+        assert later.status == 200 and len(later.body) == running.catalog.lookup(lfn).size
+    finally:
+        running.stop()
