@@ -135,6 +135,10 @@ class Catalog(Protocol):
 
     def metadata(self, guid: str) -> ImageMetadata | None: ...
 
+    def series_images(self, directory: str) -> dict[str, dict]:
+        """Image-table rows (GUID → row) of the slices in a series directory: what a volume
+        plan needs, without reading any pixel."""
+
     def delete(self, lfn: str) -> Entry | None:
         """Remove an entry and its metadata; a slice's volume is bumped, or removed with its last slice."""
 

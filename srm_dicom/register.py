@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import posixpath
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
@@ -27,13 +28,14 @@ from pydicom.filewriter import write_dataset
 
 from srm_dicom.catalog import Catalog, Entry, Outcome
 from srm_dicom.config import Config
-from srm_dicom.crypto.container import new_file_key
+from srm_dicom.crypto.container import encrypted_size, new_file_key
 from srm_dicom.errors import InvalidInput, MdmError
 from srm_dicom.metadata import extract_metadata
 from srm_dicom.names import VOLUME, UidTriple, is_uid, pfn
 from srm_dicom.protect import key_acl, key_name, protect_image
 from srm_dicom.rights import parse_mode
 from srm_dicom.uids import deidentify_uid
+from srm_dicom.volume import NotAVolume, plan_volume
 
 if TYPE_CHECKING:
     from srm_dicom.keystore.client import KeystoreClient
@@ -149,14 +151,16 @@ class Registrar:
             source_digest=digest,
             **common,
         )
+        volume_lfn = UidTriple(study, series, VOLUME).lfn(site.vo)
         volume = Entry(
-            lfn=UidTriple(study, series, VOLUME).lfn(site.vo),
+            lfn=volume_lfn,
             guid=str(uuid.uuid4()),
             pfn=pfn(pacs.aet, pacs.host, pacs.port, original["study_uid"], original["series_uid"]),
             kind="volume",
             study_uid=study,
             series_uid=series,
             sop_uid=VOLUME,
+            size=self._volume_size(volume_lfn, guid, metadata.image),
             **common,
         )
         erased = tuple((e.path, e.keyword, e.value) for e in protected.erased)
@@ -171,6 +175,17 @@ class Registrar:
             self._forget_key(key_name(guid, known.content_version))
         log.debug("%s %s", outcome.value, lfn)
         return outcome
+
+    def _volume_size(self, volume_lfn: str, guid: str, image: dict) -> int | None:
+        """The series volume's size once this slice is in: listings are true before the first
+        assembly. None when the series is not (yet) one volume: staging will say why."""
+        rows = self._catalog.series_images(posixpath.dirname(volume_lfn))
+        rows[guid] = image
+        try:
+            plain = plan_volume(list(rows.values())).file_size(self._config.volume.format)
+        except NotAVolume:
+            return None
+        return encrypted_size(plain)
 
     def _forget_key(self, name: str) -> None:
         """Best effort: a share left behind unlocks nothing the catalog still names."""

@@ -80,10 +80,9 @@ def key_servers(pki: Path, tmp_path_factory: pytest.TempPathFactory):  # type: i
 def storage_element(embedded_pacs, key_servers, tmp_path):  # type: ignore[no-untyped-def]
     """A running storage element over the embedded PACS with an 8-slice synthetic series
     registered (nothing staged yet); yields (RunningStorageElement, the series' datasets)."""
-    from storage import register, start_storage_element
-
     from sites import write_site_config
     from srm_dicom.synthetic import make_series
+    from storage import register, start_storage_element
 
     config_path = write_site_config(tmp_path / "site", embedded_pacs, key_servers)
     series = make_series(slices=8, size=32, seed="served")

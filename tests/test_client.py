@@ -28,10 +28,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from xml.sax.saxutils import escape
 
-import clients
 import pytest
-from clients import Credential
 
+import clients
+from clients import Credential
 from sites import mdm
 from srm_dicom.cli import main
 from srm_dicom.crypto.container import encrypt_bytes

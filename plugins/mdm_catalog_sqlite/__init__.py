@@ -139,9 +139,9 @@ class SQLiteCatalog:
 
     def _upsert_volume(self, db: sqlite3.Connection, volume: Entry, now: float) -> None:
         bumped = db.execute(
-            "UPDATE entries SET content_version = content_version + 1, size = NULL,"
+            "UPDATE entries SET content_version = content_version + 1, size = ?,"
             " adler32 = NULL, modified = ? WHERE lfn = ?",
-            (now, volume.lfn),
+            (volume.size, now, volume.lfn),
         ).rowcount
         if not bumped:
             self._insert_entry(db, volume, now)
@@ -285,6 +285,14 @@ class SQLiteCatalog:
             if not directories and not entries and not self._directory_exists(path):
                 return None
             return Listing(directories, entries)
+
+    def series_images(self, directory: str) -> dict[str, dict]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT i.* FROM entries e JOIN image i ON i.guid = e.guid WHERE e.parent = ? AND e.kind = 'slice'",
+                (normalize_lfn(directory),),
+            )
+            return {row["guid"]: {c: row[c] for c in IMAGE_FIELDS} for row in rows}
 
     def _directory_exists(self, path: str) -> bool:
         return bool(

@@ -10,10 +10,12 @@ from mdm_catalog_sqlite.schema import MIGRATIONS
 from sites import keystore_section
 from srm_dicom.catalog import Outcome, find_entry, open_catalog
 from srm_dicom.config import parse_config
+from srm_dicom.crypto.container import encrypted_size
 from srm_dicom.errors import NotFound
 from srm_dicom.keystore.client import KeystoreClient
 from srm_dicom.register import Registrar
 from srm_dicom.synthetic import FakePatient, make_series
+from srm_dicom.volume import plan_volume
 
 
 @pytest.fixture
@@ -57,7 +59,9 @@ def test_series_registers_slices_and_one_volume_with_directories(config, catalog
     kinds = sorted(e.kind for e in listing.entries)
     assert kinds == ["slice"] * 4 + ["volume"]
     volume = next(e for e in listing.entries if e.kind == "volume")
-    assert volume.lfn.endswith("/3D") and volume.size is None
+    assert volume.lfn.endswith("/3D") and volume.adler32 is None
+    plain = plan_volume(list(catalog.series_images(series_dir(catalog)).values())).file_size("nifti")
+    assert volume.size == encrypted_size(plain)  # known before the first assembly
     assert catalog.count() == 5
 
 

@@ -119,3 +119,16 @@ def test_a_get_that_outlasts_the_wait_answers_503_with_retry_after_then_serves(e
         assert later.status == 200 and len(later.body) == running.catalog.lookup(lfn).size
     finally:
         running.stop()
+
+
+def test_a_volume_is_listed_with_its_true_size_before_its_first_assembly(storage_element, pki):
+    running, series = storage_element
+    lfn = lfn_of(running, series[0], sop="3D")
+    announced = running.catalog.lookup(lfn)
+    assert announced.size is not None and announced.adler32 is None
+    head = request(running.url, pki, "bob", "HEAD", lfn)
+    assert head.headers["content-length"] == str(announced.size)
+    answer = request(running.url, pki, "bob", path=lfn, headers={"Want-Digest": "adler32"})
+    assert answer.status == 200 and len(answer.body) == announced.size
+    assert answer.headers["digest"] == f"adler32={zlib.adler32(answer.body):08x}"
+    assert running.catalog.lookup(lfn).adler32 == f"{zlib.adler32(answer.body):08x}"
