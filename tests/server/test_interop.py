@@ -1,0 +1,347 @@
+"""The storage element (``srm_dicom.server`` behind cheroot, the real stager) against the
+real clients grid jobs use: curl, davix, gfal2, rclone and ``mdm get``, with Orthanc and
+with DCMTK dcmqrscp as the PACS. Every downloaded file is checked against the catalog
+(size, adler32) and decrypted as a reader would, down to the pixels of the source series.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+import time
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import jwt
+import nibabel
+import numpy as np
+import pydicom
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+
+import clients
+from clients import Credential
+from sites import mdm, write_site_config
+from srm_dicom.catalog import Entry
+from srm_dicom.cli import main
+from srm_dicom.synthetic import make_series
+from srm_dicom.uids import deidentify_uid
+from storage import RunningStorageElement, register, start_storage_element
+
+SLICES = 8
+SIZE = 32
+ISSUER = "https://issuer.test"
+AUDIENCE = "https://storage.test"
+
+
+@dataclass
+class Site:
+    """A running storage element over a PACS holding one registered synthetic series."""
+
+    se: RunningStorageElement
+    series: list[pydicom.Dataset]
+    slices: list[Entry]  # in the series' order
+    volume: Entry
+    pki: Path
+
+    @property
+    def series_dir(self) -> str:
+        return self.volume.lfn.rsplit("/", 1)[0]
+
+    def url(self, entry: Entry) -> str:
+        return self.se.url + entry.lfn
+
+    def recorded(self, entry: Entry) -> Entry:
+        """The catalog's current view of ``entry`` (a volume's checksum appears at first assembly)."""
+        found = self.se.catalog.lookup_guid(entry.guid)
+        assert found is not None
+        return found
+
+
+def adler32(data: bytes) -> str:
+    return f"{zlib.adler32(data):08x}"
+
+
+def add_token_issuer(config_path: Path, workdir: Path) -> str:
+    """Trust a new token issuer (an EC key, its JWKS in a file) in the site config; a WLCG
+    token of that issuer for a demo VO member allowed to read the VO's files."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    jwk = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(key.public_key()))
+    jwks = workdir / "jwks.json"
+    jwks.write_text(json.dumps({"keys": [{**jwk, "kid": "test-key", "alg": "ES256", "use": "sig"}]}))
+    issuers = f'issuers = {{ "{ISSUER}" = {{ jwks = "{jwks}", audience = "{AUDIENCE}" }} }}'
+    config_path.write_text(config_path.read_text().replace("[identity]\n", f"[identity]\n{issuers}\n", 1))
+    claims = {"iss": ISSUER, "aud": AUDIENCE, "sub": "researcher-7", "exp": int(time.time()) + 3600,
+              "scope": "storage.read:/grid/demo/mdm", "wlcg.groups": ["/demo"]}
+    return jwt.encode(claims, key, algorithm="ES256", headers={"kid": "test-key"})
+
+
+def start_site(config_path: Path, key_servers, seed: str) -> Site:  # type: ignore[no-untyped-def]
+    series = make_series(slices=SLICES, size=SIZE, seed=seed)
+    register(config_path, series)
+    se = start_storage_element(config_path)
+    secret = se.config.site.secret_bytes
+    slices = []
+    for ds in series:
+        uids = (ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+        entry = se.catalog.lookup("/grid/demo/mdm/" + "/".join(deidentify_uid(secret, u) for u in uids))
+        assert entry is not None
+        slices.append(entry)
+    volume = se.catalog.lookup(slices[0].lfn.rsplit("/", 1)[0] + "/3D")
+    assert volume is not None
+    return Site(se, series, slices, volume, key_servers.pki)
+
+
+@pytest.fixture(scope="module", params=["orthanc", "dcmqrscp"])
+def pacs(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
+    return request.getfixturevalue(request.param)
+
+
+@pytest.fixture(scope="module")
+def token_site(pacs, key_servers, tmp_path_factory) -> Iterator[tuple[Site, str]]:  # type: ignore[no-untyped-def]
+    """The site most tests share (GETs wait for staging), and a bearer token it trusts."""
+    workdir = tmp_path_factory.mktemp(f"site-{pacs.name}")
+    config_path = write_site_config(workdir, pacs, key_servers)
+    token = add_token_issuer(config_path, workdir)
+    site = start_site(config_path, key_servers, seed=f"interop {pacs.name}")
+    try:
+        yield site, token
+    finally:
+        site.se.stop()
+
+
+@pytest.fixture(scope="module")
+def site(token_site: tuple[Site, str]) -> Site:
+    return token_site[0]
+
+
+def client_config(site: Site, user: str, folder: Path) -> Path:
+    """A grid user's client config: where the storage element is, the key servers, the user's credential."""
+    keystore = site.se.config.keystore
+    user_dir = site.pki / "users" / user
+    path = folder / f"{user}.toml"
+    path.write_text(
+        f'[site]\nvo = "demo"\n\n[storage]\nurl = "{site.se.url}"\ntimeout = 30\n\n'
+        f"[keystore]\nurls = {json.dumps(keystore.urls)}\n"
+        f'ca = "{site.pki / "ca.pem"}"\ncert = "{user_dir / "cert.pem"}"\nkey = "{user_dir / "key.pem"}"\n'
+    )
+    return path
+
+
+def run_mdm(config: Path, *args: str) -> tuple[int, str]:
+    """``mdm`` in this process, as the installed command runs (faster than a new interpreter); (code, stderr)."""
+    err = io.StringIO()
+    saved = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = io.StringIO(), err
+    try:
+        code = main(["--config", str(config), *args])
+    finally:
+        sys.stdout, sys.stderr = saved
+    return code, err.getvalue()
+
+
+def assert_served(site: Site, entry: Entry, data: bytes) -> None:
+    """The bytes a client got are the catalog's: size and adler32."""
+    recorded = site.recorded(entry)
+    assert (len(data), adler32(data)) == (recorded.size, recorded.adler32), entry.lfn
+
+
+def assert_decrypts_to_source(site: Site, download: Path, entry: Entry, source: pydicom.Dataset) -> None:
+    """bob decrypts a downloaded slice with ``mdm decrypt``: the pixels are the source's."""
+    out = download.parent / f"{download.name}.dcm"
+    code, stderr = run_mdm(client_config(site, "bob", download.parent), "decrypt", f"guid:{entry.guid}",
+                           str(download), str(out))
+    assert code == 0, stderr
+    decrypted = pydicom.dcmread(out)
+    assert decrypted.PixelData == source.PixelData
+    assert "PatientName" not in decrypted or str(decrypted.PatientName) != str(source.PatientName)
+
+
+def assert_is_the_series_volume(path: Path, series: list[pydicom.Dataset]) -> None:
+    """Every source pixel, placed in world space from its slice's DICOM geometry (LPS), is the
+    voxel the NIfTI affine (RAS) puts there, rescaled: checked with nibabel, not dcm2niix."""
+    image = nibabel.load(path)
+    data = np.asarray(image.dataobj)
+    assert data.shape == (SIZE, SIZE, SLICES)
+    to_voxel = np.linalg.inv(image.affine)
+    rows, columns = np.meshgrid(np.arange(SIZE), np.arange(SIZE), indexing="ij")
+    for ds in series:
+        orientation = np.array(ds.ImageOrientationPatient, dtype=float)
+        row_spacing, column_spacing = (float(v) for v in ds.PixelSpacing)
+        lps = (np.array(ds.ImagePositionPatient, dtype=float)[:, None, None]
+               + orientation[:3, None, None] * column_spacing * columns
+               + orientation[3:, None, None] * row_spacing * rows)
+        ras = np.stack([-lps[0], -lps[1], lps[2], np.ones_like(lps[0])]).reshape(4, -1)
+        ijk = (to_voxel @ ras)[:3]
+        index = np.rint(ijk).astype(int)
+        assert np.allclose(ijk, index, atol=1e-3)
+        slope, intercept = float(getattr(ds, "RescaleSlope", 1)), float(getattr(ds, "RescaleIntercept", 0))
+        expected = ds.pixel_array.reshape(-1) * slope + intercept
+        assert np.array_equal(data[index[0], index[1], index[2]], expected)
+
+
+def problem_detail(body: str) -> str:
+    found = json.loads(body)
+    assert {"status", "title", "detail"} <= set(found)
+    return found["detail"]
+
+
+# -- curl ------------------------------------------------------------------------------
+
+
+def test_curl_get_range_head_digest_and_bearer_token(site, token_site, tmp_path):
+    _, token = token_site
+    entry, bob = site.slices[0], Credential.of_user(site.pki, "bob")
+    head = clients.curl(site.url(entry), bob, "-f", "-I", "-H", "Want-Digest: adler32")
+    assert head.returncode == 0, head.stderr
+    headers = head.stdout.lower()
+    assert f"digest: adler32={entry.adler32}" in headers and f"content-length: {entry.size}" in headers
+
+    whole = tmp_path / "slice.enc"
+    got = clients.curl(site.url(entry), bob, "-f", "-o", str(whole))
+    assert got.returncode == 0, got.stderr
+    data = whole.read_bytes()
+    assert_served(site, entry, data)
+    assert_decrypts_to_source(site, whole, entry, site.series[0])
+
+    part = tmp_path / "part"
+    ranged = clients.curl(site.url(entry), bob, "-f", "-r", "100-1099", "-o", str(part), "-w", "%{http_code}")
+    assert ranged.returncode == 0 and ranged.stdout == "206", ranged.stderr
+    assert part.read_bytes() == data[100:1100]
+
+    with_token = tmp_path / "token.enc"
+    got = clients.curl(site.url(entry), Credential.of_token(site.pki / "ca.pem", token), "-f", "-o", str(with_token))
+    assert got.returncode == 0, got.stderr
+    assert with_token.read_bytes() == data
+
+
+def test_eve_of_another_vo_is_refused_by_curl_and_by_mdm_get(site, tmp_path):
+    entry = site.slices[1]
+    refused = clients.curl(site.url(entry), Credential.of_user(site.pki, "eve"), "-w", "\n%{http_code}")
+    body, _, status = refused.stdout.rpartition("\n")
+    assert status == "403" and "eve may not read" in problem_detail(body)
+    out = tmp_path / "slice.dcm"
+    code, stderr = run_mdm(client_config(site, "eve", tmp_path), "get", "-l", entry.lfn, str(out))
+    assert code != 0 and "access denied (403)" in stderr and len(stderr.splitlines()) == 1
+    assert not out.exists()
+
+
+# -- davix -----------------------------------------------------------------------------
+
+
+def test_davix_ls_and_get(site, tmp_path):
+    bob = Credential.of_user(site.pki, "bob")
+    listing = clients.davix_ls(site.se.url + site.series_dir, bob)
+    assert listing.returncode == 0, listing.stderr
+    assert set(listing.stdout.split()) == {e.lfn.rsplit("/", 1)[1] for e in site.slices} | {"3D"}
+    entry, out = site.slices[2], tmp_path / "slice.enc"
+    got = clients.davix_get(site.url(entry), out, bob)
+    assert got.returncode == 0, got.stderr
+    assert_served(site, entry, out.read_bytes())
+    assert_decrypts_to_source(site, out, entry, site.series[2])
+
+
+# -- gfal2 -----------------------------------------------------------------------------
+
+
+def test_gfal_ls_status_bringonline_archivepoll_copy_sum_and_evict(site, tmp_path):
+    bob = Credential.of_user(site.pki, "bob")
+    entry = site.slices[3]
+    url = site.url(entry)
+    listing = clients.gfal("ls", site.se.url + site.series_dir, cred=bob)
+    assert listing.returncode == 0, listing.stderr
+    assert {e.lfn.rsplit("/", 1)[1] for e in site.slices} | {"3D"} == set(listing.stdout.split())
+
+    # The PACS is the tape: TAPE is what gfal2 shows as NEARLINE, DISK_AND_TAPE as ONLINE_AND_NEARLINE.
+    status = clients.gfal("xattr", url, "user.status", cred=bob)
+    assert (status.returncode, status.stdout.strip()) == (0, "NEARLINE"), status.stderr
+    archived = clients.gfal("archivepoll", url, cred=bob)
+    assert archived.returncode == 0 and archived.stdout.split() == [url, "READY"], archived
+
+    staged = clients.gfal("bringonline", "--pin-lifetime", "3600", "--polling-timeout", "30", url, cred=bob)
+    assert staged.returncode == 0, staged.stderr
+    assert f"{url} READY" in staged.stdout, staged.stdout
+    status = clients.gfal("xattr", url, "user.status", cred=bob)
+    assert status.stdout.strip() == "ONLINE_AND_NEARLINE", status
+    assert entry.guid in site.se.catalog.pinned_guids(int(time.time()))
+
+    out = tmp_path / "slice.enc"
+    copied = clients.gfal("copy", url, f"file://{out}", cred=bob)
+    assert copied.returncode == 0, copied.stderr
+    assert_served(site, entry, out.read_bytes())
+    assert_decrypts_to_source(site, out, entry, site.series[3])
+    checksum = clients.gfal("sum", url, "ADLER32", cred=bob)
+    assert checksum.returncode == 0, checksum.stderr
+    assert checksum.stdout.split() == [url, entry.adler32]
+
+    evicted = clients.gfal("evict", url, cred=bob)
+    assert evicted.returncode == 0, evicted.stderr
+    assert entry.guid not in site.se.catalog.pinned_guids(int(time.time()))
+
+
+# -- mdm get ---------------------------------------------------------------------------
+
+
+def test_mdm_get_of_a_slice_and_of_the_volume(site, tmp_path):
+    bob = client_config(site, "bob", tmp_path)
+    out = tmp_path / "slice.dcm"
+    code, stderr = run_mdm(bob, "get", "-l", site.slices[4].lfn, str(out))
+    assert code == 0, stderr
+    assert pydicom.dcmread(out).PixelData == site.series[4].PixelData
+
+    study, series = site.series_dir.split("/")[-2:]
+    volume = tmp_path / "volume.nii"
+    installed = mdm("get", "-s", f"{study},{series},3D", str(volume), config=bob)
+    assert installed.returncode == 0 and installed.stdout == "", installed.stderr
+    assert_is_the_series_volume(volume, site.series)
+    assert site.recorded(site.volume).adler32 is not None
+
+
+# -- rclone ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fresh_site(pacs, key_servers, tmp_path) -> Iterator[Site]:  # type: ignore[no-untyped-def]
+    """A site with nothing staged whose GETs never wait: every first GET answers 503 while staging."""
+    config_path = write_site_config(tmp_path / "fresh", pacs, key_servers, wait_timeout=0.0)
+    site = start_site(config_path, key_servers, seed=f"rclone {pacs.name} {tmp_path.name}")
+    try:
+        yield site
+    finally:
+        site.se.stop()
+
+
+def test_rclone_copies_a_series_still_staging(fresh_site, tmp_path):
+    site, bob = fresh_site, Credential.of_user(fresh_site.pki, "bob")
+    assert {site.se.stager.locality(e) for e in [*site.slices, site.volume]} == {"TAPE"}
+    first = clients.curl(site.url(site.slices[0]), bob, "-D", "-", "-o", "/dev/null")
+    assert first.stdout.startswith("HTTP/1.1 503") and "retry-after: 1" in first.stdout.lower(), first.stdout
+
+    out = tmp_path / "series"
+    slices = clients.rclone("copy", f"mdm:{site.series_dir}", str(out), "--exclude", "3D", "--retries", "1",
+                            "--low-level-retries", "20", url=site.se.url, cred=bob)
+    assert slices.returncode == 0, slices.stderr
+    for entry, source in zip(site.slices, site.series, strict=True):
+        download = out / entry.lfn.rsplit("/", 1)[1]
+        assert_served(site, entry, download.read_bytes())
+        assert_decrypts_to_source(site, download, entry, source)
+
+    # The whole directory, the volume still on "tape": one attempt must do.
+    whole = clients.rclone("copy", f"mdm:{site.series_dir}", str(out), "--retries", "1",
+                           "--low-level-retries", "20", url=site.se.url, cred=bob)
+    assert whole.returncode == 0, whole.stderr
+    assert_served(site, site.volume, (out / "3D").read_bytes())
+
+
+def test_listings_give_the_volume_size_before_its_first_assembly(fresh_site):
+    """DESIGN: a volume's size is known before its first assembly, so listings are true from
+    the start; rclone checks every size it downloads against them."""
+    site, bob = fresh_site, Credential.of_user(fresh_site.pki, "bob")
+    listing = clients.rclone("ls", f"mdm:{site.series_dir}", url=site.se.url, cred=bob)
+    assert listing.returncode == 0, listing.stderr
+    sizes = {name: int(size) for size, name in (line.split() for line in listing.stdout.splitlines())}
+    assert sizes == {**{e.lfn.rsplit("/", 1)[1]: e.size for e in site.slices}, "3D": sizes["3D"]}
+    assert site.volume.size is not None and sizes["3D"] == site.volume.size, listing.stdout
