@@ -62,3 +62,26 @@ def may_browse(identity: Identity, vo: str, path: str) -> bool:
             if action in ("read", "stage")
         )
     return identity.vo == vo
+
+
+def metadata_level(identity: Identity, entry: Entry) -> str:
+    """What of an entry's metadata the caller sees: "none", "anonymous" or "all" (seeds' modes:
+    private = owner and register only; group = physicians all, MIA anonymous, the rest of the VO
+    none; anonymous = VO and MIA anonymous; public = everyone all). A per-DN entry overrides."""
+    if _privileged(identity) or identity.subject == entry.owner:
+        return "all"
+    for acl in entry.acl:
+        if acl.dn == identity.subject:
+            return acl.metadata
+    member = identity.vo == entry.vo
+    mode = entry.metadata_mode
+    if mode == "public":
+        return "all"
+    if mode == "anonymous":
+        return "anonymous" if member else "none"
+    if mode == "group" and member:
+        if "physician" in identity.groups:
+            return "all"
+        if "mia" in identity.groups:
+            return "anonymous"
+    return "none"
