@@ -140,6 +140,16 @@ class StorageConfig:
 
 
 @dataclass(frozen=True)
+class StorageSite:
+    """A storage element of another hospital, named in a client config's ``[sites.NAME]``
+    so that ``mdm query --site`` and ``mdm get --site`` reach it (see srm_dicom/sites.py)."""
+
+    url: str = ""
+    # CA its HTTPS certificate chains to, when not the [keystore] ca.
+    ca: str = ""
+
+
+@dataclass(frozen=True)
 class Config:
     site: SiteConfig = field(default_factory=SiteConfig)
     catalog: CatalogConfig = field(default_factory=CatalogConfig)
@@ -153,6 +163,8 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     volume: VolumeConfig = field(default_factory=VolumeConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    # [sites.NAME] tables, in file order.
+    sites: dict[str, StorageSite] = field(default_factory=dict)
     base_dir: Path = field(default_factory=Path.cwd)
     # The sections the file really has: a user's client config has no catalog, for instance.
     sections: frozenset[str] = frozenset()
@@ -205,6 +217,9 @@ def _validate(config: Config) -> None:
         raise ConfigError("config: [volume] format must be 'nifti' or 'nrrd'")
     if config.pacs.retrieve not in ("get", "move"):
         raise ConfigError("config: [pacs] retrieve must be 'get' or 'move'")
+    for name, site in config.sites.items():
+        if not site.url.startswith("https://"):
+            raise ConfigError(f"config: [sites.{name}] url must be https://HOST:PORT, not {site.url!r}")
     try:
         parse_mode(config.site.file_mode)
         parse_metadata_mode(config.site.metadata_mode)
@@ -213,8 +228,13 @@ def _validate(config: Config) -> None:
 
 
 def parse_config(data: dict[str, Any], base_dir: Path) -> Config:
-    sections = {}
+    sections: dict[str, Any] = {}
     for name, values in data.items():
+        if name == "sites":
+            if not isinstance(values, dict):
+                raise ConfigError("config: [sites] must hold tables [sites.NAME]")
+            sections[name] = {site: _section(f"sites.{site}", StorageSite, table) for site, table in values.items()}
+            continue
         if name not in _SECTIONS:
             raise ConfigError(f"config: unknown section [{name}]")
         sections[name] = _section(name, _SECTIONS[name], values)
