@@ -23,8 +23,8 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
-from urllib.parse import quote, urlsplit
+from typing import Any, BinaryIO
+from urllib.parse import quote, urlencode, urlsplit
 
 from srm_dicom.config import Config
 from srm_dicom.crypto.container import HEADER_SIZE, check_key, decrypt_stream, read_header
@@ -147,6 +147,36 @@ class StorageClient:
             connection.close()
         return Download(guid, header.plain_size, header.encrypted_size, attempts, time.monotonic() - started)
 
+    def get_json(self, path: str, query: dict[str, str]) -> Any:
+        """The answer of a JSON API (the metadata search), refusals and failures as for a file."""
+        connection = http.client.HTTPSConnection(self.host, self.port, context=self._context, timeout=self.timeout)
+        try:
+            response = self._request(connection, path, urlencode(query), "application/json")
+            if response.status != 200:
+                raise _refusal(response.status, path, _problem(response))
+            body = response.read()
+        except (OSError, http.client.HTTPException) as exc:
+            raise DownloadFailed(f"{self.url}{path}: answer broken off ({type(exc).__name__})") from None
+        finally:
+            connection.close()
+        try:
+            return json.loads(body)
+        except ValueError:
+            raise DownloadFailed(f"{self.url}{path} answered something that is not JSON") from None
+
+    def exists(self, path: str) -> bool:
+        """Whether the storage element has ``path``: a HEAD, which never stages."""
+        connection = http.client.HTTPSConnection(self.host, self.port, context=self._context, timeout=self.timeout)
+        try:
+            response = self._request(connection, path, method="HEAD")
+            if response.status == 404:
+                return False
+            if response.status != 200:
+                raise _refusal(response.status, path, _problem(response))
+            return True
+        finally:
+            connection.close()
+
     def _open(self, path: str) -> tuple[http.client.HTTPResponse, http.client.HTTPSConnection, int]:
         """GET ``path`` until it answers 200; 503 is retried as told by Retry-After until the deadline."""
         deadline = time.monotonic() + self.timeout
@@ -176,9 +206,13 @@ class StorageClient:
             log.info("%s: 503 %s; retrying in %g s", self.url, problem or "staging", wait)
             time.sleep(wait)
 
-    def _request(self, connection: http.client.HTTPSConnection, path: str) -> http.client.HTTPResponse:
+    def _request(
+        self, connection: http.client.HTTPSConnection, path: str, query: str = "", accept: str = "*/*",
+        method: str = "GET",
+    ) -> http.client.HTTPResponse:
+        target = self.prefix + quote(path) + (f"?{query}" if query else "")
         try:
-            connection.request("GET", self.prefix + quote(path), headers={"Accept": "*/*"})
+            connection.request(method, target, headers={"Accept": accept})
             return connection.getresponse()
         except ssl.SSLCertVerificationError as exc:
             raise AccessDenied(f"{self.url}: server certificate not trusted: {exc.verify_message}") from None
