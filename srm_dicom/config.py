@@ -243,9 +243,14 @@ def parse_config(data: dict[str, Any], base_dir: Path) -> Config:
     return config
 
 
+def config_file(path: str | os.PathLike[str] | None = None) -> Path:
+    """The config file named by ``path``, else by ``$MDM_CONFIG``, else ``./mdm.toml``."""
+    return Path(path or os.environ.get(CONFIG_ENV) or "mdm.toml")
+
+
 def load_config(path: str | os.PathLike[str] | None = None) -> Config:
-    """Load the config named by ``path``, else by ``$MDM_CONFIG``, else ``./mdm.toml``."""
-    chosen = Path(path or os.environ.get(CONFIG_ENV) or "mdm.toml")
+    """Load the config file chosen as ``config_file`` says."""
+    chosen = config_file(path)
     try:
         data = tomllib.loads(chosen.read_text())
     except FileNotFoundError:
