@@ -75,6 +75,7 @@ import srm_dicom  # noqa: E402
 from sites import write_site_config  # noqa: E402
 from srm_dicom.catalog import Entry, UidTriple, open_catalog  # noqa: E402
 from srm_dicom.config import CacheConfig, ServerConfig, load_config  # noqa: E402
+from srm_dicom.errors import MdmError  # noqa: E402
 from srm_dicom.keystore.client import KeystoreClient  # noqa: E402
 from srm_dicom.pacs.client import PacsClient  # noqa: E402
 from srm_dicom.protect import key_name  # noqa: E402
@@ -430,9 +431,13 @@ def part1(kind: str, workdir: Path, keys: KeyServers, args: argparse.Namespace) 
             f"key fetch x{len(series.slices)}": key_fetches,
         }
         times: dict[str, list[float]] = {name: [] for name in methods}
-        for _ in range(args.rounds):
+        failures: list[str] = []
+        for round_ in range(args.rounds):
             for name, run in methods.items():
-                times[name].append(run(site, series))
+                try:
+                    times[name].append(run(site, series))
+                except MdmError as exc:  # one failed run is a finding to report, not a lost bench
+                    failures.append(f"round {round_ + 1}, {name}: {exc}")
     finally:
         site.peer.stop()
     count = len(series.slices)
@@ -447,6 +452,8 @@ def part1(kind: str, workdir: Path, keys: KeyServers, args: argparse.Namespace) 
         median = statistics.median(runs)
         spread = f"{median:7.2f} [{min(runs):.2f}-{max(runs):.2f}]"
         print(f"{name:28s} {spread:>21s} {count / median:9.1f} {median / reference:8.2f} {median / dcmtk:9.2f}")
+    for failure in failures:
+        print(f"  FAILED (not in the medians): {failure}")
 
 
 # -- part 2: warm GETs next to nginx ---------------------------------------------------
