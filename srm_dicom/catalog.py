@@ -11,12 +11,17 @@ import re
 from dataclasses import dataclass, field
 from enum import Enum
 from importlib.metadata import entry_points
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from srm_dicom.config import Config
 from srm_dicom.errors import ConfigError, MdmError, NotFound
 from srm_dicom.metadata import ImageMetadata
 from srm_dicom.names import UidTriple, parse_lfn, parse_sop_spec
+
+if TYPE_CHECKING:  # query.py builds on Entry: a runtime import would be circular
+    from collections.abc import Iterator, Sequence
+
+    from srm_dicom.query import Attribute, Match, Query
 
 ENTRY_POINT_GROUP = "srm_dicom.catalog"
 
@@ -141,6 +146,11 @@ class Catalog(Protocol):
 
     def delete(self, lfn: str) -> Entry | None:
         """Remove an entry and its metadata; a slice's volume is bumped, or removed with its last slice."""
+
+    def search(self, query: Query, attributes: Sequence[Attribute], limit: int | None = None) -> Iterator[Match]:
+        """Slices whose metadata matches ``query``, in LFN order, at most ``limit``, each with
+        the values of ``attributes`` and of those the query filters on. No rights applied:
+        the caller filters (``srm_dicom.query.visible``). Values are bound, never spliced."""
 
     def count(self) -> int: ...
 

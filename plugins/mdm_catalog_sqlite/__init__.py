@@ -12,10 +12,11 @@ import posixpath
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from mdm_catalog_sqlite import search as metadata_search
 from mdm_catalog_sqlite.schema import MIGRATIONS
 from srm_dicom.catalog import (
     COMPLETED,
@@ -31,6 +32,7 @@ from srm_dicom.catalog import (
 from srm_dicom.config import Config
 from srm_dicom.metadata import IMAGE_FIELDS, MEDICAL_FIELDS, PATIENT_FIELDS, ImageMetadata
 from srm_dicom.names import UidTriple, normalize_lfn
+from srm_dicom.query import Attribute, Match, Query
 
 _ENTRY_COLUMNS = (
     "lfn", "guid", "pfn", "kind", "study_uid", "series_uid", "sop_uid", "owner", "vo", "mode",
@@ -325,6 +327,9 @@ class SQLiteCatalog:
                 protocols=tuple(p["name"] for p in protocols),
                 erased=tuple(tuple(row) for row in erased),
             )
+
+    def search(self, query: Query, attributes: Sequence[Attribute], limit: int | None = None) -> Iterator[Match]:
+        return metadata_search.search(self._db, self._lock, _ENTRY_COLUMNS, query, attributes, limit)
 
     def count(self) -> int:
         with self._lock:

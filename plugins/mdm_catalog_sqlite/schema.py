@@ -113,4 +113,13 @@ MIGRATIONS: list[str] = [
     DROP INDEX directories_parent;
     CREATE INDEX directories_parent ON directories (parent, path)
     """,
+    # 5: metadata search (``mdm query``, the JSON API, QIDO-RS): patients by name or ID,
+    # studies and series by their de-identified UIDs, date ranges (measured by
+    # tests/bench/bench_query.py at 10^5 images).
+    """
+    CREATE INDEX patient_name ON patient (name);
+    CREATE INDEX patient_id ON patient (patient_id);
+    CREATE INDEX dicom_deidentified ON dicom (deid_study_uid, deid_series_uid);
+    CREATE INDEX medical_study_date ON medical (study_date)
+    """,
 ]
