@@ -50,6 +50,13 @@ def may_stage(identity: Identity, entry: Entry) -> bool:
     return may_read(identity, entry)
 
 
+def may_manage(identity: Identity, entry: Entry) -> bool:
+    """Changing an entry's rights or deleting it: its owner and the hospital's ``register``
+    group (and the service), as in the seeds. Certificates only: a token's subject is no DN,
+    and tokens carry no right to manage (WLCG scopes read, stage, create and modify data)."""
+    return _privileged(identity) or (identity.kind == "x509" and identity.subject == entry.owner)
+
+
 def may_browse(identity: Identity, vo: str, path: str) -> bool:
     """Directories of a VO's namespace are visible to its members (and to tokens whose
     scope lies on the way to, or below, the directory); the entries inside are filtered."""

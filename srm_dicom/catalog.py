@@ -147,6 +147,13 @@ class Catalog(Protocol):
     def delete(self, lfn: str) -> Entry | None:
         """Remove an entry and its metadata; a slice's volume is bumped, or removed with its last slice."""
 
+    def set_rights(
+        self, guids: Sequence[str], mode: int | None, metadata_mode: str | None, acl_entries: Sequence[AclEntry]
+    ) -> None:
+        """One transaction over all ``guids``: set the file mode and the metadata mode (None
+        keeps each entry's own) and add the per-DN entries (one for a DN already there
+        replaces it). A GUID no longer in the catalog raises NotFound and nothing changes."""
+
     def search(self, query: Query, attributes: Sequence[Attribute], limit: int | None = None) -> Iterator[Match]:
         """Slices whose metadata matches ``query``, in LFN order, at most ``limit``, each with
         the values of ``attributes`` and of those the query filters on. No rights applied:

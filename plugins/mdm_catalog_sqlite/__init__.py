@@ -30,6 +30,7 @@ from srm_dicom.catalog import (
     StageRequest,
 )
 from srm_dicom.config import Config
+from srm_dicom.errors import NotFound
 from srm_dicom.metadata import IMAGE_FIELDS, MEDICAL_FIELDS, PATIENT_FIELDS, ImageMetadata
 from srm_dicom.names import UidTriple, normalize_lfn
 from srm_dicom.query import Attribute, Match, Query
@@ -209,6 +210,23 @@ class SQLiteCatalog:
                     db.execute("DELETE FROM entries WHERE lfn = ?", (volume_lfn,))
             self._prune_directories(db, posixpath.dirname(entry.lfn))
             return entry
+
+    def set_rights(
+        self, guids: Sequence[str], mode: int | None, metadata_mode: str | None, acl_entries: Sequence[AclEntry]
+    ) -> None:
+        with self._transaction() as db:
+            for guid in guids:
+                changed = db.execute(
+                    "UPDATE entries SET mode = coalesce(?, mode), metadata_mode = coalesce(?, metadata_mode)"
+                    " WHERE guid = ?",
+                    (mode, metadata_mode, guid),
+                ).rowcount
+                if not changed:
+                    raise NotFound(f"guid:{guid} is no longer in the catalog; rights not changed")
+                db.executemany(
+                    "INSERT OR REPLACE INTO acl (guid, dn, perms, metadata) VALUES (?, ?, ?, ?)",
+                    [(guid, a.dn, a.perms, a.metadata) for a in acl_entries],
+                )
 
     def _prune_directories(self, db: sqlite3.Connection, path: str) -> None:
         while path != "/" and not (

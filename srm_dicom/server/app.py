@@ -29,8 +29,10 @@ from srm_dicom.identity import (
     slash_dn,
 )
 from srm_dicom.names import normalize_lfn
+from srm_dicom.server import metadata, qido
 from srm_dicom.server.files import FileService
 from srm_dicom.server.problems import StartResponse, problem
+from srm_dicom.server.rights import RightsApi
 from srm_dicom.server.taperest import DISCOVERY, ROOT, TapeRestApi
 from srm_dicom.server.webdav import IDENTITY, webdav_app
 from srm_dicom.stager import Stager
@@ -55,6 +57,9 @@ class StorageElement:
         self._files = FileService(config, catalog, stager)
         self._tape = TapeRestApi(config, catalog, stager, self.resolve)
         self._dav = webdav_app(catalog, config.site.vo)
+        self._metadata = metadata.MetadataApi(catalog)
+        self._qido = qido.Qido(catalog)
+        self._rights = RightsApi(config, catalog)
 
     def resolve(self, path: str) -> Entry | None:
         """The entry an URL path names: an LFN or /guid/<uuid>."""
@@ -93,6 +98,12 @@ class StorageElement:
             environ[IDENTITY] = identity
             if path == ROOT or path.startswith(ROOT + "/"):
                 return self._tape(environ, start_response, identity)
+            if path == metadata.ROOT or path.startswith(metadata.ROOT + "/"):
+                return self._metadata(environ, start_response, identity)
+            if path == qido.ROOT or path.startswith(qido.ROOT + "/"):
+                return self._qido(environ, start_response, identity)
+            if self._rights.handles(path):
+                return self._rights(environ, start_response, identity)
             if method not in READ_METHODS:
                 return problem(start_response, HTTPStatus.METHOD_NOT_ALLOWED,
                                f"{method} refused: the grid side of srm-dicom is read-only", [("Allow", ALLOW)])

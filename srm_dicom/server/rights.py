@@ -1,0 +1,120 @@
+"""The grid side's way to change rights and delete entries: a small JSON API.
+
+WebDAV stays read-only for the grid (writes answer 405), so the owner of an entry, or a
+member of the hospital's ``register`` group, manages it here with their certificate:
+
+    POST /api/v1/rights  {"path" | "paths", "mode"?: "rwxr-x---",
+                          "metadata"?: "private|group|anonymous|public",
+                          "users"?: [{"dn", "perms": "r-x", "metadata": "none|anonymous|all"}]}
+         → 200 {"entries": [{"path", "mode", "metadata", "users"}]}
+    POST /api/v1/delete  {"paths"} → 200 {"deleted": [LFN, ...]}
+
+A path is an LFN (an image, a 3D, a series or a study directory), ``/guid/<uuid>``, or
+study/series/SOP UIDs (``S,SE,SOP``, ``/S/SE/SOP``, ``S,SE``…): the names' UIDs, or the
+PACS's original ones, mapped here with the site secret the grid client does not have
+(``mdm set-right -f LOCAL.dcm`` relies on it). Whoever may not manage an entry named by
+original UIDs gets 404, as if it did not exist: such a caller must not learn which
+original UIDs this site holds. Every entry named is checked before anything changes.
+Errors are RFC 7807 problems; key server failures answer 502 and say which rights hold.
+"""
+
+from __future__ import annotations
+
+import json
+from http import HTTPStatus
+
+from srm_dicom.access import may_manage
+from srm_dicom.catalog import Catalog, Entry
+from srm_dicom.config import Config
+from srm_dicom.errors import InvalidInput, MdmError, NotFound
+from srm_dicom.identity import Identity
+from srm_dicom.keystore import KeystoreError
+from srm_dicom.keystore.client import KeystoreClient
+from srm_dicom.protect import key_name
+from srm_dicom.server.problems import StartResponse, problem, respond_json
+from srm_dicom.setright import Rights, RightsChange, RightsSetter, select, site_secret
+
+RIGHTS = "/api/v1/rights"
+DELETE = "/api/v1/delete"
+MAX_BODY = 1 << 20
+
+
+class Refused(MdmError):
+    """The caller may not manage an entry."""
+
+
+def _body(environ: dict) -> dict:
+    try:
+        length = int(environ.get("CONTENT_LENGTH") or 0)
+    except ValueError:
+        raise InvalidInput("bad Content-Length") from None
+    if length > MAX_BODY:
+        raise InvalidInput(f"request body over {MAX_BODY} bytes")
+    try:
+        data = json.loads(environ["wsgi.input"].read(length) or b"{}")
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise InvalidInput("request body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise InvalidInput("request body must be a JSON object")
+    return data
+
+
+def _paths(data: dict) -> list[str]:
+    paths = data.get("paths", [data["path"]] if "path" in data else None)
+    if not isinstance(paths, list) or not paths or not all(isinstance(p, str) and p for p in paths):
+        raise InvalidInput("give 'path' (a string) or 'paths' (a non-empty list of strings)")
+    return paths
+
+
+class RightsApi:
+    def __init__(self, config: Config, catalog: Catalog) -> None:
+        self._config = config
+        self._catalog = catalog
+        self._setter = RightsSetter.from_config(config, catalog)
+        self._keystore = KeystoreClient.from_config(config)
+
+    @staticmethod
+    def handles(path: str) -> bool:
+        return path.rstrip("/") in (RIGHTS, DELETE)
+
+    def __call__(self, environ: dict, start_response: StartResponse, identity: Identity) -> list[bytes]:
+        method, path = environ["REQUEST_METHOD"], environ.get("PATH_INFO", "").rstrip("/")
+        if method != "POST":
+            return problem(start_response, HTTPStatus.METHOD_NOT_ALLOWED, f"{path} takes POST", [("Allow", "POST")])
+        try:
+            data = _body(environ)
+            entries = self._managed(_paths(data), identity)
+            if path == RIGHTS:
+                change = RightsChange.from_json(data)
+                done = self._setter.apply(entries, change)
+                answer = [{"path": e.lfn, **Rights.of(e).to_json()} for e in done]
+                return respond_json(start_response, HTTPStatus.OK, {"entries": answer})
+            return respond_json(start_response, HTTPStatus.OK, {"deleted": [self._delete(e) for e in entries]})
+        except InvalidInput as exc:
+            return problem(start_response, HTTPStatus.BAD_REQUEST, str(exc))
+        except NotFound as exc:
+            return problem(start_response, HTTPStatus.NOT_FOUND, str(exc))
+        except Refused as exc:
+            return problem(start_response, HTTPStatus.FORBIDDEN, str(exc))
+        except KeystoreError as exc:
+            return problem(start_response, HTTPStatus.BAD_GATEWAY, str(exc))
+
+    def _managed(self, paths: list[str], identity: Identity) -> list[Entry]:
+        """Every entry the paths name, once each; refused as a whole if any may not be managed."""
+        found: dict[str, Entry] = {}
+        for path in paths:
+            selection = select(self._catalog, self._config.site.vo, path, site_secret(self._config))
+            refused = [e for e in selection.entries if not may_manage(identity, e)]
+            if refused and selection.by_original:
+                raise NotFound(f"no such study, series or image: {path}")
+            if refused:
+                raise Refused(f"{identity.subject} may not change the rights of {refused[0].lfn} or delete it "
+                              "(its owner and the register group only)")
+            found.update((e.guid, e) for e in selection.entries)
+        return list(found.values())
+
+    def _delete(self, entry: Entry) -> str:
+        """Like ``mdm del`` on the hospital side: the entry goes, its key shares too, the image stays in the PACS."""
+        self._catalog.delete(entry.lfn)  # None when a series' last slice took its 3D along: its key goes below
+        self._keystore.delete_key(key_name(entry.guid, entry.content_version))
+        return entry.lfn
