@@ -16,7 +16,7 @@ import sys
 from srm_dicom import __version__
 from srm_dicom.errors import MdmError
 
-COMMAND_MODULES = ("register", "namespace", "listen", "pacs", "decrypt", "serve", "demo", "keystore", "pki", "get")
+COMMAND_MODULES = ("register", "namespace", "listen", "pacs", "decrypt", "serve", "demo", "keystore", "pki", "get", "site")
 
 EXIT_INTERRUPTED = 130
 
