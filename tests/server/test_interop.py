@@ -149,13 +149,18 @@ def assert_served(site: Site, entry: Entry, data: bytes) -> None:
     assert (len(data), adler32(data)) == (recorded.size, recorded.adler32), entry.lfn
 
 
-def assert_decrypts_to_source(site: Site, download: Path, entry: Entry, source: pydicom.Dataset) -> None:
-    """bob decrypts a downloaded slice with ``mdm decrypt``: the pixels are the source's."""
-    out = download.parent / f"{download.name}.dcm"
+def decrypt(site: Site, download: Path, entry: Entry, suffix: str) -> Path:
+    """bob decrypts a downloaded file with ``mdm decrypt``, as a grid job would."""
+    out = download.parent / f"{download.name}{suffix}"
     code, stderr = run_mdm(client_config(site, "bob", download.parent), "decrypt", f"guid:{entry.guid}",
                            str(download), str(out))
     assert code == 0, stderr
-    decrypted = pydicom.dcmread(out)
+    return out
+
+
+def assert_decrypts_to_source(site: Site, download: Path, entry: Entry, source: pydicom.Dataset) -> None:
+    """A downloaded slice decrypts to an anonymized image with the source's pixels."""
+    decrypted = pydicom.dcmread(decrypt(site, download, entry, ".dcm"))
     assert decrypted.PixelData == source.PixelData
     assert "PatientName" not in decrypted or str(decrypted.PatientName) != str(source.PatientName)
 
@@ -261,7 +266,7 @@ def test_gfal_ls_status_bringonline_archivepoll_copy_sum_and_evict(site, tmp_pat
     archived = clients.gfal("archivepoll", url, cred=bob)
     assert archived.returncode == 0 and archived.stdout.split() == [url, "READY"], archived
 
-    staged = clients.gfal("bringonline", "--pin-lifetime", "3600", "--polling-timeout", "30", url, cred=bob)
+    staged = clients.gfal("bringonline", "--polling-timeout", "30", url, cred=bob)
     assert staged.returncode == 0, staged.stderr
     assert f"{url} READY" in staged.stdout, staged.stdout
     status = clients.gfal("xattr", url, "user.status", cred=bob)
@@ -334,6 +339,7 @@ def test_rclone_copies_a_series_still_staging(fresh_site, tmp_path):
                            "--low-level-retries", "20", url=site.se.url, cred=bob)
     assert whole.returncode == 0, whole.stderr
     assert_served(site, site.volume, (out / "3D").read_bytes())
+    assert_is_the_series_volume(decrypt(site, out / "3D", site.volume, ".nii"), site.series)
 
 
 def test_listings_give_the_volume_size_before_its_first_assembly(fresh_site):
