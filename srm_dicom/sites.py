@@ -106,6 +106,19 @@ def client(config: Config, site: Site, timeout: float) -> StorageClient:
                          key=config.path(config.keystore.key), timeout=timeout)
 
 
+def download_client(config: Config, path: str, name: str | None, timeout: float | None) -> StorageClient:
+    """The client of the site to download ``path`` from: the one named; else, when the config names
+    other sites, the one that has it (so a name found by a federated query needs no --site); else the default."""
+    timeout = config.storage.timeout if timeout is None else timeout
+    if name == ALL:
+        raise InvalidInput("--site all: a file is downloaded from one site; name it (mdm query shows each row's site)")
+    if name is not None:
+        return client(config, choose(config, name)[0], timeout)
+    if not config.sites:
+        return StorageClient.from_config(config, timeout)
+    return client(config, locate(config, path, choose(config, ALL)), timeout)
+
+
 def query(config: Config, sites: Sequence[Site], params: dict[str, str],
           timeout: float = SITE_TIMEOUT) -> FederatedAnswer:
     """``GET /api/v1/metadata`` with ``params`` (q, select, limit) at every site at once, rows merged in site order."""

@@ -11,8 +11,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
+from srm_dicom import sites
 from srm_dicom.client import Progress as ProgressCallback
-from srm_dicom.client import StorageClient, guid_path, lfn_path
+from srm_dicom.client import guid_path, lfn_path
 from srm_dicom.config import load_config
 from srm_dicom.errors import InvalidInput, MdmError
 from srm_dicom.keystore.client import KeystoreClient
@@ -30,12 +31,14 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
         "get",
         help="download an image or a 3D volume from the storage element and decrypt it",
-        usage="mdm get [-i | -f] [-v] [--timeout SECONDS] {-s S,SE,SOP | -l LFN | -g GUID | FILE} DEST",
+        usage="mdm get [-i | -f] [-v] [--timeout SECONDS] [--site NAME] {-s S,SE,SOP | -l LFN | -g GUID | FILE} DEST",
         description=(
             "Download one file from the storage element ([storage] url of your config) over\n"
             "HTTPS with your certificate ([keystore] cert and key), wait while it is staged from\n"
             "the PACS, fetch its key shares from the key servers and decrypt it. DEST is written\n"
-            "only once the whole file decrypted and authenticated. Silent on success unless -v."
+            "only once the whole file decrypted and authenticated. Silent on success unless -v.\n"
+            "With sites in your config ([sites.NAME], see 'mdm site'), the file is downloaded from\n"
+            "the site given by --site, else from the site that has it."
         ),
         epilog=(
             "The file is named in one of four equivalent ways:\n"
@@ -62,6 +65,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="say what happens")
     parser.add_argument("--timeout", type=float, metavar="SECONDS",
                         help="how long to wait while the file is staged (default: [storage] timeout)")
+    parser.add_argument("--site", metavar="NAME",
+                        help="download from this site of your config (default: the site that has the file)")
     parser.set_defaults(handler=run)
 
 
@@ -129,7 +134,8 @@ def run(args: argparse.Namespace) -> int:
     destination = Path(args.items[-1])
     _may_write(destination, args)
     # Both clients before the download, so a config mistake shows before any byte moves.
-    storage, keystore = StorageClient.from_config(config, args.timeout), KeystoreClient.from_config(config)
+    storage = sites.download_client(config, path, args.site, args.timeout)
+    keystore = KeystoreClient.from_config(config)
     with _progress_bar() as progress:
         download = storage.get(path, destination, keystore, progress)
     if args.verbose:
