@@ -33,10 +33,11 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Any, Literal
 
 from srm_dicom.access import may_list, metadata_level
-from srm_dicom.catalog import Entry
+from srm_dicom.catalog import Catalog, Entry
 from srm_dicom.errors import InvalidInput
 from srm_dicom.identity import Identity
 from srm_dicom.rights import METADATA_LEVELS
@@ -356,3 +357,17 @@ def visible(
             continue
         values = {a.keyword: match.values.get(a.keyword) for a in attributes if reaches(level, a.level)}
         yield Visible(match.entry, level, values)
+
+
+# What a listing shows when the caller names no attribute (each only where their level reaches it).
+DEFAULT_ATTRIBUTES = tuple(
+    ATTRIBUTES[k] for k in ("PatientName", "Modality", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
+)
+
+
+def find(
+    catalog: Catalog, identity: Identity, query: Query, attributes: Sequence[Attribute], limit: int
+) -> list[Visible]:
+    """The first ``limit`` matches, in LFN order, that ``identity`` may see."""
+    matches = catalog.search(query, attributes)
+    return list(islice(visible(matches, identity, query.level, attributes), limit))

@@ -1,0 +1,251 @@
+"""DICOMweb QIDO-RS (PS3.18 §10.6) over the catalog's metadata: what dicomweb-client and OHIF search.
+
+Routes under ``/dicom-web``: ``/studies``, ``/studies/{study}/series``, ``/series``,
+``/studies/{study}/series/{series}/instances``, ``/studies/{study}/instances`` and
+``/instances``. Query keys are keywords or tags (``PatientName``, ``00100010``) with DICOM
+matching: a single value, ``*``/``?`` wildcards, ``A\\B`` lists, ``A-B`` date ranges, and an
+empty value only asks for the attribute (as ``includefield`` does). ``limit`` and
+``offset`` page the answer; ``fuzzymatching`` and unknown keys are ignored with a
+``Warning: 299`` header, as the standard asks.
+
+Rights as everywhere (``srm_dicom.query``): images the caller may not list, or whose
+metadata level is ``none``, are absent; attributes above their level are absent. UIDs
+are the de-identified ones (the served files') unless the caller's level for the image
+is ``all``: then the PACS's originals. Studies and series are aggregated from the images
+that match and that the caller may see: counts and ``ModalitiesInStudy`` are theirs.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from http import HTTPStatus
+from itertools import islice
+from typing import Any
+from urllib.parse import parse_qsl
+
+from pydicom import Dataset
+from pydicom.datadict import keyword_for_tag
+
+from srm_dicom.catalog import Catalog
+from srm_dicom.errors import InvalidInput
+from srm_dicom.identity import Identity
+from srm_dicom.names import is_uid
+from srm_dicom.query import ALL, ATTRIBUTES, Attribute, Boolean, Query, Visible, compare, equals_any, visible
+from srm_dicom.server.metadata import limit_parameter
+from srm_dicom.server.problems import StartResponse, problem
+
+ROOT = "/dicom-web"
+MEDIA_TYPE = "application/dicom+json"
+DEFAULT_LIMIT = 1000
+UID_KEYS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
+DATE_KEYS = {"StudyDate", "SeriesDate", "AcquisitionDate", "PatientBirthDate"}
+# Attributes answered by default at each level (PS3.18 table 10.6.3-3..5, as far as the catalog has them).
+STUDY = ("StudyDate", "StudyDescription", "ReferringPhysicianName", "PatientName", "PatientID",
+         "PatientBirthDate", "PatientSex", "StudyInstanceUID")
+SERIES = ("Modality", "SeriesDescription", "BodyPartExamined", "StudyInstanceUID", "SeriesInstanceUID")
+INSTANCE = ("SOPClassUID", "SOPInstanceUID", "InstanceNumber", "Rows", "Columns", "BitsAllocated",
+            "NumberOfFrames", "StudyInstanceUID", "SeriesInstanceUID")
+DEFAULTS = {"study": STUDY, "series": SERIES, "instance": INSTANCE}
+# Study-level keys that stand for an attribute of the images.
+ALIASES = {"ModalitiesInStudy": "Modality"}
+IGNORED = {"fuzzymatching", "orderby"}
+
+
+@dataclass(frozen=True)
+class Search:
+    """One QIDO-RS request, parsed: the level, the catalog query, the UID keys and what to answer."""
+
+    level: str
+    query: Query
+    uids: dict[str, set[str]]
+    fields: tuple[str, ...]
+    limit: int
+    offset: int
+    ignored: tuple[str, ...]
+
+
+def _route(path: str) -> tuple[str, dict[str, str]] | None:
+    parts = [p for p in path.removeprefix(ROOT).split("/") if p]
+    match parts:
+        case ["studies"]:
+            return "study", {}
+        case ["series"]:
+            return "series", {}
+        case ["instances"]:
+            return "instance", {}
+        case ["studies", study, "series"]:
+            return "series", {"StudyInstanceUID": study}
+        case ["studies", study, "instances"]:
+            return "instance", {"StudyInstanceUID": study}
+        case ["studies", study, "series", series, "instances"]:
+            return "instance", {"StudyInstanceUID": study, "SeriesInstanceUID": series}
+    return None
+
+
+def _keyword(key: str) -> str | None:
+    """A query key as a keyword: ``PatientName``, ``00100010`` or ``0010,0010``."""
+    text = key.replace(",", "")
+    if re.fullmatch(r"[0-9A-Fa-f]{8}", text):
+        return keyword_for_tag(int(text, 16)) or None
+    return key
+
+
+def _matching(attribute: Attribute, value: str) -> Query:
+    """DICOM attribute matching (PS3.4 C.2.2.2) of one key's value."""
+    if attribute.keyword in DATE_KEYS and value != "-" and re.fullmatch(r"(\d{8})?-(\d{8})?", value):
+        start, _, end = value.partition("-")
+        low = compare(attribute, ">=", start) if start else Query()
+        return low & compare(attribute, "<=", end) if end else low
+    values = value.split("\\")
+    if len(values) > 1:
+        queries = [_matching(attribute, v) for v in values]
+        return Query(Boolean("or", tuple(q.where for q in queries if q.where is not None)), value)
+    if "*" in value or "?" in value:
+        return compare(attribute, "like", value)
+    return compare(attribute, "=", value)
+
+
+def parse_search(path: str, query_string: str) -> Search | None:
+    route = _route(path)
+    if route is None:
+        return None
+    level, path_uids = route
+    query, fields, ignored = Query(), list(DEFAULTS[level]), []
+    uids: dict[str, set[str]] = {}
+    limit, offset = DEFAULT_LIMIT, 0
+    for key, value in [*parse_qsl(query_string, keep_blank_values=True), *path_uids.items()]:
+        if key == "includefield":
+            for name in value.split(","):
+                keyword = _keyword(name.strip())
+                if name.strip() == "all":
+                    fields.extend(a for a in ATTRIBUTES if not a.startswith("Original"))
+                elif keyword in ATTRIBUTES or keyword in ALIASES:
+                    fields.append(keyword)
+                else:
+                    ignored.append(name)
+            continue
+        if key == "limit":
+            limit = limit_parameter(value, DEFAULT_LIMIT)
+            continue
+        if key == "offset":
+            if not value.isdigit():
+                raise InvalidInput(f"offset must be a whole number, not {value!r}")
+            offset = int(value)
+            continue
+        keyword = _keyword(key)
+        keyword = ALIASES.get(keyword or "", keyword)
+        if keyword in UID_KEYS:
+            fields.append(keyword)
+            if value:
+                listed = set(value.split("\\"))
+                bad = next((u for u in listed if not is_uid(u)), None)
+                if bad is not None:
+                    raise InvalidInput(f"{keyword}: {bad!r} is not a UID")
+                uids[keyword] = uids[keyword] & listed if keyword in uids else listed
+            continue
+        if key in IGNORED or keyword not in ATTRIBUTES:
+            ignored.append(key)
+            continue
+        fields.append(keyword)
+        if value:
+            query = query & _matching(ATTRIBUTES[keyword], value)
+    return Search(level, query, uids, tuple(dict.fromkeys(fields)), limit, offset, tuple(ignored))
+
+
+def _shown_uid(match: Visible, keyword: str) -> str:
+    """The UID a caller sees: the PACS's original with ``all`` rights, else the de-identified one."""
+    return match.values["Original" + keyword] if match.level == ALL else match.values[keyword]
+
+
+class Qido:
+    def __init__(self, catalog: Catalog) -> None:
+        self._catalog = catalog
+
+    def __call__(self, environ: dict, start_response: StartResponse, identity: Identity) -> list[bytes]:
+        if environ["REQUEST_METHOD"] != "GET":
+            return problem(start_response, HTTPStatus.METHOD_NOT_ALLOWED, "QIDO-RS answers GET only",
+                           [("Allow", "GET")])
+        try:
+            search = parse_search(environ.get("PATH_INFO", ""), environ.get("QUERY_STRING", ""))
+        except InvalidInput as exc:
+            return problem(start_response, HTTPStatus.BAD_REQUEST, str(exc))
+        if search is None:
+            return problem(start_response, HTTPStatus.NOT_FOUND, "no such QIDO-RS resource (studies, series,"
+                           " instances)")
+        results = [_dicom_json(item) for item in self._results(search, identity)]
+        body = json.dumps(results).encode()
+        headers = [("Content-Type", MEDIA_TYPE), ("Content-Length", str(len(body)))]
+        if search.ignored:
+            names = ", ".join(sorted(set(search.ignored)))
+            headers.append(("Warning", f'299 srm-dicom "not supported, ignored: {names}"'))
+        start_response("200 OK", headers)
+        return [body]
+
+    def _results(self, search: Search, identity: Identity) -> list[dict[str, Any]]:
+        uid_attributes = [ATTRIBUTES[k] for k in UID_KEYS] + [ATTRIBUTES["Original" + k] for k in UID_KEYS]
+        wanted = {ATTRIBUTES[k] for k in search.fields if k in ATTRIBUTES} | set(uid_attributes)
+        wanted.add(ATTRIBUTES["Modality"])
+        query = search.query
+        for keyword, listed in search.uids.items():
+            prefilter = equals_any(ATTRIBUTES[keyword], sorted(listed))
+            original = equals_any(ATTRIBUTES["Original" + keyword], sorted(listed))
+            query = query & Query(Boolean("or", (prefilter.where, original.where)), "")
+        # The UID keys match the UID the caller sees: checked below per image, so only the
+        # other filters decide the level an image needs.
+        matches = visible(self._catalog.search(query, sorted(wanted, key=lambda a: a.keyword)), identity,
+                          search.query.level, list(wanted))
+        matches = (m for m in matches if all(_shown_uid(m, k) in v for k, v in search.uids.items()))
+        if search.level == "instance":
+            page = islice(matches, search.offset, search.offset + search.limit)
+            return [_values(m, search.fields) for m in page]
+        return _aggregate(matches, search)[search.offset: search.offset + search.limit]
+
+
+def _values(match: Visible, fields: Iterable[str]) -> dict[str, Any]:
+    out = {}
+    for keyword in fields:
+        if keyword in UID_KEYS:
+            out[keyword] = _shown_uid(match, keyword)
+        elif keyword in match.values and match.values[keyword] is not None:
+            out[keyword] = match.values[keyword]
+    return out
+
+
+def _aggregate(matches: Iterable[Visible], search: Search) -> list[dict[str, Any]]:
+    groups: dict[tuple[str, ...], dict[str, Any]] = {}
+    series_of: dict[tuple[str, ...], set[str]] = {}
+    for match in matches:
+        study = _shown_uid(match, "StudyInstanceUID")
+        key = (study,) if search.level == "study" else (study, _shown_uid(match, "SeriesInstanceUID"))
+        group = groups.get(key)
+        if group is None:
+            group = groups[key] = _values(match, [f for f in search.fields if f != "Modality" or
+                                                  search.level == "series"])
+            group["_count"], group["_modalities"] = 0, set()
+            series_of[key] = set()
+        group["_count"] += 1
+        series_of[key].add(_shown_uid(match, "SeriesInstanceUID"))
+        if match.values.get("Modality"):
+            group["_modalities"].add(match.values["Modality"])
+    out = []
+    for key, group in groups.items():
+        count, modalities = group.pop("_count"), group.pop("_modalities")
+        if search.level == "study":
+            group["ModalitiesInStudy"] = sorted(modalities)
+            group["NumberOfStudyRelatedSeries"] = len(series_of[key])
+            group["NumberOfStudyRelatedInstances"] = count
+        else:
+            group["NumberOfSeriesRelatedInstances"] = count
+        out.append(group)
+    return out
+
+
+def _dicom_json(values: dict[str, Any]) -> dict[str, Any]:
+    """DICOM JSON (PS3.18 F.2) of keyword → value; pydicom knows each attribute's VR."""
+    ds = Dataset()
+    for keyword, value in values.items():
+        setattr(ds, keyword, value.split("\\") if isinstance(value, str) and "\\" in value else value)
+    return ds.to_json_dict()
