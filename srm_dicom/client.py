@@ -149,9 +149,18 @@ class StorageClient:
 
     def get_json(self, path: str, query: dict[str, str]) -> Any:
         """The answer of a JSON API (the metadata search), refusals and failures as for a file."""
+        return self._json(path, urlencode(query))
+
+    def post_json(self, path: str, data: object) -> Any:
+        """POST a JSON body to an API of the storage element (rights, delete); its JSON answer."""
+        return self._json(path, "", json.dumps(data).encode())
+
+    def _json(self, path: str, query: str, payload: bytes | None = None) -> Any:
+        """GET (or POST ``payload``) and decode the JSON answer."""
+        method = "GET" if payload is None else "POST"
         connection = http.client.HTTPSConnection(self.host, self.port, context=self._context, timeout=self.timeout)
         try:
-            response = self._request(connection, path, urlencode(query), "application/json")
+            response = self._request(connection, path, query, "application/json", method, payload)
             if response.status != 200:
                 raise _refusal(response.status, path, _problem(response))
             body = response.read()
@@ -208,11 +217,12 @@ class StorageClient:
 
     def _request(
         self, connection: http.client.HTTPSConnection, path: str, query: str = "", accept: str = "*/*",
-        method: str = "GET",
+        method: str = "GET", body: bytes | None = None,
     ) -> http.client.HTTPResponse:
         target = self.prefix + quote(path) + (f"?{query}" if query else "")
+        headers = {"Accept": accept} | ({"Content-Type": "application/json"} if body is not None else {})
         try:
-            connection.request(method, target, headers={"Accept": accept})
+            connection.request(method, target, body, headers)
             return connection.getresponse()
         except ssl.SSLCertVerificationError as exc:
             raise AccessDenied(f"{self.url}: server certificate not trusted: {exc.verify_message}") from None

@@ -16,7 +16,8 @@ import sys
 from srm_dicom import __version__
 from srm_dicom.errors import MdmError
 
-COMMAND_MODULES = ("register", "namespace", "listen", "pacs", "decrypt", "serve", "demo", "keystore", "pki", "get", "site")
+COMMAND_MODULES = ("register", "namespace", "listen", "pacs", "decrypt", "serve", "demo", "keystore", "pki", "get",
+                   "site", "setright")
 
 EXIT_INTERRUPTED = 130
 

@@ -5,14 +5,17 @@ from __future__ import annotations
 import argparse
 import posixpath
 import time
+from dataclasses import astuple
 
 from srm_dicom.catalog import Catalog, Entry, find_entry, open_catalog
+from srm_dicom.client import StorageClient
 from srm_dicom.config import Config, load_config
 from srm_dicom.errors import InvalidInput, NotFound
 from srm_dicom.keystore.client import KeystoreClient
-from srm_dicom.names import normalize_lfn, vo_root
+from srm_dicom.names import normalize_lfn, parse_lfn, parse_sop_spec, vo_root
 from srm_dicom.protect import key_name
 from srm_dicom.rights import format_mode
+from srm_dicom.server.rights import DELETE
 
 _IDENTIFIER_HELP = (
     "identifiers: an LFN (/grid/<vo>/mdm/S/SE/SOP), a GUID (guid:<uuid>) or a study, series, "
@@ -120,11 +123,18 @@ def run_stat(args: argparse.Namespace) -> int:
 
 
 def run_del(args: argparse.Namespace) -> int:
-    config, catalog = _with_catalog(args)
+    config = load_config(args.config)
+    spec = args.lfn or args.sop or f"guid:{args.guid.removeprefix('guid:')}"
+    if args.lfn and (not args.lfn.startswith("/grid/") or parse_lfn(args.lfn)[1] is None):
+        raise InvalidInput(f"'{args.lfn}' is not an LFN of the form /grid/<vo>/mdm/S/SE/SOP")
+    if "catalog" not in config.sections:  # the grid side: the storage element checks owner or register
+        path = ",".join(astuple(parse_sop_spec(spec))) if isinstance(spec, list) else spec
+        StorageClient.from_config(config).post_json(DELETE, {"paths": [path]})
+        if args.verbose:
+            print(f"removed {path} (the image stays in the PACS)")
+        return 0
+    catalog = open_catalog(config)
     try:
-        spec = args.lfn or args.sop or f"guid:{args.guid.removeprefix('guid:')}"
-        if args.lfn and not args.lfn.startswith("/grid/"):
-            raise InvalidInput(f"'{args.lfn}' is not an LFN of the form /grid/<vo>/mdm/...")
         entry = find_entry(catalog, spec)
         keystore = KeystoreClient.from_config(config)
         catalog.delete(entry.lfn)
