@@ -79,20 +79,20 @@ def add_token_issuer(config_path: Path, workdir: Path) -> str:
     return jwt.encode(claims, key, algorithm="ES256", headers={"kid": "test-key"})
 
 
-def start_site(config_path: Path, key_servers, seed: str) -> Site:  # type: ignore[no-untyped-def]
-    series = make_series(slices=SLICES, size=SIZE, seed=seed)
+def start_site(config_path: Path, key_servers, seed: str, slices: int = SLICES) -> Site:  # type: ignore[no-untyped-def]
+    series = make_series(slices=slices, size=SIZE, seed=seed)
     register(config_path, series)
     se = start_storage_element(config_path)
     secret = se.config.site.secret_bytes
-    slices = []
+    entries = []
     for ds in series:
         uids = (ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
         entry = se.catalog.lookup("/grid/demo/mdm/" + "/".join(deidentify_uid(secret, u) for u in uids))
         assert entry is not None
-        slices.append(entry)
-    volume = se.catalog.lookup(slices[0].lfn.rsplit("/", 1)[0] + "/3D")
+        entries.append(entry)
+    volume = se.catalog.lookup(entries[0].lfn.rsplit("/", 1)[0] + "/3D")
     assert volume is not None
-    return Site(se, series, slices, volume, key_servers.pki)
+    return Site(se, series, entries, volume, key_servers.pki)
 
 
 @pytest.fixture(scope="module", params=["orthanc", "dcmqrscp"])
@@ -170,7 +170,7 @@ def assert_is_the_series_volume(path: Path, series: list[pydicom.Dataset]) -> No
     voxel the NIfTI affine (RAS) puts there, rescaled: checked with nibabel, not dcm2niix."""
     image = nibabel.load(path)
     data = np.asarray(image.dataobj)
-    assert data.shape == (SIZE, SIZE, SLICES)
+    assert data.shape == (SIZE, SIZE, len(series))
     to_voxel = np.linalg.inv(image.affine)
     rows, columns = np.meshgrid(np.arange(SIZE), np.arange(SIZE), indexing="ij")
     for ds in series:
@@ -310,9 +310,10 @@ def test_mdm_get_of_a_slice_and_of_the_volume(site, tmp_path):
 
 @pytest.fixture
 def fresh_site(pacs, key_servers, tmp_path) -> Iterator[Site]:  # type: ignore[no-untyped-def]
-    """A site with nothing staged whose GETs never wait: every first GET answers 503 while staging."""
+    """A site with nothing staged whose GETs never wait: every first GET answers 503 while staging
+    (and rclone backs off up to 2 s: fewer slices keep the test short)."""
     config_path = write_site_config(tmp_path / "fresh", pacs, key_servers, wait_timeout=0.0)
-    site = start_site(config_path, key_servers, seed=f"rclone {pacs.name} {tmp_path.name}")
+    site = start_site(config_path, key_servers, seed=f"rclone {pacs.name} {tmp_path.name}", slices=6)
     try:
         yield site
     finally:
