@@ -70,6 +70,10 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("-u", "--user", nargs=3, action="append", default=[], metavar=("DN", "rwx", "LEVEL"),
                         help="rights of one user: DN, rwx and none|anonymous|all (repeatable)")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="print the rights of every entry changed")
+    # Permissions such as "---" or "--x------" start with "-": argparse would take them for
+    # options. It reads as a value whatever its negative-number pattern matches, and offers
+    # no public switch for that, so the pattern is widened to permission strings.
+    parser._negative_number_matcher = re.compile(r"^-\d+$|^-\d*\.\d+$|^([r-][w-][x-]){1,3}$")  # noqa: SLF001
     parser.set_defaults(handler=run)
 
 
