@@ -19,7 +19,7 @@ VENDOR = DATA / "dicom2nifti"
 
 def write_site_config(workdir: Path, peer: Peer, key_servers: LocalKeyServers, uids: str = "deidentified",
                       store_to_pacs: bool = True, listen_port: int = 0, wait_timeout: float = 20.0,
-                      quota_bytes: int = 1 << 30, retrieve: str = "get") -> Path:
+                      quota_bytes: int = 1 << 30, retrieve: str = "get", workers: int = 2) -> Path:
     """DIR/mdm.toml for a site whose PACS is ``peer`` and whose key servers are ``key_servers``
     (the demo PKI's service identity); the catalog lives in DIR."""
     workdir.mkdir(parents=True, exist_ok=True)
@@ -70,7 +70,7 @@ dir = "cache"
 quota_bytes = {quota_bytes}
 wait_timeout = {wait_timeout}
 retry_after = 1
-workers = 2
+workers = {workers}
 """
     )
     return path

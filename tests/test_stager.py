@@ -55,9 +55,7 @@ class Site:
 def make_site(workdir: Path, peer, key_servers, slices: int = 3, workers: int = 2, seed: str = "stage",  # type: ignore[no-untyped-def]
               drop: tuple[int, ...] = ()) -> Site:
     """A site with a synthetic series registered (and stored in ``peer``), but for the ``drop`` slices."""
-    path = write_site_config(workdir, peer, key_servers)
-    with path.open("a") as out:
-        out.write(f"\n[cache]\ndir = \"cache\"\nworkers = {workers}\n")
+    path = write_site_config(workdir, peer, key_servers, workers=workers)
     config = load_config(path)
     catalog = open_catalog(config)
     keystore = KeystoreClient.from_config(config)
