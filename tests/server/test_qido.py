@@ -1,0 +1,106 @@
+"""DICOMweb QIDO-RS searched with the dicomweb-client package, as a user's certificate."""
+
+import pytest
+import requests
+from dicomweb_client.api import DICOMwebClient
+from pydicom import Dataset
+from searchsite import search_site
+
+from https import request
+
+PATIENT_NAME, STUDY_UID, SERIES_UID, SOP_UID, MODALITY = "00100010", "0020000D", "0020000E", "00080018", "00080060"
+
+
+@pytest.fixture(scope="module")
+def site(key_servers, tmp_path_factory):
+    with search_site(tmp_path_factory.mktemp("qido"), key_servers) as found:
+        yield found
+
+
+def client(site, pki, user):
+    session = requests.Session()
+    session.cert = (str(pki / "users" / user / "cert.pem"), str(pki / "users" / user / "key.pem"))
+    session.verify = str(pki / "ca.pem")
+    session.trust_env = False  # else requests prefers $REQUESTS_CA_BUNDLE to the session's CA
+    return DICOMwebClient(url=f"{site.running.url}/dicom-web", session=session)
+
+
+def value(item, tag):
+    return item[tag]["Value"][0] if tag in item and "Value" in item[tag] else None
+
+
+def test_a_physician_searches_studies_series_and_instances_with_original_uids(site, pki):
+    bob = client(site, pki, "bob")
+    doe = site.series["doe_ct"][0]
+    studies = bob.search_for_studies(search_filters={"PatientName": "DOE^JOHN"})
+    assert len(studies) == 1
+    study = Dataset.from_json(studies[0])
+    assert study.StudyInstanceUID == doe.StudyInstanceUID  # "all" rights: the PACS's UIDs
+    assert str(study.PatientName) == "DOE^JOHN" and study.PatientID == "P-DOE" and study.StudyDate == "20240315"
+    assert study.ModalitiesInStudy == ["CT", "MR"]
+    assert (study.NumberOfStudyRelatedSeries, study.NumberOfStudyRelatedInstances) == (2, 5)
+
+    series = bob.search_for_series(study_instance_uid=doe.StudyInstanceUID)
+    assert {value(s, MODALITY): value(s, "00201209") for s in series} == {"CT": 3, "MR": 2}
+    instances = bob.search_for_instances(study_instance_uid=doe.StudyInstanceUID,
+                                         series_instance_uid=doe.SeriesInstanceUID)
+    assert {value(i, SOP_UID) for i in instances} == {d.SOPInstanceUID for d in site.series["doe_ct"]}
+    assert all(value(i, "00280010") == 8 for i in instances)
+
+
+def test_a_mia_analyst_gets_deidentified_uids_and_no_patient(site, pki):
+    carol = client(site, pki, "carol")
+    doe = site.series["doe_mr"][0]
+    series = carol.search_for_series(search_filters={"Modality": "MR"})
+    assert len(series) == 1
+    assert value(series[0], SERIES_UID) == site.deidentified(doe.SeriesInstanceUID)
+    assert value(series[0], STUDY_UID) == site.deidentified(doe.StudyInstanceUID)
+    group_mode = {site.deidentified(site.series[n][0].StudyInstanceUID) for n in ("doe_ct", "roe_ct")}
+    studies = [s for s in carol.search_for_studies(fields=["PatientName", "PatientID"])
+               if value(s, STUDY_UID) in group_mode]
+    assert len(studies) == 2 and all(PATIENT_NAME not in s and "00100020" not in s for s in studies)
+    assert carol.search_for_studies(search_filters={"PatientName": "DOE*"}) == []
+    # The original UID does not open the study to her; the de-identified one does.
+    assert carol.search_for_series(study_instance_uid=doe.StudyInstanceUID) == []
+    assert len(carol.search_for_series(study_instance_uid=site.deidentified(doe.StudyInstanceUID))) == 2
+
+
+def test_a_vo_member_without_group_and_another_vo_see_no_group_mode_study(site, pki):
+    hidden = {site.deidentified(site.series[n][0].StudyInstanceUID) for n in ("doe_ct", "roe_ct")}
+    hidden |= {site.series[n][0].StudyInstanceUID for n in ("doe_ct", "roe_ct")}
+    dave = {value(s, STUDY_UID) for s in client(site, pki, "dave").search_for_studies()}
+    assert dave and not dave & hidden  # dave sees the anonymous and public studies only
+    assert client(site, pki, "eve").search_for_studies() == []
+
+
+def test_modes_anonymous_and_public_for_a_vo_member(site, pki):
+    dave = client(site, pki, "dave")
+    poe, pub = site.series["poe_ct"][0], site.series["pub_ct"][0]
+    anonymous = dave.search_for_studies(search_filters={"StudyInstanceUID": site.deidentified(poe.StudyInstanceUID)})
+    assert len(anonymous) == 1 and PATIENT_NAME not in anonymous[0]
+    public = dave.search_for_studies(search_filters={"PatientName": "PUB^LIC"})
+    assert len(public) == 1 and value(public[0], STUDY_UID) == pub.StudyInstanceUID
+
+
+def test_matching_keys_by_tag_ranges_lists_limit_offset(site, pki):
+    alice = client(site, pki, "alice")
+    by_tag = alice.search_for_studies(search_filters={PATIENT_NAME: "ROE^JANE"})
+    assert [value(s, "00100020") for s in by_tag] == ["P-ROE"]
+    recent = alice.search_for_studies(search_filters={"StudyDate": "20200101-20241231"})
+    assert {value(s, "00100020") for s in recent} == {"P-DOE"}
+    uids = "\\".join(site.series[n][0].StudyInstanceUID for n in ("poe_ct", "pub_ct"))
+    assert len(alice.search_for_studies(search_filters={"StudyInstanceUID": uids})) == 2
+    everything = alice.search_for_instances()
+    assert len(everything) == 11
+    page = alice.search_for_instances(limit=4, offset=8)
+    assert [value(i, SOP_UID) for i in page] == [value(i, SOP_UID) for i in everything[8:]]
+    assert alice.search_for_studies(search_filters={"ModalitiesInStudy": "MR"})[0]["00080061"]["Value"] == ["MR"]
+
+
+def test_answers_are_dicom_json_and_errors_are_problems(site, pki):
+    answer = request(site.running.url, pki, "bob", path="/dicom-web/studies?AccessionNumber=1&fuzzymatching=true")
+    assert answer.status == 200 and answer.headers["content-type"] == "application/dicom+json"
+    assert answer.headers["warning"].startswith("299 ") and "AccessionNumber" in answer.headers["warning"]
+    assert request(site.running.url, pki, "bob", path="/dicom-web/studies/not-a-uid/series").status == 400
+    assert request(site.running.url, pki, "bob", path="/dicom-web/elsewhere").status == 404
+    assert request(site.running.url, pki, None, path="/dicom-web/studies").status == 401
