@@ -4,6 +4,9 @@ import signal
 import socket
 import subprocess
 
+import nibabel
+import pydicom
+
 from sites import mdm
 from srm_dicom.config import load_config
 from srm_dicom.synthetic import make_series
@@ -34,6 +37,14 @@ def test_demo_runs_registers_the_synthetic_series_and_stops_what_it_started(tmp_
         registered = mdm("register", str(extra), config=config_path)
         assert registered.returncode == 0 and "1 registered" in registered.stdout
         assert len(mdm("ls", config=config_path).stdout.split()) == 2
+        # The pasted commands work as bob, from another directory.
+        for line in banner.splitlines():
+            command = line.strip()
+            if " mdm get -l " in command or command.startswith("curl "):
+                ran = subprocess.run(command, shell=True, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+                assert ran.returncode == 0, (command, ran.stderr)
+        assert pydicom.dcmread(tmp_path / "slice.dcm").PatientIdentityRemoved == "YES"
+        assert nibabel.load(tmp_path / "volume.nii").shape == (64, 64, 16)
     finally:
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=30)
