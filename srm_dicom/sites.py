@@ -30,7 +30,7 @@ from urllib.parse import urlsplit
 
 import tomlkit
 
-from srm_dicom.client import StorageClient
+from srm_dicom.client import StillStaging, StorageClient
 from srm_dicom.config import Config, load_config, parse_config
 from srm_dicom.errors import ConfigError, InvalidInput, MdmError, NotFound
 
@@ -175,7 +175,8 @@ def _in_parallel(sites: Sequence[Site], work: Callable[[Site], T], timeout: floa
     failures: list[SiteFailure] = []
     for site in sites:
         result = results.get(site.name)
-        if site.name not in results:
+        # A socket timeout (StillStaging, worded for downloads) and the deadline say the same thing.
+        if site.name not in results or isinstance(result, StillStaging):
             failures.append(SiteFailure(site.name, f"no answer from {site.url} within {timeout:g} s"))
         elif isinstance(result, MdmError):
             failures.append(SiteFailure(site.name, str(result)))
