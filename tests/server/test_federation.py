@@ -127,7 +127,20 @@ def test_a_query_to_all_sites_merges_rows_tagged_with_their_site(bob, north, sou
     assert by_site(sites.query(config, sites.choose(config, "north"), {"q": ""}).rows) == {"north": north.lfns()}
 
 
-def test_a_site_stopped_mid_test_is_reported_and_the_other_still_answers_within_the_bound(bob, north, south):
+def test_mdm_query_site_all_prints_each_row_with_its_site(bob, north, south, capsys):
+    capsys.readouterr()
+    assert mdm(bob, "query", "--site", "all", "--select", "PatientName", "PatientName like '*^*'") == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == ["site", "lfn", "guid", "PatientName"]
+    printed = {(line.split()[0], line.split()[1]) for line in out[1:] if not line.split()[1].endswith("/3D")}
+    assert printed == {("north", lfn) for lfn in north.lfns()} | {("south", lfn) for lfn in south.lfns()}
+
+    assert mdm(bob, "query", "--site", "south", "--json", "") == 0
+    rows = json.loads(capsys.readouterr().out)["results"]
+    assert by_site(rows) == {"south": south.lfns()}
+
+
+def test_a_site_stopped_mid_test_is_reported_and_the_other_still_answers_within_the_bound(bob, north, south, capsys):
     config = load_config(bob)
     chosen = sites.choose(config, "all")
     assert by_site(sites.query(config, chosen, {"q": ""}).rows).keys() == {"north", "south"}
@@ -140,6 +153,13 @@ def test_a_site_stopped_mid_test_is_reported_and_the_other_still_answers_within_
     assert [failure.site for failure in answer.failures] == ["south"]
     assert south.running.url in answer.failures[0].reason
     assert elapsed < 3.5
+
+    # The command: the other site's rows on stdout, one line on stderr naming the stopped one, exit 1.
+    capsys.readouterr()
+    assert mdm(bob, "query", "--site", "all", "--json", "") == 1
+    printed = capsys.readouterr()
+    assert by_site(json.loads(printed.out)["results"]) == {"north": north.lfns()}
+    assert printed.err.count("\n") == 1 and printed.err.startswith("mdm query: site south: ")
 
 
 def test_mdm_get_downloads_from_the_second_site(bob, north, south, tmp_path, capsys):
