@@ -26,8 +26,7 @@ from itertools import islice
 from typing import Any
 from urllib.parse import parse_qsl
 
-from pydicom import Dataset
-from pydicom.datadict import keyword_for_tag
+from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 
 from srm_dicom.catalog import Catalog
 from srm_dicom.errors import InvalidInput
@@ -243,9 +242,21 @@ def _aggregate(matches: Iterable[Visible], search: Search) -> list[dict[str, Any
     return out
 
 
+INTEGERS, DECIMALS = {"IS", "US", "UL", "SS", "SL"}, {"DS", "FL", "FD"}
+
+
 def _dicom_json(values: dict[str, Any]) -> dict[str, Any]:
-    """DICOM JSON (PS3.18 F.2) of keyword → value; pydicom knows each attribute's VR."""
-    ds = Dataset()
+    """DICOM JSON (PS3.18 F.2) of keyword → value, VRs from pydicom's dictionary. Written here
+    rather than with ``Dataset.to_json_dict``, which costs ~0.4 ms a row: 8x a whole search."""
+    out = {}
     for keyword, value in values.items():
-        setattr(ds, keyword, value.split("\\") if isinstance(value, str) and "\\" in value else value)
-    return ds.to_json_dict()
+        tag, vr = f"{tag_for_keyword(keyword):08X}", dictionary_VR(keyword)
+        items = value if isinstance(value, list) else str(value).split("\\")
+        if vr == "PN":
+            items = [{"Alphabetic": v} for v in items]
+        elif vr in INTEGERS:
+            items = [int(float(v)) for v in items]
+        elif vr in DECIMALS:
+            items = [float(v) for v in items]
+        out[tag] = {"vr": vr, "Value": items}
+    return out
