@@ -186,6 +186,8 @@ def test_mdm_get_downloads_from_the_second_site(bob, north, south, tmp_path, cap
     assert np.array_equal(pydicom.dcmread(followed).pixel_array, south.series[0].pixel_array)
 
     capsys.readouterr()
+    assert mdm(bob, "get", "guid:00000000-0000-4000-8000-000000000000", str(tmp_path / "x.dcm")) == 3
+    assert "at any site (asked north, south)" in capsys.readouterr().err
     assert mdm(bob, "get", "--site", "all", row["guid"], str(tmp_path / "x.dcm")) == 2
     assert mdm(bob, "get", "--site", "west", row["guid"], str(tmp_path / "x.dcm")) == 2
     err = capsys.readouterr().err.splitlines()
