@@ -155,9 +155,10 @@ class Catalog(Protocol):
         replaces it). A GUID no longer in the catalog raises NotFound and nothing changes."""
 
     def search(self, query: Query, attributes: Sequence[Attribute], limit: int | None = None) -> Iterator[Match]:
-        """Slices whose metadata matches ``query``, in LFN order, at most ``limit``, each with
-        the values of ``attributes`` and of those the query filters on. No rights applied:
-        the caller filters (``srm_dicom.query.visible``). Values are bound, never spliced."""
+        """Slices whose metadata matches ``query`` (in an order stable for a given catalog), at
+        most ``limit``, each with the values of ``attributes`` and of those the query filters on.
+        No rights applied: the caller filters (``srm_dicom.query.visible``) and may stop early.
+        Values are bound, never spliced."""
 
     def count(self) -> int: ...
 

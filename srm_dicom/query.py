@@ -368,6 +368,6 @@ DEFAULT_ATTRIBUTES = tuple(
 def find(
     catalog: Catalog, identity: Identity, query: Query, attributes: Sequence[Attribute], limit: int
 ) -> list[Visible]:
-    """The first ``limit`` matches, in LFN order, that ``identity`` may see."""
+    """The first ``limit`` matches (in the catalog's order) that ``identity`` may see."""
     matches = catalog.search(query, attributes)
     return list(islice(visible(matches, identity, query.level, attributes), limit))

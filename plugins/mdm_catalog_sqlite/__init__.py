@@ -48,6 +48,7 @@ _DICOM_COLUMNS = (
 class SQLiteCatalog:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
+        self._path = path
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -347,7 +348,7 @@ class SQLiteCatalog:
             )
 
     def search(self, query: Query, attributes: Sequence[Attribute], limit: int | None = None) -> Iterator[Match]:
-        return metadata_search.search(self._db, self._lock, _ENTRY_COLUMNS, query, attributes, limit)
+        return metadata_search.search(self._path, _ENTRY_COLUMNS, query, attributes, limit)
 
     def count(self) -> int:
         with self._lock:

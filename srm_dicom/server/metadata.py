@@ -1,6 +1,6 @@
 """The metadata search as a JSON API: ``GET /api/v1/metadata?q=EXPR&select=A,B&limit=N``.
 
-Answers ``{"results": [{"lfn", "guid", attributes…}]}`` in LFN order, filtered by the
+Answers ``{"results": [{"lfn", "guid", attributes…}]}`` in the catalog's order, filtered by the
 caller's rights (``srm_dicom.query``): rows they may not list are absent, attributes
 above their metadata level are absent. A query that does not parse is a 400 problem
 whose detail says where.

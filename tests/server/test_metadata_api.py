@@ -29,7 +29,6 @@ def results(site, pki, user, q, **params):
 def test_a_physician_finds_all_images_of_a_patient_with_lfn_guid_and_name(site, pki):
     found = results(site, pki, "bob", 'PatientName="DOE^JOHN"', select="PatientName,Modality,StudyDate")
     assert {r["lfn"] for r in found} == site.lfns("doe_ct") | site.lfns("doe_mr")
-    assert [r["lfn"] for r in found] == sorted(r["lfn"] for r in found)
     for row in found:
         assert row["guid"].startswith("guid:")
         assert site.running.catalog.lookup(row["lfn"]).guid == row["guid"].removeprefix("guid:")
