@@ -52,8 +52,10 @@ def protect_image(
 def key_acl(owner: str, vo: str, mode: int, readers: tuple[str, ...] = ()) -> Acl:
     """The key servers' ACL mirroring an entry's read rights: whoever may read the file may
     fetch the key, nobody else. The storage element's service identity is always allowed
-    by the servers themselves."""
-    entries = [AclEntry(rights="r", dn=dn) for dn in readers]
+    by the servers themselves. A per-DN refusal cannot be expressed: the servers' ACLs only
+    grant, so the storage element's own refusal is what keeps such a user out."""
+    # The hospital's register group reads every file at the storage element: the key must follow.
+    entries = [AclEntry(rights="r", group=f"/{vo}/register"), *(AclEntry(rights="r", dn=dn) for dn in readers)]
     if mode & VO_READ:
         entries.append(AclEntry(rights="r", group=f"/{vo}"))
     if mode & OTHERS_READ:

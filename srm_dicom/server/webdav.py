@@ -109,11 +109,13 @@ class CatalogProvider(DAVProvider):
             entry = self._catalog.lookup_guid(path.removeprefix("/guid/"))
             return EntryResource(path, environ, entry) if entry and may_list(identity, entry) else None
         root = f"/grid/{self._vo}/mdm"
-        if not (path == root or path.startswith(root + "/")) or not may_browse(identity, self._vo, path):
+        if not (path == root or path.startswith(root + "/")):
             return None
         entry = self._catalog.lookup(path)
-        if entry is not None:
+        if entry is not None:  # an entry its mode lets a caller list is visible even outside its VO
             return EntryResource(path, environ, entry) if may_list(identity, entry) else None
+        if not may_browse(identity, self._vo, path):
+            return None
         return Directory(path, environ, self) if path == root or self._catalog.list_dir(path) is not None else None
 
 

@@ -66,10 +66,10 @@ FILE = {
                                       **{"token-elsewhere": "---"}),
 }
 # Key shares: the key servers' ACL mirrors read rights (VO group, anyone, per-DN readers);
-# register has no special read right there, and a token opens no mutual-TLS connection.
+# the register group reads every key, as it reads every file; a token opens no mutual-TLS connection.
 KEY = {
     "default rwxr-x--- group": {"alice", "bob", "carol", "dave"},
-    "private rwx------ private": set(),
+    "private rwx------ private": {"alice"},
     "public rwxr-xr-x public": {"alice", "bob", "carol", "dave", "eve"},
     "eve granted r-x anonymous": {"alice", "bob", "carol", "dave", "eve"},
 }
