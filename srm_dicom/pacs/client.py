@@ -459,6 +459,10 @@ class PacsClient:
                     )
             yield from inbox.drain()
             finished = True
+            # pynetdicom 3.0.4 can lose a Pending answer of the next C-FIND sent on an
+            # association that has just carried a retrieve (seen under load: a match
+            # missing, silently). A retrieve therefore ends its association.
+            self.close()
         finally:
             if not finished and self._assoc is not None:
                 self._assoc.abort()
