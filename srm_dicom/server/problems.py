@@ -1,4 +1,5 @@
-"""RFC 7807 problem answers: what a program gets instead of a page or a traceback."""
+"""JSON in and out of the APIs: request bodies, answers, and RFC 7807 problem answers (what
+a program gets instead of a page or a traceback)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,27 @@ import json
 from collections.abc import Callable, Iterable
 from http import HTTPStatus
 
+from srm_dicom.errors import InvalidInput
+
 StartResponse = Callable[..., object]
+MAX_BODY = 1 << 20
+
+
+def json_body(environ: dict) -> dict:
+    """The request's JSON object; anything else is one clear InvalidInput (a 400)."""
+    try:
+        length = int(environ.get("CONTENT_LENGTH") or 0)
+    except ValueError:
+        raise InvalidInput("bad Content-Length") from None
+    if length > MAX_BODY:
+        raise InvalidInput(f"request body over {MAX_BODY} bytes")
+    try:
+        data = json.loads(environ["wsgi.input"].read(length) or b"{}")
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise InvalidInput("request body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise InvalidInput("request body must be a JSON object")
+    return data
 
 
 def respond_json(

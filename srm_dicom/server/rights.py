@@ -20,7 +20,6 @@ Errors are RFC 7807 problems; key server failures answer 502 and say which right
 
 from __future__ import annotations
 
-import json
 from http import HTTPStatus
 
 from srm_dicom.access import may_manage
@@ -31,32 +30,15 @@ from srm_dicom.identity import Identity
 from srm_dicom.keystore import KeystoreError
 from srm_dicom.keystore.client import KeystoreClient
 from srm_dicom.protect import key_name
-from srm_dicom.server.problems import StartResponse, problem, respond_json
+from srm_dicom.server.problems import StartResponse, json_body, problem, respond_json
 from srm_dicom.setright import Rights, RightsChange, RightsSetter, select, site_secret
 
 RIGHTS = "/api/v1/rights"
 DELETE = "/api/v1/delete"
-MAX_BODY = 1 << 20
 
 
 class Refused(MdmError):
     """The caller may not manage an entry."""
-
-
-def _body(environ: dict) -> dict:
-    try:
-        length = int(environ.get("CONTENT_LENGTH") or 0)
-    except ValueError:
-        raise InvalidInput("bad Content-Length") from None
-    if length > MAX_BODY:
-        raise InvalidInput(f"request body over {MAX_BODY} bytes")
-    try:
-        data = json.loads(environ["wsgi.input"].read(length) or b"{}")
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise InvalidInput("request body is not valid JSON") from None
-    if not isinstance(data, dict):
-        raise InvalidInput("request body must be a JSON object")
-    return data
 
 
 def _paths(data: dict) -> list[str]:
@@ -82,7 +64,7 @@ class RightsApi:
         if method != "POST":
             return problem(start_response, HTTPStatus.METHOD_NOT_ALLOWED, f"{path} takes POST", [("Allow", "POST")])
         try:
-            data = _body(environ)
+            data = json_body(environ)
             entries = self._managed(_paths(data), identity)
             if path == RIGHTS:
                 change = RightsChange.from_json(data)

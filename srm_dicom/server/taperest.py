@@ -7,7 +7,6 @@ an RFC 7807 problem.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable
 from http import HTTPStatus
@@ -17,33 +16,16 @@ from srm_dicom.catalog import Catalog, Entry
 from srm_dicom.config import Config
 from srm_dicom.errors import InvalidInput, NotFound
 from srm_dicom.identity import Identity
-from srm_dicom.server.problems import StartResponse, problem, respond_json
+from srm_dicom.server.problems import StartResponse, json_body, problem, respond_json
 from srm_dicom.stager import Stager
 
 ROOT = "/api/v1/tape"
 DISCOVERY = "/.well-known/wlcg-tape-rest-api"
 PLACEHOLDER = "gfal2-placeholder-id"  # gfal-evict releases by path with this request id
-MAX_BODY = 1 << 20
 
 
 class Forbidden(Exception):
     """The caller may not see or stage a file; the message says which."""
-
-
-def _body(environ: dict) -> dict:
-    try:
-        length = int(environ.get("CONTENT_LENGTH") or 0)
-    except ValueError:
-        raise InvalidInput("bad Content-Length") from None
-    if length > MAX_BODY:
-        raise InvalidInput(f"request body over {MAX_BODY} bytes")
-    try:
-        data = json.loads(environ["wsgi.input"].read(length) or b"{}")
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise InvalidInput("request body is not valid JSON") from None
-    if not isinstance(data, dict):
-        raise InvalidInput("request body must be a JSON object")
-    return data
 
 
 def _paths(data: dict) -> list[str]:
@@ -80,14 +62,14 @@ class TapeRestApi:
                     return self._status(start_response, identity, request_id)
                 case "POST", ["stage", request_id, "cancel"]:
                     self._own(identity, request_id)
-                    self._stager.cancel(request_id, self._lfns(_paths(_body(environ)), identity))
+                    self._stager.cancel(request_id, self._lfns(_paths(json_body(environ)), identity))
                     return respond_json(start_response, HTTPStatus.OK, {})
                 case "DELETE", ["stage", request_id]:
                     self._own(identity, request_id)
                     self._stager.delete(request_id)
                     return respond_json(start_response, HTTPStatus.OK, {})
                 case "POST", ["release", request_id]:
-                    lfns = self._lfns(_paths(_body(environ)), identity)
+                    lfns = self._lfns(_paths(json_body(environ)), identity)
                     if request_id == PLACEHOLDER:
                         self._stager.release_paths(lfns)
                     else:
@@ -122,7 +104,7 @@ class TapeRestApi:
             raise Forbidden(f"stage request {request_id} belongs to someone else")
 
     def _stage(self, environ: dict, start_response: StartResponse, identity: Identity) -> list[bytes]:
-        files = _body(environ).get("files")
+        files = json_body(environ).get("files")
         if not isinstance(files, list) or not files:
             raise InvalidInput("'files' must be a non-empty list of {\"path\": ...}")
         entries, lifetimes = [], []
@@ -162,7 +144,7 @@ class TapeRestApi:
 
     def _archiveinfo(self, environ: dict, start_response: StartResponse, identity: Identity) -> list[bytes]:
         answer = []
-        for path in _paths(_body(environ)):
+        for path in _paths(json_body(environ)):
             entry = self._resolve(path)
             if entry is None or not may_list(identity, entry):
                 answer.append({"path": path, "error": "no such file"})
