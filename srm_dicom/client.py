@@ -186,6 +186,17 @@ class StorageClient:
         finally:
             connection.close()
 
+    def guid_of(self, path: str) -> str:
+        """The GUID of the entry at ``path``, from the ETag ("<guid>-<version>") of a HEAD."""
+        connection = http.client.HTTPSConnection(self.host, self.port, context=self._context, timeout=self.timeout)
+        try:
+            response = self._request(connection, path, method="HEAD")
+            if response.status != 200:
+                raise _refusal(response.status, path, _problem(response))
+            return response.getheader("ETag", "").strip('"')[:36]
+        finally:
+            connection.close()
+
     def _open(self, path: str) -> tuple[http.client.HTTPResponse, http.client.HTTPSConnection, int]:
         """GET ``path`` until it answers 200; 503 is retried as told by Retry-After until the deadline."""
         deadline = time.monotonic() + self.timeout

@@ -8,10 +8,12 @@ import tempfile
 from pathlib import Path
 
 from srm_dicom.catalog import find_entry, open_catalog
+from srm_dicom.client import StorageClient
 from srm_dicom.config import Config, load_config
 from srm_dicom.crypto.container import Header, check_key, decrypt_stream, read_header
 from srm_dicom.errors import InvalidInput
 from srm_dicom.keystore.client import KeystoreClient
+from srm_dicom.names import parse_sop_spec
 from srm_dicom.protect import key_name
 
 
@@ -26,8 +28,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
             "written only when the whole file decrypted and authenticated."
         ),
         epilog=(
-            "ID names the file the download came from: its GUID (guid:<uuid>, as 'mdm stat' shows), "
-            "or, with a config that has a catalog, its LFN or study,series,sop.\n"
+            "ID names the file the download came from: its GUID (guid:<uuid>), its LFN or its "
+            "study,series,sop (resolved by the storage element of [storage] url, or by the catalog "
+            "on the hospital side).\n"
             "example: MDM_CONFIG=~/client.toml mdm decrypt guid:1b4e28ba-2fa1-11d2-883f-0016d3cca427 "
             "slice.enc slice.dcm"
         ),
@@ -44,17 +47,21 @@ def _expect_guid(config: Config, identifier: str, header: Header) -> None:
     guid = str(header.key_uuid)
     if identifier.removeprefix("guid:").removeprefix("/guid/").lower() == guid:
         return
-    if "catalog" not in config.sections:
-        if identifier.startswith(("guid:", "/guid/")):
-            raise InvalidInput(f"{identifier} does not match the file, which belongs to guid:{guid}")
-        raise InvalidInput("without a catalog in the config, name the file by its GUID (guid:<uuid>)")
-    catalog = open_catalog(config)
-    try:
-        entry = find_entry(catalog, identifier)
-    finally:
-        catalog.close()
-    if entry.guid != guid:
-        raise InvalidInput(f"{identifier} is guid:{entry.guid}, but the file belongs to guid:{guid}")
+    if identifier.startswith(("guid:", "/guid/")):
+        raise InvalidInput(f"{identifier} does not match the file, which belongs to guid:{guid}")
+    if "catalog" in config.sections:  # the hospital side: its own catalog
+        catalog = open_catalog(config)
+        try:
+            named = find_entry(catalog, identifier).guid
+        finally:
+            catalog.close()
+    elif config.storage.url:  # the grid side: the storage element tells, by a HEAD
+        path = identifier if identifier.startswith("/grid/") else parse_sop_spec(identifier).lfn(config.site.vo)
+        named = StorageClient.from_config(config).guid_of(path)
+    else:
+        raise InvalidInput("name the file by its GUID (guid:<uuid>), or configure [storage] url or a [catalog]")
+    if named != guid:
+        raise InvalidInput(f"{identifier} is guid:{named}, but the file belongs to guid:{guid}")
 
 
 def run(args: argparse.Namespace) -> int:

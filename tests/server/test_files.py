@@ -6,10 +6,11 @@ import json
 import time
 import zlib
 
+import pydicom
 import pytest
 
 from https import request
-from sites import write_site_config
+from sites import mdm, write_site_config
 from srm_dicom.names import UidTriple
 from srm_dicom.synthetic import make_series
 from srm_dicom.uids import deidentify_uid
@@ -132,3 +133,25 @@ def test_a_volume_is_listed_with_its_true_size_before_its_first_assembly(storage
     assert answer.status == 200 and len(answer.body) == announced.size
     assert answer.headers["digest"] == f"adler32={zlib.adler32(answer.body):08x}"
     assert running.catalog.lookup(lfn).adler32 == f"{zlib.adler32(answer.body):08x}"
+
+
+def test_a_grid_user_decrypts_a_download_named_by_its_lfn_or_uids(storage_element, key_servers, pki, tmp_path):
+    running, series = storage_element
+    ds = series[7]
+    lfn = lfn_of(running, ds)
+    encrypted = tmp_path / "download.enc"
+    encrypted.write_bytes(request(running.url, pki, "bob", path=lfn).body)
+    client = tmp_path / "bob.toml"
+    bob = pki / "users" / "bob"
+    client.write_text(
+        f'[site]\nvo = "demo"\n[storage]\nurl = "{running.url}"\n[keystore]\nurls = {json.dumps(key_servers.urls)}\n'
+        f'ca = "{pki / "ca.pem"}"\ncert = "{bob / "cert.pem"}"\nkey = "{bob / "key.pem"}"\n'
+    )
+    triple = ",".join(lfn.split("/")[-3:])
+    for name, identifier in (("by-lfn.dcm", lfn), ("by-uids.dcm", triple)):
+        result = mdm("decrypt", identifier, str(encrypted), str(tmp_path / name), config=client)
+        assert result.returncode == 0, result.stderr
+        assert pydicom.dcmread(tmp_path / name).PixelData == ds.PixelData
+    other = lfn_of(running, series[6])
+    mixed = mdm("decrypt", other, str(encrypted), str(tmp_path / "mixed.dcm"), config=client)
+    assert mixed.returncode == 2 and "but the file belongs to" in mixed.stderr
