@@ -61,6 +61,7 @@ from pynetdicom.status import (
 import srm_dicom.pacs  # noqa: F401  (TCP_NODELAY and quiet pynetdicom logging)
 from srm_dicom.config import PacsConfig
 from srm_dicom.errors import InvalidInput, NotFound, PacsError
+from srm_dicom.pacs.answers import keep_answers_for_the_caller
 
 MAX_CONTEXTS = 128
 LEVELS = ("PATIENT", "STUDY", "SERIES", "IMAGE")
@@ -229,6 +230,7 @@ class PacsClient:
             ],
         )
         if assoc.is_established:
+            keep_answers_for_the_caller(assoc)
             return assoc
         if assoc.is_rejected:
             rj = assoc.acceptor.primitive
@@ -459,10 +461,6 @@ class PacsClient:
                     )
             yield from inbox.drain()
             finished = True
-            # pynetdicom 3.0.4 can lose a Pending answer of the next C-FIND sent on an
-            # association that has just carried a retrieve (seen under load: a match
-            # missing, silently). A retrieve therefore ends its association.
-            self.close()
         finally:
             if not finished and self._assoc is not None:
                 self._assoc.abort()
