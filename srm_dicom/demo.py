@@ -15,7 +15,6 @@ from __future__ import annotations
 import posixpath
 import re
 import secrets
-import signal
 import socket
 import threading
 from collections.abc import Callable
@@ -32,6 +31,7 @@ from srm_dicom.pacs.server import EmbeddedPacs
 from srm_dicom.pki import USERS, client_toml, hashed_ca_dir, init_pki
 from srm_dicom.register import Registrar, Summary
 from srm_dicom.server.app import StorageElement, make_server
+from srm_dicom.shutdown import stop_on_signals
 from srm_dicom.stager import Stager
 from srm_dicom.synthetic import make_series
 
@@ -121,9 +121,7 @@ def write_config(workdir: Path, keystore_urls: list[str]) -> Path:
 
 
 def run_demo(workdir: Path, say: Callable[[str], None] = print) -> int:
-    stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
+    stop = stop_on_signals()
     init_pki(workdir)
     hashed_ca_dir(workdir / "ca.pem", workdir / "cadir")
     with LocalKeyServers(workdir, workdir / "keystores") as key_servers:

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import signal
-import threading
 
 from srm_dicom.catalog import open_catalog
 from srm_dicom.config import load_config
 from srm_dicom.listen import PushListener
+from srm_dicom.shutdown import stop_on_signals
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -30,9 +29,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     catalog = open_catalog(config)
-    stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
+    stop = stop_on_signals()
     try:
         with PushListener(config, catalog) as listener:
             host, port = listener.address

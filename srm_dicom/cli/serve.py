@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import signal
 import threading
 
 from srm_dicom.catalog import open_catalog
 from srm_dicom.config import load_config
 from srm_dicom.keystore.client import KeystoreClient
 from srm_dicom.server.app import StorageElement, make_server
+from srm_dicom.shutdown import stop_on_signals
 from srm_dicom.stager import Stager
 
 
@@ -35,9 +35,7 @@ def run(args: argparse.Namespace) -> int:
     catalog = open_catalog(config)
     stager = Stager(config, catalog, KeystoreClient.from_config(config))
     server = make_server(config, StorageElement(config, catalog, stager))
-    stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
+    stop = stop_on_signals()
     stager.start()
     try:
         server.prepare()
