@@ -15,6 +15,7 @@ from __future__ import annotations
 import posixpath
 import re
 import secrets
+import shutil
 import socket
 import threading
 from collections.abc import Callable
@@ -123,7 +124,8 @@ def write_config(workdir: Path, keystore_urls: list[str]) -> Path:
 def run_demo(workdir: Path, say: Callable[[str], None] = print) -> int:
     stop = stop_on_signals()
     init_pki(workdir)
-    hashed_ca_dir(workdir / "ca.pem", workdir / "cadir")
+    if shutil.which("openssl"):  # gfal2 and davix want the CA as a hashed directory
+        hashed_ca_dir(workdir / "ca.pem", workdir / "cadir")
     with LocalKeyServers(workdir, workdir / "keystores") as key_servers:
         config_path = write_config(workdir, key_servers.urls)
         config = load_config(config_path)
@@ -192,7 +194,8 @@ def _banner(
     say(f"  {curl} -O {url}{slice_lfn}")
     say(f"  MDM_CONFIG={bob / 'client.toml'} mdm get -l {slice_lfn} slice.dcm")
     say(f"  MDM_CONFIG={bob / 'client.toml'} mdm get -l {volume_lfn} volume.nii")
-    say(f"  {gfal} gfal-copy davs://127.0.0.1:{config.server.port}{volume_lfn} file:///tmp/volume.enc")
+    if (workdir / "cadir").is_dir():
+        say(f"  {gfal} gfal-copy davs://127.0.0.1:{config.server.port}{volume_lfn} file:///tmp/volume.enc")
     say(f"  rclone ls :webdav:{root} --webdav-url {url} --ca-cert {workdir / 'ca.pem'} "
         f"--client-cert {bob / 'cert.pem'} --client-key {bob / 'key.pem'}")
     say("hospital side:")
