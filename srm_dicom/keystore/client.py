@@ -16,6 +16,7 @@ import json
 import logging
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -76,6 +77,8 @@ class KeystoreClient:
         self.urls = tuple(url.rstrip("/") for url in urls)
         self.k = k
         self.timeout = timeout
+        self._idle: dict[str, list[http.client.HTTPSConnection]] = {}
+        self._idle_lock = threading.Lock()
         self._context = ssl.create_default_context(cafile=str(ca))
         try:
             self._context.load_cert_chain(str(cert), str(key))
@@ -202,27 +205,46 @@ class KeystoreClient:
             results[futures[future]] = ServerFailure(futures[future], "unreachable: timed out")
         return results
 
-    def _request(self, method: str, url: str, key_id: str, suffix: str, body: Any) -> Any:
+    def _connection(self, url: str) -> http.client.HTTPSConnection:
+        """An idle kept-alive connection to ``url``, or a new one: a mutual-TLS handshake costs
+        five times the request itself, and registering or staging a file asks every server."""
+        with self._idle_lock:
+            idle = self._idle.get(url)
+            if idle:
+                return idle.pop()
         parts = urlsplit(url)
-        connection = http.client.HTTPSConnection(
-            parts.hostname, parts.port or 443, context=self._context, timeout=self.timeout
-        )
+        return http.client.HTTPSConnection(parts.hostname, parts.port or 443, context=self._context,
+                                           timeout=self.timeout)
+
+    def _request(self, method: str, url: str, key_id: str, suffix: str, body: Any) -> Any:
         payload = None if body is None else json.dumps(body).encode()
         headers = {"Content-Type": "application/json"} if payload is not None else {}
-        try:
-            connection.request(method, f"{parts.path}/keys/{quote(key_id, safe='')}{suffix}", payload, headers)
-            response = connection.getresponse()
-            data = response.read()
-        except ssl.SSLCertVerificationError as exc:
-            raise ServerFailure(url, f"untrusted: {exc.verify_message}") from None
-        except ssl.SSLError as exc:
-            reason = exc.reason or "connection closed"
-            raise ServerFailure(url, f"refused the TLS handshake ({reason})") from None
-        except (OSError, http.client.HTTPException) as exc:
-            reason = "timed out" if isinstance(exc, socket.timeout) else str(exc) or type(exc).__name__
-            raise ServerFailure(url, f"unreachable: {reason}") from None
-        finally:
-            connection.close()
+        path = f"{urlsplit(url).path}/keys/{quote(key_id, safe='')}{suffix}"
+        for attempt in (1, 2):
+            connection = self._connection(url)
+            reused = connection.sock is not None
+            try:
+                connection.request(method, path, payload, headers)
+                response = connection.getresponse()
+                data = response.read()
+            except ssl.SSLCertVerificationError as exc:
+                connection.close()
+                raise ServerFailure(url, f"untrusted: {exc.verify_message}") from None
+            except ssl.SSLError as exc:
+                connection.close()
+                raise ServerFailure(url, f"refused the TLS handshake ({exc.reason or 'connection closed'})") from None
+            except (OSError, http.client.HTTPException) as exc:
+                connection.close()
+                if reused and attempt == 1 and not isinstance(exc, socket.timeout):
+                    continue  # the server closed a kept-alive connection meanwhile: open a new one
+                reason = "timed out" if isinstance(exc, socket.timeout) else str(exc) or type(exc).__name__
+                raise ServerFailure(url, f"unreachable: {reason}") from None
+            if response.will_close:
+                connection.close()
+            else:
+                with self._idle_lock:
+                    self._idle.setdefault(url, []).append(connection)
+            break
         try:
             answer = json.loads(data) if data else None
         except ValueError:
