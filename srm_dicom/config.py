@@ -248,15 +248,18 @@ def config_file(path: str | os.PathLike[str] | None = None) -> Path:
     return Path(path or os.environ.get(CONFIG_ENV) or "mdm.toml")
 
 
+def read_toml(path: Path, what: str, hint: str = "") -> dict[str, Any]:
+    """A TOML file as a dict; a missing or malformed file is one clear ConfigError naming it."""
+    try:
+        return tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{what}: {path} not found{hint}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{what}: {path}: {exc}") from None
+
+
 def load_config(path: str | os.PathLike[str] | None = None) -> Config:
     """Load the config file chosen as ``config_file`` says."""
     chosen = config_file(path)
-    try:
-        data = tomllib.loads(chosen.read_text())
-    except FileNotFoundError:
-        raise ConfigError(
-            f"config: {chosen} not found (give --config FILE or set {CONFIG_ENV})"
-        ) from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config: {chosen}: {exc}") from None
+    data = read_toml(chosen, "config", f" (give --config FILE or set {CONFIG_ENV})")
     return parse_config(data, chosen.resolve().parent)

@@ -15,7 +15,6 @@ The chain handed to ``identity_from_cert_chain`` must already be verified by TLS
 from __future__ import annotations
 
 import ssl
-import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -27,6 +26,7 @@ from cheroot.ssl.builtin import BuiltinSSLAdapter
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
+from srm_dicom.config import read_toml
 from srm_dicom.errors import ConfigError, MdmError
 
 GROUPS = ("register", "physician", "mia")
@@ -155,13 +155,7 @@ class VoMap:
 
     @classmethod
     def load(cls, path: Path) -> VoMap:
-        try:
-            data = tomllib.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"VO map {path} not found") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"VO map {path}: {exc}") from None
-        return cls.from_dict(data, str(path))
+        return cls.from_dict(read_toml(path, "VO map"), str(path))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], origin: str = "VO map") -> VoMap:

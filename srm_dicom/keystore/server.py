@@ -19,7 +19,6 @@ import binascii
 import json
 import logging
 import sqlite3
-import tomllib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
 from http import HTTPStatus
@@ -28,6 +27,7 @@ from typing import Any
 
 from cheroot import wsgi
 
+from srm_dicom.config import read_toml
 from srm_dicom.crypto.shares import KEY_SIZE
 from srm_dicom.errors import ConfigError, InvalidInput, NotFound
 from srm_dicom.identity import (
@@ -65,12 +65,7 @@ class KeystoreServerConfig:
 
     @classmethod
     def load(cls, path: Path) -> KeystoreServerConfig:
-        try:
-            data = tomllib.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"keystore config {path} not found") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"keystore config {path}: {exc}") from None
+        data = read_toml(path, "keystore config")
         known = {f.name for f in fields(cls)}
         for name in data:
             if name not in known:
