@@ -284,17 +284,15 @@ class Stager:
                 self._clients.append(client)
         return client
 
-    def _retrieve(self, source: Pfn, sop_classes: frozenset[str] = frozenset()) -> list:
+    def _retrieve(self, source: Pfn) -> list:
         pacs = self._pacs()
         if self._move_lock is None:
-            return list(pacs.retrieve(source.study, source.series, source.sop, sop_classes))
+            return list(pacs.retrieve(source.study, source.series, source.sop))
         with self._move_lock:
             return list(pacs.retrieve(source.study, source.series, source.sop))
 
     def _slice(self, entry: Entry, source: Pfn) -> bytes:
-        metadata = self._catalog.metadata(entry.guid)
-        sop_class = metadata.dicom["sop_class_uid"] if metadata else None
-        datasets = self._retrieve(source, frozenset({sop_class}) if sop_class else frozenset())
+        datasets = self._retrieve(source)
         if len(datasets) != 1:
             raise StageFailed(f"{self._pacs().name} returned {len(datasets)} images instead of one")
         ds = datasets[0]

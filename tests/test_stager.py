@@ -162,9 +162,9 @@ def test_concurrent_fetches_of_one_file_make_one_retrieval(site, monkeypatch):
     associations: list[str] = []
 
     class CountingPacs(PacsClient):
-        def retrieve(self, study, series, sop=None, sop_classes=frozenset()):  # type: ignore[no-untyped-def]
+        def retrieve(self, study, series, sop=None):  # type: ignore[no-untyped-def]
             retrievals.append(sop or series)
-            return super().retrieve(study, series, sop, sop_classes)
+            return super().retrieve(study, series, sop)
 
         def _open(self, plan):  # type: ignore[no-untyped-def]
             associations.append(threading.current_thread().name)
@@ -221,9 +221,9 @@ def test_fetch_times_out_as_pending_while_staging_goes_on(site, monkeypatch):
     release = threading.Event()
 
     class SlowPacs(PacsClient):
-        def retrieve(self, study, series, sop=None, sop_classes=frozenset()):  # type: ignore[no-untyped-def]
+        def retrieve(self, study, series, sop=None):  # type: ignore[no-untyped-def]
             release.wait(10)
-            return super().retrieve(study, series, sop, sop_classes)
+            return super().retrieve(study, series, sop)
 
     monkeypatch.setattr(stager_module, "PacsClient", SlowPacs)
     stager = site.stager()
@@ -263,10 +263,10 @@ def test_stopped_mid_retrieve_nothing_is_published_and_the_request_resumes(site,
     inside, release = threading.Event(), threading.Event()
 
     class BlockedPacs(PacsClient):
-        def retrieve(self, study, series, sop=None, sop_classes=frozenset()):  # type: ignore[no-untyped-def]
+        def retrieve(self, study, series, sop=None):  # type: ignore[no-untyped-def]
             inside.set()
             release.wait(10)
-            return super().retrieve(study, series, sop, sop_classes)
+            return super().retrieve(study, series, sop)
 
     monkeypatch.setattr(stager_module, "PacsClient", BlockedPacs)
     stager = site.stager()

@@ -362,16 +362,13 @@ class PacsClient:
             query.SOPInstanceUID = sop
         return query
 
-    def _get_plan(self, study: str, series: str, sop: str | None, sop_classes: frozenset[str]) -> _Plan:
-        """Storage contexts for the SOP classes a C-GET will bring: those the caller knows
-        (the catalog records them), else those a C-FIND finds.
+    def _get_plan(self, study: str, series: str, sop: str | None) -> _Plan:
+        """Storage contexts for the SOP classes a C-GET will bring, found by C-FIND.
 
         Known classes get one context per transfer syntax, so the PACS sends each image
         as it holds it. A PACS that does not return SOP Class UID (dcmqrscp) gets the
         common storage classes, each one context listing every syntax: the PACS picks.
         """
-        if sop_classes:
-            return _Plan(frozenset((uid, (ts,)) for uid in sop_classes for ts in RETRIEVE_SYNTAXES), sop_classes)
         query = Dataset()
         query.StudyInstanceUID = study
         query.SeriesInstanceUID = series
@@ -389,15 +386,13 @@ class PacsClient:
             contexts = {(uid, RETRIEVE_SYNTAXES) for uid in classes}
         return _Plan(frozenset(contexts), frozenset(classes))
 
-    def get(
-        self, study: str, series: str, sop: str | None = None, sop_classes: frozenset[str] = frozenset()
-    ) -> Iterator[Dataset]:
+    def get(self, study: str, series: str, sop: str | None = None) -> Iterator[Dataset]:
         """C-GET one instance, or a whole series, over one association.
 
         Datasets are yielded as they arrive, with ``file_meta`` carrying the transfer
         syntax they were sent in.
         """
-        assoc = self._association(self._get_plan(study, series, sop, sop_classes))
+        assoc = self._association(self._get_plan(study, series, sop))
         query = self._retrieve_query(study, series, sop)
         responses = assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet)
         yield from self._collect("C-GET", responses, QR_GET_SERVICE_CLASS_STATUS)
@@ -428,14 +423,11 @@ class PacsClient:
         finally:
             server.shutdown()
 
-    def retrieve(
-        self, study: str, series: str, sop: str | None = None, sop_classes: frozenset[str] = frozenset()
-    ) -> Iterator[Dataset]:
-        """C-GET or C-MOVE, as the config's ``retrieve`` says; ``sop_classes``, when the caller
-        knows them, spare C-GET the C-FIND that would find them."""
+    def retrieve(self, study: str, series: str, sop: str | None = None) -> Iterator[Dataset]:
+        """C-GET or C-MOVE, as the config's ``retrieve`` says."""
         if self.config.retrieve == "move":
             return self.move(study, series, sop)
-        return self.get(study, series, sop, sop_classes)
+        return self.get(study, series, sop)
 
     def _collect(
         self,

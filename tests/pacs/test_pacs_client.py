@@ -245,18 +245,3 @@ def test_silent_peer_times_out() -> None:
     assert str(err.value) == (
         f"PACS SILENT@127.0.0.1:{port}: association not answered within 1 s"
     )
-
-
-def test_a_get_with_known_sop_classes_asks_no_c_find(any_pacs: Peer, ge: list[Dataset]) -> None:
-    finds: list[str] = []
-
-    class Counting(PacsClient):
-        def find(self, level: str, query: Dataset) -> list[Dataset]:
-            finds.append(level)
-            return super().find(level, query)
-
-    with Counting(any_pacs.pacs_config()) as client:
-        client.store_many(ge)
-        got = list(client.get(*uids(ge[0]), sop_classes=frozenset({str(ge[0].SOPClassUID)})))
-    assert finds == [] and len(got) == 1
-    assert got[0].SOPInstanceUID == ge[0].SOPInstanceUID and got[0].PixelData == ge[0].PixelData
