@@ -16,7 +16,7 @@ from cryptography import x509
 
 from srm_dicom.catalog import Catalog, Entry
 from srm_dicom.config import Config
-from srm_dicom.errors import MdmError
+from srm_dicom.errors import MdmError, NotFound
 from srm_dicom.identity import (
     ENVIRON_PEER_CHAIN,
     AuthenticationError,
@@ -114,7 +114,9 @@ class StorageElement:
                 if method == "GET":
                     return problem(start_response, HTTPStatus.NOT_FOUND, f"no such file: {path}")
             return self._dav(environ, start_response)
-        except MdmError as exc:
+        except NotFound as exc:  # every API's unknown file or request
+            return problem(start_response, HTTPStatus.NOT_FOUND, str(exc))
+        except MdmError as exc:  # every API's bad input (InvalidInput and the like)
             return problem(start_response, HTTPStatus.BAD_REQUEST, str(exc))
         except Exception:
             log.exception("internal error on %s %s", method, path)

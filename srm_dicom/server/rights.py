@@ -72,10 +72,6 @@ class RightsApi:
                 answer = [{"path": e.lfn, **Rights.of(e).to_json()} for e in done]
                 return respond_json(start_response, HTTPStatus.OK, {"entries": answer})
             return respond_json(start_response, HTTPStatus.OK, {"deleted": [self._delete(e) for e in entries]})
-        except InvalidInput as exc:
-            return problem(start_response, HTTPStatus.BAD_REQUEST, str(exc))
-        except NotFound as exc:
-            return problem(start_response, HTTPStatus.NOT_FOUND, str(exc))
         except Refused as exc:
             return problem(start_response, HTTPStatus.FORBIDDEN, str(exc))
         except KeystoreError as exc:

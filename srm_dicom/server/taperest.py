@@ -80,10 +80,6 @@ class TapeRestApi:
                     return self._archiveinfo(environ, start_response, identity)
             return problem(start_response, HTTPStatus.NOT_FOUND, f"no such Tape REST operation: {method} {ROOT}/"
                            + "/".join(parts))
-        except InvalidInput as exc:
-            return problem(start_response, HTTPStatus.BAD_REQUEST, str(exc))
-        except NotFound as exc:
-            return problem(start_response, HTTPStatus.NOT_FOUND, str(exc))
         except Forbidden as exc:
             return problem(start_response, HTTPStatus.FORBIDDEN, str(exc))
 
