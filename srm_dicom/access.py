@@ -1,86 +1,146 @@
-"""Who may list, read and stage what: the seeds' file rights, decided for one caller.
+"""Every permission decision of the storage element, for one caller of any kind.
 
-Certificate users get the bits of the entry's mode that apply to them (owner, VO, others),
-unless a per-DN entry names them. Token users get what their scopes say
-(``storage.read:/path`` lists and reads below /path, ``storage.stage:/path`` stages): a
-WLCG token is a capability, the ACL was checked when it was issued. The storage element's
-own service identity and the hospital's ``register`` group see everything.
+The seeds' file rights for certificate users (x509 with the VO map's groups, or voms
+with the groups of a verified attribute certificate): the bits of the entry's mode that
+apply to them (owner, VO, others), unless a per-DN entry names them. Token users get what
+their scopes say (``storage.read:/path`` lists and reads below /path,
+``storage.stage:/path`` stages): a WLCG token is a capability, the ACL was checked when
+it was issued. A macaroon acts as its issuer at issue time (a certificate identity
+without the register group), narrowed to its ``path:`` and ``activity:`` caveats. The
+storage element's own service identity and the hospital's ``register`` group (granted by
+certificates only) see everything.
+
+Identities are never compared across kinds: owners and per-DN entries are matched
+against ``Identity.dn``, which tokens and macaroons do not have, and stage requests
+against ``Identity.principal``, which keeps the kinds apart.
 """
 
 from __future__ import annotations
 
-from srm_dicom.catalog import Entry
-from srm_dicom.identity import Identity
+from srm_dicom.catalog import Entry, StageRequest
+from srm_dicom.identity import CERTIFICATE_KINDS, REGISTER, Identity, covers
 
 READ, WRITE, LIST = 4, 2, 1
+# Macaroon activities (dCache's names) and what each allows here.
+LIST_ACTIVITY, DOWNLOAD, READ_METADATA, STAGE = "LIST", "DOWNLOAD", "READ_METADATA", "STAGE"
+ACTIVITIES = (LIST_ACTIVITY, DOWNLOAD, READ_METADATA, STAGE)
 
 
 def _privileged(identity: Identity) -> bool:
-    return identity.kind == "service" or (identity.kind == "x509" and "register" in identity.groups)
+    """The service and the register group: every file, every metadata level."""
+    return identity.kind == "service" or (identity.kind in ("x509", "voms") and REGISTER in identity.groups)
 
 
-def file_perms(identity: Identity, entry: Entry) -> int:
-    """The caller's rwx bits (0-7) on an entry."""
+def _macaroon_allows(identity: Identity, activity: str, path: str) -> bool:
+    return activity in identity.activities and any(covers(base, path) for base in identity.paths)
+
+
+def _certificate_perms(identity: Identity, entry: Entry) -> int:
     if _privileged(identity):
         return READ | WRITE | LIST
-    if identity.kind == "jwt":
-        return READ | LIST if identity.may_scope("read", entry.lfn) else 0
     for acl in entry.acl:
-        if acl.dn == identity.subject:
+        if acl.dn == identity.dn:
             return acl.perms
-    if identity.subject == entry.owner:
+    if identity.dn == entry.owner:
         return (entry.mode >> 6) & 7
-    if identity.vo == entry.vo:
+    if identity.vo is not None and identity.vo == entry.vo:
         return (entry.mode >> 3) & 7
     return entry.mode & 7
 
 
+def file_perms(identity: Identity, entry: Entry) -> int:
+    """The caller's rwx bits (0-7) on an entry."""
+    if identity.kind == "token":
+        return READ | LIST if identity.may_scope("read", entry.lfn) else 0
+    if identity.kind == "macaroon":
+        assert identity.on_behalf is not None
+        perms = _certificate_perms(identity.on_behalf, entry) & (READ | LIST)
+        if not _macaroon_allows(identity, LIST_ACTIVITY, entry.lfn):
+            perms &= ~LIST
+        if not _macaroon_allows(identity, DOWNLOAD, entry.lfn):
+            perms &= ~READ
+        return perms
+    perms = _certificate_perms(identity, entry)
+    return perms & ~WRITE if identity.limited else perms
+
+
 def may_list(identity: Identity, entry: Entry) -> bool:
+    if identity.kind == "macaroon":  # any activity on the path makes the entry visible to it
+        assert identity.on_behalf is not None
+        return (_certificate_perms(identity.on_behalf, entry) & LIST != 0
+                and any(_macaroon_allows(identity, a, entry.lfn) for a in ACTIVITIES))
     return bool(file_perms(identity, entry) & LIST)
 
 
 def may_read(identity: Identity, entry: Entry) -> bool:
-    """Getting a file needs both x (to see it) and r (to read it), as in the seeds."""
+    """Getting a file needs both x (to see it) and r (to read it), as in the seeds; a
+    macaroon's DOWNLOAD activity stands for both on its path, within its issuer's bits."""
+    if identity.kind == "macaroon":
+        assert identity.on_behalf is not None
+        return _macaroon_allows(identity, DOWNLOAD, entry.lfn) and may_read(identity.on_behalf, entry)
     return file_perms(identity, entry) & (READ | LIST) == READ | LIST
 
 
 def may_stage(identity: Identity, entry: Entry) -> bool:
-    if identity.kind == "jwt":
+    if identity.kind == "token":
         return identity.may_scope("stage", entry.lfn) or identity.may_scope("read", entry.lfn)
+    if identity.kind == "macaroon":
+        assert identity.on_behalf is not None
+        return _macaroon_allows(identity, STAGE, entry.lfn) and may_read(identity.on_behalf, entry)
     return may_read(identity, entry)
 
 
 def may_manage(identity: Identity, entry: Entry) -> bool:
     """Changing an entry's rights or deleting it: its owner and the hospital's ``register``
-    group (and the service), as in the seeds. Certificates only: a token's subject is no DN,
-    and tokens carry no right to manage (WLCG scopes read, stage, create and modify data)."""
-    return _privileged(identity) or (identity.kind == "x509" and identity.subject == entry.owner)
+    group (and the service), as in the seeds. Certificates only, and no limited proxy: a
+    token's subject is no DN, tokens carry no right to manage (WLCG scopes read, stage,
+    create and modify data), and a macaroon carries only the activities it names."""
+    if identity.kind not in CERTIFICATE_KINDS or identity.limited:
+        return False
+    return _privileged(identity) or identity.dn == entry.owner
+
+
+def may_manage_request(identity: Identity, request: StageRequest) -> bool:
+    """Polling, cancelling, releasing or deleting a stage request: whoever submitted it (the
+    same principal, of the same kind), the service and the register group."""
+    return _privileged(identity) or request.requester == identity.principal
+
+
+def may_issue_macaroon(identity: Identity) -> bool:
+    """Macaroons are issued to certificate users: a macaroon carries a DN and groups, which
+    a token has no DN to give; the service identity gets none (it would carry everything)."""
+    return identity.kind in ("x509", "voms")
 
 
 def may_browse(identity: Identity, vo: str, path: str) -> bool:
-    """Directories of a VO's namespace are visible to its members (and to tokens whose
-    scope lies on the way to, or below, the directory); the entries inside are filtered."""
+    """Directories of a VO's namespace are visible to its members (and to tokens and
+    macaroons whose paths lie on the way to, or below, the directory); the entries inside
+    are filtered."""
     if _privileged(identity):
         return True
-    if identity.kind == "jwt":
-        return any(
-            base == "/" or path == base or path.startswith(base + "/") or base.startswith(path.rstrip("/") + "/")
-            for action, base in identity.scopes
-            if action in ("read", "stage")
-        )
+    if identity.kind in ("token", "macaroon"):
+        bases = identity.paths if identity.kind == "macaroon" else [b for a, b in identity.scopes if a in ("read",
+                                                                                                          "stage")]
+        return any(covers(base, path) or base.startswith(path.rstrip("/") + "/") for base in bases)
     return identity.vo == vo
 
 
 def metadata_level(identity: Identity, entry: Entry) -> str:
     """What of an entry's metadata the caller sees: "none", "anonymous" or "all" (seeds' modes:
     private = owner and register only; group = physicians all, MIA anonymous, the rest of the VO
-    none; anonymous = VO and MIA anonymous; public = everyone all). A per-DN entry overrides."""
-    if _privileged(identity) or identity.subject == entry.owner:
+    none; anonymous = VO and MIA anonymous; public = everyone all). A per-DN entry overrides.
+    A macaroon sees its issuer's level where its READ_METADATA activity reaches, else none."""
+    if identity.kind == "macaroon":
+        assert identity.on_behalf is not None
+        if not _macaroon_allows(identity, READ_METADATA, entry.lfn):
+            return "none"
+        return metadata_level(identity.on_behalf, entry)
+    if _privileged(identity) or (identity.dn is not None and identity.dn == entry.owner):
         return "all"
     for acl in entry.acl:
-        if acl.dn == identity.subject:
+        if identity.dn is not None and acl.dn == identity.dn:
             return acl.metadata
-    member = identity.vo == entry.vo
+    member = identity.vo is not None and identity.vo == entry.vo
     mode = entry.metadata_mode
     if mode == "public":
         return "all"

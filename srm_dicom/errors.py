@@ -15,6 +15,12 @@ class NotFound(MdmError):
     exit_code = 3
 
 
+class Forbidden(MdmError):
+    """The caller is known but may not do this; the message says what was refused."""
+
+    exit_code = 5
+
+
 class InvalidInput(MdmError):
     exit_code = 2
 

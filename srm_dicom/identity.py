@@ -24,13 +24,18 @@ from typing import Any
 import jwt
 from cheroot.ssl.builtin import BuiltinSSLAdapter
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 from srm_dicom.config import read_toml
 from srm_dicom.errors import ConfigError, MdmError
 
 GROUPS = ("register", "physician", "mia")
-KINDS = ("x509", "jwt", "service")
+# The hospital's group whose members add images and manage every entry: granted by a
+# certificate (VO map or VOMS), never by a token or a macaroon.
+REGISTER = "register"
+KINDS = ("x509", "voms", "token", "macaroon", "service")
+CERTIFICATE_KINDS = ("x509", "voms", "service")
 STORAGE_ACTIONS = ("read", "create", "modify", "stage")
 # The WLCG profile's audience meaning "any resource server"; resources must accept it.
 WLCG_ANY_AUDIENCE = "https://wlcg.cern.ch/jwt/v1/any"
@@ -51,7 +56,16 @@ class AuthenticationError(MdmError):
 
 @dataclass(frozen=True)
 class Identity:
-    """An authenticated caller. ``subject`` is a DN for certificates, ``sub`` for tokens."""
+    """An authenticated caller, of one kind (``KINDS``), never compared with another kind.
+
+    ``subject`` is the DN for the certificate kinds (x509: groups from the VO map; voms:
+    groups from a verified attribute certificate; service: the storage element itself),
+    the token's ``sub`` for tokens (``issuer`` says whose), and a description for a
+    macaroon, which acts as ``on_behalf`` (its issuer at issue time, a certificate
+    identity without the register group) within its ``paths`` and ``activities``.
+    Decisions use ``dn`` and ``principal``, which keep the kinds apart; ``subject`` is for
+    messages.
+    """
 
     subject: str
     kind: str
@@ -59,6 +73,26 @@ class Identity:
     groups: frozenset[str] = frozenset()
     scopes: tuple[tuple[str, str], ...] = ()
     issuer: str | None = None
+    limited: bool = False  # a limited proxy: it may read, never manage
+    on_behalf: Identity | None = None
+    paths: tuple[str, ...] = ()
+    activities: frozenset[str] = frozenset()
+
+    @property
+    def dn(self) -> str | None:
+        """The certificate DN; None for tokens and macaroons, whose subjects are no DNs."""
+        return self.subject if self.kind in CERTIFICATE_KINDS else None
+
+    @property
+    def principal(self) -> str:
+        """Who owns what this caller creates (stage requests): the DN for certificates (a DN
+        starts with ``/``), ``token:<iss>#<sub>`` for tokens, the issuer's for a macaroon."""
+        if self.kind == "token":
+            return f"token:{self.issuer}#{self.subject}"
+        if self.kind == "macaroon":
+            assert self.on_behalf is not None
+            return self.on_behalf.principal
+        return self.subject
 
     @property
     def fqans(self) -> frozenset[str]:
@@ -70,17 +104,19 @@ class Identity:
     def may_scope(self, action: str, path: str) -> bool:
         """Whether the token's scopes allow ``action`` on ``path``.
 
-        Certificates carry no scopes: for them the ACLs alone decide, so this is True.
+        Other kinds carry no scopes: for them the ACLs alone decide, so this is True.
         A scope path covers itself and what is below it, component-wise: ``/a/b`` allows
         ``/a/b/c`` but not ``/a/bc``.
         """
-        if self.kind != "jwt":
+        if self.kind != "token":
             return True
         wanted = _normalize_path(path)
-        return any(
-            act == action and (base == "/" or wanted == base or wanted.startswith(base + "/"))
-            for act, base in self.scopes
-        )
+        return any(act == action and covers(base, wanted) for act, base in self.scopes)
+
+
+def covers(base: str, path: str) -> bool:
+    """Whether ``path`` is ``base`` or below it, component-wise (both normalized)."""
+    return base == "/" or path == base or path.startswith(base + "/")
 
 
 def _normalize_path(path: str) -> str:
@@ -93,7 +129,7 @@ def _normalize_path(path: str) -> str:
 def slash_dn(name: x509.Name) -> str:
     """``/C=XX/O=site/CN=name``: OpenSSL's one-line form, multi-valued RDNs joined with ``+``."""
     return "".join(
-        "/" + "+".join(f"{_SLASH_NAMES.get(a.oid, a.rfc4514_attribute_name)}={a.value}" for a in rdn)
+        "/" + "+".join(f"{_SLASH_NAMES.get(a.oid, a.rfc4514_attribute_name)}={a.value!s}" for a in rdn)
         for rdn in name.rdns
     )
 
@@ -252,20 +288,44 @@ def issuers_from_config(tables: Mapping[str, Any], base_dir: Path) -> dict[str, 
     return {iss: Issuer.from_config(iss, table, base_dir) for iss, table in tables.items()}
 
 
+# The key type each accepted algorithm needs: a token whose header names another family
+# than its issuer's key is refused before any signature check (PyJWT would raise TypeError).
+_ALGORITHM_KEYS: dict[str, type] = {"RS": rsa.RSAPublicKey, "PS": rsa.RSAPublicKey, "ES": ec.EllipticCurvePublicKey}
+TIME_CLAIMS = ("exp", "nbf", "iat")
+
+
+def _fits(algorithm: str, key: object) -> bool:
+    return isinstance(key, _ALGORITHM_KEYS[algorithm[:2]])
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def identity_from_bearer(token: str, issuers: Mapping[str, Issuer]) -> Identity:
     """The caller of a WLCG bearer token, signature, ``iss``, ``aud`` and ``exp`` checked."""
     try:
-        iss = jwt.decode(token, options={"verify_signature": False}).get("iss")
+        unverified = jwt.decode(token, options={"verify_signature": False})
+        algorithm = jwt.get_unverified_header(token).get("alg")
     except jwt.PyJWTError:
         raise AuthenticationError("bearer token is not a valid JWT") from None
+    iss = unverified.get("iss")
     issuer = issuers.get(iss) if isinstance(iss, str) else None
     if issuer is None:
         raise AuthenticationError(f"bearer token issuer {iss!r} is not trusted")
+    for name in TIME_CLAIMS:  # PyJWT takes int("1700000000"): the profile says numbers
+        if name in unverified and not _is_number(unverified[name]):
+            raise AuthenticationError(f"bearer token '{name}' must be a number (seconds since the epoch)")
+    if algorithm not in TOKEN_ALGORITHMS:
+        raise AuthenticationError(f"bearer token algorithm {algorithm!r} is not accepted")
+    key = issuer.signing_key(token)
+    if not _fits(algorithm, key):
+        raise AuthenticationError(f"bearer token algorithm {algorithm} does not fit the key of {issuer.iss}")
     try:
         claims = jwt.decode(
             token,
-            issuer.signing_key(token),
-            algorithms=list(TOKEN_ALGORITHMS),
+            key,
+            algorithms=[algorithm],
             audience=[*issuer.audience, WLCG_ANY_AUDIENCE],
             issuer=issuer.iss,
             options={"require": ["exp", "iss", "sub", "aud"]},
@@ -282,7 +342,7 @@ def identity_from_bearer(token: str, issuers: Mapping[str, Issuer]) -> Identity:
     vo, groups = _token_groups(claims.get("wlcg.groups", []))
     return Identity(
         subject=str(claims["sub"]),
-        kind="jwt",
+        kind="token",
         vo=vo,
         groups=groups,
         scopes=_token_scopes(claims.get("scope", "")),
@@ -308,7 +368,8 @@ def _token_scopes(scope: Any) -> tuple[tuple[str, str], ...]:
 
 
 def _token_groups(claim: Any) -> tuple[str | None, frozenset[str]]:
-    """``["/demo", "/demo/physician"]`` → ("demo", {"physician"}); the first group names the VO."""
+    """``["/demo", "/demo/physician"]`` → ("demo", {"physician"}); the first group names the VO.
+    ``register`` is dropped: a token never makes its bearer a member of the hospital side."""
     if not isinstance(claim, list) or not all(isinstance(g, str) for g in claim):
         raise AuthenticationError("bearer token 'wlcg.groups' must be a list of strings")
     vo: str | None = None
@@ -320,7 +381,7 @@ def _token_groups(claim: Any) -> tuple[str | None, frozenset[str]]:
         vo = vo or parts[0]
         if parts[0] == vo and len(parts) > 1:
             groups.add("/".join(parts[1:]))
-    return vo, frozenset(groups)
+    return vo, frozenset(groups - {REGISTER})  # the hospital's group comes from certificates only
 
 
 class ClientAuthSSLAdapter(BuiltinSSLAdapter):
@@ -341,13 +402,13 @@ class ClientAuthSSLAdapter(BuiltinSSLAdapter):
         self.context.verify_flags |= ssl.VERIFY_ALLOW_PROXY_CERTS
         self.context.minimum_version = ssl.TLSVersion.TLSv1_2
 
-    def get_environ(self, sock: ssl.SSLSocket) -> dict[str, Any]:
+    def get_environ(self, sock: ssl.SSLSocket) -> dict[str, Any]:  # type: ignore[override] # cheroot's stub lacks sock
         environ = super().get_environ(sock)
         # SSLSocket.get_verified_chain is public from Python 3.13; 3.11 has it on _sslobj.
-        getter = getattr(sock, "get_verified_chain", None) or sock._sslobj.get_verified_chain  # noqa: SLF001
+        getter = getattr(sock, "get_verified_chain", None) or sock._sslobj.get_verified_chain  # type: ignore[attr-defined] # noqa: SLF001
         chain = getter() or []
         environ[ENVIRON_PEER_CHAIN] = [
-            cert if isinstance(cert, bytes) else cert.public_bytes(ssl._ssl.ENCODING_DER)  # noqa: SLF001
+            cert if isinstance(cert, bytes) else cert.public_bytes(ssl._ssl.ENCODING_DER)  # type: ignore[attr-defined] # noqa: SLF001
             for cert in chain
         ]
         return environ

@@ -12,7 +12,7 @@ from pathlib import Path
 import jwt
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 
@@ -171,7 +171,7 @@ def issuers(issuer) -> dict[str, Issuer]:
 
 def test_good_token_gives_subject_vo_groups_and_scopes(issuer, issuers):
     identity = identity_from_bearer(issuer.token(), issuers)
-    assert identity.kind == "jwt"
+    assert identity.kind == "token"
     assert identity.subject == "a1b2c3" and identity.issuer == ISS
     assert identity.vo == "demo" and identity.groups == {"physician"}
     assert identity.scopes == (("read", "/grid/demo"), ("stage", "/grid/demo/mdm"))
@@ -217,6 +217,30 @@ def test_root_scope_covers_everything(issuer, issuers):
 def test_bad_tokens_are_refused(issuer, issuers, claims, message):
     with pytest.raises(AuthenticationError, match=message):
         identity_from_bearer(issuer.token(**claims), issuers)
+
+
+@pytest.mark.parametrize("claim", ["exp", "nbf", "iat"])
+def test_time_claims_must_be_numbers(issuer, issuers, claim):
+    """PyJWT alone takes int("1700000000"); the WLCG profile says NumericDate."""
+    with pytest.raises(AuthenticationError, match=f"'{claim}' must be a number"):
+        identity_from_bearer(issuer.token(**{claim: str(int(time.time()) + 60)}), issuers)
+
+
+def test_an_algorithm_that_does_not_fit_the_issuers_key_is_refused(issuer, issuers):
+    """An ES256 header over the issuer's RSA key made PyJWT raise TypeError: a 500 before."""
+    other = ec.generate_private_key(ec.SECP256R1())
+    claims = jwt.decode(issuer.token(), options={"verify_signature": False})
+    forged = jwt.encode(claims, other, algorithm="ES256", headers={"kid": issuer.kid})
+    with pytest.raises(AuthenticationError, match="does not fit the key"):
+        identity_from_bearer(forged, issuers)
+
+
+def test_a_token_never_carries_the_register_group_nor_a_dn(issuer, issuers):
+    owner = "/C=XX/O=srm-dicom/CN=registration service"
+    identity = identity_from_bearer(issuer.token(sub=owner, **{"wlcg.groups": ["/demo", "/demo/register"]}), issuers)
+    assert identity.groups == frozenset() and identity.vo == "demo"
+    assert identity.dn is None and identity.principal == f"token:{ISS}#{owner}"
+    assert identity.principal != owner
 
 
 def test_wlcg_any_audience_is_accepted(issuer, issuers):

@@ -56,7 +56,7 @@ class AclEntry:
         if self.any:
             return True
         if self.dn is not None:
-            return identity.subject == self.dn
+            return identity.dn == self.dn
         return self.group in identity.fqans
 
     def to_json(self) -> dict[str, Any]:

@@ -14,9 +14,9 @@ from http import HTTPStatus
 from cheroot import wsgi
 from cryptography import x509
 
-from srm_dicom.catalog import Catalog, Entry
+from srm_dicom.catalog import Catalog
 from srm_dicom.config import Config
-from srm_dicom.errors import MdmError, NotFound
+from srm_dicom.errors import Forbidden, MdmError, NotFound
 from srm_dicom.identity import (
     ENVIRON_PEER_CHAIN,
     AuthenticationError,
@@ -28,13 +28,13 @@ from srm_dicom.identity import (
     issuers_from_config,
     slash_dn,
 )
-from srm_dicom.names import normalize_lfn
 from srm_dicom.server import metadata, qido
 from srm_dicom.server.files import FileService
 from srm_dicom.server.problems import StartResponse, problem
 from srm_dicom.server.rights import RightsApi
 from srm_dicom.server.taperest import DISCOVERY, ROOT, TapeRestApi
 from srm_dicom.server.webdav import IDENTITY, webdav_app
+from srm_dicom.service import StorageService
 from srm_dicom.stager import Stager
 
 log = logging.getLogger(__name__)
@@ -48,27 +48,18 @@ class StorageElement:
 
     def __init__(self, config: Config, catalog: Catalog, stager: Stager) -> None:
         self._config = config
-        self._catalog = catalog
         self._vomap = VoMap.load(config.path(config.identity.vomap))
         self._issuers = issuers_from_config(config.identity.issuers, config.base_dir)
         # The storage element's own service identity (its key server credential) sees everything.
         own = x509.load_pem_x509_certificate(config.path(config.keystore.cert).read_bytes())
         self._services = (slash_dn(own.subject),)
-        self._files = FileService(config, catalog, stager)
-        self._tape = TapeRestApi(config, catalog, stager, self.resolve)
-        self._dav = webdav_app(catalog, config.site.vo)
-        self._metadata = metadata.MetadataApi(catalog)
-        self._qido = qido.Qido(catalog)
-        self._rights = RightsApi(config, catalog)
-
-    def resolve(self, path: str) -> Entry | None:
-        """The entry an URL path names: an LFN or /guid/<uuid>."""
-        path = normalize_lfn(path.split("?", 1)[0])
-        if path.startswith("/guid/"):
-            return self._catalog.lookup_guid(path.removeprefix("/guid/"))
-        if path.startswith("/grid/"):
-            return self._catalog.lookup(path)
-        return None
+        self.service = StorageService(config, catalog, stager)
+        self._files = FileService(config, self.service)
+        self._tape = TapeRestApi(config, self.service)
+        self._dav = webdav_app(self.service)
+        self._metadata = metadata.MetadataApi(self.service)
+        self._qido = qido.Qido(self.service)
+        self._rights = RightsApi(self.service)
 
     def _identify(self, environ: dict) -> Identity:
         authorization = environ.get("HTTP_AUTHORIZATION", "")
@@ -108,7 +99,7 @@ class StorageElement:
                 return problem(start_response, HTTPStatus.METHOD_NOT_ALLOWED,
                                f"{method} refused: the grid side of srm-dicom is read-only", [("Allow", ALLOW)])
             if method in ("GET", "HEAD"):
-                entry = self.resolve(path)
+                entry = self.service.resolve(path)
                 if entry is not None:
                     return self._files.serve(environ, start_response, entry, identity)
                 if method == "GET":
@@ -116,6 +107,8 @@ class StorageElement:
             return self._dav(environ, start_response)
         except NotFound as exc:  # every API's unknown file or request
             return problem(start_response, HTTPStatus.NOT_FOUND, str(exc))
+        except Forbidden as exc:  # every refusal of srm_dicom.access, through the StorageService
+            return problem(start_response, HTTPStatus.FORBIDDEN, str(exc))
         except MdmError as exc:  # every API's bad input (InvalidInput and the like)
             return problem(start_response, HTTPStatus.BAD_REQUEST, str(exc))
         except Exception:

@@ -16,12 +16,12 @@ from email.utils import formatdate
 from http import HTTPStatus
 from pathlib import Path
 
-from srm_dicom.access import may_list, may_read
-from srm_dicom.catalog import Catalog, Entry
+from srm_dicom.catalog import Entry
 from srm_dicom.config import Config
 from srm_dicom.identity import Identity
 from srm_dicom.server.problems import StartResponse, problem
-from srm_dicom.stager import StageFailed, Stager, StagingPending
+from srm_dicom.service import StorageService
+from srm_dicom.stager import StageFailed, StagingPending
 
 BLOCK = 1 << 20
 _RANGE = re.compile(r"^\s*(\d*)\s*-\s*(\d*)\s*$")
@@ -86,26 +86,23 @@ def _read(path: Path, first: int, last: int) -> Iterator[bytes]:
 
 
 class FileService:
-    def __init__(self, config: Config, catalog: Catalog, stager: Stager) -> None:
+    """HTTP of file GET and HEAD; who may read and the staging are the StorageService's."""
+
+    def __init__(self, config: Config, service: StorageService) -> None:
         self._config = config
-        self._catalog = catalog
-        self._stager = stager
+        self._service = service
 
     def serve(self, environ: dict, start_response: StartResponse, entry: Entry, identity: Identity) -> Iterator[bytes]:
-        if not may_list(identity, entry) or not may_read(identity, entry):
-            return iter(problem(start_response, HTTPStatus.FORBIDDEN, f"{identity.subject} may not read {entry.lfn}"))
         head = environ["REQUEST_METHOD"] == "HEAD"
-        path = self._stager.cached_path(entry)
-        if path is None and not head:
-            try:
-                path = self._stager.fetch(entry, self._config.cache.wait_timeout)
-            except StagingPending as exc:
-                return iter(self._unavailable(start_response, str(exc)))
-            except StageFailed as exc:
-                if exc.reason.startswith("not a volume"):  # permanent: retrying cannot help
-                    return iter(problem(start_response, HTTPStatus.UNPROCESSABLE_ENTITY, exc.reason))
-                return iter(self._unavailable(start_response, exc.reason))
-            entry = self._catalog.lookup_guid(entry.guid) or entry  # a volume's size is known now
+        try:
+            opened = self._service.open(identity, entry, stage=not head)
+        except StagingPending as exc:
+            return iter(self._unavailable(start_response, str(exc)))
+        except StageFailed as exc:
+            if exc.reason.startswith("not a volume"):  # permanent: retrying cannot help
+                return iter(problem(start_response, HTTPStatus.UNPROCESSABLE_ENTITY, exc.reason))
+            return iter(self._unavailable(start_response, exc.reason))
+        entry, path = opened.entry, opened.path
         if entry.size is None:
             return iter(self._unavailable(start_response, f"{entry.lfn} has not been assembled yet; stage it first"))
         headers = [
@@ -128,9 +125,13 @@ class FileService:
             start_response("416 Range Not Satisfiable", [("Content-Range", f"bytes */{size}"), *headers,
                                                          ("Content-Length", "0")])
             return iter([])
-        if not ranges or head:
+        if head:
             start_response("200 OK", [*headers, ("Content-Length", str(size))])
-            return iter([]) if head else _read(path, 0, size - 1)
+            return iter([])
+        assert path is not None  # StorageService.open stages every GET
+        if not ranges:
+            start_response("200 OK", [*headers, ("Content-Length", str(size))])
+            return _read(path, 0, size - 1)
         if len(ranges) == 1:
             first, last = ranges[0]
             start_response("206 Partial Content", [*headers, ("Content-Range", f"bytes {first}-{last}/{size}"),

@@ -11,14 +11,14 @@ whose detail says where.
 from __future__ import annotations
 
 from http import HTTPStatus
+from itertools import islice
 from urllib.parse import parse_qs
 
-from srm_dicom.access import may_list, metadata_level
-from srm_dicom.catalog import Catalog, find_entry
-from srm_dicom.errors import InvalidInput, NotFound
+from srm_dicom.errors import InvalidInput
 from srm_dicom.identity import Identity
-from srm_dicom.query import DEFAULT_ATTRIBUTES, find, parse, parse_attributes
+from srm_dicom.query import DEFAULT_ATTRIBUTES, parse, parse_attributes
 from srm_dicom.server.problems import StartResponse, problem, respond_json
+from srm_dicom.service import StorageService
 
 ROOT = "/api/v1/metadata"
 ERASED = ROOT + "/erased"
@@ -39,8 +39,8 @@ def limit_parameter(text: str | None, default: int = DEFAULT_LIMIT) -> int:
 
 
 class MetadataApi:
-    def __init__(self, catalog: Catalog) -> None:
-        self._catalog = catalog
+    def __init__(self, service: StorageService) -> None:
+        self._service = service
 
     def __call__(self, environ: dict, start_response: StartResponse, identity: Identity) -> list[bytes]:
         path = environ.get("PATH_INFO", "").rstrip("/")
@@ -56,21 +56,12 @@ class MetadataApi:
             limit = limit_parameter(params.get("limit", [None])[0])
         except InvalidInput as exc:
             return problem(start_response, HTTPStatus.BAD_REQUEST, str(exc))
-        rows = [match.row() for match in find(self._catalog, identity, query, attributes, limit)]
+        rows = [match.row() for match in islice(self._service.search(identity, query, attributes), limit)]
         return respond_json(start_response, HTTPStatus.OK, {"results": rows})
 
     def _erased(self, environ: dict, start_response: StartResponse, identity: Identity) -> list[bytes]:
         wanted = parse_qs(environ.get("QUERY_STRING", "")).get("path", [""])[0]
-        try:
-            entry = find_entry(self._catalog, wanted)
-        except (InvalidInput, NotFound):
-            entry = None
-        if entry is None or not may_list(identity, entry):
-            return problem(start_response, HTTPStatus.NOT_FOUND, f"no such file: {wanted}")
-        if metadata_level(identity, entry) != "all":
-            return problem(start_response, HTTPStatus.FORBIDDEN,
-                           f"{identity.subject} may not read the erased header values of {entry.lfn}")
-        metadata = self._catalog.metadata(entry.guid)
-        erased = [{"path": p, "keyword": k, "value": v} for p, k, v in (metadata.erased if metadata else ())]
+        entry, values = self._service.erased(identity, wanted)
+        erased = [{"path": p, "keyword": k, "value": v} for p, k, v in values]
         return respond_json(start_response, HTTPStatus.OK, {"lfn": entry.lfn, "guid": f"guid:{entry.guid}",
                                                              "erased": erased})

@@ -28,13 +28,13 @@ from urllib.parse import parse_qsl
 
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 
-from srm_dicom.catalog import Catalog
 from srm_dicom.errors import InvalidInput
 from srm_dicom.identity import Identity
 from srm_dicom.names import is_uid
-from srm_dicom.query import ALL, ATTRIBUTES, Attribute, Boolean, Query, Visible, compare, equals_any, visible
+from srm_dicom.query import ALL, ATTRIBUTES, Attribute, Boolean, Query, Visible, compare, equals_any
 from srm_dicom.server.metadata import limit_parameter
 from srm_dicom.server.problems import StartResponse, problem
+from srm_dicom.service import StorageService
 
 ROOT = "/dicom-web"
 MEDIA_TYPE = "application/dicom+json"
@@ -160,8 +160,8 @@ def _shown_uid(match: Visible, keyword: str) -> str:
 
 
 class Qido:
-    def __init__(self, catalog: Catalog) -> None:
-        self._catalog = catalog
+    def __init__(self, service: StorageService) -> None:
+        self._service = service
 
     def __call__(self, environ: dict, start_response: StartResponse, identity: Identity) -> list[bytes]:
         if environ["REQUEST_METHOD"] != "GET":
@@ -191,11 +191,12 @@ class Qido:
         for keyword, listed in search.uids.items():
             prefilter = equals_any(ATTRIBUTES[keyword], sorted(listed))
             original = equals_any(ATTRIBUTES["Original" + keyword], sorted(listed))
-            query = query & Query(Boolean("or", (prefilter.where, original.where)), "")
+            either = tuple(w for w in (prefilter.where, original.where) if w is not None)
+            query = query & Query(Boolean("or", either), "")
         # The UID keys match the UID the caller sees: checked below per image, so only the
         # other filters decide the level an image needs.
-        matches = visible(self._catalog.search(query, sorted(wanted, key=lambda a: a.keyword)), identity,
-                          search.query.level, list(wanted))
+        matches = self._service.search(identity, query, sorted(wanted, key=lambda a: a.keyword),
+                                       search.query.level)
         matches = (m for m in matches if all(_shown_uid(m, k) in v for k, v in search.uids.items()))
         if search.level == "instance":
             page = islice(matches, search.offset, search.offset + search.limit)
@@ -218,7 +219,7 @@ def _aggregate(matches: Iterable[Visible], search: Search) -> list[dict[str, Any
     series_of: dict[tuple[str, ...], set[str]] = {}
     for match in matches:
         study = _shown_uid(match, "StudyInstanceUID")
-        key = (study,) if search.level == "study" else (study, _shown_uid(match, "SeriesInstanceUID"))
+        key: tuple[str, ...] = (study,) if search.level == "study" else (study, _shown_uid(match, "SeriesInstanceUID"))
         group = groups.get(key)
         if group is None:
             group = groups[key] = _values(match, [f for f in search.fields if f != "Modality" or

@@ -22,23 +22,15 @@ from __future__ import annotations
 
 from http import HTTPStatus
 
-from srm_dicom.access import may_manage
-from srm_dicom.catalog import Catalog, Entry
-from srm_dicom.config import Config
-from srm_dicom.errors import InvalidInput, MdmError, NotFound
+from srm_dicom.errors import InvalidInput
 from srm_dicom.identity import Identity
 from srm_dicom.keystore import KeystoreError
-from srm_dicom.keystore.client import KeystoreClient
-from srm_dicom.protect import key_name
 from srm_dicom.server.problems import StartResponse, json_body, problem, respond_json
-from srm_dicom.setright import Rights, RightsChange, RightsSetter, select, site_secret
+from srm_dicom.service import StorageService
+from srm_dicom.setright import Rights, RightsChange
 
 RIGHTS = "/api/v1/rights"
 DELETE = "/api/v1/delete"
-
-
-class Refused(MdmError):
-    """The caller may not manage an entry."""
 
 
 def _paths(data: dict) -> list[str]:
@@ -49,11 +41,10 @@ def _paths(data: dict) -> list[str]:
 
 
 class RightsApi:
-    def __init__(self, config: Config, catalog: Catalog) -> None:
-        self._config = config
-        self._catalog = catalog
-        self._setter = RightsSetter.from_config(config, catalog)
-        self._keystore = KeystoreClient.from_config(config)
+    """HTTP of the rights and delete APIs; who may manage what is the StorageService's."""
+
+    def __init__(self, service: StorageService) -> None:
+        self._service = service
 
     @staticmethod
     def handles(path: str) -> bool:
@@ -65,34 +56,12 @@ class RightsApi:
             return problem(start_response, HTTPStatus.METHOD_NOT_ALLOWED, f"{path} takes POST", [("Allow", "POST")])
         try:
             data = json_body(environ)
-            entries = self._managed(_paths(data), identity)
             if path == RIGHTS:
                 change = RightsChange.from_json(data)
-                done = self._setter.apply(entries, change)
+                done = self._service.set_rights(identity, _paths(data), change)
                 answer = [{"path": e.lfn, **Rights.of(e).to_json()} for e in done]
                 return respond_json(start_response, HTTPStatus.OK, {"entries": answer})
-            return respond_json(start_response, HTTPStatus.OK, {"deleted": [self._delete(e) for e in entries]})
-        except Refused as exc:
-            return problem(start_response, HTTPStatus.FORBIDDEN, str(exc))
+            return respond_json(start_response, HTTPStatus.OK, {"deleted": self._service.delete(identity,
+                                                                                                _paths(data))})
         except KeystoreError as exc:
             return problem(start_response, HTTPStatus.BAD_GATEWAY, str(exc))
-
-    def _managed(self, paths: list[str], identity: Identity) -> list[Entry]:
-        """Every entry the paths name, once each; refused as a whole if any may not be managed."""
-        found: dict[str, Entry] = {}
-        for path in paths:
-            selection = select(self._catalog, self._config.site.vo, path, site_secret(self._config))
-            refused = [e for e in selection.entries if not may_manage(identity, e)]
-            if refused and selection.by_original:
-                raise NotFound(f"no such study, series or image: {path}")
-            if refused:
-                raise Refused(f"{identity.subject} may not change the rights of {refused[0].lfn} or delete it "
-                              "(its owner and the register group only)")
-            found.update((e.guid, e) for e in selection.entries)
-        return list(found.values())
-
-    def _delete(self, entry: Entry) -> str:
-        """Like ``mdm del`` on the hospital side: the entry goes, its key shares too, the image stays in the PACS."""
-        self._catalog.delete(entry.lfn)  # None when a series' last slice took its 3D along: its key goes below
-        self._keystore.delete_key(key_name(entry.guid, entry.content_version))
-        return entry.lfn

@@ -8,24 +8,18 @@ an RFC 7807 problem.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 from http import HTTPStatus
 
-from srm_dicom.access import may_list, may_stage
-from srm_dicom.catalog import Catalog, Entry
+from srm_dicom.catalog import StageRequest
 from srm_dicom.config import Config
-from srm_dicom.errors import InvalidInput, NotFound
+from srm_dicom.errors import InvalidInput
 from srm_dicom.identity import Identity
 from srm_dicom.server.problems import StartResponse, json_body, problem, respond_json
-from srm_dicom.stager import Stager
+from srm_dicom.service import StorageService
 
 ROOT = "/api/v1/tape"
 DISCOVERY = "/.well-known/wlcg-tape-rest-api"
 PLACEHOLDER = "gfal2-placeholder-id"  # gfal-evict releases by path with this request id
-
-
-class Forbidden(Exception):
-    """The caller may not see or stage a file; the message says which."""
 
 
 def _paths(data: dict) -> list[str]:
@@ -36,13 +30,11 @@ def _paths(data: dict) -> list[str]:
 
 
 class TapeRestApi:
-    def __init__(
-        self, config: Config, catalog: Catalog, stager: Stager, resolve: Callable[[str], Entry | None]
-    ) -> None:
+    """HTTP of the Tape REST API; every operation is the StorageService's."""
+
+    def __init__(self, config: Config, service: StorageService) -> None:
         self._config = config
-        self._catalog = catalog
-        self._stager = stager
-        self._resolve = resolve
+        self._service = service
 
     def discovery(self, start_response: StartResponse, base_url: str) -> list[bytes]:
         return respond_json(start_response, HTTPStatus.OK, {
@@ -54,99 +46,62 @@ class TapeRestApi:
     def __call__(self, environ: dict, start_response: StartResponse, identity: Identity) -> list[bytes]:
         method = environ["REQUEST_METHOD"]
         parts = [p for p in environ.get("PATH_INFO", "").removeprefix(ROOT).split("/") if p]
-        try:
-            match method, parts:
-                case "POST", ["stage"]:
-                    return self._stage(environ, start_response, identity)
-                case "GET", ["stage", request_id]:
-                    return self._status(start_response, identity, request_id)
-                case "POST", ["stage", request_id, "cancel"]:
-                    self._own(identity, request_id)
-                    self._stager.cancel(request_id, self._lfns(_paths(json_body(environ)), identity))
-                    return respond_json(start_response, HTTPStatus.OK, {})
-                case "DELETE", ["stage", request_id]:
-                    self._own(identity, request_id)
-                    self._stager.delete(request_id)
-                    return respond_json(start_response, HTTPStatus.OK, {})
-                case "POST", ["release", request_id]:
-                    lfns = self._lfns(_paths(json_body(environ)), identity)
-                    if request_id == PLACEHOLDER:
-                        self._stager.release_paths(lfns)
-                    else:
-                        self._own(identity, request_id)
-                        self._stager.release(request_id, lfns)
-                    return respond_json(start_response, HTTPStatus.OK, {})
-                case "POST", ["archiveinfo"]:
-                    return self._archiveinfo(environ, start_response, identity)
-            return problem(start_response, HTTPStatus.NOT_FOUND, f"no such Tape REST operation: {method} {ROOT}/"
-                           + "/".join(parts))
-        except Forbidden as exc:
-            return problem(start_response, HTTPStatus.FORBIDDEN, str(exc))
+        service = self._service
+        match method, parts:
+            case "POST", ["stage"]:
+                request_id = service.stage(identity, _files(json_body(environ)))
+                return respond_json(start_response, HTTPStatus.CREATED, {"requestId": request_id},
+                                    [("Location", f"{ROOT}/stage/{request_id}")])
+            case "GET", ["stage", request_id]:
+                return respond_json(start_response, HTTPStatus.OK, _status(service.stage_request(identity,
+                                                                                                 request_id)))
+            case "POST", ["stage", request_id, "cancel"]:
+                service.cancel(identity, request_id, _paths(json_body(environ)))
+                return respond_json(start_response, HTTPStatus.OK, {})
+            case "DELETE", ["stage", request_id]:
+                service.delete_request(identity, request_id)
+                return respond_json(start_response, HTTPStatus.OK, {})
+            case "POST", ["release", request_id]:
+                service.release(identity, None if request_id == PLACEHOLDER else request_id,
+                                _paths(json_body(environ)))
+                return respond_json(start_response, HTTPStatus.OK, {})
+            case "POST", ["archiveinfo"]:
+                answer = [{"path": path, "locality": locality} if locality else {"path": path, "error": "no such file"}
+                          for path, locality in service.archiveinfo(identity, _paths(json_body(environ)))]
+                return respond_json(start_response, HTTPStatus.OK, answer)
+        return problem(start_response, HTTPStatus.NOT_FOUND, f"no such Tape REST operation: {method} {ROOT}/"
+                       + "/".join(parts))
 
-    def _entry(self, path: str, identity: Identity) -> Entry:
-        entry = self._resolve(path)
-        if entry is None or not may_list(identity, entry):
-            raise NotFound(f"no such file: {path}")
-        return entry
 
-    def _lfns(self, paths: list[str], identity: Identity) -> list[str]:
-        return [self._entry(path, identity).lfn for path in paths]
+def _files(data: dict) -> list[tuple[str, int | None]]:
+    files = data.get("files")
+    if not isinstance(files, list) or not files:
+        raise InvalidInput("'files' must be a non-empty list of {\"path\": ...}")
+    wanted = []
+    for item in files:
+        if not isinstance(item, dict) or not isinstance(item.get("path"), str):
+            raise InvalidInput("every file needs a 'path' string")
+        lifetime = item.get("diskLifetime")
+        wanted.append((item["path"], None if lifetime is None else _lifetime(lifetime)))
+    return wanted
 
-    def _own(self, identity: Identity, request_id: str) -> None:
-        request = self._stager.request(request_id)
-        if request is None:
-            raise NotFound(f"no such stage request: {request_id}")
-        if request.requester != identity.subject and identity.kind != "service" and "register" not in identity.groups:
-            raise Forbidden(f"stage request {request_id} belongs to someone else")
 
-    def _stage(self, environ: dict, start_response: StartResponse, identity: Identity) -> list[bytes]:
-        files = json_body(environ).get("files")
-        if not isinstance(files, list) or not files:
-            raise InvalidInput("'files' must be a non-empty list of {\"path\": ...}")
-        entries, lifetimes = [], []
-        for item in files:
-            if not isinstance(item, dict) or not isinstance(item.get("path"), str):
-                raise InvalidInput("every file needs a 'path' string")
-            entry = self._entry(item["path"], identity)
-            if not may_stage(identity, entry):
-                raise Forbidden(f"{identity.subject} may not stage {item['path']}")
-            entries.append(entry)
-            lifetime = item.get("diskLifetime")
-            if lifetime is not None:
-                lifetimes.append(_lifetime(lifetime))
-        request_id = self._stager.submit(entries, max(lifetimes) if lifetimes else None, identity.subject)
-        return respond_json(start_response, HTTPStatus.CREATED, {"requestId": request_id},
-                            [("Location", f"{ROOT}/stage/{request_id}")])
-
-    def _status(self, start_response: StartResponse, identity: Identity, request_id: str) -> list[bytes]:
-        self._own(identity, request_id)
-        request = self._stager.request(request_id)
-        assert request is not None
-        files = []
-        for file in request.files:
-            item: dict = {"path": file.lfn, "state": file.state, "onDisk": file.on_disk}
-            if file.error:
-                item["error"] = file.error
-            if file.started_at is not None:
-                item["startedAt"] = file.started_at
-            if file.finished_at is not None:
-                item["finishedAt"] = file.finished_at
-            files.append(item)
-        answer: dict = {"id": request.id, "createdAt": request.created_at, "startedAt": request.started_at or
-                        request.created_at, "files": files}
-        if request.completed_at is not None:
-            answer["completedAt"] = request.completed_at
-        return respond_json(start_response, HTTPStatus.OK, answer)
-
-    def _archiveinfo(self, environ: dict, start_response: StartResponse, identity: Identity) -> list[bytes]:
-        answer = []
-        for path in _paths(json_body(environ)):
-            entry = self._resolve(path)
-            if entry is None or not may_list(identity, entry):
-                answer.append({"path": path, "error": "no such file"})
-            else:
-                answer.append({"path": path, "locality": self._stager.locality(entry)})
-        return respond_json(start_response, HTTPStatus.OK, answer)
+def _status(request: StageRequest) -> dict:
+    files = []
+    for file in request.files:
+        item: dict = {"path": file.lfn, "state": file.state, "onDisk": file.on_disk}
+        if file.error:
+            item["error"] = file.error
+        if file.started_at is not None:
+            item["startedAt"] = file.started_at
+        if file.finished_at is not None:
+            item["finishedAt"] = file.finished_at
+        files.append(item)
+    answer: dict = {"id": request.id, "createdAt": request.created_at,
+                    "startedAt": request.started_at or request.created_at, "files": files}
+    if request.completed_at is not None:
+        answer["completedAt"] = request.completed_at
+    return answer
 
 
 def _lifetime(value: object) -> int:

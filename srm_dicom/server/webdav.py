@@ -12,10 +12,10 @@ import posixpath
 from wsgidav.dav_provider import DAVCollection, DAVNonCollection, DAVProvider
 from wsgidav.wsgidav_app import WsgiDAVApp
 
-from srm_dicom.access import may_browse, may_list
-from srm_dicom.catalog import Catalog, Entry
+from srm_dicom.catalog import Entry
 from srm_dicom.identity import Identity
 from srm_dicom.names import normalize_lfn
+from srm_dicom.service import StorageService
 
 IDENTITY = "srm_dicom.identity"
 
@@ -75,10 +75,12 @@ class Directory(DAVCollection):
 
 
 class CatalogProvider(DAVProvider):
-    def __init__(self, catalog: Catalog, vo: str) -> None:
+    """The namespace as the StorageService shows it to the caller in the environ."""
+
+    def __init__(self, service: StorageService) -> None:
         super().__init__()
-        self._catalog = catalog
-        self._vo = vo
+        self._service = service
+        self._vo = service.vo
 
     def is_readonly(self) -> bool:
         return True
@@ -89,16 +91,13 @@ class CatalogProvider(DAVProvider):
                 "/guid": []}.get(path)
 
     def children(self, path: str, environ: dict) -> list[str]:
-        identity = _identity(environ)
         fixed = self._fixed(path)
         if fixed is not None:
             return fixed
-        if not may_browse(identity, self._vo, path):
-            return []
-        listing = self._catalog.list_dir(path)
+        listing = self._service.listing(_identity(environ), path)
         if listing is None:
             return []
-        return listing.directories + [e.lfn for e in listing.entries if may_list(identity, e)]
+        return listing.directories + [e.lfn for e in listing.entries]
 
     def get_resource_inst(self, path: str, environ: dict):  # noqa: ANN201 - a wsgidav resource or None
         path = normalize_lfn(path) if path not in ("", "/") else "/"
@@ -106,25 +105,25 @@ class CatalogProvider(DAVProvider):
         if self._fixed(path) is not None:
             return Directory(path, environ, self)
         if path.startswith("/guid/"):
-            entry = self._catalog.lookup_guid(path.removeprefix("/guid/"))
-            return EntryResource(path, environ, entry) if entry and may_list(identity, entry) else None
+            entry = self._service.visible(identity, path)
+            return EntryResource(path, environ, entry) if entry else None
         root = f"/grid/{self._vo}/mdm"
         if not (path == root or path.startswith(root + "/")):
             return None
-        entry = self._catalog.lookup(path)
-        if entry is not None:  # an entry its mode lets a caller list is visible even outside its VO
-            return EntryResource(path, environ, entry) if may_list(identity, entry) else None
-        if not may_browse(identity, self._vo, path):
-            return None
-        return Directory(path, environ, self) if path == root or self._catalog.list_dir(path) is not None else None
+        if self._service.resolve(path) is not None:  # an entry its mode lets a caller list is visible outside its VO
+            entry = self._service.visible(identity, path)
+            return EntryResource(path, environ, entry) if entry else None
+        if path == root and self._service.may_browse(identity, path):
+            return Directory(path, environ, self)
+        return Directory(path, environ, self) if self._service.listing(identity, path) is not None else None
 
 
-def webdav_app(catalog: Catalog, vo: str) -> WsgiDAVApp:
+def webdav_app(service: StorageService) -> WsgiDAVApp:
     """wsgidav for PROPFIND/OPTIONS only: no authentication of its own (done in front of it),
     no locks, no dead properties, no HTML browser."""
     return WsgiDAVApp(
         {
-            "provider_mapping": {"/": CatalogProvider(catalog, vo)},
+            "provider_mapping": {"/": CatalogProvider(service)},
             "http_authenticator": {"domain_controller": None, "accept_basic": False, "accept_digest": False,
                                    "default_to_digest": False},
             "simple_dc": {"user_mapping": {"*": True}},

@@ -3,8 +3,11 @@ cell asserting the grant or the refusal the seeds' rules (and the WLCG token rul
 
 The expected table is written out below from the rules, not computed by the code under
 test. Users: alice (register), bob (physician), carol (MIA), dave (VO member), eve (another
-VO), a token whose scopes cover the VO's files and one whose scopes do not. The images'
-owner is the site's registration service, none of them. Operations go through the real
+VO), a token whose scopes cover the VO's files and one whose scopes do not, and two
+impostor tokens whose scopes cover the files: one whose ``sub`` is the owner's DN and whose
+``wlcg.groups`` name the register group, one whose ``sub`` is bob's DN. A token is never
+a certificate DN and never in the register group. The images' owner is the site's
+registration service, none of them. Operations go through the real
 storage element (HTTPS, WebDAV, Tape REST, metadata and rights APIs) and the real key servers.
 """
 
@@ -39,11 +42,14 @@ from srm_dicom.uids import deidentify_uid
 from storage import RunningStorageElement, register, start_storage_element
 
 EVE = "/C=XX/O=srm-dicom/CN=eve"
+BOB = "/C=XX/O=srm-dicom/CN=bob"
+OWNER = "/C=XX/O=srm-dicom/CN=registration service"
 ISSUER, AUDIENCE = "https://issuer.matrix.test", "https://se.matrix.test"
 
-USERS = ("alice", "bob", "carol", "dave", "eve", "token", "token-elsewhere")
+TOKENS = ("token", "token-elsewhere", "token-as-owner", "token-as-bob")
+USERS = ("alice", "bob", "carol", "dave", "eve", *TOKENS)
 OPERATIONS = ("list", "get", "stage", "key share", "anonymous metadata", "nominative metadata", "erased values",
-              "set-right", "delete", "write")
+              "set-right", "delete", "write", "bob's stage request")
 # setting → (file mode, metadata mode, per-DN entries)
 SETTINGS = {
     "default rwxr-x--- group": ("rwxr-x---", "group", ()),
@@ -86,7 +92,12 @@ LEVEL = {
     "eve granted r-x anonymous": dict(alice="all", bob="all", carol="anonymous", dave="none", eve="anonymous",
                                       token="none", **{"token-elsewhere": "none"}),
 }
+for table in (FILE, LEVEL):
+    for row in table.values():  # the impostors' scopes cover the files: they are "token" in every column
+        row["token-as-owner"] = row["token-as-bob"] = row["token"]
 MANAGERS = {"alice"}  # the owner (the registration service) and the register group; no token
+# A stage request bob submitted: bob and the register group see it; a token never, whatever its sub.
+REQUEST_READERS = {"alice", "bob"}
 
 
 def expected(setting: str, user: str, operation: str) -> bool:
@@ -103,6 +114,7 @@ def expected(setting: str, user: str, operation: str) -> bool:
         "set-right": user in MANAGERS,
         "delete": user in MANAGERS,
         "write": False,
+        "bob's stage request": user in REQUEST_READERS,
     }[operation]
 
 
@@ -118,6 +130,7 @@ class Site:
     original_sop: str
     victims: dict[str, str]  # user → the LFN their delete asks for
     tokens: dict[str, str]
+    bobs_request: str  # the id of a stage request bob submitted
     header: object  # the probe's container header, to check a fetched key
 
     def call(self, user: str, method: str, path: str, body: object = None, headers: dict | None = None) -> Answer:
@@ -139,9 +152,9 @@ def trust_token_issuer(config_path: Path, workdir: Path) -> ec.EllipticCurvePriv
     return key
 
 
-def token(key: ec.EllipticCurvePrivateKey, subject: str, base: str) -> str:
+def token(key: ec.EllipticCurvePrivateKey, subject: str, base: str, groups: tuple[str, ...] = ("/demo",)) -> str:
     claims = {"iss": ISSUER, "aud": AUDIENCE, "sub": subject, "exp": int(time.time()) + 3600,
-              "scope": f"storage.read:{base} storage.stage:{base}", "wlcg.groups": ["/demo"]}
+              "scope": f"storage.read:{base} storage.stage:{base}", "wlcg.groups": list(groups)}
     return jwt.encode(claims, key, algorithm="ES256", headers={"kid": "matrix"})
 
 
@@ -172,9 +185,13 @@ def site(request: pytest.FixtureRequest, orthanc, key_servers, tmp_path_factory)
         lfns = [f"{directory}/{deidentify_uid(secret, ds.SOPInstanceUID)}" for ds in series]
         probe = se.catalog.lookup(lfns[0])
         tokens = {"token": token(signer, "researcher", "/grid/demo/mdm"),
-                  "token-elsewhere": token(signer, "stranger", "/grid/demo/elsewhere")}
+                  "token-elsewhere": token(signer, "stranger", "/grid/demo/elsewhere"),
+                  "token-as-owner": token(signer, OWNER, "/grid/demo/mdm", ("/demo", "/demo/register")),
+                  "token-as-bob": token(signer, BOB, "/grid/demo/mdm")}
         victims = dict(zip(USERS, lfns[1:], strict=True))
-        site = Site(se, key_servers.pki, setting, probe, series[0].SOPInstanceUID, victims, tokens, None)
+        site = Site(se, key_servers.pki, setting, probe, series[0].SOPInstanceUID, victims, tokens, "", None)
+        # Staged by the service, which may read in every setting, as if bob asked (the requester is bob's DN).
+        site.bobs_request = se.stager.submit([probe], None, BOB)
         served = site.call("service", "GET", probe.lfn)
         assert served.status == 200, served.body
         site.header = read_header(io.BytesIO(served.body))
@@ -264,6 +281,10 @@ def perform(site: Site, user: str, operation: str) -> bool:
         assert answer.status in (200, 403), answer.body
         assert (site.se.catalog.lookup(victim) is None) == (answer.status == 200)
         return answer.status == 200
+    if operation == "bob's stage request":
+        answer = site.call(user, "GET", f"/api/v1/tape/stage/{site.bobs_request}")
+        assert answer.status in (200, 403), answer.body
+        return answer.status == 200
     if operation == "write":
         answer = site.call(user, "PUT", probe.lfn, b"replaced")
         assert answer.status in (200, 201, 204, 403, 405), answer.status
@@ -272,7 +293,7 @@ def perform(site: Site, user: str, operation: str) -> bool:
 
 
 def test_every_cell_is_in_the_table():
-    assert len(EXPECTED) == len(SETTINGS) * len(USERS) * len(OPERATIONS) == 280
+    assert len(EXPECTED) == len(SETTINGS) * len(USERS) * len(OPERATIONS) == 396
 
 
 @pytest.mark.parametrize("operation", OPERATIONS)

@@ -93,7 +93,7 @@ def test_others_requests_and_files_are_not_theirs_to_see(storage_element, pki):
         ("POST", "/api/v1/tape/stage", b"[]", 400),
         ("POST", "/api/v1/tape/stage", b'{"files": []}', 400),
         ("POST", "/api/v1/tape/stage", b'{"files": [{"path": 1}]}', 400),
-        ("POST", "/api/v1/tape/stage", b'{"files": [{"path": "/grid/demo/mdm/1/2/3", "diskLifetime": "soon"}]}', 404),
+        ("POST", "/api/v1/tape/stage", b'{"files": [{"path": "/grid/demo/mdm/1/2/3", "diskLifetime": "soon"}]}', 400),
         ("GET", "/api/v1/tape/stage/nope", None, 404),
         ("POST", "/api/v1/tape/archiveinfo", b'{"paths": "x"}', 400),
         ("PATCH", "/api/v1/tape/stage", b"{}", 404),

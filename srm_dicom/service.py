@@ -1,0 +1,212 @@
+"""One StorageService between every HTTP front end and the domain.
+
+WebDAV, the file GETs, Tape REST, the metadata API, QIDO-RS and the rights API parse
+HTTP and format answers; everything they do with the storage element goes through this
+class, with the caller's ``Identity``. Every decision is asked of ``srm_dicom.access``;
+refusals raise ``Forbidden`` (403), unknown or invisible names ``NotFound`` (404), so a
+front end never decides who may do what.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from srm_dicom import access
+from srm_dicom.catalog import Catalog, Entry, StageRequest, find_entry
+from srm_dicom.config import Config
+from srm_dicom.errors import Forbidden, InvalidInput, NotFound
+from srm_dicom.identity import Identity
+from srm_dicom.keystore.client import KeystoreClient
+from srm_dicom.names import normalize_lfn
+from srm_dicom.protect import key_name
+from srm_dicom.query import Attribute, Query, Visible, visible
+from srm_dicom.setright import RightsChange, RightsSetter, select, site_secret
+from srm_dicom.stager import Stager
+
+
+@dataclass(frozen=True)
+class Opened:
+    """A file a caller may read: its entry (sizes as the catalog now says) and the cached
+    file, None for a HEAD of a file not on disk."""
+
+    entry: Entry
+    path: Path | None
+
+
+@dataclass(frozen=True)
+class Listing:
+    """What a caller sees of a directory: its subdirectories and the entries they may list."""
+
+    directories: list[str]
+    entries: list[Entry]
+
+
+class StorageService:
+    """The storage element's operations, each for one caller. Thread-safe as its parts are."""
+
+    def __init__(self, config: Config, catalog: Catalog, stager: Stager) -> None:
+        self.config = config
+        self.catalog = catalog
+        self.stager = stager
+        self.vo = config.site.vo
+        self._setter = RightsSetter.from_config(config, catalog)
+        self._keystore = KeystoreClient.from_config(config)
+
+    # -- names -------------------------------------------------------------------------
+
+    def resolve(self, path: str) -> Entry | None:
+        """The entry an URL path names: an LFN or /guid/<uuid>; None for anything else."""
+        path = normalize_lfn(path.split("?", 1)[0])
+        if path.startswith("/guid/"):
+            return self.catalog.lookup_guid(path.removeprefix("/guid/"))
+        if path.startswith("/grid/"):
+            return self.catalog.lookup(path)
+        return None
+
+    def visible(self, identity: Identity, path: str) -> Entry | None:
+        """The entry ``path`` names if the caller may list it; None otherwise (as if absent)."""
+        entry = self.resolve(path)
+        return entry if entry is not None and access.may_list(identity, entry) else None
+
+    def _listed(self, identity: Identity, path: str) -> Entry:
+        entry = self.visible(identity, path)
+        if entry is None:
+            raise NotFound(f"no such file: {path}")
+        return entry
+
+    def may_browse(self, identity: Identity, path: str) -> bool:
+        return access.may_browse(identity, self.vo, path)
+
+    def listing(self, identity: Identity, path: str) -> Listing | None:
+        """A directory of the namespace as the caller sees it; None if it is not one for them."""
+        if not self.may_browse(identity, path):
+            return None
+        found = self.catalog.list_dir(path)
+        if found is None:
+            return None
+        return Listing(found.directories, [e for e in found.entries if access.may_list(identity, e)])
+
+    # -- files -------------------------------------------------------------------------
+
+    def open(self, identity: Identity, entry: Entry, *, stage: bool) -> Opened:
+        """A file to serve: refused unless the caller may read it; staged first when
+        ``stage`` (waiting up to [cache] wait_timeout, then StagingPending)."""
+        if not access.may_read(identity, entry):
+            raise Forbidden(f"{identity.subject} may not read {entry.lfn}")
+        path = self.stager.cached_path(entry)
+        if path is None and stage:
+            path = self.stager.fetch(entry, self.config.cache.wait_timeout)
+            entry = self.catalog.lookup_guid(entry.guid) or entry  # a volume's size is known now
+        return Opened(entry, path)
+
+    # -- stage requests (Tape REST) ----------------------------------------------------
+
+    def stage(self, identity: Identity, files: Sequence[tuple[str, int | None]]) -> str:
+        """Submit a stage request for (path, pin lifetime) pairs; its id."""
+        entries, lifetimes = [], []
+        for path, lifetime in files:
+            entry = self._listed(identity, path)
+            if not access.may_stage(identity, entry):
+                raise Forbidden(f"{identity.subject} may not stage {path}")
+            entries.append(entry)
+            if lifetime is not None:
+                lifetimes.append(lifetime)
+        return self.stager.submit(entries, max(lifetimes) if lifetimes else None, identity.principal)
+
+    def stage_request(self, identity: Identity, request_id: str) -> StageRequest:
+        """A request the caller submitted (or may see: the register group, the service)."""
+        request = self.stager.request(request_id)
+        if request is None:
+            raise NotFound(f"no such stage request: {request_id}")
+        if not access.may_manage_request(identity, request):
+            raise Forbidden(f"stage request {request_id} belongs to someone else")
+        return request
+
+    def cancel(self, identity: Identity, request_id: str, paths: Iterable[str]) -> None:
+        self.stage_request(identity, request_id)
+        self.stager.cancel(request_id, self._lfns(identity, paths))
+
+    def delete_request(self, identity: Identity, request_id: str) -> None:
+        self.stage_request(identity, request_id)
+        self.stager.delete(request_id)
+
+    def release(self, identity: Identity, request_id: str | None, paths: Iterable[str]) -> None:
+        """Release pins of one request, or (``request_id`` None, gfal-evict) of every request
+        on files the caller may stage."""
+        if request_id is not None:
+            self.stage_request(identity, request_id)
+        lfns = self._lfns(identity, paths)
+        if request_id is None:
+            for lfn in lfns:
+                entry = self.catalog.lookup(lfn)
+                if entry is None or not access.may_stage(identity, entry):
+                    raise Forbidden(f"{identity.subject} may not release {lfn}")
+            self.stager.release_paths(lfns)
+        else:
+            self.stager.release(request_id, lfns)
+
+    def _lfns(self, identity: Identity, paths: Iterable[str]) -> list[str]:
+        return [self._listed(identity, path).lfn for path in paths]
+
+    def archiveinfo(self, identity: Identity, paths: Iterable[str]) -> list[tuple[str, str | None]]:
+        """(path, locality) per path; locality None where the caller sees no such file."""
+        answer: list[tuple[str, str | None]] = []
+        for path in paths:
+            entry = self.visible(identity, path)
+            answer.append((path, None if entry is None else self.stager.locality(entry)))
+        return answer
+
+    # -- metadata ----------------------------------------------------------------------
+
+    def search(self, identity: Identity, query: Query, attributes: Sequence[Attribute],
+               needed: str | None = None) -> Iterator[Visible]:
+        """The matches the caller may see, in the catalog's order, each with only the
+        attributes their metadata level reaches (``needed``: the level the filters need)."""
+        matches = self.catalog.search(query, attributes)
+        return visible(matches, identity, query.level if needed is None else needed, attributes)
+
+    def erased(self, identity: Identity, path: str) -> tuple[Entry, list[tuple[str, str, str]]]:
+        """The header values anonymization erased from one image: "all" metadata rights only."""
+        try:
+            entry: Entry | None = find_entry(self.catalog, path)
+        except (InvalidInput, NotFound):
+            entry = None
+        if entry is None or not access.may_list(identity, entry):
+            raise NotFound(f"no such file: {path}")
+        if access.metadata_level(identity, entry) != "all":
+            raise Forbidden(f"{identity.subject} may not read the erased header values of {entry.lfn}")
+        metadata = self.catalog.metadata(entry.guid)
+        return entry, list(metadata.erased if metadata else ())
+
+    # -- rights and deletion -----------------------------------------------------------
+
+    def managed(self, identity: Identity, paths: Iterable[str]) -> list[Entry]:
+        """Every entry the paths name, once each; refused as a whole if any may not be
+        managed. Whoever may not manage an entry named by original UIDs gets NotFound, as if
+        it did not exist: such a caller must not learn which original UIDs this site holds."""
+        found: dict[str, Entry] = {}
+        for path in paths:
+            selection = select(self.catalog, self.vo, path, site_secret(self.config))
+            refused = [e for e in selection.entries if not access.may_manage(identity, e)]
+            if refused and selection.by_original:
+                raise NotFound(f"no such study, series or image: {path}")
+            if refused:
+                raise Forbidden(f"{identity.subject} may not change the rights of {refused[0].lfn} or delete it "
+                                "(its owner and the register group only)")
+            found.update((e.guid, e) for e in selection.entries)
+        return list(found.values())
+
+    def set_rights(self, identity: Identity, paths: Iterable[str], change: RightsChange) -> list[Entry]:
+        return self._setter.apply(self.managed(identity, paths), change)
+
+    def delete(self, identity: Identity, paths: Iterable[str]) -> list[str]:
+        """Like ``mdm del`` on the hospital side: the entries go, their key shares too, the
+        images stay in the PACS. Every entry is checked before anything goes."""
+        deleted = []
+        for entry in self.managed(identity, paths):
+            self.catalog.delete(entry.lfn)  # None when a series' last slice took its 3D along: its key goes below
+            self._keystore.delete_key(key_name(entry.guid, entry.content_version))
+            deleted.append(entry.lfn)
+        return deleted
