@@ -307,7 +307,8 @@ class _Anonymizer:
 
     def dataset(self, src: Dataset, prefix: str) -> Dataset:
         out = Dataset()
-        out.set_original_encoding(*src.original_encoding, src.original_character_set)
+        implicit_vr, little_endian = src.original_encoding
+        out.set_original_encoding(implicit_vr, little_endian, src.original_character_set)
         kept_private: list[int] = []
         for tag in sorted(src.keys()):
             raw = src.get_item(tag)
@@ -329,9 +330,9 @@ class _Anonymizer:
             new = self._apply(action, src[tag], vr, path)
             if new is not None:
                 out[tag] = new
-        for tag in kept_private:
-            creator = BaseTag((tag & 0xFFFF0000) | ((tag >> 8) & 0xFF))
-            out[tag] = _copy(src[tag])
+        for private_tag in kept_private:
+            creator = BaseTag((private_tag & 0xFFFF0000) | ((private_tag >> 8) & 0xFF))
+            out[private_tag] = _copy(src[private_tag])
             out[creator] = _copy(src[creator])
         return out
 

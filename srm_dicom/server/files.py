@@ -128,7 +128,7 @@ class FileService:
         if head:
             start_response("200 OK", [*headers, ("Content-Length", str(size))])
             return iter([])
-        assert path is not None  # StorageService.open stages every GET
+        assert path is not None  # a GET staged the file above
         if not ranges:
             start_response("200 OK", [*headers, ("Content-Length", str(size))])
             return _read(path, 0, size - 1)

@@ -191,8 +191,8 @@ class Qido:
         for keyword, listed in search.uids.items():
             prefilter = equals_any(ATTRIBUTES[keyword], sorted(listed))
             original = equals_any(ATTRIBUTES["Original" + keyword], sorted(listed))
-            either = tuple(w for w in (prefilter.where, original.where) if w is not None)
-            query = query & Query(Boolean("or", either), "")
+            assert prefilter.where is not None and original.where is not None  # equals_any always filters
+            query = query & Query(Boolean("or", (prefilter.where, original.where)), "")
         # The UID keys match the UID the caller sees: checked below per image, so only the
         # other filters decide the level an image needs.
         matches = self._service.search(identity, query, sorted(wanted, key=lambda a: a.keyword),
@@ -216,10 +216,11 @@ def _values(match: Visible, fields: Iterable[str]) -> dict[str, Any]:
 
 def _aggregate(matches: Iterable[Visible], search: Search) -> list[dict[str, Any]]:
     groups: dict[tuple[str, ...], dict[str, Any]] = {}
+    key: tuple[str, ...]
     series_of: dict[tuple[str, ...], set[str]] = {}
     for match in matches:
         study = _shown_uid(match, "StudyInstanceUID")
-        key: tuple[str, ...] = (study,) if search.level == "study" else (study, _shown_uid(match, "SeriesInstanceUID"))
+        key = (study,) if search.level == "study" else (study, _shown_uid(match, "SeriesInstanceUID"))
         group = groups.get(key)
         if group is None:
             group = groups[key] = _values(match, [f for f in search.fields if f != "Modality" or
