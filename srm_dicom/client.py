@@ -23,7 +23,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import IO, Any
 from urllib.parse import quote, urlencode, urlsplit
 
 from srm_dicom.config import Config
@@ -327,7 +327,7 @@ class _Body(io.RawIOBase):
         )
 
 
-def _write_atomically(destination: Path, fill: Callable[[BinaryIO], object]) -> None:
+def _write_atomically(destination: Path, fill: Callable[[IO[bytes]], object]) -> None:
     """Fill a temporary file beside ``destination``, then rename it over; remove it on any failure."""
     with tempfile.NamedTemporaryFile(dir=destination.resolve().parent, prefix=".mdm-get-", delete=False) as out:
         try:

@@ -228,7 +228,7 @@ class KeystoreClient:
             if idle:
                 return idle.pop()
         parts = urlsplit(url)
-        return http.client.HTTPSConnection(parts.hostname, parts.port or 443, context=self._context,
+        return http.client.HTTPSConnection(parts.hostname or "", parts.port or 443, context=self._context,
                                            timeout=self.timeout)
 
     @timed(KeyServerCall, url=Arg("url"), operation=Arg("method"), answered=_answer)
