@@ -23,7 +23,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 from urllib.parse import quote, urlencode, urlsplit
 
 from srm_dicom.config import Config
@@ -149,13 +149,13 @@ class StorageClient:
         response, connection, attempts = self._open(path)
         try:
             body = _Body(response, self.url, progress)
-            header = read_header(body)
+            header = read_header(cast(BinaryIO, body))
             guid = str(header.key_uuid)
             log.info("guid:%s: %d bytes, version %d; fetching the key shares", guid, header.encrypted_size,
                      header.version)
             key = keystore.fetch_key(key_name(guid, header.version), lambda k: check_key(header, k))
             body.rewind_header()
-            _write_atomically(destination, lambda out: decrypt_stream(key, body, out))
+            _write_atomically(destination, lambda out: decrypt_stream(key, cast(BinaryIO, body), out))
         finally:
             connection.close()
         return Download(guid, header.plain_size, header.encrypted_size, attempts, time.monotonic() - started)
@@ -331,7 +331,7 @@ def _write_atomically(destination: Path, fill: Callable[[BinaryIO], object]) -> 
     """Fill a temporary file beside ``destination``, then rename it over; remove it on any failure."""
     with tempfile.NamedTemporaryFile(dir=destination.resolve().parent, prefix=".mdm-get-", delete=False) as out:
         try:
-            fill(out)
+            fill(cast(BinaryIO, out))
             out.flush()
             os.fsync(out.fileno())
         except BaseException:
