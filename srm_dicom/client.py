@@ -23,7 +23,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, cast
+from typing import IO, Any
 from urllib.parse import quote, urlencode, urlsplit
 
 from srm_dicom.config import Config
@@ -149,13 +149,13 @@ class StorageClient:
         response, connection, attempts = self._open(path)
         try:
             body = _Body(response, self.url, progress)
-            header = read_header(cast(BinaryIO, body))
+            header = read_header(body)
             guid = str(header.key_uuid)
             log.info("guid:%s: %d bytes, version %d; fetching the key shares", guid, header.encrypted_size,
                      header.version)
             key = keystore.fetch_key(key_name(guid, header.version), lambda k: check_key(header, k))
             body.rewind_header()
-            _write_atomically(destination, lambda out: decrypt_stream(key, cast(BinaryIO, body), out))
+            _write_atomically(destination, lambda out: decrypt_stream(key, body, out))
         finally:
             connection.close()
         return Download(guid, header.plain_size, header.encrypted_size, attempts, time.monotonic() - started)
@@ -327,11 +327,11 @@ class _Body(io.RawIOBase):
         )
 
 
-def _write_atomically(destination: Path, fill: Callable[[BinaryIO], object]) -> None:
+def _write_atomically(destination: Path, fill: Callable[[IO[bytes]], object]) -> None:
     """Fill a temporary file beside ``destination``, then rename it over; remove it on any failure."""
     with tempfile.NamedTemporaryFile(dir=destination.resolve().parent, prefix=".mdm-get-", delete=False) as out:
         try:
-            fill(cast(BinaryIO, out))
+            fill(out)
             out.flush()
             os.fsync(out.fileno())
         except BaseException:

@@ -148,7 +148,8 @@ def plan_volume(slices: Sequence[dict[str, Any]]) -> VolumePlan:
         shape=shape,
         rgb=int(first["samples_per_pixel"]) == 3,
         spacing=(float(column_spacing), float(row_spacing), float(np.linalg.norm(step))),
-        affine=tuple(tuple(float(v) + 0.0 for v in line) for line in affine),  # + 0.0: no "-0"
+        affine=tuple((float(a) + 0.0, float(b) + 0.0, float(c) + 0.0, float(d) + 0.0)  # + 0.0: no "-0"
+                     for a, b, c, d in affine),
         order=tuple(group[t] for t in range(volumes) for group in groups),
     )
 
@@ -372,7 +373,7 @@ def _number(value: float) -> str:
     return f"{value + 0.0:.10g}"
 
 
-def _vector(values: Sequence[float]) -> str:
+def _vector(values: Sequence[float] | np.ndarray) -> str:
     return "(" + ",".join(_number(v) for v in values) + ")"
 
 
