@@ -278,8 +278,8 @@ def read_dicom(path: Path) -> Dataset:
         raise InvalidInput("not a DICOM Part-10 file (no file meta information)")
     if str(ds.file_meta.get("MediaStorageSOPClassUID", "")) == MEDIA_STORAGE_DIRECTORY:
         raise NotAnImage(DICOMDIR)
+    _check_complete(ds)  # first: it reads the raw elements' declared lengths
     decode_fully(ds)
-    _check_complete(ds)
     return ds
 
 
