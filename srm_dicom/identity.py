@@ -110,7 +110,7 @@ class Identity:
         """
         if self.kind != "token":
             return True
-        wanted = _normalize_path(path)
+        wanted = normalize_path(path)
         return any(act == action and covers(base, wanted) for act, base in self.scopes)
 
 
@@ -119,7 +119,7 @@ def covers(base: str, path: str) -> bool:
     return base == "/" or path == base or path.startswith(base + "/")
 
 
-def _normalize_path(path: str) -> str:
+def normalize_path(path: str) -> str:
     parts = [p for p in path.split("/") if p not in ("", ".")]
     if ".." in parts:
         raise AuthenticationError(f"path {path!r} must not contain '..'")
@@ -363,7 +363,7 @@ def _token_scopes(scope: Any) -> tuple[tuple[str, str], ...]:
             continue
         if not path.startswith("/"):
             raise AuthenticationError(f"bearer token scope {item!r} has no path")
-        scopes.append((action, _normalize_path(path)))
+        scopes.append((action, normalize_path(path)))
     return tuple(scopes)
 
 

@@ -28,11 +28,12 @@ from srm_dicom.stager import Stager
 
 @dataclass(frozen=True)
 class Opened:
-    """A file a caller may read: its entry (sizes as the catalog now says) and the cached
-    file, None for a HEAD of a file not on disk."""
+    """A file a caller may read: its entry (sizes as the catalog now says), the cached
+    file (None for a HEAD of a file not on disk) and whether it was not on disk before."""
 
     entry: Entry
     path: Path | None
+    staged: bool
 
 
 @dataclass(frozen=True)
@@ -96,10 +97,11 @@ class StorageService:
         if not access.may_read(identity, entry):
             raise Forbidden(f"{identity.subject} may not read {entry.lfn}")
         path = self.stager.cached_path(entry)
+        staged = path is None
         if path is None and stage:
             path = self.stager.fetch(entry, self.config.cache.wait_timeout)
             entry = self.catalog.lookup_guid(entry.guid) or entry  # a volume's size is known now
-        return Opened(entry, path)
+        return Opened(entry, path, staged)
 
     # -- stage requests (Tape REST) ----------------------------------------------------
 

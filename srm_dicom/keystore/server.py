@@ -251,6 +251,7 @@ def make_server(config: KeystoreServerConfig) -> wsgi.Server:
         if not getattr(config, name).is_file():
             raise ConfigError(f"keystore: {name} file {getattr(config, name)} not found")
     app = KeystoreApp(ShareStore(config.database), VoMap.load(config.vomap), config.services)
-    server = wsgi.Server((config.host, config.port), app, numthreads=config.threads, timeout=config.idle_timeout)
+    server = wsgi.Server((config.host, config.port), app, numthreads=config.threads,
+                         timeout=config.idle_timeout)  # type: ignore[arg-type]  # cheroot takes float seconds; its stub says int
     server.ssl_adapter = ClientAuthSSLAdapter(str(config.cert), str(config.key), str(config.ca))
     return server

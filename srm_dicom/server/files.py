@@ -19,6 +19,7 @@ from pathlib import Path
 from srm_dicom.catalog import Entry
 from srm_dicom.config import Config
 from srm_dicom.identity import Identity
+from srm_dicom.server.observe import mark_transfer
 from srm_dicom.server.problems import StartResponse, problem
 from srm_dicom.service import StorageService
 from srm_dicom.stager import StageFailed, StagingPending
@@ -102,9 +103,10 @@ class FileService:
             if exc.reason.startswith("not a volume"):  # permanent: retrying cannot help
                 return iter(problem(start_response, HTTPStatus.UNPROCESSABLE_ENTITY, exc.reason))
             return iter(self._unavailable(start_response, exc.reason))
-        entry, path = opened.entry, opened.path
+        entry, path, staged = opened.entry, opened.path, opened.staged
         if entry.size is None:
             return iter(self._unavailable(start_response, f"{entry.lfn} has not been assembled yet; stage it first"))
+        mark_transfer(environ, entry, staged)
         headers = [
             ("Content-Type", "application/octet-stream"),
             ("Accept-Ranges", "bytes"),
