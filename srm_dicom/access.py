@@ -4,11 +4,13 @@ The seeds' file rights for certificate users (x509 with the VO map's groups, or 
 with the groups of a verified attribute certificate): the bits of the entry's mode that
 apply to them (owner, VO, others), unless a per-DN entry names them. Token users get what
 their scopes say (``storage.read:/path`` lists and reads below /path,
-``storage.stage:/path`` stages): a WLCG token is a capability, the ACL was checked when
-it was issued. A macaroon acts as its issuer at issue time (a certificate identity
-without the register group), narrowed to its ``path:`` and ``activity:`` caveats. The
-storage element's own service identity and the hospital's ``register`` group (granted by
-certificates only) see everything.
+``storage.stage:/path`` stages, ``storage.poll:/path`` follows stage requests; README,
+"Tokens"): a WLCG token is a capability, the ACL was checked when it was issued. A token
+without any storage scope is a member of its ``wlcg.groups`` VO: the VO's (or the
+others') bits of the mode, never an owner's or a per-DN entry's. A macaroon acts as its
+issuer at issue time (a certificate identity without the register group), narrowed to
+its ``path:`` and ``activity:`` caveats. The storage element's own service identity
+and the hospital's ``register`` group (granted by certificates only) see everything.
 
 Identities are never compared across kinds: owners and per-DN entries are matched
 against ``Identity.dn``, which tokens and macaroons do not have, and stage requests
@@ -48,10 +50,21 @@ def _certificate_perms(identity: Identity, entry: Entry) -> int:
     return entry.mode & 7
 
 
+def _token_perms(identity: Identity, entry: Entry) -> int:
+    """Capability scopes win over groups: a token with storage scopes gets r-x where
+    storage.read reaches and --x (to name the file) where storage.stage or storage.poll do."""
+    if not identity.scopes:
+        member = identity.vo is not None and identity.vo == entry.vo
+        return (entry.mode >> 3 if member else entry.mode) & (READ | LIST)
+    if identity.may_scope("read", entry.lfn):
+        return READ | LIST
+    return LIST if identity.may_scope("stage", entry.lfn) or identity.may_scope("poll", entry.lfn) else 0
+
+
 def file_perms(identity: Identity, entry: Entry) -> int:
     """The caller's rwx bits (0-7) on an entry."""
     if identity.kind == "token":
-        return READ | LIST if identity.may_scope("read", entry.lfn) else 0
+        return _token_perms(identity, entry)
     if identity.kind == "macaroon":
         assert identity.on_behalf is not None
         perms = _certificate_perms(identity.on_behalf, entry) & (READ | LIST)
@@ -82,8 +95,10 @@ def may_read(identity: Identity, entry: Entry) -> bool:
 
 
 def may_stage(identity: Identity, entry: Entry) -> bool:
-    if identity.kind == "token":
-        return identity.may_scope("stage", entry.lfn) or identity.may_scope("read", entry.lfn)
+    """Staging (and releasing pins): a token needs storage.stage there (storage.read reads,
+    and stages only as a GET does); others need read rights."""
+    if identity.kind == "token" and identity.scopes:
+        return identity.may_scope("stage", entry.lfn)
     if identity.kind == "macaroon":
         assert identity.on_behalf is not None
         return _macaroon_allows(identity, STAGE, entry.lfn) and may_read(identity.on_behalf, entry)
@@ -102,8 +117,15 @@ def may_manage(identity: Identity, entry: Entry) -> bool:
 
 def may_manage_request(identity: Identity, request: StageRequest) -> bool:
     """Polling, cancelling, releasing or deleting a stage request: whoever submitted it (the
-    same principal, of the same kind), the service and the register group."""
-    return _privileged(identity) or request.requester == identity.principal
+    same principal, of the same kind), the service and the register group. A capability
+    token needs storage.stage or storage.poll over every file of the request too."""
+    if _privileged(identity):
+        return True
+    if request.requester != identity.principal:
+        return False
+    if identity.kind == "token" and identity.scopes:
+        return all(identity.may_scope("stage", f.lfn) or identity.may_scope("poll", f.lfn) for f in request.files)
+    return True
 
 
 def may_issue_macaroon(identity: Identity) -> bool:
@@ -119,8 +141,10 @@ def may_browse(identity: Identity, vo: str, path: str) -> bool:
     if _privileged(identity):
         return True
     if identity.kind in ("token", "macaroon"):
-        bases = identity.paths if identity.kind == "macaroon" else [b for a, b in identity.scopes if a in ("read",
-                                                                                                          "stage")]
+        bases = identity.paths if identity.kind == "macaroon" else [b for a, b in identity.scopes
+                                                                    if a in ("read", "stage", "poll")]
+        if identity.kind == "token" and not identity.scopes:
+            return identity.vo == vo
         return any(covers(base, path) or base.startswith(path.rstrip("/") + "/") for base in bases)
     return identity.vo == vo
 
@@ -157,4 +181,4 @@ def metadata_level(identity: Identity, entry: Entry) -> str:
 def may_operate(identity: Identity, groups: list[str]) -> bool:
     """Reading /metrics and /status: the service identity, and certificate users in one of
     ``groups`` ([operations] groups; README, Operations)."""
-    return identity.kind == "service" or (identity.kind == "x509" and bool(identity.groups & set(groups)))
+    return identity.kind == "service" or (identity.kind in ("x509", "voms") and bool(identity.groups & set(groups)))

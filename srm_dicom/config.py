@@ -78,7 +78,9 @@ class EmbeddedPacsConfig:
 class IdentityConfig:
     vomap: str = "vomap.toml"
     ca: str = "ca.pem"
-    # Trusted token issuers: iss → {jwks = "https URL or file", audience = "..." or [..]}.
+    # Trusted WLCG token issuers: iss → {audience = "..." or [..], jwks = "https URL or file"
+    # (absent: found by OpenID discovery at iss/.well-known/openid-configuration),
+    # base_path = "/grid/<vo>" (what a scope's "/" means; default "/")}. README, "Tokens".
     issuers: dict[str, dict] = field(default_factory=dict)
 
 
@@ -167,6 +169,15 @@ class OperationsConfig:
 
 
 @dataclass(frozen=True)
+class TokensConfig:
+    """Macaroons this storage element issues (README, "Macaroons"); their root key derives
+    from [site] secret, so every front end of the site accepts the others'."""
+
+    # Longest validity (seconds) a macaroon gets, whatever its request asks.
+    macaroon_max_lifetime: int = 86400
+
+
+@dataclass(frozen=True)
 class LogConfig:
     """Logs of `mdm serve`, `mdm listen` and the key servers: "text" for people, "json" for machines
     (one object a line: every request, and a billing record per file transferred)."""
@@ -190,6 +201,7 @@ class Config:
     storage: StorageConfig = field(default_factory=StorageConfig)
     operations: OperationsConfig = field(default_factory=OperationsConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    tokens: TokensConfig = field(default_factory=TokensConfig)
     # [sites.NAME] tables, in file order.
     sites: dict[str, StorageSite] = field(default_factory=dict)
     base_dir: Path = field(default_factory=Path.cwd)
@@ -208,6 +220,7 @@ _SECTIONS: dict[str, type] = {
     "listen": ListenConfig,
     "embedded_pacs": EmbeddedPacsConfig,
     "identity": IdentityConfig,
+    "tokens": TokensConfig,
     "keystore": KeystoreConfig,
     "anonymization": AnonymizationOptions,
     "cache": CacheConfig,
@@ -245,6 +258,8 @@ def _validate(config: Config) -> None:
         raise ConfigError("config: [site] uids must be 'deidentified' or 'original'")
     if config.volume.format not in ("nifti", "nrrd"):
         raise ConfigError("config: [volume] format must be 'nifti' or 'nrrd'")
+    if config.tokens.macaroon_max_lifetime <= 0:
+        raise ConfigError("config: [tokens] macaroon_max_lifetime must be a positive number of seconds")
     if config.log.format not in ("text", "json"):
         raise ConfigError("config: [log] format must be 'text' or 'json'")
     for network in config.operations.networks:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from srm_dicom.catalog import Catalog, open_catalog
 from srm_dicom.config import Config, load_config
+from srm_dicom.issuer import DemoIssuer
 from srm_dicom.keystore.client import KeystoreClient
 from srm_dicom.keystore.local import LocalKeyServers
 from srm_dicom.listen import PushListener
@@ -85,6 +86,8 @@ sitename = "srm-dicom-demo"
 [identity]
 vomap = "vomap.toml"
 ca = "ca.pem"
+# The demo's token issuer (issuer/, 'mdm token USER'): keys found by OpenID discovery.
+issuers = {{ "{issuer}" = {{ audience = "{audience}", base_path = "/grid/demo" }} }}
 
 [cache]
 dir = "cache"
@@ -103,7 +106,9 @@ def write_config(workdir: Path, keystore_urls: list[str]) -> Path:
     """Write DIR/mdm.toml with fresh loopback ports, keeping the secret of an earlier run."""
     path = workdir / "mdm.toml"
     found = re.search(r'^secret = "([0-9a-f]+)"', path.read_text(), re.M) if path.exists() else None
-    server_port = _free_port()
+    server_port, issuer_port = _free_port(), _free_port()
+    issuer = DemoIssuer.create(workdir / "issuer", f"http://127.0.0.1:{issuer_port}",
+                               f"https://127.0.0.1:{server_port}", "/grid/demo")
     path.write_text(
         _CONFIG.format(
             secret=found.group(1) if found else secrets.token_hex(32),
@@ -112,6 +117,8 @@ def write_config(workdir: Path, keystore_urls: list[str]) -> Path:
             listen_port=_free_port(),
             server_port=server_port,
             keystore_urls=", ".join(f'"{url}"' for url in keystore_urls),
+            issuer=issuer.iss,
+            audience=issuer.audience,
         )
     )
     storage_url = f"https://127.0.0.1:{server_port}"
@@ -129,11 +136,15 @@ def run_demo(workdir: Path, say: Callable[[str], None] = print) -> int:
     with LocalKeyServers(workdir, workdir / "keystores") as key_servers:
         config_path = write_config(workdir, key_servers.urls)
         config = load_config(config_path)
+        issuer = DemoIssuer.load(workdir / "issuer")
+        issuer_server = issuer.serve("127.0.0.1", int(issuer.iss.rsplit(":", 1)[1]))
         catalog = open_catalog(config)
         try:
             _serve(config, config_path, catalog, key_servers, stop, say)
         finally:
             catalog.close()
+            issuer_server.shutdown()
+            issuer_server.server_close()
     say("demo stopped")
     return 0
 
@@ -198,6 +209,8 @@ def _banner(
     say(f"  MDM_CONFIG={bob / 'client.toml'} mdm get -l {volume_lfn} volume.nii")
     if (workdir / "cadir").is_dir():
         say(f"  {gfal} gfal-copy davs://127.0.0.1:{config.server.port}{volume_lfn} file:///tmp/volume.enc")
+    say(f"  curl --cacert {workdir / 'ca.pem'} -H \"Authorization: Bearer $(MDM_CONFIG={config_path} mdm token bob)\" "
+        f"-O {url}{slice_lfn}")
     say(f"  rclone ls :webdav:{root} --webdav-url {url} --ca-cert {workdir / 'ca.pem'} "
         f"--client-cert {bob / 'cert.pem'} --client-key {bob / 'key.pem'}")
     say("hospital side:")

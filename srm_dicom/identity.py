@@ -1,12 +1,11 @@
-"""Who is calling: an X.509 client certificate chain (proxies included) or a WLCG bearer token.
+"""Who is calling: the Identity of every kind, and the callers of X.509 client certificates.
 
 Grid users authenticate with proxies, so the principal is the end-entity certificate
 found by walking the chain past every proxy; its DN is written in the OpenSSL "slash"
 form grid tools use (``/C=XX/O=site/CN=name``, RDNs in the certificate's order), built from
 the parsed certificate rather than from a server's comma string, whose order and escaping
-differ between servers. Groups of certificate users come from the VO map; token users
-carry their groups (``wlcg.groups``) and storage scopes in the token (WLCG common JWT
-profile v1).
+differ between servers. Groups of certificate users come from the VO map (or a VOMS
+attribute certificate in the proxy); bearer tokens are read in ``srm_dicom.tokens``.
 
 The chain handed to ``identity_from_cert_chain`` must already be verified by TLS
 (``client_auth_ssl_adapter`` below does that, RFC 3820 proxies allowed).
@@ -17,14 +16,11 @@ from __future__ import annotations
 import ssl
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-import jwt
 from cheroot.ssl.builtin import BuiltinSSLAdapter
 from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 from srm_dicom.config import read_toml
@@ -36,10 +32,6 @@ GROUPS = ("register", "physician", "mia")
 REGISTER = "register"
 KINDS = ("x509", "voms", "token", "macaroon", "service")
 CERTIFICATE_KINDS = ("x509", "voms", "service")
-STORAGE_ACTIONS = ("read", "create", "modify", "stage")
-# The WLCG profile's audience meaning "any resource server"; resources must accept it.
-WLCG_ANY_AUDIENCE = "https://wlcg.cern.ch/jwt/v1/any"
-TOKEN_ALGORITHMS = ("RS256", "RS384", "RS512", "ES256", "ES384", "PS256")
 PROXY_CERT_INFO_OID = x509.ObjectIdentifier("1.3.6.1.5.5.7.1.14")
 # WSGI environ key under which the TLS adapter puts the verified client chain (DER, leaf first).
 ENVIRON_PEER_CHAIN = "srm_dicom.peer_chain"
@@ -228,160 +220,6 @@ def identity_from_cert_chain(chain_der_or_pem: list[Any], vomap: VoMap, services
     if not chain:
         raise AuthenticationError("no client certificate")
     return vomap.identity(slash_dn(end_entity(chain).subject), services)
-
-
-@dataclass
-class Issuer:
-    """A trusted token issuer: its JWKS (an https URL or a file) and the audiences accepted.
-
-    A URL is fetched through PyJWT's client, which caches the key set (5 min) and
-    refreshes it once on an unknown key id; a file (offline sites, tests) is read once.
-    """
-
-    iss: str
-    jwks: str
-    audience: tuple[str, ...]
-
-    @classmethod
-    def from_config(cls, iss: str, table: Any, base_dir: Path) -> Issuer:
-        if not isinstance(table, dict) or set(table) - {"jwks", "audience"}:
-            raise ConfigError(f'config: [identity.issuers."{iss}"] takes jwks and audience')
-        jwks, audience = table.get("jwks"), table.get("audience")
-        if not isinstance(jwks, str) or not jwks:
-            raise ConfigError(f"config: issuer {iss}: jwks must be a URL or a file")
-        if isinstance(audience, str):
-            audience = [audience]
-        if not audience or not all(isinstance(a, str) for a in audience):
-            raise ConfigError(f"config: issuer {iss}: audience must be a string or a list")
-        if "://" not in jwks:
-            jwks = str((base_dir / jwks).resolve())
-        return cls(iss, jwks, tuple(audience))
-
-    @cached_property
-    def _client(self) -> jwt.PyJWKClient:
-        return jwt.PyJWKClient(self.jwks, timeout=10)
-
-    @cached_property
-    def _file_keys(self) -> jwt.PyJWKSet:
-        try:
-            return jwt.PyJWKSet.from_json(Path(self.jwks).read_text())
-        except (OSError, jwt.PyJWTError) as exc:
-            message = f"cannot read the keys of token issuer {self.iss}: {exc}"
-            raise AuthenticationError(message) from None
-
-    def signing_key(self, token: str) -> Any:
-        try:
-            if "://" in self.jwks:
-                return self._client.get_signing_key_from_jwt(token).key
-            kid = jwt.get_unverified_header(token).get("kid")
-            keys = self._file_keys
-            return (keys[kid] if kid else next(iter(keys.keys))).key
-        except KeyError:
-            raise AuthenticationError(f"bearer token: no key {kid!r} of {self.iss}") from None
-        except jwt.PyJWKClientConnectionError:
-            raise AuthenticationError(f"cannot fetch the keys of token issuer {self.iss}") from None
-        except jwt.PyJWTError as exc:
-            raise AuthenticationError(f"bearer token: no signing key of {self.iss}: {exc}") from None
-
-
-def issuers_from_config(tables: Mapping[str, Any], base_dir: Path) -> dict[str, Issuer]:
-    return {iss: Issuer.from_config(iss, table, base_dir) for iss, table in tables.items()}
-
-
-# The key type each accepted algorithm needs: a token whose header names another family
-# than its issuer's key is refused before any signature check (PyJWT would raise TypeError).
-_ALGORITHM_KEYS: dict[str, type] = {"RS": rsa.RSAPublicKey, "PS": rsa.RSAPublicKey, "ES": ec.EllipticCurvePublicKey}
-TIME_CLAIMS = ("exp", "nbf", "iat")
-
-
-def _fits(algorithm: str, key: object) -> bool:
-    return isinstance(key, _ALGORITHM_KEYS[algorithm[:2]])
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def identity_from_bearer(token: str, issuers: Mapping[str, Issuer]) -> Identity:
-    """The caller of a WLCG bearer token, signature, ``iss``, ``aud`` and ``exp`` checked."""
-    try:
-        unverified = jwt.decode(token, options={"verify_signature": False})
-        algorithm = jwt.get_unverified_header(token).get("alg")
-    except jwt.PyJWTError:
-        raise AuthenticationError("bearer token is not a valid JWT") from None
-    iss = unverified.get("iss")
-    issuer = issuers.get(iss) if isinstance(iss, str) else None
-    if issuer is None:
-        raise AuthenticationError(f"bearer token issuer {iss!r} is not trusted")
-    for name in TIME_CLAIMS:  # PyJWT takes int("1700000000"): the profile says numbers
-        if name in unverified and not _is_number(unverified[name]):
-            raise AuthenticationError(f"bearer token '{name}' must be a number (seconds since the epoch)")
-    if algorithm not in TOKEN_ALGORITHMS:
-        raise AuthenticationError(f"bearer token algorithm {algorithm!r} is not accepted")
-    key = issuer.signing_key(token)
-    if not _fits(algorithm, key):
-        raise AuthenticationError(f"bearer token algorithm {algorithm} does not fit the key of {issuer.iss}")
-    try:
-        claims = jwt.decode(
-            token,
-            key,
-            algorithms=[algorithm],
-            audience=[*issuer.audience, WLCG_ANY_AUDIENCE],
-            issuer=issuer.iss,
-            options={"require": ["exp", "iss", "sub", "aud"]},
-            leeway=30,
-        )
-    except jwt.ExpiredSignatureError:
-        raise AuthenticationError("bearer token expired") from None
-    except jwt.InvalidAudienceError:
-        raise AuthenticationError("bearer token is not meant for this service (aud)") from None
-    except jwt.InvalidSignatureError:
-        raise AuthenticationError("bearer token signature is invalid") from None
-    except jwt.PyJWTError as exc:
-        raise AuthenticationError(f"bearer token rejected: {exc}") from None
-    vo, groups = _token_groups(claims.get("wlcg.groups", []))
-    return Identity(
-        subject=str(claims["sub"]),
-        kind="token",
-        vo=vo,
-        groups=groups,
-        scopes=_token_scopes(claims.get("scope", "")),
-        issuer=issuer.iss,
-    )
-
-
-def _token_scopes(scope: Any) -> tuple[tuple[str, str], ...]:
-    if not isinstance(scope, str):
-        raise AuthenticationError("bearer token 'scope' must be a string")
-    scopes = []
-    for item in scope.split():
-        name, _, path = item.partition(":")
-        if not name.startswith("storage."):
-            continue
-        action = name.removeprefix("storage.")
-        if action not in STORAGE_ACTIONS:
-            continue
-        if not path.startswith("/"):
-            raise AuthenticationError(f"bearer token scope {item!r} has no path")
-        scopes.append((action, normalize_path(path)))
-    return tuple(scopes)
-
-
-def _token_groups(claim: Any) -> tuple[str | None, frozenset[str]]:
-    """``["/demo", "/demo/physician"]`` → ("demo", {"physician"}); the first group names the VO.
-    ``register`` is dropped: a token never makes its bearer a member of the hospital side."""
-    if not isinstance(claim, list) or not all(isinstance(g, str) for g in claim):
-        raise AuthenticationError("bearer token 'wlcg.groups' must be a list of strings")
-    vo: str | None = None
-    groups = set()
-    for name in claim:
-        parts = [p for p in name.split("/") if p]
-        if not parts:
-            continue
-        vo = vo or parts[0]
-        if parts[0] == vo and len(parts) > 1:
-            groups.add("/".join(parts[1:]))
-    return vo, frozenset(groups - {REGISTER})  # the hospital's group comes from certificates only
 
 
 class ClientAuthSSLAdapter(BuiltinSSLAdapter):

@@ -14,21 +14,12 @@ from http import HTTPStatus
 from cheroot import wsgi
 from cryptography import x509
 
+from srm_dicom.authenticate import Authenticator, InvalidRequest, challenge
 from srm_dicom.catalog import Catalog, Entry
 from srm_dicom.config import Config
 from srm_dicom.errors import Forbidden, MdmError, NotFound
 from srm_dicom.health import HealthBoard
-from srm_dicom.identity import (
-    ENVIRON_PEER_CHAIN,
-    AuthenticationError,
-    ClientAuthSSLAdapter,
-    Identity,
-    VoMap,
-    identity_from_bearer,
-    identity_from_cert_chain,
-    issuers_from_config,
-    slash_dn,
-)
+from srm_dicom.identity import AuthenticationError, ClientAuthSSLAdapter, Identity, slash_dn
 from srm_dicom.server import metadata, qido
 from srm_dicom.server.files import FileService
 from srm_dicom.server.observe import ObservedApp
@@ -51,11 +42,9 @@ class StorageElement:
 
     def __init__(self, config: Config, catalog: Catalog, stager: Stager) -> None:
         self._config = config
-        self._vomap = VoMap.load(config.path(config.identity.vomap))
-        self._issuers = issuers_from_config(config.identity.issuers, config.base_dir)
         # The storage element's own service identity (its key server credential) sees everything.
         own = x509.load_pem_x509_certificate(config.path(config.keystore.cert).read_bytes())
-        self._services = (slash_dn(own.subject),)
+        self._authenticator = Authenticator(config, (slash_dn(own.subject),))
         self.service = StorageService(config, catalog, stager)
         self._files = FileService(config, self.service)
         self._tape = TapeRestApi(config, self.service)
@@ -76,13 +65,7 @@ class StorageElement:
         return entry.lfn if self._config.site.uids == "deidentified" else f"guid:{entry.guid}"
 
     def _identify(self, environ: dict) -> Identity:
-        authorization = environ.get("HTTP_AUTHORIZATION", "")
-        if authorization.lower().startswith("bearer "):
-            return identity_from_bearer(authorization[7:].strip(), self._issuers)
-        chain = environ.get(ENVIRON_PEER_CHAIN)
-        if chain:
-            return identity_from_cert_chain(chain, self._vomap, self._services)
-        raise AuthenticationError("a client certificate (or proxy) or a bearer token is required")
+        return self._authenticator.identify(environ)
 
     def _caller(self, environ: dict) -> Identity | None:
         """The caller if it shows credentials that hold, else None (the operations endpoints
@@ -108,8 +91,8 @@ class StorageElement:
             try:
                 identity = self._identify(environ)
             except AuthenticationError as exc:
-                return problem(start_response, HTTPStatus.UNAUTHORIZED, str(exc),
-                               [("WWW-Authenticate", 'Bearer realm="srm-dicom"')])
+                status = HTTPStatus.BAD_REQUEST if isinstance(exc, InvalidRequest) else HTTPStatus.UNAUTHORIZED
+                return problem(start_response, status, str(exc), [("WWW-Authenticate", challenge(exc))])
             environ[IDENTITY] = identity
             if path == ROOT or path.startswith(ROOT + "/"):
                 return self._tape(environ, start_response, identity)
@@ -132,7 +115,9 @@ class StorageElement:
         except NotFound as exc:  # every API's unknown file or request
             return problem(start_response, HTTPStatus.NOT_FOUND, str(exc))
         except Forbidden as exc:  # every refusal of srm_dicom.access, through the StorageService
-            return problem(start_response, HTTPStatus.FORBIDDEN, str(exc))
+            bearer = environ.get(IDENTITY) is not None and environ[IDENTITY].kind in ("token", "macaroon")
+            headers = [("WWW-Authenticate", challenge(insufficient_scope=True))] if bearer else []
+            return problem(start_response, HTTPStatus.FORBIDDEN, str(exc), headers)
         except MdmError as exc:  # every API's bad input (InvalidInput and the like)
             return problem(start_response, HTTPStatus.BAD_REQUEST, str(exc))
         except Exception:

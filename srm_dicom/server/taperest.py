@@ -7,11 +7,11 @@ an RFC 7807 problem.
 
 from __future__ import annotations
 
-import re
 from http import HTTPStatus
 
 from srm_dicom.catalog import StageRequest
 from srm_dicom.config import Config
+from srm_dicom.durations import parse_duration
 from srm_dicom.errors import InvalidInput
 from srm_dicom.identity import Identity
 from srm_dicom.server.problems import StartResponse, json_body, problem, respond_json
@@ -82,7 +82,7 @@ def _files(data: dict) -> list[tuple[str, int | None]]:
         if not isinstance(item, dict) or not isinstance(item.get("path"), str):
             raise InvalidInput("every file needs a 'path' string")
         lifetime = item.get("diskLifetime")
-        wanted.append((item["path"], None if lifetime is None else _lifetime(lifetime)))
+        wanted.append((item["path"], None if lifetime is None else parse_duration(lifetime)))
     return wanted
 
 
@@ -102,15 +102,3 @@ def _status(request: StageRequest) -> dict:
     if request.completed_at is not None:
         answer["completedAt"] = request.completed_at
     return answer
-
-
-def _lifetime(value: object) -> int:
-    """diskLifetime: seconds, or an ISO 8601 duration like PT1H / P1D (what gfal2 sends)."""
-    if isinstance(value, int) and value >= 0:
-        return value
-    if isinstance(value, str):
-        match = re.fullmatch(r"P(?:(\d+)D)?(?:T(?:(\d+)H)?(?:(\d+)M)?(?:(\d+)S)?)?", value)
-        if match and any(match.groups()):
-            days, hours, minutes, seconds = (int(g or 0) for g in match.groups())
-            return ((days * 24 + hours) * 60 + minutes) * 60 + seconds
-    raise InvalidInput(f"diskLifetime must be seconds or an ISO 8601 duration, not {value!r}")

@@ -1,0 +1,64 @@
+"""Who is calling an HTTP front end: one Identity from the request's credentials.
+
+``Authorization: Bearer`` carries a WLCG JWT (``srm_dicom.tokens``) or a macaroon this
+site issued (``srm_dicom.macaroons``); without it, the verified TLS client chain (proxies
+included) names a certificate user. A request showing both is judged by its bearer
+credential alone, as dCache and XRootD do. Refusals are ``AuthenticationError`` (401);
+RFC 6750 wants a ``WWW-Authenticate: Bearer`` challenge with each, built by ``challenge``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from srm_dicom.config import Config
+from srm_dicom.identity import ENVIRON_PEER_CHAIN, AuthenticationError, Identity, VoMap, identity_from_cert_chain
+from srm_dicom.tokens import InvalidToken, identity_from_bearer, issuers_from_config
+
+REALM = "srm-dicom"
+
+
+class InvalidRequest(AuthenticationError):
+    """An Authorization header that is no credential at all (RFC 6750 ``invalid_request``)."""
+
+
+def challenge(error: AuthenticationError | None = None, *, insufficient_scope: bool = False) -> str:
+    """The ``WWW-Authenticate`` value of a refusal: no error code when no credential was
+    shown (RFC 6750 §3.1), ``invalid_token`` or ``invalid_request`` for a bad one,
+    ``insufficient_scope`` when a good bearer credential does not reach the resource."""
+    code = "insufficient_scope" if insufficient_scope else (
+        "invalid_request" if isinstance(error, InvalidRequest) else
+        "invalid_token" if isinstance(error, InvalidToken) else None)
+    if code is None:
+        return f'Bearer realm="{REALM}"'
+    text = str(error) if error is not None else "the credential does not reach this resource"
+    description = "".join(c for c in text if c.isprintable() and c not in '"\\')[:200]
+    return f'Bearer realm="{REALM}", error="{code}", error_description="{description}"'
+
+
+class Authenticator:
+    """The site's ways to authenticate, built once from the config; thread-safe."""
+
+    def __init__(self, config: Config, services: tuple[str, ...],
+                 macaroon: Callable[[str, dict], Identity] | None = None) -> None:
+        self._vomap = VoMap.load(config.path(config.identity.vomap))
+        self._services = services
+        self._issuers = issuers_from_config(config.identity.issuers, config.base_dir, config.path(config.identity.ca))
+        self._macaroon = macaroon
+
+    def identify(self, environ: dict) -> Identity:
+        authorization = environ.get("HTTP_AUTHORIZATION", "").strip()
+        scheme, _, credential = authorization.partition(" ")
+        if scheme.lower() == "bearer":
+            credential = credential.strip()
+            if not credential:
+                raise InvalidRequest("Authorization: Bearer without a token")
+            if credential.count(".") == 2:  # a JWT's three base64url parts; macaroons have no dots
+                return identity_from_bearer(credential, self._issuers)
+            if self._macaroon is None:
+                raise InvalidToken("bearer token is not a valid JWT")
+            return self._macaroon(credential, environ)
+        chain = environ.get(ENVIRON_PEER_CHAIN)
+        if chain:
+            return identity_from_cert_chain(chain, self._vomap, self._services)
+        raise AuthenticationError("a client certificate (or proxy) or a bearer token is required")
