@@ -17,8 +17,9 @@ from srm_dicom import access
 from srm_dicom.catalog import Catalog, Entry, StageRequest, find_entry
 from srm_dicom.config import Config
 from srm_dicom.errors import Forbidden, InvalidInput, NotFound
-from srm_dicom.identity import Identity
+from srm_dicom.identity import Identity, normalize_path
 from srm_dicom.keystore.client import KeystoreClient
+from srm_dicom.macaroons import MacaroonAuthority, MacaroonRequest
 from srm_dicom.names import normalize_lfn
 from srm_dicom.protect import key_name
 from srm_dicom.query import Attribute, Query, Visible, visible
@@ -54,6 +55,8 @@ class StorageService:
         self.vo = config.site.vo
         self._setter = RightsSetter.from_config(config, catalog)
         self._keystore = KeystoreClient.from_config(config)
+        self.macaroons = MacaroonAuthority(config.site.secret_bytes, config.server.sitename,
+                                           config.tokens.macaroon_max_lifetime)
 
     # -- names -------------------------------------------------------------------------
 
@@ -181,6 +184,21 @@ class StorageService:
             raise Forbidden(f"{identity.subject} may not read the erased header values of {entry.lfn}")
         metadata = self.catalog.metadata(entry.guid)
         return entry, list(metadata.erased if metadata else ())
+
+    # -- macaroons ----------------------------------------------------------------------
+
+    def issue_macaroon(self, identity: Identity, path: str, request: object) -> str:
+        """A macaroon for ``path`` (a file or a directory the caller sees), acting as the
+        caller within the request's caveats (a JSON object: caveats, validity)."""
+        if not access.may_issue_macaroon(identity):
+            raise Forbidden(f"{identity.subject} may not get a macaroon: certificate (or VOMS proxy) users only")
+        wanted = MacaroonRequest.from_json(request, self.macaroons.max_lifetime)
+        path = normalize_path(path)
+        if self.resolve(path) is not None:
+            self._listed(identity, path)
+        elif path not in ("/", "/grid", f"/grid/{self.vo}") and self.listing(identity, path) is None:
+            raise NotFound(f"no such file or directory: {path}")
+        return self.macaroons.issue(identity, path, wanted)
 
     # -- rights and deletion -----------------------------------------------------------
 

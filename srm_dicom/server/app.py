@@ -22,6 +22,7 @@ from srm_dicom.health import HealthBoard
 from srm_dicom.identity import AuthenticationError, ClientAuthSSLAdapter, Identity, slash_dn
 from srm_dicom.server import metadata, qido
 from srm_dicom.server.files import FileService
+from srm_dicom.server.macaroons import MacaroonApi, is_macaroon_request
 from srm_dicom.server.observe import ObservedApp
 from srm_dicom.server.operations import OperationsApi
 from srm_dicom.server.problems import StartResponse, problem
@@ -44,8 +45,9 @@ class StorageElement:
         self._config = config
         # The storage element's own service identity (its key server credential) sees everything.
         own = x509.load_pem_x509_certificate(config.path(config.keystore.cert).read_bytes())
-        self._authenticator = Authenticator(config, (slash_dn(own.subject),))
         self.service = StorageService(config, catalog, stager)
+        self._authenticator = Authenticator(config, (slash_dn(own.subject),), self.service.macaroons.identify)
+        self._macaroons = MacaroonApi(self.service)
         self._files = FileService(config, self.service)
         self._tape = TapeRestApi(config, self.service)
         self._dav = webdav_app(self.service)
@@ -102,6 +104,8 @@ class StorageElement:
                 return self._qido(environ, start_response, identity)
             if self._rights.handles(path):
                 return self._rights(environ, start_response, identity)
+            if is_macaroon_request(environ):
+                return self._macaroons(environ, start_response, identity, self._base_url(environ))
             if method not in READ_METHODS:
                 return problem(start_response, HTTPStatus.METHOD_NOT_ALLOWED,
                                f"{method} refused: the grid side of srm-dicom is read-only", [("Allow", ALLOW)])
