@@ -59,9 +59,9 @@ def assert_true_to_catalog(entry: Entry, data: bytes) -> None:
 
 def slice_entries(catalog: Catalog) -> list[Entry]:
     """The registered slices (one series per site here)."""
-    (study,) = catalog.list_dir("/grid/demo/mdm").directories
-    (series,) = catalog.list_dir(study).directories
-    return [e for e in catalog.list_dir(series).entries if e.kind == "slice"]
+    (study,) = catalog.namespace.list_dir("/grid/demo/mdm").directories
+    (series,) = catalog.namespace.list_dir(study).directories
+    return [e for e in catalog.namespace.list_dir(series).entries if e.kind == "slice"]
 
 
 def wait_completed(client: Https, request_id: str, timeout: float = 30) -> dict:
@@ -187,7 +187,7 @@ def test_a_server_killed_while_staging_serves_no_partial_file_and_the_request_re
             states = [f["state"] for f in client.json("GET", f"{STAGE}/{request_id}")["files"]]
         server.send_signal(signal.SIGKILL)
         client.close()
-    states = [f.state for f in catalog.stage_request(request_id).files]
+    states = [f.state for f in catalog.stages.stage_request(request_id).files]
     assert "COMPLETED" in states and set(states) != {"COMPLETED"}, states  # killed in the middle
 
     cache = config.path(config.cache.dir)
