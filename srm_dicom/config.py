@@ -198,7 +198,8 @@ def _section(name: str, cls: type, values: Any) -> Any:
         if key not in known:
             raise ConfigError(f"config: unknown key '{key}' in [{name}]")
         spec = known[key]
-        expected = type(spec.default_factory()) if spec.default is MISSING else type(spec.default)
+        default = spec.default_factory() if spec.default_factory is not MISSING else spec.default
+        expected = type(default)
         if expected is float and isinstance(value, int):
             continue
         if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):

@@ -18,7 +18,7 @@ import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pydicom
 from pydicom.dataset import Dataset
@@ -136,7 +136,7 @@ class Registrar:
                 raise MdmError("no PACS connection to store the image into")
             self._pacs.store(ds)
         original = metadata.dicom
-        common = dict(owner=owner, vo=site.vo, mode=mode, metadata_mode=site.metadata_mode)
+        common: dict[str, Any] = dict(owner=owner, vo=site.vo, mode=mode, metadata_mode=site.metadata_mode)
         entry = Entry(
             lfn=lfn,
             guid=guid,

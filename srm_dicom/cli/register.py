@@ -104,7 +104,7 @@ def _register_files(registrar: Registrar, args: argparse.Namespace, summary: Sum
                 raise
             except MdmError as exc:
                 summary.fail(str(path), str(exc))
-            if progress:
+            if progress and task is not None:
                 progress.advance(task)
 
 

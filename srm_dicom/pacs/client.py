@@ -223,7 +223,7 @@ class PacsClient:
             self.config.port,
             contexts=contexts,
             ae_title=self.config.aet,
-            ext_neg=roles or None,
+            ext_neg=list(roles) or None,
             evt_handlers=[
                 (evt.EVT_C_STORE, self._inbox.on_store),
                 (evt.EVT_CONN_OPEN, lambda event: connected.set()),
@@ -234,6 +234,7 @@ class PacsClient:
             return assoc
         if assoc.is_rejected:
             rj = assoc.acceptor.primitive
+            assert rj is not None  # a rejection always carries the A-ASSOCIATE-RJ
             raise self._error(
                 f"association rejected ({rj.result_str}, {rj.source_str}: {rj.reason_str})"
             )
@@ -241,7 +242,7 @@ class PacsClient:
             raise self._error("cannot connect (PACS down or unreachable?)")
         if assoc.rejected_contexts:
             refused = ", ".join(
-                f"{UID(cx.abstract_syntax).name} in {' or '.join(UID(t).name for t in cx.transfer_syntax)}"
+                f"{UID(cx.abstract_syntax or '').name} in {' or '.join(UID(t).name for t in cx.transfer_syntax)}"
                 for cx in assoc.rejected_contexts[:3]
             )
             raise self._error(f"no presentation context accepted, refused: {refused}")
@@ -379,10 +380,10 @@ class PacsClient:
             raise NotFound(f"{self.name}: no such {'instance' if sop else 'series'}")
         classes = {str(ds.get("SOPClassUID", "")) for ds in found} - {""}
         if classes:
-            contexts = {(uid, (ts,)) for uid in classes for ts in RETRIEVE_SYNTAXES}
+            contexts: set[tuple[str, tuple[str, ...]]] = {(uid, (ts,)) for uid in classes for ts in RETRIEVE_SYNTAXES}
         else:
             room = MAX_CONTEXTS - len(BASE_PLAN.contexts)
-            classes = {cx.abstract_syntax for cx in StoragePresentationContexts[:room]}
+            classes = {str(cx.abstract_syntax) for cx in StoragePresentationContexts[:room]}
             contexts = {(uid, RETRIEVE_SYNTAXES) for uid in classes}
         return _Plan(frozenset(contexts), frozenset(classes))
 
@@ -402,7 +403,7 @@ class PacsClient:
         scp = AE(ae_title=self.config.calling_aet)
         scp.network_timeout = scp.acse_timeout = scp.dimse_timeout = self.config.timeout
         for cx in AllStoragePresentationContexts:
-            scp.add_supported_context(cx.abstract_syntax, list(MOVE_SCP_SYNTAXES))
+            scp.add_supported_context(str(cx.abstract_syntax), list(MOVE_SCP_SYNTAXES))
         inbox = _Inbox()
         try:
             server = scp.start_server(
@@ -410,6 +411,7 @@ class PacsClient:
                 block=False,
                 evt_handlers=[(evt.EVT_C_STORE, inbox.on_store)],
             )
+            assert server is not None  # block=False returns the running server
         except OSError as exc:
             raise self._error(
                 f"C-MOVE: cannot listen on port {self.config.move_port} ({exc.strerror})"

@@ -128,9 +128,13 @@ class FileService:
             start_response("416 Range Not Satisfiable", [("Content-Range", f"bytes */{size}"), *headers,
                                                          ("Content-Length", "0")])
             return iter([])
-        if not ranges or head:
+        if head:
             start_response("200 OK", [*headers, ("Content-Length", str(size))])
-            return iter([]) if head else _read(path, 0, size - 1)
+            return iter([])
+        assert path is not None  # a GET staged the file above
+        if not ranges:
+            start_response("200 OK", [*headers, ("Content-Length", str(size))])
+            return _read(path, 0, size - 1)
         if len(ranges) == 1:
             first, last = ranges[0]
             start_response("206 Partial Content", [*headers, ("Content-Range", f"bytes {first}-{last}/{size}"),

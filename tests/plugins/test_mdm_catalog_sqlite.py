@@ -125,10 +125,10 @@ def test_a_failed_registration_leaves_no_half_entry(config, catalog):
     register_series(config, catalog, slices=1)
     broken = make_series(slices=1, size=8, seed="other")[0]
     # A real SQLite failure in the last statement of the transaction (the Protocol table).
-    catalog.backend.dialect._db.execute("CREATE TRIGGER fail BEFORE INSERT ON protocol BEGIN SELECT RAISE(ABORT, 'disk full'); END")
+    db = catalog.backend.dialect._db
+    db.execute("CREATE TRIGGER fail BEFORE INSERT ON protocol BEGIN SELECT RAISE(ABORT, 'disk full'); END")
     with pytest.raises(sqlite3.DatabaseError, match="disk full"):
         Registrar(config, catalog, None, KeystoreClient.from_config(config)).register(broken, store_in_pacs=False)
-    db = catalog.backend.dialect._db
     assert catalog.namespace.count() == 2  # the first slice and its volume only
     for table in ("image", "medical", "dicom", "patient"):
         assert db.execute(f"SELECT count(*) FROM {table}").fetchone()[0] == 1, table
