@@ -81,9 +81,9 @@ class StorageElement:
         """The entry an URL path names: an LFN or /guid/<uuid>."""
         path = normalize_lfn(path.split("?", 1)[0])
         if path.startswith("/guid/"):
-            return self._catalog.lookup_guid(path.removeprefix("/guid/"))
+            return self._catalog.namespace.lookup_guid(path.removeprefix("/guid/"))
         if path.startswith("/grid/"):
-            return self._catalog.lookup(path)
+            return self._catalog.namespace.lookup(path)
         return None
 
     def _identify(self, environ: dict) -> Identity:

@@ -42,8 +42,8 @@ def metric(found: dict, name: str, **labels: str) -> float:
 
 
 def a_slice(running):
-    listing = running.catalog.list_dir(next(iter(running.catalog.list_dir(
-        running.catalog.list_dir("/grid/demo/mdm").directories[0]).directories)))
+    listing = running.catalog.namespace.list_dir(next(iter(running.catalog.namespace.list_dir(
+        running.catalog.namespace.list_dir("/grid/demo/mdm").directories[0]).directories)))
     return next(e for e in listing.entries if e.kind == "slice")
 
 
