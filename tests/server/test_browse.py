@@ -34,7 +34,7 @@ def test_a_browser_gets_a_listing_filtered_by_the_callers_rights(storage_element
     staged, hidden = slices[0], slices[1]
     got = request(running.url, pki, "bob", "GET", staged.lfn)  # now on disk
     assert got.status == 200 and f"{zlib.adler32(got.body):08x}" == staged.adler32
-    running.catalog.set_rights([hidden.guid], 0o700, None, [])  # owner only: bob may not list it
+    running.catalog.namespace.set_rights([hidden.guid], 0o700, None, [])  # owner only: bob may not list it
     with CertForwarder(running.url, pki, "bob") as browser:
         dom = dump_dom(f"{browser.url}{directory}/")
         width, height = screenshot(f"{browser.url}{directory}/", output_dir("browse") / "listing-bob.png")
