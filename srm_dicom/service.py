@@ -64,9 +64,9 @@ class StorageService:
         """The entry an URL path names: an LFN or /guid/<uuid>; None for anything else."""
         path = normalize_lfn(path.split("?", 1)[0])
         if path.startswith("/guid/"):
-            return self.catalog.lookup_guid(path.removeprefix("/guid/"))
+            return self.catalog.namespace.lookup_guid(path.removeprefix("/guid/"))
         if path.startswith("/grid/"):
-            return self.catalog.lookup(path)
+            return self.catalog.namespace.lookup(path)
         return None
 
     def visible(self, identity: Identity, path: str) -> Entry | None:
@@ -87,7 +87,7 @@ class StorageService:
         """A directory of the namespace as the caller sees it; None if it is not one for them."""
         if not self.may_browse(identity, path):
             return None
-        found = self.catalog.list_dir(path)
+        found = self.catalog.namespace.list_dir(path)
         if found is None:
             return None
         return Listing(found.directories, [e for e in found.entries if access.may_list(identity, e)])
@@ -103,7 +103,7 @@ class StorageService:
         staged = path is None
         if path is None and stage:
             path = self.stager.fetch(entry, self.config.cache.wait_timeout)
-            entry = self.catalog.lookup_guid(entry.guid) or entry  # a volume's size is known now
+            entry = self.catalog.namespace.lookup_guid(entry.guid) or entry  # a volume's size is known now
         return Opened(entry, path, staged)
 
     # -- stage requests (Tape REST) ----------------------------------------------------
@@ -145,7 +145,7 @@ class StorageService:
         lfns = self._lfns(identity, paths)
         if request_id is None:
             for lfn in lfns:
-                entry = self.catalog.lookup(lfn)
+                entry = self.catalog.namespace.lookup(lfn)
                 if entry is None or not access.may_stage(identity, entry):
                     raise Forbidden(f"{identity.subject} may not release {lfn}")
             self.stager.release_paths(lfns)
@@ -169,7 +169,7 @@ class StorageService:
                needed: str | None = None) -> Iterator[Visible]:
         """The matches the caller may see, in the catalog's order, each with only the
         attributes their metadata level reaches (``needed``: the level the filters need)."""
-        matches = self.catalog.search(query, attributes)
+        matches = self.catalog.index.search(query, attributes)
         return visible(matches, identity, query.level if needed is None else needed, attributes)
 
     def erased(self, identity: Identity, path: str) -> tuple[Entry, list[tuple[str, str, str]]]:
@@ -182,7 +182,7 @@ class StorageService:
             raise NotFound(f"no such file: {path}")
         if access.metadata_level(identity, entry) != "all":
             raise Forbidden(f"{identity.subject} may not read the erased header values of {entry.lfn}")
-        metadata = self.catalog.metadata(entry.guid)
+        metadata = self.catalog.index.metadata(entry.guid)
         return entry, list(metadata.erased if metadata else ())
 
     # -- macaroons ----------------------------------------------------------------------

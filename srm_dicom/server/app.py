@@ -21,6 +21,7 @@ from srm_dicom.errors import Forbidden, MdmError, NotFound
 from srm_dicom.health import HealthBoard
 from srm_dicom.identity import AuthenticationError, ClientAuthSSLAdapter, Identity, slash_dn
 from srm_dicom.server import metadata, qido
+from srm_dicom.server.browse import DirectoryPages, wants_html
 from srm_dicom.server.files import FileService
 from srm_dicom.server.macaroons import MacaroonApi, is_macaroon_request
 from srm_dicom.server.observe import ObservedApp
@@ -54,6 +55,7 @@ class StorageElement:
         self._metadata = metadata.MetadataApi(self.service)
         self._qido = qido.Qido(self.service)
         self._rights = RightsApi(self.service)
+        self._pages = DirectoryPages(catalog, stager, config.site.vo)
         self.health = HealthBoard(config, catalog)
         self._operations = OperationsApi(config, self.health)
 
@@ -113,6 +115,8 @@ class StorageElement:
                 entry = self.service.resolve(path)
                 if entry is not None:
                     return self._files.serve(environ, start_response, entry, identity)
+                if method == "GET" and wants_html(environ):
+                    return self._pages(environ, start_response, identity)
                 if method == "GET":
                     return problem(start_response, HTTPStatus.NOT_FOUND, f"no such file: {path}")
             return self._dav(environ, start_response)
