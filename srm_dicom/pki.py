@@ -258,6 +258,13 @@ def init_pki(root: Path, keystore_urls: tuple[str, ...] = DEFAULT_KEYSTORE_URLS)
     return created
 
 
+def init_host(root: Path, name: str) -> Path:
+    """``root/hosts/<name>/{cert,key}.pem``: a loopback server certificate from the demo CA
+    (made by ``init_pki``), for a peer such as XRootD; kept if it exists."""
+    _ensure_pair(_ensure_ca(root), root / "hosts" / name, name, server=True)
+    return root / "hosts" / name
+
+
 def hashed_ca_dir(ca: Path, folder: Path) -> Path:
     """The CA as an OpenSSL hashed directory (``<subject hash>.0``), the form gfal2
     (X509_CERT_DIR) and davix (--capath) want. The hash is OpenSSL's own canonical-name

@@ -6,7 +6,10 @@ test. Users: alice (register), bob (physician), carol (MIA), dave (VO member), e
 VO), a token whose scopes cover the VO's files and one whose scopes do not, and two
 impostor tokens whose scopes cover the files: one whose ``sub`` is the owner's DN and whose
 ``wlcg.groups`` name the register group, one whose ``sub`` is bob's DN. A token is never
-a certificate DN and never in the register group. The images' owner is the site's
+a certificate DN and never in the register group. Two macaroons of every activity on the
+VO's tree, issued by the storage element to bob and to alice: each acts as its issuer,
+alice's without the register group (so as a plain VO member), and neither manages
+anything nor opens a key server. The images' owner is the site's
 registration service, none of them. Operations go through the real
 storage element (HTTPS, WebDAV, Tape REST, metadata and rights APIs) and the real key servers.
 """
@@ -47,7 +50,8 @@ OWNER = "/C=XX/O=srm-dicom/CN=registration service"
 ISSUER, AUDIENCE = "https://issuer.matrix.test", "https://se.matrix.test"
 
 TOKENS = ("token", "token-elsewhere", "token-as-owner", "token-as-bob")
-USERS = ("alice", "bob", "carol", "dave", "eve", *TOKENS)
+MACAROONS = ("macaroon-of-bob", "macaroon-of-alice")
+USERS = ("alice", "bob", "carol", "dave", "eve", *TOKENS, *MACAROONS)
 OPERATIONS = ("list", "get", "stage", "key share", "anonymous metadata", "nominative metadata", "erased values",
               "set-right", "delete", "write", "bob's stage request")
 # setting → (file mode, metadata mode, per-DN entries)
@@ -95,9 +99,10 @@ LEVEL = {
 for table in (FILE, LEVEL):
     for row in table.values():  # the impostors' scopes cover the files: they are "token" in every column
         row["token-as-owner"] = row["token-as-bob"] = row["token"]
+        row["macaroon-of-bob"], row["macaroon-of-alice"] = row["bob"], row["dave"]
 MANAGERS = {"alice"}  # the owner (the registration service) and the register group; no token
 # A stage request bob submitted: bob and the register group see it; a token never, whatever its sub.
-REQUEST_READERS = {"alice", "bob"}
+REQUEST_READERS = {"alice", "bob", "macaroon-of-bob"}
 
 
 def expected(setting: str, user: str, operation: str) -> bool:
@@ -192,6 +197,12 @@ def site(request: pytest.FixtureRequest, orthanc, key_servers, tmp_path_factory)
         site = Site(se, key_servers.pki, setting, probe, series[0].SOPInstanceUID, victims, tokens, "", None)
         # Staged by the service, which may read in every setting, as if bob asked (the requester is bob's DN).
         site.bobs_request = se.stager.submit([probe], None, BOB)
+        for user in ("bob", "alice"):
+            every_activity = {"caveats": ["activity:LIST,DOWNLOAD,READ_METADATA,STAGE"]}
+            asked = site.call(user, "POST", "/grid/demo/mdm", every_activity,
+                              {"Content-Type": "application/macaroon-request"})
+            assert asked.status == 200, asked.body
+            site.tokens[f"macaroon-of-{user}"] = asked.json()["macaroon"]  # type: ignore[index]
         served = site.call("service", "GET", probe.lfn)
         assert served.status == 200, served.body
         site.header = read_header(io.BytesIO(served.body))
@@ -293,7 +304,7 @@ def perform(site: Site, user: str, operation: str) -> bool:
 
 
 def test_every_cell_is_in_the_table():
-    assert len(EXPECTED) == len(SETTINGS) * len(USERS) * len(OPERATIONS) == 396
+    assert len(EXPECTED) == len(SETTINGS) * len(USERS) * len(OPERATIONS) == 484
 
 
 @pytest.mark.parametrize("operation", OPERATIONS)
