@@ -31,7 +31,7 @@ from srm_dicom.catalog import (
 )
 from srm_dicom.config import Config
 from srm_dicom.errors import NotFound
-from srm_dicom.metadata import IMAGE_FIELDS, MEDICAL_FIELDS, PATIENT_FIELDS, ImageMetadata
+from srm_dicom.metadata import IMAGE_COLUMNS, MEDICAL_FIELDS, PATIENT_FIELDS, ImageMetadata
 from srm_dicom.names import UidTriple, normalize_lfn
 from srm_dicom.query import Attribute, Match, Query
 
@@ -313,7 +313,7 @@ class SQLiteCatalog:
                 "SELECT i.* FROM entries e JOIN image i ON i.guid = e.guid WHERE e.parent = ? AND e.kind = 'slice'",
                 (normalize_lfn(directory),),
             )
-            return {row["guid"]: {c: row[c] for c in IMAGE_FIELDS} for row in rows}
+            return {row["guid"]: {c: row[c] for c in IMAGE_COLUMNS} for row in rows}
 
     def _directory_exists(self, path: str) -> bool:
         return bool(
@@ -340,7 +340,7 @@ class SQLiteCatalog:
             return ImageMetadata(
                 patient_key=key,
                 patient={c: patient[c] for c in PATIENT_FIELDS},
-                image={c: image[c] for c in IMAGE_FIELDS},
+                image={c: image[c] for c in IMAGE_COLUMNS},
                 medical={c: medical[c] for c in MEDICAL_FIELDS},
                 dicom={c: dicom[c] for c in _DICOM_COLUMNS},
                 protocols=tuple(p["name"] for p in protocols),
