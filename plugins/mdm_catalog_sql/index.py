@@ -128,8 +128,8 @@ class SqlMetadataIndex:
 
     def series_images(self, directory: str) -> dict[str, dict]:
         rows = self._db.rows(
-            f"SELECT i.guid, {', '.join(f'i.{c}' for c in IMAGE_COLUMNS)} FROM entries e JOIN image i ON i.guid = e.guid"
-            " WHERE e.parent = ? AND e.kind = 'slice'",
+            f"SELECT i.guid, {', '.join(f'i.{c}' for c in IMAGE_COLUMNS)}"
+            " FROM entries e JOIN image i ON i.guid = e.guid WHERE e.parent = ? AND e.kind = 'slice'",
             (normalize_lfn(directory),),
         )
         return {row["guid"]: {c: row[c] for c in IMAGE_COLUMNS} for row in rows}

@@ -42,13 +42,13 @@ def test_a_multiframe_object_registers_and_its_volume_is_served(embedded_pacs, k
         secret = running.config.site.secret_bytes
         directory = UidTriple(deidentify_uid(secret, good.StudyInstanceUID),
                               deidentify_uid(secret, good.SeriesInstanceUID), "3D").lfn("demo").rpartition("/")[0]
-        listing = running.catalog.list_dir(directory)
+        listing = running.catalog.namespace.list_dir(directory)
         assert sorted(e.kind for e in listing.entries) == ["slice", "volume"]
         volume = next(e for e in listing.entries if e.kind == "volume")
         assert volume.size == encrypted_size(len(assemble([good], "nifti")))
         answer = request(running.url, pki, "bob", path=volume.lfn)
         assert answer.status == 200 and len(answer.body) == volume.size
-        served = running.catalog.lookup(volume.lfn)
+        served = running.catalog.namespace.lookup(volume.lfn)
         assert served is not None
         key = KeystoreClient.from_config(running.config).fetch_key(
             key_name(served.guid, served.content_version), lambda k: len(k) == 32
