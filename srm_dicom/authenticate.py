@@ -16,6 +16,7 @@ from urllib.parse import parse_qs
 from srm_dicom.config import Config
 from srm_dicom.identity import ENVIRON_PEER_CHAIN, AuthenticationError, Identity, VoMap, identity_from_cert_chain
 from srm_dicom.tokens import InvalidToken, identity_from_bearer, issuers_from_config
+from srm_dicom.voms import VomsTrust
 
 REALM = "srm-dicom"
 
@@ -47,6 +48,9 @@ class Authenticator:
         self._services = services
         self._issuers = issuers_from_config(config.identity.issuers, config.base_dir, config.path(config.identity.ca))
         self._macaroon = macaroon
+        identity = config.identity
+        self._voms = VomsTrust.from_config(config.path(identity.vomsdir), config.path(identity.ca),
+                                           identity.voms_roles) if identity.vomsdir else None
 
     def identify(self, environ: dict) -> Identity:
         authorization = environ.get("HTTP_AUTHORIZATION", "").strip()
@@ -65,5 +69,5 @@ class Authenticator:
             return self._macaroon(credential, environ.get("REMOTE_ADDR"))
         chain = environ.get(ENVIRON_PEER_CHAIN)
         if chain:
-            return identity_from_cert_chain(chain, self._vomap, self._services)
+            return identity_from_cert_chain(chain, self._vomap, self._services, self._voms)
         raise AuthenticationError("a client certificate (or proxy) or a bearer token is required")

@@ -82,6 +82,12 @@ class IdentityConfig:
     # (absent: found by OpenID discovery at iss/.well-known/openid-configuration),
     # base_path = "/grid/<vo>" (what a scope's "/" means; default "/")}. README, "Tokens".
     issuers: dict[str, dict] = field(default_factory=dict)
+    # VOMS: <vo>/<voms-host>.lsc files naming each VO's VOMS server (its DN, then its CA's), as
+    # in gLite; a proxy's attribute certificate is trusted through them and [identity] ca.
+    # Empty: VOMS attributes are ignored and the VO map alone gives groups. README, "VOMS".
+    vomsdir: str = ""
+    # VOMS roles that stand for a group: "Role=doctor" → { doctor = "physician" }.
+    voms_roles: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

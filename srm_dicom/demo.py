@@ -30,7 +30,7 @@ from srm_dicom.listen import PushListener
 from srm_dicom.names import vo_root
 from srm_dicom.pacs.client import PacsClient
 from srm_dicom.pacs.server import EmbeddedPacs
-from srm_dicom.pki import USERS, client_toml, hashed_ca_dir, init_pki
+from srm_dicom.pki import USERS, client_toml, hashed_ca_dir, init_pki, init_voms
 from srm_dicom.register import Registrar, Summary
 from srm_dicom.server.app import StorageElement, make_server
 from srm_dicom.shutdown import stop_on_signals
@@ -88,12 +88,17 @@ vomap = "vomap.toml"
 ca = "ca.pem"
 # The demo's token issuer (issuer/, 'mdm token USER'): keys found by OpenID discovery.
 issuers = {{ "{issuer}" = {{ audience = "{audience}", base_path = "/grid/demo" }} }}
+# The demo's VOMS server credential is voms/; voms-proxy-fake ACs it signed are trusted.
+vomsdir = "vomsdir"
 
 [cache]
 dir = "cache"
 quota_bytes = 1073741824
 wait_timeout = 30.0
 """
+
+
+VOMS_HOST = "voms.demo"  # the host the demo's VOMS ACs name (vomsdir/demo/voms.demo.lsc)
 
 
 def _free_port() -> int:
@@ -131,6 +136,7 @@ def write_config(workdir: Path, keystore_urls: list[str]) -> Path:
 def run_demo(workdir: Path, say: Callable[[str], None] = print) -> int:
     stop = stop_on_signals()
     init_pki(workdir)
+    init_voms(workdir, "demo", VOMS_HOST)
     if shutil.which("openssl"):  # gfal2 and davix want the CA as a hashed directory
         hashed_ca_dir(workdir / "ca.pem", workdir / "cadir")
     with LocalKeyServers(workdir, workdir / "keystores") as key_servers:
@@ -213,6 +219,11 @@ def _banner(
         f"-O {url}{slice_lfn}")
     say(f"  rclone ls :webdav:{root} --webdav-url {url} --ca-cert {workdir / 'ca.pem'} "
         f"--client-cert {bob / 'cert.pem'} --client-key {bob / 'key.pem'}")
+    if (workdir / "cadir").is_dir():
+        eve = workdir / "users" / "eve"
+        say(f"  voms-proxy-fake -rfc -certdir {workdir / 'cadir'} -cert {eve / 'cert.pem'} -key {eve / 'key.pem'} "
+            f"-hostcert {workdir / 'voms' / 'cert.pem'} -hostkey {workdir / 'voms' / 'key.pem'} -voms demo "
+            f"-uri {VOMS_HOST}:15000 -fqan /demo/physician -out /tmp/x509up_eve   # eve, a physician of demo")
     say("hospital side:")
     say(f"  export MDM_CONFIG={config_path}")
     say(f"  mdm ls {root}; mdm stat LFN; mdm register PATH...")

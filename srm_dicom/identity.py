@@ -15,16 +15,22 @@ from __future__ import annotations
 
 import ssl
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cheroot.ssl.builtin import BuiltinSSLAdapter
 from cryptography import x509
 from cryptography.x509.oid import NameOID
+from pyasn1.codec.der import decoder as der_decoder
+from pyasn1.error import PyAsn1Error
+from pyasn1_modules import rfc3820
 
 from srm_dicom.config import read_toml
 from srm_dicom.errors import ConfigError, MdmError
+
+if TYPE_CHECKING:
+    from srm_dicom.voms import VomsTrust
 
 GROUPS = ("register", "physician", "mia")
 # The hospital's group whose members add images and manage every entry: granted by a
@@ -33,6 +39,8 @@ REGISTER = "register"
 KINDS = ("x509", "voms", "token", "macaroon", "service")
 CERTIFICATE_KINDS = ("x509", "voms", "service")
 PROXY_CERT_INFO_OID = x509.ObjectIdentifier("1.3.6.1.5.5.7.1.14")
+INDEPENDENT_POLICY = str(rfc3820.id_ppl_independent)
+LIMITED_POLICY = "1.3.6.1.4.1.3536.1.1.1.9"  # Globus' limited-proxy policy language (voms-proxy-fake -limited)
 # WSGI environ key under which the TLS adapter puts the verified client chain (DER, leaf first).
 ENVIRON_PEER_CHAIN = "srm_dicom.peer_chain"
 
@@ -211,15 +219,49 @@ class VoMap:
         return Identity(subject=dn, kind=kind, vo=entry.vo, groups=entry.groups)
 
 
-def identity_from_cert_chain(chain_der_or_pem: list[Any], vomap: VoMap, services: Iterable[str] = ()) -> Identity:
+def proxy_policy(cert: x509.Certificate) -> str | None:
+    """The RFC 3820 policy language OID of a proxy (inheritAll, independent, limited...), or None."""
+    try:
+        extension = cert.extensions.get_extension_for_oid(PROXY_CERT_INFO_OID)
+    except x509.ExtensionNotFound:
+        return None
+    raw = extension.value.value  # type: ignore[attr-defined]
+    try:
+        info, _ = der_decoder.decode(raw, asn1Spec=rfc3820.ProxyCertInfoExtension())
+    except PyAsn1Error:
+        return None
+    return str(info["proxyPolicy"]["policyLanguage"])
+
+
+def _limited(cert: x509.Certificate) -> bool:
+    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return proxy_policy(cert) == LIMITED_POLICY or (bool(names) and names[-1].value == "limited proxy")
+
+
+def identity_from_cert_chain(chain_der_or_pem: list[Any], vomap: VoMap, services: Iterable[str] = (),
+                             voms: VomsTrust | None = None) -> Identity:
     """The caller of a TLS connection whose (already verified) chain is given leaf first.
 
     ``services`` lists the DNs of service identities (the storage element): kind "service".
+    A proxy's VOMS attribute certificate, when ``voms`` trusts it, gives the VO and groups
+    (kind "voms") instead of the VO map. A limited proxy (anywhere in the chain) may read,
+    never manage. An RFC 3820 independent proxy inherits nothing of its issuer: it is its own
+    subject, in no VO and no group.
     """
     chain = load_chain(chain_der_or_pem)
     if not chain:
         raise AuthenticationError("no client certificate")
-    return vomap.identity(slash_dn(end_entity(chain).subject), services)
+    user = end_entity(chain)
+    proxies = chain[: chain.index(user)]
+    independent = next((p for p in proxies if proxy_policy(p) == INDEPENDENT_POLICY), None)
+    if independent is not None:
+        return Identity(subject=slash_dn(independent.subject), kind="x509")
+    limited = any(_limited(p) for p in proxies)
+    dn = slash_dn(user.subject)
+    attributes = voms.attributes(chain, user) if voms is not None and dn not in set(services) else None
+    if attributes is not None:
+        return Identity(subject=dn, kind="voms", vo=attributes.vo, groups=attributes.groups, limited=limited)
+    return replace(vomap.identity(dn, services), limited=limited)
 
 
 class ClientAuthSSLAdapter(BuiltinSSLAdapter):

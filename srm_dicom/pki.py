@@ -17,10 +17,11 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from srm_dicom.errors import InvalidInput
+from srm_dicom.identity import slash_dn as slash
 
 DN_BASE = (("C", "XX"), ("O", "srm-dicom"))
 SERVICE_NAME = "storage element"
@@ -56,6 +57,7 @@ USERS = (
 # ProxyCertInfo ::= SEQUENCE { proxyPolicy SEQUENCE { policyLanguage id-ppl-inheritAll } }.
 PROXY_CERT_INFO_OID = x509.ObjectIdentifier("1.3.6.1.5.5.7.1.14")
 _INHERIT_ALL_POLICY_DER = bytes.fromhex("300c300a06082b06010505071501")
+_INDEPENDENT_POLICY_DER = bytes.fromhex("300c300a06082b06010505071502")  # id-ppl-independent
 
 _NAME_OIDS = {"C": NameOID.COUNTRY_NAME, "O": NameOID.ORGANIZATION_NAME, "CN": NameOID.COMMON_NAME}
 _DAY = dt.timedelta(days=1)
@@ -70,7 +72,7 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
+def _write_key(path: Path, key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     pem = key.private_bytes(
         serialization.Encoding.PEM,
@@ -102,7 +104,7 @@ class CertificateAuthority:
     def issue(
         self,
         common_name: str,
-        key: ec.EllipticCurvePrivateKey,
+        key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey,
         *,
         server: bool = False,
         days: int = 825,
@@ -123,6 +125,8 @@ class CertificateAuthority:
                 x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()),
                 critical=False,
             )
+            # voms-proxy-fake (and OpenSSL's proxy tools) need it for the proxy's AKID.
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         )
         if server:
             usages.append(ExtendedKeyUsageOID.SERVER_AUTH)
@@ -258,6 +262,24 @@ def init_pki(root: Path, keystore_urls: tuple[str, ...] = DEFAULT_KEYSTORE_URLS)
     return created
 
 
+def init_voms(root: Path, vo: str, host: str) -> Path:
+    """A VOMS server credential for ``vo`` (``root/voms/{cert,key}.pem``, RSA: Debian's
+    voms-proxy-fake signs ACs with RSA keys only) and ``root/vomsdir/<vo>/<host>.lsc``
+    naming it, as gLite's vomsdir does; kept if they exist. Returns the vomsdir."""
+    ca = _ensure_ca(root)
+    folder = root / "voms"
+    if not (folder / "cert.pem").exists() or not (folder / "key.pem").exists():
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        _write_key(folder / "key.pem", key)
+        _write_cert(folder / "cert.pem", ca.issue(f"voms {vo}", key, server=True))
+    cert = x509.load_pem_x509_certificate((folder / "cert.pem").read_bytes())
+    vomsdir = root / "vomsdir"
+    lsc = vomsdir / vo / f"{host}.lsc"
+    lsc.parent.mkdir(parents=True, exist_ok=True)
+    lsc.write_text(f"{slash(cert.subject)}\n{slash(cert.issuer)}\n")
+    return vomsdir
+
+
 def init_host(root: Path, name: str) -> Path:
     """``root/hosts/<name>/{cert,key}.pem``: a loopback server certificate from the demo CA
     (made by ``init_pki``), for a peer such as XRootD; kept if it exists."""
@@ -283,11 +305,13 @@ def make_proxy(
     *,
     hours: float = 12,
     legacy: bool = False,
+    independent: bool = False,
 ) -> tuple[bytes, bytes]:
     """A proxy signed by a user's certificate: (proxy cert + user cert chain PEM, proxy key PEM).
 
     RFC 3820 by default (subject = issuer + CN=<serial>, proxyCertInfo inheritAll, as
-    voms-proxy-init -rfc makes); ``legacy`` gives a Globus GT2 proxy (CN=proxy, no extension).
+    voms-proxy-init -rfc makes); ``legacy`` gives a Globus GT2 proxy (CN=proxy, no extension);
+    ``independent`` an RFC 3820 independent proxy (it inherits none of its issuer's rights).
     """
     issuer_cert = x509.load_pem_x509_certificate(cert_pem)
     issuer_key = serialization.load_pem_private_key(key_pem, password=None)
@@ -309,7 +333,8 @@ def make_proxy(
     )
     if not legacy:
         builder = builder.add_extension(
-            x509.UnrecognizedExtension(PROXY_CERT_INFO_OID, _INHERIT_ALL_POLICY_DER),
+            x509.UnrecognizedExtension(PROXY_CERT_INFO_OID,
+                                       _INDEPENDENT_POLICY_DER if independent else _INHERIT_ALL_POLICY_DER),
             critical=True,
         )
     proxy = builder.sign(issuer_key, hashes.SHA256())

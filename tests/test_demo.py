@@ -6,10 +6,14 @@ import subprocess
 
 import nibabel
 import pydicom
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from sites import mdm
 from srm_dicom.config import load_config
+from srm_dicom.identity import VoMap, identity_from_cert_chain
 from srm_dicom.synthetic import make_series
+from srm_dicom.voms import VomsTrust
 
 
 def start_demo(workdir):
@@ -43,6 +47,17 @@ def test_demo_runs_registers_the_synthetic_series_and_stops_what_it_started(tmp_
             if " mdm get -l " in command or command.startswith("curl "):
                 ran = subprocess.run(command, shell=True, cwd=tmp_path, capture_output=True, text=True, timeout=120)
                 assert ran.returncode == 0, (command, ran.stderr)
+            if command.startswith("voms-proxy-fake ") and shutil.which("voms-proxy-fake"):
+                proxy = tmp_path / "x509up_eve"
+                command = command.split("   #")[0].replace("/tmp/x509up_eve", str(proxy))
+                ran = subprocess.run(command, shell=True, cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                                     env={**os.environ, "HOME": str(tmp_path)})
+                assert ran.returncode == 0, (command, ran.stderr)
+                config = load_config(config_path)
+                trust = VomsTrust.from_config(config.path(config.identity.vomsdir), config.path(config.identity.ca), {})
+                chain = [c.public_bytes(Encoding.DER) for c in x509.load_pem_x509_certificates(proxy.read_bytes())]
+                eve = identity_from_cert_chain(chain, VoMap.load(config.path(config.identity.vomap)), voms=trust)
+                assert (eve.kind, eve.vo, eve.groups) == ("voms", "demo", {"physician"})  # eve is of VO "other"
         assert pydicom.dcmread(tmp_path / "slice.dcm").PatientIdentityRemoved == "YES"
         assert nibabel.load(tmp_path / "volume.nii").shape == (64, 64, 16)
     finally:
