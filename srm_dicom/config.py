@@ -53,6 +53,8 @@ class PacsConfig:
     timeout: float = 30.0
     retrieve: str = "get"
     move_port: int = 11113
+    # The address the C-MOVE receiver binds: loopback unless the PACS is on another host.
+    move_host: str = "127.0.0.1"
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,8 @@ class EmbeddedPacsConfig:
     storage: str = "pacs"
     # C-MOVE destinations the embedded PACS knows: AET → "host:port".
     move_destinations: dict[str, str] = field(default_factory=dict)
+    # The calling AE titles it accepts associations from; every other one is rejected.
+    calling_aets: list[str] = field(default_factory=lambda: ["MDM"])
 
 
 @dataclass(frozen=True)
