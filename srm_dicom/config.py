@@ -259,6 +259,12 @@ def read_toml(path: Path, what: str, hint: str = "") -> dict[str, Any]:
         return tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"{what}: {path} not found{hint}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{what}: {path} is a directory; give the file, e.g. {path / 'mdm.toml'}") from None
+    except PermissionError:
+        raise ConfigError(f"{what}: {path}: permission denied") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what}: {path} is not a TOML text file") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{what}: {path}: {exc}") from None
 
