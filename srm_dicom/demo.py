@@ -31,7 +31,8 @@ from srm_dicom.pacs.client import PacsClient
 from srm_dicom.pacs.server import EmbeddedPacs
 from srm_dicom.pki import USERS, client_toml, hashed_ca_dir, init_pki
 from srm_dicom.register import Registrar, Summary
-from srm_dicom.server.app import StorageElement, make_server
+from srm_dicom.server.app import StorageElement
+from srm_dicom.server.http import make_server
 from srm_dicom.shutdown import stop_on_signals
 from srm_dicom.stager import Stager
 from srm_dicom.synthetic import make_series

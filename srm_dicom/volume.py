@@ -62,6 +62,8 @@ _NIFTI_STRUCT = struct.Struct("<i10s18sihbb8h3fhhhh8ffffhbbffffii80s24shh6f4f4f4
 class NotAVolume(MdmError):
     """The slices of a series do not make one volume; the reason says why, in one line."""
 
+    http_status = 422
+
     def __init__(self, reason: str) -> None:
         super().__init__(f"not a volume: {reason}")
         self.reason = reason

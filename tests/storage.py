@@ -12,7 +12,8 @@ from srm_dicom.config import Config, load_config
 from srm_dicom.keystore.client import KeystoreClient
 from srm_dicom.pacs.client import PacsClient
 from srm_dicom.register import Registrar
-from srm_dicom.server.app import StorageElement, make_server
+from srm_dicom.server.app import StorageElement
+from srm_dicom.server.http import make_server
 from srm_dicom.stager import Stager
 
 

@@ -8,7 +8,8 @@ import threading
 from srm_dicom.catalog import open_catalog
 from srm_dicom.config import load_config
 from srm_dicom.keystore.client import KeystoreClient
-from srm_dicom.server.app import StorageElement, make_server
+from srm_dicom.server.app import StorageElement
+from srm_dicom.server.http import make_server
 from srm_dicom.shutdown import stop_on_signals
 from srm_dicom.stager import Stager
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from srm_dicom.access import may_list, may_read
 from srm_dicom.catalog import Catalog, Entry
 from srm_dicom.config import Config
+from srm_dicom.errors import NotFound, Refused
 from srm_dicom.identity import Identity
 from srm_dicom.server.problems import StartResponse, problem
 from srm_dicom.stager import StageFailed, Stager, StagingPending
@@ -92,8 +93,10 @@ class FileService:
         self._stager = stager
 
     def serve(self, environ: dict, start_response: StartResponse, entry: Entry, identity: Identity) -> Iterator[bytes]:
-        if not may_list(identity, entry) or not may_read(identity, entry):
-            return iter(problem(start_response, HTTPStatus.FORBIDDEN, f"{identity.subject} may not read {entry.lfn}"))
+        if not may_list(identity, entry):  # as if it did not exist: a 403 would tell that it does
+            raise NotFound(f"no such file: {environ.get('PATH_INFO', entry.lfn)}")
+        if not may_read(identity, entry):
+            raise Refused(f"{identity.subject} may not read {entry.lfn}")
         head = environ["REQUEST_METHOD"] == "HEAD"
         path = self._stager.cached_path(entry)
         if path is None and not head:

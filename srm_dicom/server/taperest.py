@@ -14,7 +14,7 @@ from http import HTTPStatus
 from srm_dicom.access import may_list, may_stage
 from srm_dicom.catalog import Catalog, Entry
 from srm_dicom.config import Config
-from srm_dicom.errors import InvalidInput, NotFound
+from srm_dicom.errors import InvalidInput, NotFound, Refused
 from srm_dicom.identity import Identity
 from srm_dicom.server.problems import StartResponse, json_body, problem, respond_json
 from srm_dicom.stager import Stager
@@ -22,10 +22,6 @@ from srm_dicom.stager import Stager
 ROOT = "/api/v1/tape"
 DISCOVERY = "/.well-known/wlcg-tape-rest-api"
 PLACEHOLDER = "gfal2-placeholder-id"  # gfal-evict releases by path with this request id
-
-
-class Forbidden(Exception):
-    """The caller may not see or stage a file; the message says which."""
 
 
 def _paths(data: dict) -> list[str]:
@@ -54,34 +50,31 @@ class TapeRestApi:
     def __call__(self, environ: dict, start_response: StartResponse, identity: Identity) -> list[bytes]:
         method = environ["REQUEST_METHOD"]
         parts = [p for p in environ.get("PATH_INFO", "").removeprefix(ROOT).split("/") if p]
-        try:
-            match method, parts:
-                case "POST", ["stage"]:
-                    return self._stage(environ, start_response, identity)
-                case "GET", ["stage", request_id]:
-                    return self._status(start_response, identity, request_id)
-                case "POST", ["stage", request_id, "cancel"]:
+        match method, parts:
+            case "POST", ["stage"]:
+                return self._stage(environ, start_response, identity)
+            case "GET", ["stage", request_id]:
+                return self._status(start_response, identity, request_id)
+            case "POST", ["stage", request_id, "cancel"]:
+                self._own(identity, request_id)
+                self._stager.cancel(request_id, self._lfns(_paths(json_body(environ)), identity))
+                return respond_json(start_response, HTTPStatus.OK, {})
+            case "DELETE", ["stage", request_id]:
+                self._own(identity, request_id)
+                self._stager.delete(request_id)
+                return respond_json(start_response, HTTPStatus.OK, {})
+            case "POST", ["release", request_id]:
+                lfns = self._lfns(_paths(json_body(environ)), identity)
+                if request_id == PLACEHOLDER:
+                    self._stager.release_paths(lfns)
+                else:
                     self._own(identity, request_id)
-                    self._stager.cancel(request_id, self._lfns(_paths(json_body(environ)), identity))
-                    return respond_json(start_response, HTTPStatus.OK, {})
-                case "DELETE", ["stage", request_id]:
-                    self._own(identity, request_id)
-                    self._stager.delete(request_id)
-                    return respond_json(start_response, HTTPStatus.OK, {})
-                case "POST", ["release", request_id]:
-                    lfns = self._lfns(_paths(json_body(environ)), identity)
-                    if request_id == PLACEHOLDER:
-                        self._stager.release_paths(lfns)
-                    else:
-                        self._own(identity, request_id)
-                        self._stager.release(request_id, lfns)
-                    return respond_json(start_response, HTTPStatus.OK, {})
-                case "POST", ["archiveinfo"]:
-                    return self._archiveinfo(environ, start_response, identity)
-            return problem(start_response, HTTPStatus.NOT_FOUND, f"no such Tape REST operation: {method} {ROOT}/"
-                           + "/".join(parts))
-        except Forbidden as exc:
-            return problem(start_response, HTTPStatus.FORBIDDEN, str(exc))
+                    self._stager.release(request_id, lfns)
+                return respond_json(start_response, HTTPStatus.OK, {})
+            case "POST", ["archiveinfo"]:
+                return self._archiveinfo(environ, start_response, identity)
+        return problem(start_response, HTTPStatus.NOT_FOUND, f"no such Tape REST operation: {method} {ROOT}/"
+                       + "/".join(parts))
 
     def _entry(self, path: str, identity: Identity) -> Entry:
         entry = self._resolve(path)
@@ -97,7 +90,7 @@ class TapeRestApi:
         if request is None:
             raise NotFound(f"no such stage request: {request_id}")
         if request.requester != identity.subject and identity.kind != "service" and "register" not in identity.groups:
-            raise Forbidden(f"stage request {request_id} belongs to someone else")
+            raise Refused(f"stage request {request_id} belongs to someone else")
 
     def _stage(self, environ: dict, start_response: StartResponse, identity: Identity) -> list[bytes]:
         files = json_body(environ).get("files")
@@ -109,7 +102,7 @@ class TapeRestApi:
                 raise InvalidInput("every file needs a 'path' string")
             entry = self._entry(item["path"], identity)
             if not may_stage(identity, entry):
-                raise Forbidden(f"{identity.subject} may not stage {item['path']}")
+                raise Refused(f"{identity.subject} may not stage {item['path']}")
             entries.append(entry)
             lifetime = item.get("diskLifetime")
             if lifetime is not None:

@@ -81,9 +81,17 @@ def test_rights_decide_who_reads(storage_element, pki):
     lfn = lfn_of(running, series[4])
     for reader in ("bob", "carol", "dave", "alice"):
         assert request(running.url, pki, reader, "HEAD", lfn).status == 200, reader
+    # eve (another VO) may not list it: she gets what a name that does not exist gets, no 403
+    # that would tell her it does (issue 12, the existence oracle).
     refused = request(running.url, pki, "eve", path=lfn)
-    assert refused.status == 403 and refused.headers["content-type"] == "application/problem+json"
-    assert json.loads(refused.body)["status"] == 403
+    missing = request(running.url, pki, "eve", path=lfn[:-3] + "999")
+    assert refused.status == missing.status == 404 and refused.headers["content-type"] == "application/problem+json"
+    assert json.loads(refused.body)["status"] == 404
+    assert request(running.url, pki, "eve", "HEAD", lfn).status == 404
+    for api, body in (("/api/v1/rights", {"path": lfn, "mode": "rwxrwxrwx"}), ("/api/v1/delete", {"paths": [lfn]})):
+        refused = request(running.url, pki, "eve", "POST", api, json.dumps(body).encode())
+        assert refused.status == 404, refused.body
+    assert running.catalog.lookup(lfn) is not None
     anonymous = request(running.url, pki, None, path=lfn)
     assert anonymous.status == 401 and "certificate" in anonymous.json()["detail"]
     assert request(running.url, pki, "bob", path=lfn.replace("/grid/demo/", "/grid/demo/mdm/x/")).status == 404
