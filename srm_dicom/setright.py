@@ -318,7 +318,7 @@ class RightsSetter:
 
     def _restore(self, changed: list[tuple[_Key, int]]) -> list[_Failure]:
         """Put the old ACL back where the new one was written; the pairs that still failed."""
-        pending, failures = changed, []
+        pending, failures = changed, list[_Failure]()
         for attempt in range(self._attempts):
             if not pending:
                 return []

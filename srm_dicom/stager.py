@@ -36,6 +36,7 @@ from srm_dicom.catalog import (
 from srm_dicom.config import Config
 from srm_dicom.crypto.container import encrypt_bytes, new_file_key
 from srm_dicom.errors import InvalidInput, MdmError, NotFound
+from srm_dicom.events import StageFinished, StageQueueChanged, emit
 from srm_dicom.keystore import KeystoreError
 from srm_dicom.keystore.client import KeystoreClient
 from srm_dicom.names import Pfn, normalize_lfn, parse_pfn
@@ -232,9 +233,11 @@ class Stager:
                 raise MdmError("the stager is not running")
             job = self._jobs[guid] = _Job(guid)
             self._pool.submit(self._run, job)
+            emit(StageQueueChanged(len(self._jobs)))
             return job
 
     def _run(self, job: _Job) -> None:
+        started = time.monotonic()
         try:
             job.path = self._stage(job.guid)
             self._catalog.set_stage_state(job.guid, COMPLETED, _now())
@@ -254,6 +257,8 @@ class Stager:
             with self._lock:
                 if self._jobs.get(job.guid) is job:
                     del self._jobs[job.guid]
+                emit(StageQueueChanged(len(self._jobs)))
+            emit(StageFinished(time.monotonic() - started, job.error.reason if job.error else None))
             job.done.set()
 
     def _stage(self, guid: str) -> Path:

@@ -12,8 +12,7 @@ from srm_dicom.config import Config, load_config
 from srm_dicom.keystore.client import KeystoreClient
 from srm_dicom.pacs.client import PacsClient
 from srm_dicom.register import Registrar
-from srm_dicom.server.app import StorageElement
-from srm_dicom.server.http import make_server
+from srm_dicom.server.app import StorageElement, make_server
 from srm_dicom.stager import Stager
 
 
@@ -23,6 +22,7 @@ class RunningStorageElement:
     config_path: Path
     catalog: Catalog
     stager: Stager
+    app: StorageElement
     url: str
     _server: object
     _thread: threading.Thread
@@ -31,6 +31,7 @@ class RunningStorageElement:
         self._server.stop()  # type: ignore[attr-defined]
         self._thread.join(timeout=10)
         self.stager.stop()
+        self.app.close()
         self.catalog.close()
 
 
@@ -38,13 +39,14 @@ def start_storage_element(config_path: Path) -> RunningStorageElement:
     config = load_config(config_path)
     catalog = open_catalog(config)
     stager = Stager(config, catalog, KeystoreClient.from_config(config))
+    app = StorageElement(config, catalog, stager)  # listens to events before the stager's first
     stager.start()
-    server = make_server(config, StorageElement(config, catalog, stager))
+    server = make_server(config, app)
     server.prepare()
     thread = threading.Thread(target=server.serve, daemon=True)
     thread.start()
     url = f"https://127.0.0.1:{server.bind_addr[1]}"
-    return RunningStorageElement(config, config_path, catalog, stager, url, server, thread)
+    return RunningStorageElement(config, config_path, catalog, stager, app, url, server, thread)
 
 
 def register(config_path: Path, datasets: list) -> None:

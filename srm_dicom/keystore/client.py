@@ -28,9 +28,18 @@ from urllib.parse import quote, urlsplit
 from srm_dicom.config import Config
 from srm_dicom.crypto.shares import Share, combine_key, split_key
 from srm_dicom.errors import ConfigError, InvalidInput, NotFound
+from srm_dicom.events import Arg, KeyServerCall, timed
 from srm_dicom.keystore import Acl, KeyAccessDenied, KeystoreError, check_key_id
 
 log = logging.getLogger(__name__)
+
+# Key server answers that show it working (a refusal is the server doing its job).
+ANSWERS = (403, 404)
+PROBE_KEY = "mdm-health-probe"
+
+
+def _answer(error: BaseException) -> bool:
+    return getattr(error, "status", None) in ANSWERS
 
 
 @dataclass
@@ -162,6 +171,12 @@ class KeystoreClient:
             failures,
         )
 
+    def ping(self) -> dict[str, str | None]:
+        """Which servers answer (None) and why the others do not, asking each for a key that
+        never exists: the answer proves the server up and our certificate accepted."""
+        results = self._on_all("GET", PROBE_KEY, "", [None] * self.n)
+        return {url: None if getattr(r, "status", 404) in ANSWERS else str(r) for url, r in results.items()}
+
     def set_acl(self, key_id: str, acl: Acl) -> None:
         """Replace the ACL on every server; raise naming those that did not take it."""
         check_key_id(key_id)
@@ -213,9 +228,10 @@ class KeystoreClient:
             if idle:
                 return idle.pop()
         parts = urlsplit(url)
-        return http.client.HTTPSConnection(parts.hostname, parts.port or 443, context=self._context,
+        return http.client.HTTPSConnection(parts.hostname or "", parts.port or 443, context=self._context,
                                            timeout=self.timeout)
 
+    @timed(KeyServerCall, url=Arg("url"), operation=Arg("method"), answered=_answer)
     def _request(self, method: str, url: str, key_id: str, suffix: str, body: Any) -> Any:
         payload = None if body is None else json.dumps(body).encode()
         headers = {"Content-Type": "application/json"} if payload is not None else {}
@@ -227,18 +243,15 @@ class KeystoreClient:
                 connection.request(method, path, payload, headers)
                 response = connection.getresponse()
                 data = response.read()
-            except ssl.SSLCertVerificationError as exc:
-                connection.close()
-                raise ServerFailure(url, f"untrusted: {exc.verify_message}") from None
-            except ssl.SSLError as exc:
-                connection.close()
-                raise ServerFailure(url, f"refused the TLS handshake ({exc.reason or 'connection closed'})") from None
             except (OSError, http.client.HTTPException) as exc:
                 connection.close()
+                # A kept-alive connection the server closed meanwhile (its idle timeout) fails on
+                # first use as a TLS EOF, a reset or an empty answer: all mean "open a new one".
+                # ssl.SSLError is an OSError, so it is retried too; every request here is
+                # idempotent (GET, PUT, DELETE of one key), so sending it again is safe.
                 if reused and attempt == 1 and not isinstance(exc, socket.timeout):
-                    continue  # the server closed a kept-alive connection meanwhile: open a new one
-                reason = "timed out" if isinstance(exc, socket.timeout) else str(exc) or type(exc).__name__
-                raise ServerFailure(url, f"unreachable: {reason}") from None
+                    continue
+                raise _connection_failure(url, exc) from None
             if response.will_close:
                 connection.close()
             else:
@@ -253,6 +266,16 @@ class KeystoreClient:
             detail = answer.get("detail") if isinstance(answer, dict) else None
             raise ServerFailure(url, f"answered {response.status}: {detail or response.reason}", response.status)
         return answer
+
+
+def _connection_failure(url: str, exc: OSError | http.client.HTTPException) -> ServerFailure:
+    """One server's connection-level failure, named for a person."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return ServerFailure(url, f"untrusted: {exc.verify_message}")
+    if isinstance(exc, ssl.SSLError):
+        return ServerFailure(url, f"refused the TLS handshake ({exc.reason or 'connection closed'})")
+    reason = "timed out" if isinstance(exc, socket.timeout) else str(exc) or type(exc).__name__
+    return ServerFailure(url, f"unreachable: {reason}")
 
 
 def _share_from(url: str, answer: Any) -> Share:

@@ -61,6 +61,7 @@ from pynetdicom.status import (
 import srm_dicom.pacs  # noqa: F401  (TCP_NODELAY and quiet pynetdicom logging)
 from srm_dicom.config import PacsConfig
 from srm_dicom.errors import InvalidInput, NotFound, PacsError
+from srm_dicom.events import PacsCall, timed
 from srm_dicom.pacs.answers import keep_answers_for_the_caller
 
 MAX_CONTEXTS = 128
@@ -223,7 +224,7 @@ class PacsClient:
             self.config.port,
             contexts=contexts,
             ae_title=self.config.aet,
-            ext_neg=roles or None,
+            ext_neg=list(roles) or None,
             evt_handlers=[
                 (evt.EVT_C_STORE, self._inbox.on_store),
                 (evt.EVT_CONN_OPEN, lambda event: connected.set()),
@@ -234,6 +235,7 @@ class PacsClient:
             return assoc
         if assoc.is_rejected:
             rj = assoc.acceptor.primitive
+            assert rj is not None  # a rejection always carries the A-ASSOCIATE-RJ
             raise self._error(
                 f"association rejected ({rj.result_str}, {rj.source_str}: {rj.reason_str})"
             )
@@ -241,7 +243,7 @@ class PacsClient:
             raise self._error("cannot connect (PACS down or unreachable?)")
         if assoc.rejected_contexts:
             refused = ", ".join(
-                f"{UID(cx.abstract_syntax).name} in {' or '.join(UID(t).name for t in cx.transfer_syntax)}"
+                f"{UID(cx.abstract_syntax or '').name} in {' or '.join(UID(t).name for t in cx.transfer_syntax)}"
                 for cx in assoc.rejected_contexts[:3]
             )
             raise self._error(f"no presentation context accepted, refused: {refused}")
@@ -266,6 +268,7 @@ class PacsClient:
 
     # -- services ----------------------------------------------------------------
 
+    @timed(PacsCall, operation="C-ECHO")
     def echo(self) -> None:
         """C-ECHO: proves the PACS answers to our AE title."""
         assoc = self._association(self._single(Verification))
@@ -277,6 +280,7 @@ class PacsClient:
                 f"C-ECHO failed: {_status_text(status.Status, VERIFICATION_SERVICE_CLASS_STATUS)}"
             )
 
+    @timed(PacsCall, operation="C-STORE")
     def store(self, ds: Dataset) -> None:
         """C-STORE one dataset, in exactly its own transfer syntax."""
         sop_class, ts = str(ds.SOPClassUID), _transfer_syntax(ds)
@@ -303,6 +307,7 @@ class PacsClient:
             self.store(ds)
         return len(batch)
 
+    @timed(PacsCall, operation="C-FIND")
     def find(self, level: str, query: Dataset) -> list[Dataset]:
         """C-FIND at ``level``: Patient Root for PATIENT, Study Root otherwise."""
         if level not in LEVELS:
@@ -379,13 +384,14 @@ class PacsClient:
             raise NotFound(f"{self.name}: no such {'instance' if sop else 'series'}")
         classes = {str(ds.get("SOPClassUID", "")) for ds in found} - {""}
         if classes:
-            contexts = {(uid, (ts,)) for uid in classes for ts in RETRIEVE_SYNTAXES}
+            contexts: set[tuple[str, tuple[str, ...]]] = {(uid, (ts,)) for uid in classes for ts in RETRIEVE_SYNTAXES}
         else:
             room = MAX_CONTEXTS - len(BASE_PLAN.contexts)
-            classes = {cx.abstract_syntax for cx in StoragePresentationContexts[:room]}
+            classes = {str(cx.abstract_syntax) for cx in StoragePresentationContexts[:room]}
             contexts = {(uid, RETRIEVE_SYNTAXES) for uid in classes}
         return _Plan(frozenset(contexts), frozenset(classes))
 
+    @timed(PacsCall, operation="C-GET")
     def get(self, study: str, series: str, sop: str | None = None) -> Iterator[Dataset]:
         """C-GET one instance, or a whole series, over one association.
 
@@ -397,12 +403,13 @@ class PacsClient:
         responses = assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet)
         yield from self._collect("C-GET", responses, QR_GET_SERVICE_CLASS_STATUS)
 
+    @timed(PacsCall, operation="C-MOVE")
     def move(self, study: str, series: str, sop: str | None = None) -> Iterator[Dataset]:
         """C-MOVE to our own storage SCP (AE calling_aet on move_port), run for this call."""
         scp = AE(ae_title=self.config.calling_aet)
         scp.network_timeout = scp.acse_timeout = scp.dimse_timeout = self.config.timeout
         for cx in AllStoragePresentationContexts:
-            scp.add_supported_context(cx.abstract_syntax, list(MOVE_SCP_SYNTAXES))
+            scp.add_supported_context(str(cx.abstract_syntax), list(MOVE_SCP_SYNTAXES))
         inbox = _Inbox()
         try:
             server = scp.start_server(
@@ -410,6 +417,7 @@ class PacsClient:
                 block=False,
                 evt_handlers=[(evt.EVT_C_STORE, inbox.on_store)],
             )
+            assert server is not None  # block=False returns the running server
         except OSError as exc:
             raise self._error(
                 f"C-MOVE: cannot listen on port {self.config.move_port} ({exc.strerror})"

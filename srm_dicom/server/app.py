@@ -16,6 +16,7 @@ from cryptography import x509
 from srm_dicom.catalog import Catalog, Entry
 from srm_dicom.config import Config
 from srm_dicom.errors import InvalidInput, NotFound
+from srm_dicom.health import HealthBoard
 from srm_dicom.identity import (
     ENVIRON_PEER_CHAIN,
     AuthenticationError,
@@ -29,6 +30,9 @@ from srm_dicom.identity import (
 from srm_dicom.names import normalize_lfn
 from srm_dicom.server import metadata, qido
 from srm_dicom.server.files import FileService
+from srm_dicom.server.http import LimitedServer, https_server
+from srm_dicom.server.observe import ObservedApp
+from srm_dicom.server.operations import OperationsApi
 from srm_dicom.server.problems import FINITE_DEPTH, HttpProblem, StartResponse, problem_of
 from srm_dicom.server.rights import RightsApi
 from srm_dicom.server.taperest import DISCOVERY, ROOT, TapeRestApi
@@ -56,6 +60,17 @@ class StorageElement:
         self._metadata = metadata.MetadataApi(catalog)
         self._qido = qido.Qido(catalog)
         self._rights = RightsApi(config, catalog)
+        self.health = HealthBoard(config, catalog)
+        self._operations = OperationsApi(config, self.health)
+
+    def close(self) -> None:
+        """Stop listening to events (the server has stopped)."""
+        self._operations.close()
+        self.health.close()
+
+    def billing_name(self, entry: Entry) -> str:
+        """How logs name a file: its LFN, unless the site's LFNs carry the PACS's own UIDs."""
+        return entry.lfn if self._config.site.uids == "deidentified" else f"guid:{entry.guid}"
 
     def resolve(self, path: str) -> Entry | None:
         """The entry an URL path names: an LFN or /guid/<uuid>."""
@@ -74,6 +89,14 @@ class StorageElement:
         if chain:
             return identity_from_cert_chain(chain, self._vomap, self._services)
         raise AuthenticationError("a client certificate (or proxy) or a bearer token is required")
+
+    def _caller(self, environ: dict) -> Identity | None:
+        """The caller if it shows credentials that hold, else None (the operations endpoints
+        also answer callers from trusted networks, and probes without credentials)."""
+        try:
+            return self._identify(environ)
+        except AuthenticationError:
+            return None
 
     def _base_url(self, environ: dict) -> str:
         if self._config.server.public_url:
@@ -102,6 +125,8 @@ class StorageElement:
             raise InvalidInput("the path is not valid UTF-8") from None
         if path.rstrip("/") == DISCOVERY and method == "GET":
             return self._tape.discovery(start_response, self._base_url(environ))
+        if self._operations.handles(path):
+            return self._operations(environ, start_response, self._caller(environ))
         identity = self._identify(environ)
         environ[IDENTITY] = identity
         if path == ROOT or path.startswith(ROOT + "/"):
@@ -168,3 +193,8 @@ class _Body:
         close = getattr(self._rest, "close", None)
         if close is not None:
             close()
+
+
+def make_server(config: Config, app: StorageElement) -> LimitedServer:
+    """The HTTPS server (``server/http.py``: its limits and TLS) around the observed application."""
+    return https_server(config, ObservedApp(app, app.billing_name))

@@ -217,7 +217,7 @@ class LimitedServer(wsgi.Server):
         log.log(level, "%s", msg, exc_info=traceback)
 
 
-def make_server(config: Config, app: Any) -> LimitedServer:  # noqa: ANN401 - a WSGI application
+def https_server(config: Config, app: Any) -> LimitedServer:  # noqa: ANN401 - a WSGI application
     """The HTTPS server; client certificates are asked for but optional (token users share
     the port), verified against [identity] ca, proxies accepted."""
     settings = config.server

@@ -45,8 +45,7 @@ from srm_dicom.identity import VoMap  # noqa: E402
 from srm_dicom.keystore.client import KeystoreClient  # noqa: E402
 from srm_dicom.pki import init_pki  # noqa: E402
 from srm_dicom.query import DEFAULT_ATTRIBUTES, find, parse  # noqa: E402
-from srm_dicom.server.app import StorageElement  # noqa: E402
-from srm_dicom.server.http import make_server  # noqa: E402
+from srm_dicom.server.app import StorageElement, make_server  # noqa: E402
 from srm_dicom.stager import Stager  # noqa: E402
 
 
