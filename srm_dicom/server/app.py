@@ -7,6 +7,7 @@ PROPFIND/OPTIONS through wsgidav, and a refusal for every write: the grid side o
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Iterator
 from http import HTTPStatus
 from urllib.parse import unquote_to_bytes
@@ -40,6 +41,7 @@ from srm_dicom.server.webdav import IDENTITY, webdav_app
 from srm_dicom.stager import Stager
 
 READ_METHODS = ("GET", "HEAD", "OPTIONS", "PROPFIND")
+_HEADER_VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]*")  # RFC 9110 field-value: no CR, LF, NUL or controls
 ALLOW = ", ".join(READ_METHODS)
 
 
@@ -171,6 +173,9 @@ class _DeferredStart:
         self._held: tuple | None = None
 
     def __call__(self, status: str, headers: list, exc_info: object = None) -> None:
+        for name, value in headers:  # a value built from input must never split the answer
+            if not _HEADER_VALUE.fullmatch(value):
+                raise ValueError(f"header {name} holds a character HTTP does not allow: {value[:80]!r}")
         self._held = (status, headers)
 
     def send(self) -> None:

@@ -133,6 +133,9 @@ class _Connection(cheroot_server.HTTPConnection):
         except OSError:
             self._client = None
         self._admitted = server.admit(self._client)
+        if not self._admitted:  # the client sees the end at once, without waiting for a worker
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
         self._handshaken = not isinstance(sock, ssl.SSLSocket)
         self._closed = False
 

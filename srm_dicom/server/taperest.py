@@ -22,6 +22,8 @@ from srm_dicom.stager import Stager
 ROOT = "/api/v1/tape"
 DISCOVERY = "/.well-known/wlcg-tape-rest-api"
 PLACEHOLDER = "gfal2-placeholder-id"  # gfal-evict releases by path with this request id
+MAX_DISK_LIFETIME = 365 * 24 * 3600
+_DURATION = re.compile(r"P(?:([0-9]{1,15})D)?(?:T(?:([0-9]{1,15})H)?(?:([0-9]{1,15})M)?(?:([0-9]{1,15})S)?)?")
 
 
 def _paths(data: dict) -> list[str]:
@@ -143,12 +145,17 @@ class TapeRestApi:
 
 
 def _lifetime(value: object) -> int:
-    """diskLifetime: seconds, or an ISO 8601 duration like PT1H / P1D (what gfal2 sends)."""
-    if isinstance(value, int) and value >= 0:
-        return value
-    if isinstance(value, str):
-        match = re.fullmatch(r"P(?:(\d+)D)?(?:T(?:(\d+)H)?(?:(\d+)M)?(?:(\d+)S)?)?", value)
+    """diskLifetime: seconds, or an ISO 8601 duration like PT1H / P1D (what gfal2 sends). A
+    longer one than MAX_DISK_LIFETIME is shortened to it, as SRM servers shorten a desired pin
+    lifetime (a pin of centuries would overflow the clock and hold the cache forever)."""
+    seconds = None
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        seconds = value
+    elif isinstance(value, str):
+        match = _DURATION.fullmatch(value)
         if match and any(match.groups()):
-            days, hours, minutes, seconds = (int(g or 0) for g in match.groups())
-            return ((days * 24 + hours) * 60 + minutes) * 60 + seconds
-    raise InvalidInput(f"diskLifetime must be seconds or an ISO 8601 duration, not {value!r}")
+            days, hours, minutes, secs = (int(g or 0) for g in match.groups())
+            seconds = ((days * 24 + hours) * 60 + minutes) * 60 + secs
+    if seconds is None:
+        raise InvalidInput(f"diskLifetime must be seconds or an ISO 8601 duration, not {str(value)[:80]!r}")
+    return min(seconds, MAX_DISK_LIFETIME)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import socket
 import ssl
 import threading
@@ -17,7 +18,9 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import jwt
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from https import request
 from sites import write_site_config
@@ -25,6 +28,8 @@ from srm_dicom.synthetic import make_series
 from storage import RunningStorageElement, register, start_storage_element
 
 PROBLEM = "application/problem+json"
+ISSUER = "https://issuer.hostile.test"
+TOKEN_KEY: ec.EllipticCurvePrivateKey
 
 
 @pytest.fixture(scope="module")
@@ -37,9 +42,16 @@ def site(tmp_path_factory: pytest.TempPathFactory, key_servers) -> Iterator[Runn
     config_path = write_site_config(workdir / "site", pacs, key_servers)
     text = config_path.read_text().replace(
         "threads = 24\n",
-        "threads = 24\nheader_timeout = 6.0\nbody_timeout = 2.0\ntimeout = 6.0\nmax_connections_per_client = 12\n",
+        "threads = 24\nheader_timeout = 15.0\nbody_timeout = 2.0\ntimeout = 15.0\nmax_connections_per_client = 12\n",
     )
     config_path.write_text(text)
+    global TOKEN_KEY
+    TOKEN_KEY = ec.generate_private_key(ec.SECP256R1())
+    jwk = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(TOKEN_KEY.public_key()))
+    jwks = workdir / "jwks.json"
+    jwks.write_text(json.dumps({"keys": [{**jwk, "kid": "hostile", "alg": "ES256", "use": "sig"}]}))
+    issuers = f'issuers = {{ "{ISSUER}" = {{ jwks = "{jwks}", audience = "{ISSUER}" }} }}'
+    config_path.write_text(config_path.read_text().replace("[identity]\n", f"[identity]\n{issuers}\n", 1))
     register(config_path, make_series(slices=2, size=16, seed="hostile"))
     running = start_storage_element(config_path)
     try:
@@ -166,7 +178,7 @@ def test_slow_headers_time_out_with_408(site, pki):
     with sock:
         sock.sendall(b"GET /grid/demo/mdm/ HTTP/1.1\r\n")
         try:
-            for _ in range(60):  # one header byte every 0.2 s: each read is quick, the whole is not
+            for _ in range(150):  # one header byte every 0.2 s: each read is quick, the whole is not
                 sock.sendall(b"X")
                 time.sleep(0.2)
         except OSError:
@@ -219,3 +231,27 @@ def test_forty_silent_connections_do_not_stall_other_clients(site, pki):
         stop.set()
         for thread in slow:
             thread.join()
+
+
+def _token(scope: str) -> str:
+    claims = {"iss": ISSUER, "aud": ISSUER, "sub": "job-42", "exp": int(time.time()) + 600, "scope": scope,
+              "wlcg.groups": ["/demo"]}
+    return jwt.encode(claims, TOKEN_KEY, algorithm="ES256", headers={"kid": "hostile"})
+
+
+def test_propfind_with_a_token_scoped_to_one_study(site, pki):
+    study = next(p for p in _names(site, pki, "/grid/demo/mdm/") if p != "/grid/demo/mdm")
+    headers = {"Authorization": f"Bearer {_token(f'storage.read:{study}')}"}
+    for path in ("/grid/demo/mdm/", study + "/", "/grid/demo/", "/"):
+        answer = request(site.url, pki, None, "PROPFIND", path, headers={**headers, "Depth": "1"})
+        assert answer.status == 207, (path, answer.body)
+    listed = request(site.url, pki, None, "PROPFIND", "/grid/demo/mdm/", headers={**headers, "Depth": "1"})
+    assert study.encode() in listed.body
+    other = request(site.url, pki, None, "PROPFIND", "/grid/demo/mdm/2.25.1/", headers={**headers, "Depth": "1"})
+    assert other.status == 404 and _problem(other)
+
+
+def _names(site, pki, path: str) -> list[str]:  # noqa: ANN001
+    answer = request(site.url, pki, "bob", "PROPFIND", path, headers={"Depth": "1"})
+    assert answer.status == 207
+    return [href.decode().rstrip("/") for href in re.findall(rb"<[^>]*href>([^<]+)</", answer.body)]
