@@ -175,7 +175,7 @@ def check_database(config: Config) -> Iterator[Finding]:
                       "check [catalog] backend and url, that the database server runs, and that this user may write")
         return
     try:
-        count = catalog.count()
+        count = catalog.namespace.count()
     except Exception as exc:
         yield Finding("database", False, f"the {config.catalog.backend} catalog does not answer: {exc}",
                       "check the database server and its logs")

@@ -116,7 +116,7 @@ class HealthBoard:
 
     def _catalog_check(self) -> Check:
         try:
-            self._catalog.lookup_guid(NO_GUID)
+            self._catalog.namespace.lookup_guid(NO_GUID)
         except Exception as exc:  # any backend's failure means the same thing here: not reachable
             return Check("catalog", False, f"the catalog does not answer ({type(exc).__name__})")
         return Check("catalog", True, "reachable")

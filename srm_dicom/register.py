@@ -145,7 +145,7 @@ class Registrar:
         site, pacs = self._config.site, self._config.pacs
         lfn = UidTriple(study, series, sop).lfn(site.vo)
         digest = dataset_digest(ds)
-        known = self._catalog.lookup(lfn)
+        known = self._catalog.namespace.lookup(lfn)
         if known is not None and known.source_digest == digest:
             return Outcome.UNCHANGED
         metadata = extract_metadata(ds, self._secret)
@@ -202,7 +202,7 @@ class Registrar:
     def _volume_size(self, volume_lfn: str, guid: str, image: dict) -> int | None:
         """The series volume's size once this slice is in: listings are true before the first
         assembly. None when the series is not (yet) one volume: staging will say why."""
-        rows = self._catalog.series_images(posixpath.dirname(volume_lfn))
+        rows = self._catalog.index.series_images(posixpath.dirname(volume_lfn))
         rows[guid] = image
         try:
             plain = plan_volume(list(rows.values())).file_size(self._config.volume.format)

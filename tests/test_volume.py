@@ -26,7 +26,7 @@ from pydicom.dataset import Dataset
 from conftest import require_program
 from mdm_catalog_sqlite import SQLiteCatalog
 from sites import require_vendor_data
-from srm_dicom.catalog import Entry
+from srm_dicom.catalog import Catalog, Entry
 from srm_dicom.errors import InvalidInput, MdmError
 from srm_dicom.metadata import extract_metadata
 from srm_dicom.names import VOLUME, UidTriple
@@ -184,10 +184,10 @@ def test_nrrd_holds_the_same_voxels_and_geometry(series: str) -> None:
 def test_size_from_the_catalogs_rows_is_the_assembled_size(series: str, tmp_path: Path) -> None:
     """The rows go through the real SQLite catalog, as they will before a first assembly."""
     datasets = vendor_series(series)
-    catalog = SQLiteCatalog(tmp_path / "catalog.db")
+    catalog = Catalog(SQLiteCatalog(tmp_path / "catalog.db"))
     try:
         guids = [register(catalog, ds) for ds in datasets]
-        rows = [catalog.metadata(guid).image for guid in guids]  # type: ignore[union-attr]
+        rows = [catalog.index.metadata(guid).image for guid in guids]  # type: ignore[union-attr]
     finally:
         catalog.close()
     plan = plan_volume(rows)
@@ -196,7 +196,7 @@ def test_size_from_the_catalogs_rows_is_the_assembled_size(series: str, tmp_path
         assert len(assemble(datasets, fmt)) == plan.file_size(fmt)
 
 
-def register(catalog: SQLiteCatalog, ds: Dataset) -> str:
+def register(catalog: Catalog, ds: Dataset) -> str:
     metadata = extract_metadata(ds, b"volume test secret")
     uids = metadata.dicom
     common = dict(

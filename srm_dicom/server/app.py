@@ -30,6 +30,7 @@ from srm_dicom.identity import (
 )
 from srm_dicom.names import normalize_lfn
 from srm_dicom.server import metadata, qido
+from srm_dicom.server.browse import DirectoryPages, wants_html
 from srm_dicom.server.files import FileService
 from srm_dicom.server.http import LimitedServer, https_server
 from srm_dicom.server.observe import ObservedApp
@@ -62,6 +63,7 @@ class StorageElement:
         self._metadata = metadata.MetadataApi(catalog)
         self._qido = qido.Qido(catalog)
         self._rights = RightsApi(config, catalog)
+        self._pages = DirectoryPages(catalog, stager, config.site.vo)
         self.health = HealthBoard(config, catalog)
         self._operations = OperationsApi(config, self.health)
 
@@ -78,9 +80,9 @@ class StorageElement:
         """The entry an URL path names: an LFN or /guid/<uuid>."""
         path = normalize_lfn(path.split("?", 1)[0])
         if path.startswith("/guid/"):
-            return self._catalog.lookup_guid(path.removeprefix("/guid/"))
+            return self._catalog.namespace.lookup_guid(path.removeprefix("/guid/"))
         if path.startswith("/grid/"):
-            return self._catalog.lookup(path)
+            return self._catalog.namespace.lookup(path)
         return None
 
     def _identify(self, environ: dict) -> Identity:
@@ -146,6 +148,8 @@ class StorageElement:
             entry = self.resolve(path)
             if entry is not None:
                 return self._files.serve(environ, start_response, entry, identity)
+            if method == "GET" and wants_html(environ):
+                return self._pages(environ, start_response, identity)
             if method == "GET":
                 raise NotFound(f"no such file: {path}")
         depth = environ.get("HTTP_DEPTH", "infinity").strip().lower()

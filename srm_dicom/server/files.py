@@ -122,7 +122,7 @@ class FileService:
                 if exc.reason.startswith("not a volume"):  # permanent: retrying cannot help
                     return iter(problem(start_response, HTTPStatus.UNPROCESSABLE_ENTITY, exc.reason))
                 return iter(self._unavailable(start_response, exc.reason))
-            entry = self._catalog.lookup_guid(entry.guid) or entry  # a volume's size is known now
+            entry = self._catalog.namespace.lookup_guid(entry.guid) or entry  # a volume's size is known now
         if entry.size is None:
             return iter(self._unavailable(start_response, f"{entry.lfn} has not been assembled yet; stage it first"))
         mark_transfer(environ, entry, staged)

@@ -21,7 +21,8 @@ def orthanc_instances(peer) -> int:
 
 
 def series_dirs(catalog, root="/grid/demo/mdm"):
-    return [s for study in catalog.list_dir(root).directories for s in catalog.list_dir(study).directories]
+    namespace = catalog.namespace
+    return [s for study in namespace.list_dir(root).directories for s in namespace.list_dir(study).directories]
 
 
 def test_vendor_tree_registers_into_orthanc_with_a_3d_per_series(orthanc, tmp_path, key_servers):
@@ -43,7 +44,7 @@ def test_vendor_tree_registers_into_orthanc_with_a_3d_per_series(orthanc, tmp_pa
     directories = series_dirs(catalog)
     assert len(directories) == 12
     for directory in directories:
-        kinds = [e.kind for e in catalog.list_dir(directory).entries]
+        kinds = [e.kind for e in catalog.namespace.list_dir(directory).entries]
         assert kinds.count("volume") == 1 and kinds.count("slice") >= 2
     catalog.close()
 
@@ -75,7 +76,7 @@ def test_from_pacs_indexes_a_study_stored_by_storescu_moving_nothing(orthanc, tm
     assert f"{before} registered, 0 updated, 6 already registered, 0 failed" in everything.stdout
     assert orthanc_instances(orthanc) == stored
     catalog = open_catalog(load_config(config_path))
-    slices = [e for d in series_dirs(catalog) for e in catalog.list_dir(d).entries if e.kind == "slice"]
+    slices = [e for d in series_dirs(catalog) for e in catalog.namespace.list_dir(d).entries if e.kind == "slice"]
     assert len(slices) == stored
     catalog.close()
 

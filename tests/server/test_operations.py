@@ -7,7 +7,6 @@ import io
 import json
 import logging
 import time
-from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -15,23 +14,8 @@ from prometheus_client.parser import text_string_to_metric_families
 import peers
 from https import request
 from phi import make_phi_dataset
-from sites import write_site_config
 from srm_dicom.logs import JsonFormatter, log_requests
-from storage import register, start_storage_element
-
-
-def start_site(workdir: Path, pacs, key_servers, datasets=(), extra: str = "", keystore: dict | None = None):
-    config = write_site_config(workdir, pacs, key_servers)
-    text = config.read_text() + extra
-    if keystore is not None:  # another [keystore] section: replace the test site's
-        head, _, rest = text.partition("[keystore]")
-        rest = rest[rest.index("\n[") :]
-        section = "\n".join(f"{k} = {json.dumps(v)}" for k, v in keystore.items())
-        text = f"{head}[keystore]\n{section}\n{rest}"
-    config.write_text(text)
-    if datasets:
-        register(config, list(datasets))
-    return start_storage_element(config)
+from storage import start_site
 
 
 @pytest.fixture
@@ -58,8 +42,8 @@ def metric(found: dict, name: str, **labels: str) -> float:
 
 
 def a_slice(running):
-    listing = running.catalog.list_dir(next(iter(running.catalog.list_dir(
-        running.catalog.list_dir("/grid/demo/mdm").directories[0]).directories)))
+    listing = running.catalog.namespace.list_dir(next(iter(running.catalog.namespace.list_dir(
+        running.catalog.namespace.list_dir("/grid/demo/mdm").directories[0]).directories)))
     return next(e for e in listing.entries if e.kind == "slice")
 
 
