@@ -303,8 +303,8 @@ def _value(attribute: Attribute, op: str, token: _Token) -> str | int | float:
     if isinstance(number, int) and -INT64 <= number < INT64 or isinstance(number, float) and math.isfinite(number):
         return number
     raise QuerySyntaxError(
-        f"query: {attribute.keyword} is a number (a 64-bit integer or a finite decimal), not {text!r}"
-        f" (column {token.column})"
+        f"query: {attribute.keyword} is a number, not {text!r} (column {token.column}; a 64-bit integer"
+        " or a finite decimal)"
     )
 
 
