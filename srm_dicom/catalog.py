@@ -113,6 +113,8 @@ class StageRequest:
 class CatalogConflict(MdmError):
     """Another writer changed the entry between lookup and commit: nothing was written."""
 
+    http_status = 409
+
 
 class Outcome(Enum):
     ADDED = "registered"

@@ -125,7 +125,19 @@ class ServerConfig:
     sitename: str = "srm-dicom"
     # How clients reach this server (used in the Tape REST discovery document); default https://host:port.
     public_url: str = ""
-    threads: int = 16
+    # Worker threads; more than max_connections_per_client, so one client cannot take them all.
+    threads: int = 64
+    # Seconds a read from a client may wait for a byte (and a kept-alive connection may idle).
+    timeout: float = 10.0
+    # Seconds for the TLS handshake, the request line and headers in all, however slowly they come.
+    header_timeout: float = 10.0
+    # Seconds for a request body in all (they are at most max_body_size).
+    body_timeout: float = 30.0
+    max_header_size: int = 65536
+    max_body_size: int = 8 << 20
+    # Connections one client address may hold at once; 0: no limit (behind HAProxy every
+    # connection comes from its address: raise this there, HAProxy limits per client itself).
+    max_connections_per_client: int = 16
 
 
 @dataclass(frozen=True)
@@ -249,6 +261,12 @@ def _validate(config: Config) -> None:
         raise ConfigError("config: [site] uids must be 'deidentified' or 'original'")
     if config.volume.format not in ("nifti", "nrrd"):
         raise ConfigError("config: [volume] format must be 'nifti' or 'nrrd'")
+    server = config.server
+    if min(server.timeout, server.header_timeout, server.body_timeout) <= 0 or server.threads < 1:
+        raise ConfigError("config: [server] timeouts and threads must be positive")
+    if min(server.max_header_size, server.max_body_size) < 1024 or server.max_connections_per_client < 0:
+        raise ConfigError("config: [server] max_header_size and max_body_size must be at least 1024, "
+                          "max_connections_per_client at least 0")
     if config.log.format not in ("text", "json"):
         raise ConfigError("config: [log] format must be 'text' or 'json'")
     for network in config.operations.networks:
