@@ -4,8 +4,8 @@
 (``srm_dicom.tokens``) or a macaroon this site issued (``srm_dicom.macaroons``); without
 it, the verified TLS client chain (proxies included) names a certificate user. A request
 showing both is judged by its bearer credential alone, as dCache and XRootD do.
-Refusals are ``AuthenticationError`` (401); RFC 6750 wants a ``WWW-Authenticate: Bearer``
-challenge with each, built by ``challenge``.
+Refusals are ``AuthenticationError`` (401) with an RFC 6750 ``WWW-Authenticate: Bearer``
+challenge (``tokens.bearer_challenge``).
 """
 
 from __future__ import annotations
@@ -15,28 +15,8 @@ from urllib.parse import parse_qs
 
 from srm_dicom.config import Config
 from srm_dicom.identity import ENVIRON_PEER_CHAIN, AuthenticationError, Identity, VoMap, identity_from_cert_chain
-from srm_dicom.tokens import InvalidToken, identity_from_bearer, issuers_from_config
+from srm_dicom.tokens import InvalidRequest, InvalidToken, identity_from_bearer, issuers_from_config
 from srm_dicom.voms import VomsTrust
-
-REALM = "srm-dicom"
-
-
-class InvalidRequest(AuthenticationError):
-    """An Authorization header that is no credential at all (RFC 6750 ``invalid_request``)."""
-
-
-def challenge(error: AuthenticationError | None = None, *, insufficient_scope: bool = False) -> str:
-    """The ``WWW-Authenticate`` value of a refusal: no error code when no credential was
-    shown (RFC 6750 §3.1), ``invalid_token`` or ``invalid_request`` for a bad one,
-    ``insufficient_scope`` when a good bearer credential does not reach the resource."""
-    code = "insufficient_scope" if insufficient_scope else (
-        "invalid_request" if isinstance(error, InvalidRequest) else
-        "invalid_token" if isinstance(error, InvalidToken) else None)
-    if code is None:
-        return f'Bearer realm="{REALM}"'
-    text = str(error) if error is not None else "the credential does not reach this resource"
-    description = "".join(c for c in text if c.isprintable() and c not in '"\\')[:200]
-    return f'Bearer realm="{REALM}", error="{code}", error_description="{description}"'
 
 
 class Authenticator:

@@ -3,7 +3,7 @@
 WebDAV, the file GETs, Tape REST, the metadata API, QIDO-RS and the rights API parse
 HTTP and format answers; everything they do with the storage element goes through this
 class, with the caller's ``Identity``. Every decision is asked of ``srm_dicom.access``;
-refusals raise ``Forbidden`` (403), unknown or invisible names ``NotFound`` (404), so a
+refusals raise ``Refused`` (403), unknown or invisible names ``NotFound`` (404), so a
 front end never decides who may do what.
 """
 
@@ -16,7 +16,7 @@ from pathlib import Path
 from srm_dicom import access
 from srm_dicom.catalog import Catalog, Entry, StageRequest, find_entry
 from srm_dicom.config import Config
-from srm_dicom.errors import Forbidden, InvalidInput, NotFound
+from srm_dicom.errors import InvalidInput, NotFound, Refused
 from srm_dicom.identity import Identity, normalize_path
 from srm_dicom.keystore.client import KeystoreClient
 from srm_dicom.macaroons import MacaroonAuthority, MacaroonRequest
@@ -97,8 +97,10 @@ class StorageService:
     def open(self, identity: Identity, entry: Entry, *, stage: bool) -> Opened:
         """A file to serve: refused unless the caller may read it; staged first when
         ``stage`` (waiting up to [cache] wait_timeout, then StagingPending)."""
+        if not access.may_list(identity, entry):  # as if it did not exist: a 403 would tell that it does
+            raise NotFound(f"no such file: {entry.lfn}")
         if not access.may_read(identity, entry):
-            raise Forbidden(f"{identity.subject} may not read {entry.lfn}")
+            raise Refused(f"{identity.subject} may not read {entry.lfn}")
         path = self.stager.cached_path(entry)
         staged = path is None
         if path is None and stage:
@@ -114,7 +116,7 @@ class StorageService:
         for path, lifetime in files:
             entry = self._listed(identity, path)
             if not access.may_stage(identity, entry):
-                raise Forbidden(f"{identity.subject} may not stage {path}")
+                raise Refused(f"{identity.subject} may not stage {path}")
             entries.append(entry)
             if lifetime is not None:
                 lifetimes.append(lifetime)
@@ -126,7 +128,7 @@ class StorageService:
         if request is None:
             raise NotFound(f"no such stage request: {request_id}")
         if not access.may_manage_request(identity, request):
-            raise Forbidden(f"stage request {request_id} belongs to someone else")
+            raise Refused(f"stage request {request_id} belongs to someone else")
         return request
 
     def cancel(self, identity: Identity, request_id: str, paths: Iterable[str]) -> None:
@@ -147,7 +149,7 @@ class StorageService:
             for lfn in lfns:
                 entry = self.catalog.namespace.lookup(lfn)
                 if entry is None or not access.may_stage(identity, entry):
-                    raise Forbidden(f"{identity.subject} may not release {lfn}")
+                    raise Refused(f"{identity.subject} may not release {lfn}")
             self.stager.release_paths(lfns)
         else:
             self.stager.release(request_id, lfns)
@@ -181,7 +183,7 @@ class StorageService:
         if entry is None or not access.may_list(identity, entry):
             raise NotFound(f"no such file: {path}")
         if access.metadata_level(identity, entry) != "all":
-            raise Forbidden(f"{identity.subject} may not read the erased header values of {entry.lfn}")
+            raise Refused(f"{identity.subject} may not read the erased header values of {entry.lfn}")
         metadata = self.catalog.index.metadata(entry.guid)
         return entry, list(metadata.erased if metadata else ())
 
@@ -191,7 +193,7 @@ class StorageService:
         """A macaroon for ``path`` (a file or a directory the caller sees), acting as the
         caller within the request's caveats (a JSON object: caveats, validity)."""
         if not access.may_issue_macaroon(identity):
-            raise Forbidden(f"{identity.subject} may not get a macaroon: certificate (or VOMS proxy) users only")
+            raise Refused(f"{identity.subject} may not get a macaroon: certificate (or VOMS proxy) users only")
         wanted = MacaroonRequest.from_json(request, self.macaroons.max_lifetime)
         path = normalize_path(path)
         if self.resolve(path) is not None:
@@ -204,16 +206,17 @@ class StorageService:
 
     def managed(self, identity: Identity, paths: Iterable[str]) -> list[Entry]:
         """Every entry the paths name, once each; refused as a whole if any may not be
-        managed. Whoever may not manage an entry named by original UIDs gets NotFound, as if
-        it did not exist: such a caller must not learn which original UIDs this site holds."""
+        managed. Whoever may not manage an entry named by original UIDs, or may not even list
+        it, gets NotFound, as if it did not exist: such a caller must not learn what this site
+        holds."""
         found: dict[str, Entry] = {}
         for path in paths:
             selection = select(self.catalog, self.vo, path, site_secret(self.config))
             refused = [e for e in selection.entries if not access.may_manage(identity, e)]
-            if refused and selection.by_original:
-                raise NotFound(f"no such study, series or image: {path}")
+            if refused and (selection.by_original or not all(access.may_list(identity, e) for e in refused)):
+                raise NotFound(f"no such study, series or image: {path}")  # nothing told about what exists
             if refused:
-                raise Forbidden(f"{identity.subject} may not change the rights of {refused[0].lfn} or delete it "
+                raise Refused(f"{identity.subject} may not change the rights of {refused[0].lfn} or delete it "
                                 "(its owner and the register group only)")
             found.update((e.guid, e) for e in selection.entries)
         return list(found.values())

@@ -55,8 +55,32 @@ LEEWAY = 30  # seconds of clock skew allowed on exp, nbf and iat
 _ALGORITHM_KEYS: dict[str, type] = {"RS": rsa.RSAPublicKey, "PS": rsa.RSAPublicKey, "ES": ec.EllipticCurvePublicKey}
 
 
+REALM = "srm-dicom"
+
+
+def bearer_challenge(error: str | None = None, description: str = "") -> str:
+    """A ``WWW-Authenticate`` value (RFC 6750 §3): no error code when no credential was shown."""
+    if error is None:
+        return f'Bearer realm="{REALM}"'
+    text = "".join(c for c in description if c.isprintable() and c not in '"\\')[:200]
+    return f'Bearer realm="{REALM}", error="{error}", error_description="{text}"'
+
+
 class InvalidToken(AuthenticationError):
-    """A bearer token that is not valid here (RFC 6750 ``invalid_token``)."""
+    """A bearer token that is not valid here (RFC 6750 ``invalid_token``: a 401)."""
+
+    bearer_error = "invalid_token"
+
+    @property
+    def http_headers(self) -> tuple[tuple[str, str], ...]:
+        return (("WWW-Authenticate", bearer_challenge(self.bearer_error, str(self))),)
+
+
+class InvalidRequest(InvalidToken):
+    """An Authorization header that is no credential at all (RFC 6750 ``invalid_request``: a 400)."""
+
+    bearer_error = "invalid_request"
+    http_status = 400
 
 
 @dataclass

@@ -20,6 +20,7 @@ from srm_dicom.service import StorageService
 ROOT = "/api/v1/tape"
 DISCOVERY = "/.well-known/wlcg-tape-rest-api"
 PLACEHOLDER = "gfal2-placeholder-id"  # gfal-evict releases by path with this request id
+MAX_DISK_LIFETIME = 365 * 24 * 3600
 
 
 def _paths(data: dict) -> list[str]:
@@ -82,7 +83,9 @@ def _files(data: dict) -> list[tuple[str, int | None]]:
         if not isinstance(item, dict) or not isinstance(item.get("path"), str):
             raise InvalidInput("every file needs a 'path' string")
         lifetime = item.get("diskLifetime")
-        wanted.append((item["path"], None if lifetime is None else parse_duration(lifetime)))
+        # A pin longer than a year is shortened to one, as SRM servers shorten a desired pin
+        # lifetime (a pin of centuries would overflow the clock and hold the cache forever).
+        wanted.append((item["path"], None if lifetime is None else min(parse_duration(lifetime), MAX_DISK_LIFETIME)))
     return wanted
 
 
