@@ -35,12 +35,14 @@ def trust(root: Path, roles: dict[str, str] | None = None) -> VomsTrust:
 
 
 def fake_proxy(root: Path, user: str, out: Path, *args: str, voms: Path | None = None) -> list[bytes]:
-    """voms-proxy-fake's proxy for a demo user, its AC signed by ``voms`` (default the demo's)."""
+    """voms-proxy-fake's proxy for a demo user, its AC signed by ``voms`` (default the demo's).
+    1024-bit proxy keys: these proxies are read, never used for TLS, and 2048-bit ones cost
+    seconds each to make."""
     program = require_program("voms-proxy-fake")
     server = voms or root / "voms"
     folder = root / "users" / user
     done = subprocess.run(
-        [program, "-q", "-rfc", "-bits", "2048", "-certdir", str(root / "cadir"), "-cert", str(folder / "cert.pem"),
+        [program, "-q", "-rfc", "-bits", "1024", "-certdir", str(root / "cadir"), "-cert", str(folder / "cert.pem"),
          "-key", str(folder / "key.pem"), "-hostcert", str(server / "cert.pem"), "-hostkey", str(server / "key.pem"),
          "-voms", "demo", "-uri", f"{VOMS_HOST}:15000", "-out", str(out), *args],
         capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
