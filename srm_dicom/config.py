@@ -54,6 +54,8 @@ class PacsConfig:
     timeout: float = 30.0
     retrieve: str = "get"
     move_port: int = 11113
+    # The address the C-MOVE receiver binds: loopback unless the PACS is on another host.
+    move_host: str = "127.0.0.1"
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,8 @@ class EmbeddedPacsConfig:
     storage: str = "pacs"
     # C-MOVE destinations the embedded PACS knows: AET → "host:port".
     move_destinations: dict[str, str] = field(default_factory=dict)
+    # The calling AE titles it accepts associations from; every other one is rejected.
+    calling_aets: list[str] = field(default_factory=lambda: ["MDM"])
 
 
 @dataclass(frozen=True)
@@ -309,6 +313,12 @@ def read_toml(path: Path, what: str, hint: str = "") -> dict[str, Any]:
         return tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"{what}: {path} not found{hint}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{what}: {path} is a directory; give the file, e.g. {path / 'mdm.toml'}") from None
+    except PermissionError:
+        raise ConfigError(f"{what}: {path}: permission denied") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what}: {path} is not a TOML text file") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{what}: {path}: {exc}") from None
 
