@@ -64,7 +64,7 @@ class StorageElement:
         self._tape = TapeRestApi(config, catalog, stager, self.resolve)
         self._dav = webdav_app(catalog, config.site.vo)
         self._metadata = metadata.MetadataApi(catalog)
-        self._qido = qido.Qido(catalog)
+        self._qido = qido.Qido(catalog, self._base_url)
         self._rights = RightsApi(config, catalog)
         self._pages = DirectoryPages(catalog, stager, config.site.vo)
         self.health = HealthBoard(config, catalog)
@@ -108,7 +108,11 @@ class StorageElement:
     def _base_url(self, environ: dict) -> str:
         if self._config.server.public_url:
             return self._config.server.public_url.rstrip("/")
-        host = environ.get("HTTP_HOST") or f"{environ['SERVER_NAME']}:{environ['SERVER_PORT']}"
+        host = environ.get("HTTP_HOST") or environ["SERVER_NAME"]
+        port = str(environ.get("SERVER_PORT", "443"))
+        if ":" not in host.rsplit("]", 1)[-1] and port != "443":
+            # Some clients (dicomweb-client) send Host without the port they connected to.
+            host = f"{host}:{port}"
         return f"https://{host}"
 
     def __call__(self, environ: dict, start_response: StartResponse) -> Iterable[bytes]:
