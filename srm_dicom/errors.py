@@ -19,6 +19,13 @@ class InvalidInput(MdmError):
     exit_code = 2
 
 
+class CatalogUnavailable(MdmError):
+    """The catalog database is down or restarting: a retry later may succeed (HTTP 503)."""
+
+    exit_code = 7
+    retry_after = 5
+
+
 class PacsError(MdmError):
     """The PACS refused, aborted, timed out or is down; the message names the PACS and the status."""
 

@@ -17,7 +17,7 @@ from srm_dicom import __version__
 from srm_dicom.errors import MdmError
 
 COMMAND_MODULES = ("register", "namespace", "listen", "pacs", "decrypt", "serve", "demo", "keystore", "pki", "get",
-                   "site", "setright", "query", "doctor")
+                   "site", "setright", "query", "doctor", "catalog")
 
 EXIT_INTERRUPTED = 130
 
@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
             "Start with 'mdm demo' to run everything on loopback with a synthetic series. "
             "Configuration: --config FILE or $MDM_CONFIG (see conf/mdm.toml). "
             "Exit codes: 0 ok, 1 some items failed, 2 bad usage or config, 3 not found, "
-            "4 PACS error (or still staging), 5 access refused, 6 key servers, 130 interrupted."
+            "4 PACS error (or still staging), 5 access refused, 6 key servers, 7 catalog database unavailable, "
+            "130 interrupted."
         ),
     )
     parser.add_argument("--version", action="version", version=f"mdm {__version__}")

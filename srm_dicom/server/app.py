@@ -16,7 +16,7 @@ from cryptography import x509
 
 from srm_dicom.catalog import Catalog, Entry
 from srm_dicom.config import Config
-from srm_dicom.errors import MdmError, NotFound
+from srm_dicom.errors import CatalogUnavailable, MdmError, NotFound
 from srm_dicom.health import HealthBoard
 from srm_dicom.identity import (
     ENVIRON_PEER_CHAIN,
@@ -137,7 +137,12 @@ class StorageElement:
                     return self._files.serve(environ, start_response, entry, identity)
                 if method == "GET":
                     return problem(start_response, HTTPStatus.NOT_FOUND, f"no such file: {path}")
+            else:
+                self.resolve(path)  # the catalog answers before wsgidav, which would make a 500 of it
             return self._dav(environ, start_response)
+        except CatalogUnavailable as exc:  # the database is down or restarting: clients retry on 503
+            return problem(start_response, HTTPStatus.SERVICE_UNAVAILABLE, str(exc),
+                           [("Retry-After", str(exc.retry_after))])
         except NotFound as exc:  # every API's unknown file or request
             return problem(start_response, HTTPStatus.NOT_FOUND, str(exc))
         except MdmError as exc:  # every API's bad input (InvalidInput and the like)
