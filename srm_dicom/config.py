@@ -155,7 +155,7 @@ class OperationsConfig:
     """The sysadmin's side of `mdm serve`: /metrics, /status, /readyz (see README, Operations)."""
 
     # Who may read /metrics and /status: certificate users in these VO-map groups (and the
-    # storage element's service identity), or callers from these networks without one.
+    # storage element's service identity), or anyone calling from these networks.
     groups: list[str] = field(default_factory=lambda: ["ops", "register"])
     networks: list[str] = field(default_factory=list)
     # Prometheus metrics at /metrics (needs prometheus_client: pip install 'srm-dicom[metrics]').

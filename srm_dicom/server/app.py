@@ -31,6 +31,7 @@ from srm_dicom.identity import (
 )
 from srm_dicom.names import normalize_lfn
 from srm_dicom.server import metadata, qido
+from srm_dicom.server.browse import DirectoryPages, wants_html
 from srm_dicom.server.files import FileService
 from srm_dicom.server.observe import ObservedApp
 from srm_dicom.server.operations import OperationsApi
@@ -63,6 +64,7 @@ class StorageElement:
         self._metadata = metadata.MetadataApi(catalog)
         self._qido = qido.Qido(catalog)
         self._rights = RightsApi(config, catalog)
+        self._pages = DirectoryPages(catalog, stager, config.site.vo)
         self.health = HealthBoard(config, catalog)
         self._operations = OperationsApi(config, self.health)
 
@@ -135,6 +137,8 @@ class StorageElement:
                 entry = self.resolve(path)
                 if entry is not None:
                     return self._files.serve(environ, start_response, entry, identity)
+                if method == "GET" and wants_html(environ):
+                    return self._pages(environ, start_response, identity)
                 if method == "GET":
                     return problem(start_response, HTTPStatus.NOT_FOUND, f"no such file: {path}")
             else:
