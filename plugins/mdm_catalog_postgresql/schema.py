@@ -1,5 +1,5 @@
 """Versioned PostgreSQL schema: migration N brings a catalog from version N-1 to N; never
-edit a released one. The same tables as SQLite's (``mdm_catalog_sqlite.schema``, its six
+edit a released one. The same tables as SQLite's (``mdm_catalog_sqlite.schema``, its first six
 migrations folded into the first one here), with PostgreSQL's types: 64-bit sizes and
 epoch seconds, double-precision times, names in byte order (COLLATE "C", as SQLite
 sorts). Header values that DICOM keeps as decimal or integer strings (DS, IS) are TEXT,
@@ -113,5 +113,10 @@ MIGRATIONS: list[str] = [
     CREATE FUNCTION mdm_number(value TEXT) RETURNS DOUBLE PRECISION LANGUAGE sql IMMUTABLE AS
         $$ SELECT CASE WHEN value ~ '^\s*[-+]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?\s*$'
            THEN value::double precision END $$
+    """,
+    # 2: the per-frame geometry and rescale of a multi-frame image (JSON, srm_dicom/frames.py),
+    # so its volume is planned from the rows alone like a series of single-frame images.
+    """
+    ALTER TABLE image ADD COLUMN frames TEXT
     """,
 ]
