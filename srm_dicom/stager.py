@@ -53,6 +53,8 @@ CONTENT_DIFFERS = "the PACS returned different content than was registered"
 class StageFailed(MdmError):
     """Staging a file failed; ``reason`` is one line for a person (and for a 5xx body)."""
 
+    http_status = 503
+
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
@@ -60,6 +62,8 @@ class StageFailed(MdmError):
 
 class StagingPending(MdmError):
     """The file is still being staged after the caller's wait: ask again later."""
+
+    http_status = 503
 
 
 class _Abandoned(Exception):

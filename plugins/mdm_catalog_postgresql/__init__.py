@@ -42,7 +42,9 @@ class PostgresDialect(Dialect):
         self.url = url
         self.pool = ConnectionPool(
             url, min_size=1, max_size=max_connections, timeout=CONNECT_TIMEOUT, open=False,
-            kwargs={"row_factory": dict_row, "connect_timeout": int(CONNECT_TIMEOUT)},
+            # Autocommit: a read is one round trip (no COMMIT after it); writes and streamed
+            # reads open a transaction of their own (``_connection(transaction=True)``).
+            kwargs={"row_factory": dict_row, "connect_timeout": int(CONNECT_TIMEOUT), "autocommit": True},
             name="mdm-catalog",
         )
         self.pool.open(wait=False)
@@ -60,10 +62,14 @@ class PostgresDialect(Dialect):
         return f"mdm_number(CAST({expression} AS TEXT))"
 
     @contextmanager
-    def _connection(self) -> Iterator[Any]:
+    def _connection(self, transaction: bool) -> Iterator[Any]:
         try:
             with self.pool.connection() as connection:
-                yield connection
+                if transaction:
+                    with connection.transaction():
+                        yield connection
+                else:
+                    yield connection
         except PoolTimeout:
             raise unavailable(self.url) from None
         except psycopg.errors.UniqueViolation as exc:
@@ -72,13 +78,13 @@ class PostgresDialect(Dialect):
             raise unavailable(self.url) from None
 
     def transaction(self) -> Any:
-        return self._connection()
+        return self._connection(transaction=True)
 
     def reading(self) -> Any:
-        return self._connection()
+        return self._connection(transaction=False)
 
     def streaming(self) -> Any:
-        return self._connection()
+        return self._connection(transaction=True)  # a named (server-side) cursor lives in a transaction
 
     def stream_cursor(self, connection: Any) -> Any:
         return connection.cursor(name=f"mdm_search_{uuid4().hex}")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -51,6 +52,7 @@ DEFAULTS = {"study": STUDY, "series": SERIES, "instance": INSTANCE}
 # Study-level keys that stand for an attribute of the images.
 ALIASES = {"ModalitiesInStudy": "Modality"}
 IGNORED = {"fuzzymatching", "orderby"}
+MAX_OFFSET = (1 << 63) - 1  # DICOM's and SQLite's largest integer
 
 
 @dataclass(frozen=True)
@@ -85,11 +87,12 @@ def _route(path: str) -> tuple[str, dict[str, str]] | None:
 
 
 def _keyword(key: str) -> str | None:
-    """A query key as a keyword: ``PatientName``, ``00100010`` or ``0010,0010``."""
+    """A query key as a keyword: ``PatientName``, ``00100010`` or ``0010,0010``; None unless it
+    names a DICOM attribute (the catalog's own columns, like ``OriginalSOPInstanceUID``, are not)."""
     text = key.replace(",", "")
     if re.fullmatch(r"[0-9A-Fa-f]{8}", text):
         return keyword_for_tag(int(text, 16)) or None
-    return key
+    return key if key in ALIASES or tag_for_keyword(key) is not None else None
 
 
 def _matching(attribute: Attribute, value: str) -> Query:
@@ -130,8 +133,8 @@ def parse_search(path: str, query_string: str) -> Search | None:
             limit = limit_parameter(value, DEFAULT_LIMIT)
             continue
         if key == "offset":
-            if not value.isdigit():
-                raise InvalidInput(f"offset must be a whole number, not {value!r}")
+            if not re.fullmatch(r"[0-9]{1,19}", value) or int(value) > MAX_OFFSET:
+                raise InvalidInput(f"offset must be a whole number from 0 to {MAX_OFFSET}, not {value!r}")
             offset = int(value)
             continue
         keyword = _keyword(key)
@@ -178,8 +181,7 @@ class Qido:
         body = json.dumps(results).encode()
         headers = [("Content-Type", MEDIA_TYPE), ("Content-Length", str(len(body)))]
         if search.ignored:
-            names = ", ".join(sorted(set(search.ignored)))
-            headers.append(("Warning", f'299 srm-dicom "not supported, ignored: {names}"'))
+            headers.append(("Warning", _warning("not supported, ignored: " + ", ".join(sorted(set(search.ignored))))))
         start_response("200 OK", headers)
         return [body]
 
@@ -187,6 +189,8 @@ class Qido:
         uid_attributes = [ATTRIBUTES[k] for k in UID_KEYS] + [ATTRIBUTES["Original" + k] for k in UID_KEYS]
         wanted = {ATTRIBUTES[k] for k in search.fields if k in ATTRIBUTES} | set(uid_attributes)
         wanted.add(ATTRIBUTES["Modality"])
+        if any(not listed for listed in search.uids.values()):
+            return []  # a UID key given twice with nothing in common matches nothing
         query = search.query
         for keyword, listed in search.uids.items():
             prefilter = equals_any(ATTRIBUTES[keyword], sorted(listed))
@@ -195,13 +199,21 @@ class Qido:
             query = query & Query(Boolean("or", (prefilter.where, original.where)), "")
         # The UID keys match the UID the caller sees: checked below per image, so only the
         # other filters decide the level an image needs.
+        query.check_size()
         matches = visible(self._catalog.index.search(query, sorted(wanted, key=lambda a: a.keyword)), identity,
                           search.query.level, list(wanted))
         matches = (m for m in matches if all(_shown_uid(m, k) in v for k, v in search.uids.items()))
         if search.level == "instance":
-            page = islice(matches, search.offset, search.offset + search.limit)
+            start = min(search.offset, sys.maxsize)  # no catalog holds 2^63 images: beyond is an empty page
+            page = islice(matches, start, min(start + search.limit, sys.maxsize))
             return [_values(m, search.fields) for m in page]
         return _aggregate(matches, search)[search.offset: search.offset + search.limit]
+
+
+def _warning(text: str) -> str:
+    """A ``Warning: 299`` value (RFC 7234) quoting ``text``, which holds the caller's query keys: as
+    a JSON string, so CR, LF, quotes and non-ASCII characters are escapes, never raw bytes."""
+    return f"299 srm-dicom {json.dumps(text[:500], ensure_ascii=True)}"
 
 
 def _values(match: Visible, fields: Iterable[str]) -> dict[str, Any]:

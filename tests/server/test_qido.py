@@ -104,3 +104,42 @@ def test_answers_are_dicom_json_and_errors_are_problems(site, pki):
     assert request(site.running.url, pki, "bob", path="/dicom-web/studies/not-a-uid/series").status == 400
     assert request(site.running.url, pki, "bob", path="/dicom-web/elsewhere").status == 404
     assert request(site.running.url, pki, None, path="/dicom-web/studies").status == 401
+
+
+# -- hostile input (issue 12, findings 1 and 4): 4xx with a problem body, never a 500 ---------
+
+
+def test_unknown_keys_cannot_inject_headers_into_the_warning(site, pki):
+    injected = request(site.running.url, pki, "bob", path="/dicom-web/instances?limit=1&x%0d%0aSet-Cookie:%20a%3Db=1"
+                       "&y%0d%0a%0d%0a<html>")
+    assert injected.status == 200, injected.body
+    assert "set-cookie" not in injected.headers and b"<html>" not in injected.body
+    warning = injected.headers["warning"]
+    assert warning.startswith('299 srm-dicom "') and "\r" not in warning and "\n" not in warning
+    assert "Set-Cookie" in warning  # named, escaped, so the caller learns what was ignored
+    unicode = request(site.running.url, pki, "bob", path="/dicom-web/instances?limit=1&%D0%BA%D0%BB%D1%8E%D1%87=1")
+    assert unicode.status == 200 and "\\u043a" in unicode.headers["warning"]
+
+
+@pytest.mark.parametrize("query", [
+    "StudyInstanceUID=1.2.3&StudyInstanceUID=4.5.6",  # two UID lists with nothing in common
+    "offset=9223372036854775807",
+    "offset=9223372036854775806&limit=10",
+])
+def test_searches_that_match_nothing_answer_an_empty_list(site, pki, query):
+    answer = request(site.running.url, pki, "bob", path=f"/dicom-web/instances?{query}")
+    assert answer.status == 200 and answer.json() == [], answer.body
+
+
+@pytest.mark.parametrize("query", ["offset=9223372036854775808", "offset=%C2%B2", "offset=-1", "limit=%C2%B2",
+                                   "StudyInstanceUID=" + "\\".join(f"1.2.{n}" for n in range(300))])
+def test_bad_paging_and_oversized_uid_lists_are_400(site, pki, query):
+    answer = request(site.running.url, pki, "bob", path=f"/dicom-web/instances?{query}")
+    assert answer.status == 400 and answer.headers["content-type"] == "application/problem+json", answer.body
+
+
+def test_catalog_columns_are_not_dicom_attributes(site, pki):
+    for query in ("includefield=OriginalSOPInstanceUID", "OriginalSOPInstanceUID=1.2.3", "includefield=all"):
+        answer = request(site.running.url, pki, "bob", path=f"/dicom-web/instances?limit=2&{query}")
+        assert answer.status == 200, (query, answer.body)
+        assert all(all(len(tag) == 8 for tag in item) for item in answer.json())
