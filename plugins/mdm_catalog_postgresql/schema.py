@@ -119,4 +119,8 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE image ADD COLUMN frames TEXT
     """,
+    # 3: the SHA-256 of what a grid client receives (hex), beside size and adler32 (SQLite's 8).
+    """
+    ALTER TABLE entries ADD COLUMN sha256 TEXT
+    """,
 ]

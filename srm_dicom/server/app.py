@@ -7,9 +7,11 @@ PROPFIND/OPTIONS through wsgidav, and a refusal for every write: the grid side o
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable, Iterator
 from http import HTTPStatus
+from importlib import resources
 from urllib.parse import unquote_to_bytes
 
 from cryptography import x509
@@ -42,6 +44,7 @@ from srm_dicom.server.webdav import IDENTITY, webdav_app
 from srm_dicom.stager import Stager
 
 READ_METHODS = ("GET", "HEAD", "OPTIONS", "PROPFIND")
+OPENAPI = "/api/v1/openapi.json"
 _HEADER_VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]*")  # RFC 9110 field-value: no CR, LF, NUL or controls
 ALLOW = ", ".join(READ_METHODS)
 
@@ -61,7 +64,7 @@ class StorageElement:
         self._tape = TapeRestApi(config, catalog, stager, self.resolve)
         self._dav = webdav_app(catalog, config.site.vo)
         self._metadata = metadata.MetadataApi(catalog)
-        self._qido = qido.Qido(catalog)
+        self._qido = qido.Qido(catalog, self._base_url)
         self._rights = RightsApi(config, catalog)
         self._pages = DirectoryPages(catalog, stager, config.site.vo)
         self.health = HealthBoard(config, catalog)
@@ -105,7 +108,11 @@ class StorageElement:
     def _base_url(self, environ: dict) -> str:
         if self._config.server.public_url:
             return self._config.server.public_url.rstrip("/")
-        host = environ.get("HTTP_HOST") or f"{environ['SERVER_NAME']}:{environ['SERVER_PORT']}"
+        host = environ.get("HTTP_HOST") or environ["SERVER_NAME"]
+        port = str(environ.get("SERVER_PORT", "443"))
+        if ":" not in host.rsplit("]", 1)[-1] and port != "443":
+            # Some clients (dicomweb-client) send Host without the port they connected to.
+            host = f"{host}:{port}"
         return f"https://{host}"
 
     def __call__(self, environ: dict, start_response: StartResponse) -> Iterable[bytes]:
@@ -129,6 +136,8 @@ class StorageElement:
             raise InvalidInput("the path is not valid UTF-8") from None
         if path.rstrip("/") == DISCOVERY and method == "GET":
             return self._tape.discovery(start_response, self._base_url(environ))
+        if path == OPENAPI and method == "GET":  # what client authors read: no credentials needed
+            return _openapi(start_response)
         if self._operations.handles(path):
             return self._operations(environ, start_response, self._caller(environ))
         identity = self._identify(environ)
@@ -161,6 +170,18 @@ class StorageElement:
             raise InvalidInput("Depth must be 0 or 1")
         environ["wsgidav.auth.user_name"] = identity.subject
         return self._dav(environ, start_response)
+
+
+@functools.cache
+def _openapi_document() -> bytes:
+    return (resources.files("srm_dicom") / "data" / "openapi.json").read_bytes()
+
+
+def _openapi(start_response: StartResponse) -> list[bytes]:
+    """The OpenAPI 3 document of the JSON APIs (``srm_dicom/data/openapi.json``)."""
+    body = _openapi_document()
+    start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+    return [body]
 
 
 def _printable(path: str) -> str:
