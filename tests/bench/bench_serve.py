@@ -1,6 +1,6 @@
 """Staging and serving by the storage element (``mdm serve``) next to the PACS and nginx doing the same work.
 
-Run: python tests/bench/bench_serve.py [--pacs orthanc embedded] [--rounds 3] [--gets 5]
+Run: python tests/bench/bench_serve.py [--pacs orthanc embedded dcmqrscp] [--rounds 3] [--gets 5]
 
 Part 1, cold staging of a synthetic CT series (100 slices of 256², one PACS at a time). Each
 storage element figure starts a new ``mdm serve`` process over the same catalog with an
@@ -152,6 +152,7 @@ def start_embedded_process(workdir: Path, client_aet: str, client_port: int) -> 
 STARTERS: dict[str, Callable[[Path, str, int], peers.Peer]] = {
     "orthanc": peers.start_orthanc,
     "embedded": start_embedded_process,
+    "dcmqrscp": peers.start_dcmqrscp,
 }
 
 
