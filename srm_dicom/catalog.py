@@ -19,7 +19,7 @@ from srm_dicom.metadata import ImageMetadata
 from srm_dicom.names import UidTriple, parse_lfn, parse_sop_spec
 
 if TYPE_CHECKING:  # query.py builds on Entry: a runtime import would be circular
-    from collections.abc import Iterator, Sequence
+    from collections.abc import Iterator, Mapping, Sequence
 
     from srm_dicom.query import Attribute, Match, Query
 
@@ -140,6 +140,10 @@ class Catalog(Protocol):
 
     def metadata(self, guid: str) -> ImageMetadata | None: ...
 
+    def sop_classes(self, guids: Sequence[str]) -> dict[str, str]:
+        """The SOP Class UID each of these slices was registered with (GUID → UID): what a
+        retrieve needs to offer, without asking the PACS."""
+
     def series_images(self, directory: str) -> dict[str, dict]:
         """Image-table rows (GUID → row) of the slices in a series directory: what a volume
         plan needs, without reading any pixel."""
@@ -175,6 +179,10 @@ class Catalog(Protocol):
     def set_stage_state(self, guid: str, state: str, at: int, error: str | None = None) -> None:
         """Move every not yet final file of ``guid``, in every request, to ``state``
         (STARTED or a final state); COMPLETED starts each request's pin lifetime."""
+
+    def set_stage_states(self, states: Mapping[str, tuple[str, str | None]], at: int) -> None:
+        """``set_stage_state`` for many GUIDs (GUID → (state, error)) in one transaction:
+        what a staging batch does to the catalog."""
 
     def cancel_stage_files(self, request_id: str, lfns: list[str], at: int) -> None:
         """CANCELLED for those of ``lfns`` not yet final; their pins are released."""

@@ -12,7 +12,7 @@ import posixpath
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -307,6 +307,17 @@ class SQLiteCatalog:
                 return None
             return Listing(directories, entries)
 
+    def sop_classes(self, guids: Sequence[str]) -> dict[str, str]:
+        found: dict[str, str] = {}
+        with self._lock:
+            for start in range(0, len(guids), 500):  # SQLite's bound-parameter limit
+                chunk = list(guids[start:start + 500])
+                rows = self._db.execute(
+                    f"SELECT guid, sop_class_uid FROM dicom WHERE guid IN ({', '.join('?' * len(chunk))})", chunk
+                )
+                found.update((row["guid"], row["sop_class_uid"]) for row in rows if row["sop_class_uid"])
+        return found
+
     def series_images(self, directory: str) -> dict[str, dict]:
         with self._lock:
             rows = self._db.execute(
@@ -401,16 +412,21 @@ class SQLiteCatalog:
         )
 
     def set_stage_state(self, guid: str, state: str, at: int, error: str | None = None) -> None:
-        final = state in FINAL_STATES
+        self.set_stage_states({guid: (state, error)}, at)
+
+    def set_stage_states(self, states: Mapping[str, tuple[str, str | None]], at: int) -> None:
         with self._transaction() as db:
-            db.execute(
+            db.executemany(
                 "UPDATE stage_files SET state = ?, error = ?,"
                 " started_at = coalesce(started_at, ?),"
                 " finished_at = CASE WHEN ? THEN ? END,"
                 " pin_expires = CASE WHEN ? THEN ? + (SELECT pin_lifetime FROM stage_requests"
                 "   WHERE id = request_id) END"
                 " WHERE guid = ? AND state IN ('SUBMITTED', 'STARTED')",
-                (state, error, at, final, at, state == COMPLETED, at, guid),
+                [
+                    (state, error, at, state in FINAL_STATES, at, state == COMPLETED, at, guid)
+                    for guid, (state, error) in states.items()
+                ],
             )
 
     def cancel_stage_files(self, request_id: str, lfns: list[str], at: int) -> None:

@@ -305,7 +305,7 @@ class KeystoreClient:
             if idle:
                 return idle.pop()
         parts = urlsplit(url)
-        return http.client.HTTPSConnection(parts.hostname, parts.port or 443, context=self._context,
+        return http.client.HTTPSConnection(parts.hostname or "", parts.port or 443, context=self._context,
                                            timeout=self.timeout)
 
     def _request(self, method: str, url: str, resource: str, body: Any) -> Any:

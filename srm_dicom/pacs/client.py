@@ -18,7 +18,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,7 +43,7 @@ from pynetdicom import (
     evt,
 )
 from pynetdicom.association import Association
-from pynetdicom.sop_class import (
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # generated at import, unseen by mypy
     PatientRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
@@ -163,6 +163,15 @@ BASE_PLAN = _Plan(
 )
 
 
+class RetrieveRefused(PacsError):
+    """The PACS answered a retrieve with a failure status: it refused the request as a whole
+    (Orthanc does when one SOP Instance UID of a list is unknown), as opposed to being down."""
+
+
+# What a retrieve names: one instance, several of one series (a UID list), or the whole series.
+Instances = str | Sequence[str] | None
+
+
 class PacsClient:
     """The site's PACS, as one kept association. Use as a context manager."""
 
@@ -175,6 +184,9 @@ class PacsClient:
         self._assoc: Association | None = None
         self._plan = _Plan()
         self._inbox = _Inbox()
+        # Whether this PACS's C-FIND returns SOP Class UID (dcmqrscp does not): asked once,
+        # by the first retrieve that knows its SOP classes.
+        self._finds_sop_classes: bool | None = None
 
     def __enter__(self) -> PacsClient:
         return self
@@ -215,7 +227,7 @@ class PacsClient:
 
     def _open(self, plan: _Plan) -> Association:
         contexts = [build_context(abstract, list(ts)) for abstract, ts in sorted(plan.contexts)]
-        roles = [build_role(uid, scu_role=True, scp_role=True) for uid in sorted(plan.scp_roles)]
+        roles: list[Any] = [build_role(uid, scu_role=True, scp_role=True) for uid in sorted(plan.scp_roles)]
         connected = threading.Event()
         started = time.monotonic()
         assoc = self._ae.associate(
@@ -234,6 +246,7 @@ class PacsClient:
             return assoc
         if assoc.is_rejected:
             rj = assoc.acceptor.primitive
+            assert rj is not None  # a rejected association has the A-ASSOCIATE-RJ it got
             raise self._error(
                 f"association rejected ({rj.result_str}, {rj.source_str}: {rj.reason_str})"
             )
@@ -241,7 +254,7 @@ class PacsClient:
             raise self._error("cannot connect (PACS down or unreachable?)")
         if assoc.rejected_contexts:
             refused = ", ".join(
-                f"{UID(cx.abstract_syntax).name} in {' or '.join(UID(t).name for t in cx.transfer_syntax)}"
+                f"{UID(str(cx.abstract_syntax)).name} in {' or '.join(UID(t).name for t in cx.transfer_syntax)}"
                 for cx in assoc.rejected_contexts[:3]
             )
             raise self._error(f"no presentation context accepted, refused: {refused}")
@@ -353,56 +366,90 @@ class PacsClient:
             "IMAGE", "SOPInstanceUID", StudyInstanceUID=study_uid, SeriesInstanceUID=series_uid
         )
 
-    def _retrieve_query(self, study: str, series: str, sop: str | None) -> Dataset:
+    def _retrieve_query(self, study: str, series: str, sops: Instances) -> Dataset:
         query = Dataset()
-        query.QueryRetrieveLevel = "IMAGE" if sop else "SERIES"
+        query.QueryRetrieveLevel = "IMAGE" if sops else "SERIES"
         query.StudyInstanceUID = study
         query.SeriesInstanceUID = series
-        if sop:
-            query.SOPInstanceUID = sop
+        if sops:
+            # A list of UIDs matches any of them (PS3.4 C.2.2.2.2): one request for a batch.
+            query.SOPInstanceUID = sops if isinstance(sops, str) else list(sops)
         return query
 
-    def _get_plan(self, study: str, series: str, sop: str | None) -> _Plan:
-        """Storage contexts for the SOP classes a C-GET will bring, found by C-FIND.
+    def _catch_all_plan(self, known: frozenset[str] = frozenset()) -> _Plan:
+        """The ``known`` classes and the common storage classes, each one context listing every
+        syntax: the PACS picks."""
+        room = MAX_CONTEXTS - len(BASE_PLAN.contexts)
+        common = (str(cx.abstract_syntax) for cx in StoragePresentationContexts)
+        classes = set(list(dict.fromkeys([*sorted(known), *common]))[:room])
+        return _Plan(frozenset((uid, RETRIEVE_SYNTAXES) for uid in classes), frozenset(classes))
 
-        Known classes get one context per transfer syntax, so the PACS sends each image
-        as it holds it. A PACS that does not return SOP Class UID (dcmqrscp) gets the
-        common storage classes, each one context listing every syntax: the PACS picks.
+    def _get_plan(self, study: str, series: str, sops: Instances, sop_classes: frozenset[str]) -> _Plan:
+        """Storage contexts for the SOP classes a C-GET will bring.
+
+        Known classes (the catalog records them) spare the C-FIND that would find them, and
+        get one context per transfer syntax, so the PACS sends each image as it holds it. A
+        PACS that does not return SOP Class UID (dcmqrscp) gets the catch-all contexts of
+        ``_catch_all_plan``: one C-FIND, the first time, tells which kind of PACS this is.
         """
+        if sop_classes:
+            if self._finds_sop_classes is None:
+                self._finds_sop_classes = self._probe_sop_classes(study, series, sops)
+            if self._finds_sop_classes is False:
+                return self._catch_all_plan(sop_classes)
+            contexts = frozenset((uid, (ts,)) for uid in sop_classes for ts in RETRIEVE_SYNTAXES)
+            return _Plan(contexts, sop_classes)
+        query = self._class_query(study, series, sops)
+        found = self.find("IMAGE", query)
+        if not found:
+            what = "series" if not sops else "instance" if isinstance(sops, str) else "instances"
+            raise NotFound(f"{self.name}: no such {what}")
+        classes = {str(ds.get("SOPClassUID", "")) for ds in found} - {""}
+        if not classes:
+            return self._catch_all_plan()
+        return _Plan(frozenset((uid, (ts,)) for uid in classes for ts in RETRIEVE_SYNTAXES), frozenset(classes))
+
+    def _class_query(self, study: str, series: str, sops: Instances) -> Dataset:
         query = Dataset()
         query.StudyInstanceUID = study
         query.SeriesInstanceUID = series
-        query.SOPInstanceUID = sop or ""
+        query.SOPInstanceUID = (sops if isinstance(sops, str) else list(sops)) if sops else ""
         query.SOPClassUID = ""
-        found = self.find("IMAGE", query)
-        if not found:
-            raise NotFound(f"{self.name}: no such {'instance' if sop else 'series'}")
-        classes = {str(ds.get("SOPClassUID", "")) for ds in found} - {""}
-        if classes:
-            contexts = {(uid, (ts,)) for uid in classes for ts in RETRIEVE_SYNTAXES}
-        else:
-            room = MAX_CONTEXTS - len(BASE_PLAN.contexts)
-            classes = {cx.abstract_syntax for cx in StoragePresentationContexts[:room]}
-            contexts = {(uid, RETRIEVE_SYNTAXES) for uid in classes}
-        return _Plan(frozenset(contexts), frozenset(classes))
+        return query
 
-    def get(self, study: str, series: str, sop: str | None = None) -> Iterator[Dataset]:
-        """C-GET one instance, or a whole series, over one association.
+    def _probe_sop_classes(self, study: str, series: str, sops: Instances) -> bool | None:
+        """Whether this PACS's C-FIND answers carry SOP Class UID; None when nothing matched
+        (ask again next time). One instance is enough to tell."""
+        first = sops if isinstance(sops, str) or not sops else sops[0]
+        found = self.find("IMAGE", self._class_query(study, series, first))
+        if not found:
+            return None
+        return any(ds.get("SOPClassUID") for ds in found)
+
+    def get(
+        self, study: str, series: str, sops: Instances = None, sop_classes: frozenset[str] = frozenset(),
+        partial: list[str] | None = None,
+    ) -> Iterator[Dataset]:
+        """C-GET one instance, several of a series, or a whole series, over one association.
 
         Datasets are yielded as they arrive, with ``file_meta`` carrying the transfer
-        syntax they were sent in.
+        syntax they were sent in. ``sop_classes``, when the caller knows them, spare the
+        C-FIND that would find them. With ``partial``, failed sub-operations are appended
+        there as one line instead of raising: the caller tells which images are missing.
         """
-        assoc = self._association(self._get_plan(study, series, sop))
-        query = self._retrieve_query(study, series, sop)
+        assoc = self._association(self._get_plan(study, series, sops, sop_classes))
+        query = self._retrieve_query(study, series, sops)
         responses = assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet)
-        yield from self._collect("C-GET", responses, QR_GET_SERVICE_CLASS_STATUS)
+        yield from self._collect("C-GET", responses, QR_GET_SERVICE_CLASS_STATUS, partial=partial)
 
-    def move(self, study: str, series: str, sop: str | None = None) -> Iterator[Dataset]:
+    def move(
+        self, study: str, series: str, sops: Instances = None, partial: list[str] | None = None
+    ) -> Iterator[Dataset]:
         """C-MOVE to our own storage SCP (AE calling_aet on move_port), run for this call."""
         scp = AE(ae_title=self.config.calling_aet)
         scp.network_timeout = scp.acse_timeout = scp.dimse_timeout = self.config.timeout
         for cx in AllStoragePresentationContexts:
-            scp.add_supported_context(cx.abstract_syntax, list(MOVE_SCP_SYNTAXES))
+            scp.add_supported_context(str(cx.abstract_syntax), list(MOVE_SCP_SYNTAXES))
         inbox = _Inbox()
         try:
             server = scp.start_server(
@@ -414,20 +461,24 @@ class PacsClient:
             raise self._error(
                 f"C-MOVE: cannot listen on port {self.config.move_port} ({exc.strerror})"
             ) from None
+        assert server is not None  # start_server(block=False) returns the running server
         try:
             model = StudyRootQueryRetrieveInformationModelMove
             assoc = self._association(self._single(model))
-            query = self._retrieve_query(study, series, sop)
+            query = self._retrieve_query(study, series, sops)
             responses = assoc.send_c_move(query, self.config.calling_aet, model)
-            yield from self._collect("C-MOVE", responses, QR_MOVE_SERVICE_CLASS_STATUS, inbox)
+            yield from self._collect("C-MOVE", responses, QR_MOVE_SERVICE_CLASS_STATUS, inbox, partial)
         finally:
             server.shutdown()
 
-    def retrieve(self, study: str, series: str, sop: str | None = None) -> Iterator[Dataset]:
-        """C-GET or C-MOVE, as the config's ``retrieve`` says."""
+    def retrieve(
+        self, study: str, series: str, sops: Instances = None, sop_classes: frozenset[str] = frozenset(),
+        partial: list[str] | None = None,
+    ) -> Iterator[Dataset]:
+        """C-GET or C-MOVE, as the config's ``retrieve`` says (see ``get``)."""
         if self.config.retrieve == "move":
-            return self.move(study, series, sop)
-        return self.get(study, series, sop)
+            return self.move(study, series, sops, partial)
+        return self.get(study, series, sops, sop_classes, partial)
 
     def _collect(
         self,
@@ -435,11 +486,13 @@ class PacsClient:
         responses: Iterable[tuple[Dataset, Any]],
         table: dict[int, tuple[str, str]],
         inbox: _Inbox | None = None,
+        partial: list[str] | None = None,
     ) -> Iterator[Dataset]:
         """Yield what sub-operations delivered while reading a retrieve's responses.
 
         Stopping the iteration early aborts the association: the PACS would otherwise
-        keep sending into an association the next call wants to use.
+        keep sending into an association the next call wants to use. A failure status
+        raises ``RetrieveRefused``; failed sub-operations go to ``partial`` when given.
         """
         inbox = inbox or self._inbox
         inbox.datasets.clear()
@@ -453,12 +506,15 @@ class PacsClient:
                 if category == "Pending":
                     continue
                 failed = int(status.get("NumberOfFailedSuboperations", 0) or 0)
+                detail = f", {failed} sub-operations failed" if failed else ""
+                line = f"{self.name}: {service} failed: {_status_text(status.Status, table)}{detail}"
+                if category not in ("Success", "Warning"):
+                    raise RetrieveRefused(line)
                 # 0xB000 says some sub-operations failed even when the optional count is absent.
-                if category not in ("Success", "Warning") or failed or status.Status == 0xB000:
-                    detail = f", {failed} sub-operations failed" if failed else ""
-                    raise self._error(
-                        f"{service} failed: {_status_text(status.Status, table)}{detail}"
-                    )
+                if failed or status.Status == 0xB000:
+                    if partial is None:
+                        raise RetrieveRefused(line)
+                    partial.append(line)
             yield from inbox.drain()
             finished = True
         finally:
