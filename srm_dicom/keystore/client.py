@@ -319,18 +319,15 @@ class KeystoreClient:
                 connection.request(method, path, payload, headers)
                 response = connection.getresponse()
                 data = response.read()
-            except ssl.SSLCertVerificationError as exc:
-                connection.close()
-                raise ServerFailure(url, f"untrusted: {exc.verify_message}") from None
-            except ssl.SSLError as exc:
-                connection.close()
-                raise ServerFailure(url, f"refused the TLS handshake ({exc.reason or 'connection closed'})") from None
             except (OSError, http.client.HTTPException) as exc:
                 connection.close()
+                # A kept-alive connection the server closed meanwhile (its idle timeout) fails on
+                # first use as a TLS EOF, a reset or an empty answer: all mean "open a new one".
+                # ssl.SSLError is an OSError, so it is retried too; every request here is
+                # idempotent (GET, PUT, DELETE of one key), so sending it again is safe.
                 if reused and attempt == 1 and not isinstance(exc, socket.timeout):
-                    continue  # the server closed a kept-alive connection meanwhile: open a new one
-                reason = "timed out" if isinstance(exc, socket.timeout) else str(exc) or type(exc).__name__
-                raise ServerFailure(url, f"unreachable: {reason}") from None
+                    continue
+                raise _connection_failure(url, exc) from None
             if response.will_close:
                 connection.close()
             else:
@@ -345,6 +342,16 @@ class KeystoreClient:
             detail = answer.get("detail") if isinstance(answer, dict) else None
             raise ServerFailure(url, f"answered {response.status}: {detail or response.reason}", response.status)
         return answer
+
+
+def _connection_failure(url: str, exc: OSError | http.client.HTTPException) -> ServerFailure:
+    """One server's connection-level failure, named for a person."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return ServerFailure(url, f"untrusted: {exc.verify_message}")
+    if isinstance(exc, ssl.SSLError):
+        return ServerFailure(url, f"refused the TLS handshake ({exc.reason or 'connection closed'})")
+    reason = "timed out" if isinstance(exc, socket.timeout) else str(exc) or type(exc).__name__
+    return ServerFailure(url, f"unreachable: {reason}")
 
 
 def _share_from(url: str, answer: Any) -> Share:
