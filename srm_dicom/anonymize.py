@@ -14,6 +14,11 @@ Choices the standard leaves to the implementer:
   the last, least destructive alternative (X/Z -> Z, X/D, Z/D, X/Z/D -> D, X/Z/U* -> U*):
   it still removes the value, and keeps the attribute present, so a type 1 or 2 attribute
   stays valid in every IOD.
+- Except for sequences: an empty sequence is valid only where the sequence is type 2, and
+  the sequences the table gives a choice with X (Referenced Study, Institution Code,
+  Operator Identification, Referenced Performed Procedure Step) are type 3 wherever the
+  image IODs use them, so X/Z and X/Z/D remove them. Acquisition Context Sequence is the
+  exception: type 2 in the Acquisition Context module (PS3.3 C.7.6.14), it stays, empty.
 - D on a sequence gives an empty sequence: a "dummy" item would mean nothing, and
   recursing would keep unlisted attributes such as a code meaning naming the hospital.
 - U* (and U on a sequence) keeps the sequence and applies the profile to its items, which
@@ -24,20 +29,35 @@ Choices the standard leaves to the implementer:
 - D on Patient ID writes the keyed patient key (srm_dicom.uids.patient_key), the same
   irreversible pseudonym that indexes the Patient metadata table, so the images of one
   patient stay together without revealing the ID.
-- Attributes the table does not list are kept, as the Basic Profile says.
+- Attributes the table does not list are removed unless they are on the safe list
+  (srm_dicom/data/safe_attributes.toml: image pixel, plane, acquisition and modality
+  parameters, each group with its source and reason). The Basic Profile itself keeps what
+  it does not list; an allow-list does not depend on the table naming every place a
+  vendor or a person may type a name (overlay descriptions and labels, curves, private
+  tags, UN elements, text in content sequences). This holds at every sequence depth.
+- Private elements are kept only with retain_safe_private, and only those whose private
+  creator, group and element offset are on the safe-private dictionary
+  (srm_dicom/data/safe_private.toml, from PS3.15 Table E.3.10-1); an element without its
+  creator goes.
+- clean_descriptors keeps a descriptor (study, series and protocol descriptions, comments)
+  after removing from it every word of the values the profile removes from the same data
+  set (names, IDs, addresses, dates): the case this option exists for is a name typed
+  into a protocol name. Off by default, descriptors are replaced by a dummy.
 """
 
 import hashlib
 import hmac
 import json
-from dataclasses import dataclass, field
+import re
+import tomllib
+from dataclasses import asdict, dataclass, field, fields
 from datetime import date, timedelta
 from functools import lru_cache
 from importlib.resources import files
 from io import BytesIO
 
 from pydicom import dcmwrite
-from pydicom.datadict import dictionary_VR, get_entry
+from pydicom.datadict import dictionary_VR, get_entry, tag_for_keyword
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.multival import MultiValue
@@ -64,28 +84,10 @@ _TABLE_FILE = "confidentiality_profile_attributes.json"
 # PS3.16 CID 7050 "De-identification Method" codes.
 _BASIC_PROFILE_CODE = ("113100", "Basic Application Confidentiality Profile")
 
-# A subset of PS3.15 Table E.3.10-1 (Safe Private Attributes): (private creator, group,
-# element offset). Only attributes whose values are acquisition parameters (diffusion
-# b-values and directions, PET scale factors) are listed; anything else private goes.
-SAFE_PRIVATE: frozenset[tuple[str, int, int]] = frozenset(
-    {
-        ("SIEMENS MR HEADER", 0x0019, 0x0C),
-        ("SIEMENS MR HEADER", 0x0019, 0x0D),
-        ("SIEMENS MR HEADER", 0x0019, 0x0E),
-        ("SIEMENS MR HEADER", 0x0019, 0x27),
-        ("GEMS_PARM_01", 0x0043, 0x39),
-        ("GEMS_ACQU_01", 0x0019, 0xBB),
-        ("GEMS_ACQU_01", 0x0019, 0xBC),
-        ("GEMS_ACQU_01", 0x0019, 0xBD),
-        ("Philips Imaging DD 001", 0x2001, 0x03),
-        ("Philips Imaging DD 001", 0x2001, 0x04),
-        ("Philips MR Imaging DD 001", 0x2005, 0xB0),
-        ("Philips MR Imaging DD 001", 0x2005, 0xB1),
-        ("Philips MR Imaging DD 001", 0x2005, 0xB2),
-        ("Philips PET Private Group", 0x7053, 0x00),
-        ("Philips PET Private Group", 0x7053, 0x09),
-    }
-)
+_SAFE_ATTRIBUTES_FILE = "safe_attributes.toml"
+_SAFE_PRIVATE_FILE = "safe_private.toml"
+PROFILE_NAME = "PS3.15 E.1-1 Basic Application Level Confidentiality Profile"
+BURNED_IN_POLICIES = ("refuse", "private")
 
 _DUMMY_TEXT = "ANONYMIZED"
 _DUMMY: dict[str, object] = {
@@ -112,6 +114,7 @@ _SOP_CLASS_UID = 0x00080016
 _SOP_INSTANCE_UID = 0x00080018
 _PIXEL_DATA = 0x7FE00010
 _UNDEFINED_LENGTH = 0xFFFFFFFF
+_ACQUISITION_CONTEXT = 0x00400555
 
 
 @dataclass(frozen=True)
@@ -124,6 +127,9 @@ class AnonymizationOptions:
     retain_institution_identity: bool = False
     retain_safe_private: bool = False
     clean_descriptors: bool = False
+    # Images that may show text in their pixels: "refuse" them at registration, or catalog
+    # them "private" (owner and register group only). Not a PS3.15 option: no pixel is changed.
+    burned_in: str = "refuse"
 
     def table_columns(self) -> list[tuple[str, str, str]]:
         """(JSON column, CID 7050 code, code meaning) of every option switched on."""
@@ -170,12 +176,12 @@ class AnonymizationResult:
 
 @dataclass(frozen=True)
 class _Rules:
-    """The table resolved for one set of options: one action letter per attribute."""
+    """The table resolved for one set of options: one action letter per attribute it lists,
+    the attributes the safe list keeps, and the private elements that may stay."""
 
     exact: dict[int, str]
-    curve: str | None
-    overlay: dict[int, str]
-    private: str
+    safe: frozenset[int]
+    private: dict[tuple[str, int, int], str]  # (creator, group, offset) -> VR; empty: none kept
 
 
 def _resolve(entry: dict[str, str], columns: list[str]) -> str:
@@ -188,26 +194,73 @@ def _resolve(entry: dict[str, str], columns: list[str]) -> str:
     return entry["basicProfile"].split("/")[-1].rstrip("*")
 
 
+def _is_sequence(tag: int) -> bool:
+    try:
+        return dictionary_VR(tag) == "SQ"
+    except KeyError:
+        return False
+
+
+def _data(name: str) -> str:
+    return (files("srm_dicom") / "data" / name).read_text(encoding="utf-8")
+
+
+@lru_cache(maxsize=1)
+def profile_table() -> list[dict[str, str]]:
+    """The PS3.15 Annex E table as packaged (srm_dicom/data/README.md)."""
+    return json.loads(_data(_TABLE_FILE))
+
+
+@lru_cache(maxsize=1)
+def safe_attributes() -> dict[int, str]:
+    """Tag -> keyword of the safe standard attributes (srm_dicom/data/safe_attributes.toml)."""
+    found: dict[int, str] = {}
+    for group in tomllib.loads(_data(_SAFE_ATTRIBUTES_FILE))["group"]:
+        for keyword in group["attributes"]:
+            tag = tag_for_keyword(keyword)
+            if tag is None:
+                raise ValueError(f"{_SAFE_ATTRIBUTES_FILE}: unknown keyword {keyword}")
+            found[tag] = keyword
+    return found
+
+
+@lru_cache(maxsize=1)
+def safe_private() -> dict[tuple[str, int, int], str]:
+    """(creator, group, element offset) -> VR of the safe private attributes."""
+    entries = tomllib.loads(_data(_SAFE_PRIVATE_FILE))["attribute"]
+    return {(e["creator"], e["group"], e["offset"]): e["vr"] for e in entries}
+
+
+@lru_cache(maxsize=1)
+def rules_version() -> str:
+    """What the output depends on besides the code and the options: the table and both lists,
+    as one short digest recorded with every entry and written into every served file."""
+    digest = hashlib.sha256()
+    for name in (_TABLE_FILE, _SAFE_ATTRIBUTES_FILE, _SAFE_PRIVATE_FILE):
+        digest.update(_data(name).encode())
+    return digest.hexdigest()[:12]
+
+
 @lru_cache(maxsize=16)
 def _rules(options: AnonymizationOptions) -> _Rules:
     columns = [column for column, _, _ in options.table_columns()]
-    table = json.loads((files("srm_dicom") / "data" / _TABLE_FILE).read_text(encoding="utf-8"))
     exact: dict[int, str] = {}
-    overlay: dict[int, str] = {}
-    curve = None
-    private = "X"
-    for entry in table:
+    keeps_private = False
+    for entry in profile_table():
         action = _resolve(entry, columns)
         tag = entry["tag"].upper()
         if tag.startswith("(GGGG,EEEE)"):
-            private = action
-        elif tag.startswith("(50XX,"):
-            curve = action
-        elif tag.startswith("(60XX,"):
-            overlay[int(tag[6:10], 16)] = action
-        else:
-            exact[int(tag[1:5] + tag[6:10], 16)] = action
-    return _Rules(exact, curve, overlay, private)
+            keeps_private = action != "X"
+        elif "X" not in tag[1:10]:
+            number = int(tag[1:5] + tag[6:10], 16)
+            combined = entry["basicProfile"].startswith("X/")
+            if combined and action in ("Z", "D") and _is_sequence(number) and number != _ACQUISITION_CONTEXT:
+                action = "X"
+            exact[number] = action
+    # Repeating groups (curves 50xx, overlays 60xx) are not resolved: the table removes
+    # what it names of them and the safe list names none, so all of them go.
+    safe = frozenset(safe_attributes()) - frozenset(exact)
+    return _Rules(exact, safe, safe_private() if keeps_private else {})
 
 
 def _tag_text(tag: int) -> str:
@@ -257,6 +310,11 @@ def _shift_date(text: str, offset: timedelta) -> str | None:
     return (day + offset).strftime("%Y%m%d") + text[8:]
 
 
+_TEXT_VRS = frozenset({"AE", "LO", "LT", "PN", "SH", "ST", "UC", "UT"})
+_IDENTIFYING_VRS = _TEXT_VRS | {"DA", "DT"}
+_WORD = re.compile(r"[^\W_]{2,}")
+
+
 class _Anonymizer:
     def __init__(self, secret: bytes, options: AnonymizationOptions, top: Dataset) -> None:
         self.secret = secret
@@ -267,6 +325,7 @@ class _Anonymizer:
         issuer = _value_text(top.get(_ISSUER_OF_PATIENT_ID, DataElement(0, "LO", "")).value)
         self.patient_key = patient_key(secret, patient_id, issuer)
         self.date_offset = _date_offset(secret, patient_id, issuer)
+        self.scrub = _identifying_words(top, self.rules) if options.clean_descriptors else None
 
     # -- decisions -----------------------------------------------------------------------
 
@@ -274,12 +333,7 @@ class _Anonymizer:
         action = self.rules.exact.get(tag)
         if action is not None:
             return action
-        group = tag >> 16
-        if 0x5000 <= group <= 0x50FF and self.rules.curve:
-            return self.rules.curve
-        if 0x6000 <= group <= 0x60FF and not group & 1:
-            return self.rules.overlay.get(tag & 0xFFFF, "K")
-        return "K"
+        return "K" if tag in self.rules.safe else "X"
 
     @staticmethod
     def _vr(raw: DataElement | RawDataElement) -> str:
@@ -293,8 +347,8 @@ class _Anonymizer:
 
     # -- records -------------------------------------------------------------------------
 
-    def record(self, path: str, elem: DataElement) -> None:
-        if elem.VR == "SQ":
+    def record(self, path: str, elem: DataElement | RawDataElement) -> None:
+        if elem.VR == "SQ" and isinstance(elem.value, Sequence):
             for index, item in enumerate(elem.value):
                 for child in item:
                     self.record(f"{path}[{index}].{_tag_text(child.tag)}", child)
@@ -303,12 +357,21 @@ class _Anonymizer:
         if text:
             self.erased.append(ErasedValue(path, _keyword(elem.tag), text))
 
+    def remove(self, src: Dataset, tag: int, path: str) -> None:
+        """Record an element that does not go out; its value is read only if it can be."""
+        try:
+            elem: DataElement | RawDataElement = src[tag]
+        except Exception:  # noqa: BLE001 - a value that breaks its VR is recorded raw
+            elem = src.get_item(tag)
+        self.record(path, elem)
+
     # -- the walk ------------------------------------------------------------------------
 
     def dataset(self, src: Dataset, prefix: str) -> Dataset:
         out = Dataset()
-        out.set_original_encoding(*src.original_encoding, src.original_character_set)
-        kept_private: list[int] = []
+        implicit, little = src.original_encoding
+        out.set_original_encoding(implicit, little, src.original_character_set)
+        kept_private: list[tuple[int, str]] = []
         for tag in sorted(src.keys()):
             raw = src.get_item(tag)
             path = prefix + _tag_text(tag)
@@ -316,33 +379,44 @@ class _Anonymizer:
             if tag & 0xFFFF == 0:
                 continue  # group lengths: wrong once anything is removed, and retired
             if group == 0x0002 or group & 1:
-                if group & 1 and self.rules.private != "X" and self._safe_private(src, tag):
-                    kept_private.append(tag)
+                vr = self._safe_private(src, tag) if group & 1 and self.rules.private else None
+                if vr is not None:
+                    kept_private.append((tag, vr))
                 else:
-                    self.record(path, src[tag])
+                    self.remove(src, tag, path)
                 continue
             action = self._action(tag)
             vr = self._vr(raw)
+            if vr == "UN":
+                action = "X"  # a value nobody can interpret cannot be known to be safe
             if action == "K" and vr != "SQ":
                 out[tag] = raw if isinstance(raw, RawDataElement) else _copy(raw)
+                continue
+            if action == "X":
+                self.remove(src, tag, path)
                 continue
             new = self._apply(action, src[tag], vr, path)
             if new is not None:
                 out[tag] = new
-        for tag in kept_private:
-            creator = BaseTag((tag & 0xFFFF0000) | ((tag >> 8) & 0xFF))
-            out[tag] = _copy(src[tag])
+        for private, vr in kept_private:
+            creator = BaseTag((private & 0xFFFF0000) | ((private >> 8) & 0xFF))
+            found = src.get_item(private)
+            if isinstance(found, RawDataElement) and found.VR in (None, "UN"):
+                out[private] = found._replace(VR=vr)
+            else:
+                out[private] = _copy(src[private])
             out[creator] = _copy(src[creator])
         return out
 
-    def _safe_private(self, src: Dataset, tag: int) -> bool:
+    def _safe_private(self, src: Dataset, tag: int) -> str | None:
+        """The VR of a private element on the safe-private dictionary; None if it is not."""
         element = tag & 0xFFFF
         if element < 0x1000:
-            return False
+            return None
         creator = src.get((tag & 0xFFFF0000) | (element >> 8))
         if creator is None:
-            return False
-        return (_value_text(creator.value), tag >> 16, element & 0xFF) in SAFE_PRIVATE
+            return None
+        return self.rules.private.get((_value_text(creator.value), tag >> 16, element & 0xFF))
 
     def _apply(self, action: str, elem: DataElement, vr: str, path: str) -> DataElement | None:
         tag = elem.tag
@@ -366,10 +440,21 @@ class _Anonymizer:
             return self._dates(elem, vr, path)
         if action == "C" and vr == "TM":
             return _copy(elem)
+        if action == "C" and vr in _TEXT_VRS and self.scrub is not None:
+            return self._clean(elem, vr, path)
         if action == "K":
             return _copy(elem)
         self.record(path, elem)
         return DataElement(tag, vr, self._dummy(tag, vr))
+
+    def _clean(self, elem: DataElement, vr: str, path: str) -> DataElement:
+        """The descriptor without any word of the identifying values of this data set."""
+        assert self.scrub is not None
+        text = _value_text(elem.value)
+        cleaned = " ".join(self.scrub.sub(" ", text).split()) if self.scrub.pattern else text
+        if cleaned != text:
+            self.record(path, elem)
+        return DataElement(elem.tag, vr, cleaned)
 
     def _dummy(self, tag: int, vr: str) -> object:
         if tag == _PATIENT_ID:
@@ -399,6 +484,21 @@ class _Anonymizer:
         return DataElement(elem.tag, vr, shifted if len(shifted) > 1 else shifted[0])
 
 
+def _identifying_words(top: Dataset, rules: _Rules) -> re.Pattern[str]:
+    """One pattern matching, in any case, every word of the text and date values the profile
+    removes or replaces anywhere in the data set (names, IDs, addresses, institutions)."""
+    words: set[str] = set()
+    for elem in top.iterall():
+        group = elem.tag >> 16
+        if group == 0x0002 or group & 1 or elem.VR not in _IDENTIFYING_VRS:
+            continue
+        action = rules.exact.get(elem.tag, "K" if elem.tag in rules.safe else "X")
+        if action not in ("K", "C"):
+            words.update(_WORD.findall(_value_text(elem.value)))
+    alternatives = sorted(words, key=len, reverse=True)
+    return re.compile("|".join(map(re.escape, alternatives)), re.IGNORECASE)
+
+
 def _copy(elem: DataElement) -> DataElement:
     """A kept element the output owns: lists are copied, immutable values shared (no deepcopy)."""
     value = elem.value
@@ -425,6 +525,26 @@ def _transfer_syntax(src: Dataset) -> str:
     return ExplicitVRBigEndian if little is False else ExplicitVRLittleEndian
 
 
+def deidentification_method() -> str:
+    """DeidentificationMethod (LO, 64 characters): the profile and the version of the rules."""
+    return f"PS3.15 Basic Profile + safe lists; srm-dicom rules {rules_version()}"
+
+
+def protection_record(options: AnonymizationOptions) -> str:
+    """What an entry was protected with, as stored with it: restaging uses these options,
+    whatever [anonymization] says by then, and the rules version tells whether the packaged
+    table and lists are still those of the entry."""
+    record = {"profile": PROFILE_NAME, "rules": rules_version(), "options": asdict(options)}
+    return json.dumps(record, sort_keys=True)
+
+
+def recorded_options(record: str) -> tuple[AnonymizationOptions, str]:
+    """The options and rules version of a stored protection record."""
+    data = json.loads(record)
+    known = {f.name for f in fields(AnonymizationOptions)}
+    return AnonymizationOptions(**{k: v for k, v in data["options"].items() if k in known}), data["rules"]
+
+
 def _identity_removed(out: Dataset, options: AnonymizationOptions) -> None:
     codes = [_BASIC_PROFILE_CODE] + [(code, meaning) for _, code, meaning in options.table_columns()]
     items = []
@@ -436,7 +556,7 @@ def _identity_removed(out: Dataset, options: AnonymizationOptions) -> None:
         items.append(item)
     modified = "MODIFIED" if options.retain_longitudinal_modified_dates else "REMOVED"
     out.add_new(0x00120062, "CS", "YES")  # PatientIdentityRemoved
-    out.add_new(0x00120063, "LO", "PS3.15 E Basic Profile; srm-dicom")  # DeidentificationMethod
+    out.add_new(0x00120063, "LO", deidentification_method())  # DeidentificationMethod
     out.add_new(0x00120064, "SQ", Sequence(items))  # DeidentificationMethodCodeSequence
     out.add_new(0x00280303, "CS", modified)  # LongitudinalTemporalInformationModified
 

@@ -23,7 +23,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import IO, Any
 from urllib.parse import quote, urlencode, urlsplit
 
 from srm_dicom.config import Config
@@ -57,6 +57,19 @@ class StillStaging(PacsError):
 
 class DownloadFailed(MdmError):
     """The connection broke, the server failed, or it answered something unexpected."""
+
+
+class ConnectionClosed(DownloadFailed):
+    """The server closed the connection before answering (at its connection limit, restarting,
+    or closing a connection it had kept): asking again on a new connection is the cure."""
+
+
+# How a connection the server closed shows before any answer: a TLS EOF or close_notify
+# (ssl.SSLError subclasses, so they must be told from a refused handshake), a reset, an
+# empty answer (http.client.RemoteDisconnected is a ConnectionResetError).
+_CLOSED = (ssl.SSLEOFError, ssl.SSLZeroReturnError, ConnectionResetError, BrokenPipeError)
+# Asking again is only safe for requests that change nothing.
+_IDEMPOTENT = ("GET", "HEAD")
 
 
 def guid_path(guid: str) -> str:
@@ -158,9 +171,8 @@ class StorageClient:
     def _json(self, path: str, query: str, payload: bytes | None = None) -> Any:
         """GET (or POST ``payload``) and decode the JSON answer."""
         method = "GET" if payload is None else "POST"
-        connection = http.client.HTTPSConnection(self.host, self.port, context=self._context, timeout=self.timeout)
+        connection, response = self._ask(self.timeout, path, query, "application/json", method, payload)
         try:
-            response = self._request(connection, path, query, "application/json", method, payload)
             if response.status != 200:
                 raise _refusal(response.status, path, _problem(response))
             body = response.read()
@@ -175,9 +187,8 @@ class StorageClient:
 
     def exists(self, path: str) -> bool:
         """Whether the storage element has ``path``: a HEAD, which never stages."""
-        connection = http.client.HTTPSConnection(self.host, self.port, context=self._context, timeout=self.timeout)
+        connection, response = self._ask(self.timeout, path, method="HEAD")
         try:
-            response = self._request(connection, path, method="HEAD")
             if response.status == 404:
                 return False
             if response.status != 200:
@@ -188,9 +199,8 @@ class StorageClient:
 
     def guid_of(self, path: str) -> str:
         """The GUID of the entry at ``path``, from the ETag ("<guid>-<version>") of a HEAD."""
-        connection = http.client.HTTPSConnection(self.host, self.port, context=self._context, timeout=self.timeout)
+        connection, response = self._ask(self.timeout, path, method="HEAD")
         try:
-            response = self._request(connection, path, method="HEAD")
             if response.status != 200:
                 raise _refusal(response.status, path, _problem(response))
             return response.getheader("ETag", "").strip('"')[:36]
@@ -204,12 +214,7 @@ class StorageClient:
         while True:
             attempts += 1
             remaining = max(1.0, deadline - time.monotonic())
-            connection = http.client.HTTPSConnection(self.host, self.port, context=self._context, timeout=remaining)
-            try:
-                response = self._request(connection, path)
-            except BaseException:
-                connection.close()
-                raise
+            connection, response = self._ask(remaining, path)
             if response.status == 200:
                 connection.sock.settimeout(STALL_TIMEOUT)
                 return response, connection, attempts
@@ -226,6 +231,26 @@ class StorageClient:
             log.info("%s: 503 %s; retrying in %g s", self.url, problem or "staging", wait)
             time.sleep(wait)
 
+    def _ask(
+        self, timeout: float, path: str, query: str = "", accept: str = "*/*", method: str = "GET",
+        body: bytes | None = None,
+    ) -> tuple[http.client.HTTPSConnection, http.client.HTTPResponse]:
+        """A new connection and the answer on it; a GET or HEAD the server hung up on before
+        answering is asked once more on a fresh connection."""
+        for attempt in (1, 2):
+            connection = http.client.HTTPSConnection(self.host, self.port, context=self._context, timeout=timeout)
+            try:
+                return connection, self._request(connection, path, query, accept, method, body)
+            except ConnectionClosed:
+                connection.close()
+                if attempt == 2 or method not in _IDEMPOTENT:
+                    raise
+                log.info("%s closed the connection before answering; asking again", self.url)
+            except BaseException:
+                connection.close()
+                raise
+        raise AssertionError("unreachable")
+
     def _request(
         self, connection: http.client.HTTPSConnection, path: str, query: str = "", accept: str = "*/*",
         method: str = "GET", body: bytes | None = None,
@@ -237,6 +262,8 @@ class StorageClient:
             return connection.getresponse()
         except ssl.SSLCertVerificationError as exc:
             raise AccessDenied(f"{self.url}: server certificate not trusted: {exc.verify_message}") from None
+        except _CLOSED:
+            raise ConnectionClosed(f"{self.url} closed the connection before answering") from None
         except ssl.SSLError as exc:
             raise AccessDenied(f"{self.url} refused the TLS handshake ({exc.reason or 'connection closed'})") from None
         except TimeoutError:
@@ -300,7 +327,7 @@ class _Body(io.RawIOBase):
         )
 
 
-def _write_atomically(destination: Path, fill: Callable[[BinaryIO], object]) -> None:
+def _write_atomically(destination: Path, fill: Callable[[IO[bytes]], object]) -> None:
     """Fill a temporary file beside ``destination``, then rename it over; remove it on any failure."""
     with tempfile.NamedTemporaryFile(dir=destination.resolve().parent, prefix=".mdm-get-", delete=False) as out:
         try:

@@ -173,7 +173,8 @@ def _banner(
     workdir, root = config_path.parent, vo_root(config.site.vo)
     url = f"https://127.0.0.1:{config.server.port}"
     series = _series(catalog, root)
-    entries = catalog.list_dir(series[0]).entries if series else []
+    listing = catalog.namespace.list_dir(series[0]) if series else None
+    entries = listing.entries if listing else []
     slice_lfn = next((e.lfn for e in entries if e.kind == "slice"), f"{root}/STUDY/SERIES/SOP")
     volume_lfn = posixpath.join(posixpath.dirname(slice_lfn), "3D")
     bob = workdir / "users" / "bob"
@@ -187,7 +188,8 @@ def _banner(
     say(f"synthetic series: {summary.line()}")
     say("namespace:")
     for directory in series:
-        slices = sum(e.kind == "slice" for e in catalog.list_dir(directory).entries)
+        listing = catalog.namespace.list_dir(directory)
+        slices = sum(e.kind == "slice" for e in listing.entries) if listing else 0
         say(f"  {directory}/  {slices} slices + 3D")
     say("")
     say("from another shell, as bob (physician; alice register, carol mia, dave VO member, eve another VO):")
@@ -207,5 +209,6 @@ def _banner(
 
 
 def _series(catalog: Catalog, root: str) -> list[str]:
-    top = catalog.list_dir(root)
-    return [s for study in (top.directories if top else []) for s in catalog.list_dir(study).directories]
+    top = catalog.namespace.list_dir(root)
+    studies = [catalog.namespace.list_dir(study) for study in (top.directories if top else [])]
+    return [s for listing in studies if listing for s in listing.directories]

@@ -93,7 +93,7 @@ def _normalize_path(path: str) -> str:
 def slash_dn(name: x509.Name) -> str:
     """``/C=XX/O=site/CN=name``: OpenSSL's one-line form, multi-valued RDNs joined with ``+``."""
     return "".join(
-        "/" + "+".join(f"{_SLASH_NAMES.get(a.oid, a.rfc4514_attribute_name)}={a.value}" for a in rdn)
+        "/" + "+".join(f"{_SLASH_NAMES.get(a.oid, a.rfc4514_attribute_name)}={a.value!s}" for a in rdn)
         for rdn in name.rdns
     )
 
@@ -341,13 +341,13 @@ class ClientAuthSSLAdapter(BuiltinSSLAdapter):
         self.context.verify_flags |= ssl.VERIFY_ALLOW_PROXY_CERTS
         self.context.minimum_version = ssl.TLSVersion.TLSv1_2
 
-    def get_environ(self, sock: ssl.SSLSocket) -> dict[str, Any]:
+    def get_environ(self, sock: ssl.SSLSocket) -> dict[str, Any]:  # type: ignore[override]  # cheroot's stub says socket
         environ = super().get_environ(sock)
         # SSLSocket.get_verified_chain is public from Python 3.13; 3.11 has it on _sslobj.
-        getter = getattr(sock, "get_verified_chain", None) or sock._sslobj.get_verified_chain  # noqa: SLF001
+        getter = getattr(sock, "get_verified_chain", None) or sock._sslobj.get_verified_chain  # type: ignore[attr-defined]  # noqa: SLF001
         chain = getter() or []
         environ[ENVIRON_PEER_CHAIN] = [
-            cert if isinstance(cert, bytes) else cert.public_bytes(ssl._ssl.ENCODING_DER)  # noqa: SLF001
+            cert if isinstance(cert, bytes) else cert.public_bytes(ssl._ssl.ENCODING_DER)  # type: ignore[attr-defined]  # noqa: SLF001
             for cert in chain
         ]
         return environ

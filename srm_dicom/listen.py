@@ -46,7 +46,7 @@ class PushListener:
         # Accept every storage SOP class in whatever transfer syntax the sender has: the
         # image is registered as received, never transcoded.
         self._ae.supported_contexts = [
-            build_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES) for cx in AllStoragePresentationContexts
+            build_context(str(cx.abstract_syntax), ALL_TRANSFER_SYNTAXES) for cx in AllStoragePresentationContexts
         ] + [build_context(Verification)]
         self._server: ThreadedAssociationServer | None = None
 

@@ -41,6 +41,11 @@ IMAGE_FIELDS = {
     "image_position": "ImagePositionPatient",
     "image_orientation": "ImageOrientationPatient",
     "instance_number": "InstanceNumber",
+    # The stored voxel type and its rescale: volumes keep integers as they are stored, with
+    # the rescale in the NIfTI header (README "Volumes").
+    "pixel_representation": "PixelRepresentation",
+    "rescale_slope": "RescaleSlope",
+    "rescale_intercept": "RescaleIntercept",
 }
 MEDICAL_FIELDS = {
     "modality": "Modality",
@@ -75,10 +80,10 @@ def _value(ds: Dataset, keyword: str) -> Any:
     if keyword not in ds:
         return None
     try:
-        element = ds.data_element(keyword)
+        element = ds[keyword]
         value = element.value
     except ValueError:  # a value that breaks its VR (e.g. text in a DS): keep what was written
-        raw = ds.get_item(keyword).value
+        raw = ds.get_item(keyword).value  # type: ignore[union-attr]  # present: checked above
         return raw.decode("latin-1", "replace").strip() if isinstance(raw, bytes) else str(raw)
     if value is None or value == "" or isinstance(value, bytes):
         return None

@@ -174,16 +174,16 @@ def _in_parallel(sites: Sequence[Site], work: Callable[[Site], T], timeout: floa
     answers: dict[str, T] = {}
     failures: list[SiteFailure] = []
     for site in sites:
-        result = results.get(site.name)
+        outcome = results.get(site.name)
         # A socket timeout (StillStaging, worded for downloads) and the deadline say the same thing.
-        if site.name not in results or isinstance(result, StillStaging):
+        if site.name not in results or isinstance(outcome, StillStaging):
             failures.append(SiteFailure(site.name, f"no answer from {site.url} within {timeout:g} s"))
-        elif isinstance(result, MdmError):
-            failures.append(SiteFailure(site.name, str(result)))
-        elif isinstance(result, Exception):
-            raise result
+        elif isinstance(outcome, MdmError):
+            failures.append(SiteFailure(site.name, str(outcome)))
+        elif isinstance(outcome, Exception):
+            raise outcome
         else:
-            answers[site.name] = result  # type: ignore[assignment]
+            answers[site.name] = outcome  # type: ignore[assignment]  # T itself may be None
     return answers, failures
 
 

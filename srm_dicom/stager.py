@@ -48,6 +48,7 @@ from srm_dicom.catalog import (
 from srm_dicom.config import Config
 from srm_dicom.crypto.container import encrypt_bytes, new_file_key
 from srm_dicom.errors import InvalidInput, MdmError, NotFound
+from srm_dicom.events import StageFinished, StageQueueChanged, emit
 from srm_dicom.keystore import KeystoreError
 from srm_dicom.keystore.client import KeystoreClient
 from srm_dicom.names import normalize_lfn, parse_pfn
@@ -133,8 +134,8 @@ class Stager:
         self._cache.open()
         self._stopping.clear()
         self._pool = ThreadPoolExecutor(self._config.cache.workers, thread_name_prefix="stager")
-        pending = self._catalog.staging_guids()
-        self._enqueue([(guid, self._catalog.lookup_guid(guid)) for guid in pending])
+        pending = self._catalog.stages.staging_guids()
+        self._enqueue([(guid, self._catalog.namespace.lookup_guid(guid)) for guid in pending])
         if pending:
             log.info("stager: resumed staging of %d files", len(pending))
 
@@ -198,37 +199,37 @@ class Stager:
             else:
                 files.append(StageFile(entry.lfn, entry.guid))
         request = StageRequest(str(uuid.uuid4()), requester, now, lifetime, tuple(files))
-        self._catalog.add_stage_request(request)
+        self._catalog.stages.add_stage_request(request)
         by_guid = {entry.guid: entry for entry in unique}
         self._enqueue([(f.guid, by_guid[f.guid]) for f in files if f.state != COMPLETED])
         return request.id
 
     def request(self, request_id: str) -> StageRequest | None:
         """The request with each file's state and whether it is on disk now."""
-        found = self._catalog.stage_request(request_id)
+        found = self._catalog.stages.stage_request(request_id)
         if found is None:
             return None
         return replace(found, files=tuple(replace(f, on_disk=self._on_disk(f.guid)) for f in found.files))
 
     def cancel(self, request_id: str, lfns: list[str]) -> None:
         self._known_files(request_id, lfns)
-        self._catalog.cancel_stage_files(request_id, lfns, _now())
+        self._catalog.stages.cancel_stage_files(request_id, lfns, _now())
 
     def delete(self, request_id: str) -> None:
         """Cancel what is not final, forget the request and release its pins."""
-        if not self._catalog.delete_stage_request(request_id):
+        if not self._catalog.stages.delete_stage_request(request_id):
             raise NotFound(f"no such stage request: {request_id}")
 
     def release(self, request_id: str, lfns: list[str]) -> None:
         self._known_files(request_id, lfns)
-        self._catalog.release_stage_files(request_id, lfns)
+        self._catalog.stages.release_stage_files(request_id, lfns)
 
     def release_paths(self, lfns: list[str]) -> None:
         """Release every request's pins on these files (gfal-evict); they may then be evicted."""
-        self._catalog.release_stage_files(None, lfns)
+        self._catalog.stages.release_stage_files(None, lfns)
 
     def _known_files(self, request_id: str, lfns: list[str]) -> None:
-        found = self._catalog.stage_request(request_id)
+        found = self._catalog.stages.stage_request(request_id)
         if found is None:
             raise NotFound(f"no such stage request: {request_id}")
         unknown = {normalize_lfn(lfn) for lfn in lfns} - {f.lfn for f in found.files}
@@ -236,7 +237,7 @@ class Stager:
             raise InvalidInput(f"not in stage request {request_id}: {', '.join(sorted(unknown))}")
 
     def _on_disk(self, guid: str) -> bool:
-        entry = self._catalog.lookup_guid(guid)
+        entry = self._catalog.namespace.lookup_guid(guid)
         return entry is not None and self._cache.path(guid, entry.content_version, touch=False) is not None
 
     # -- jobs and batches --------------------------------------------------------------
@@ -256,6 +257,8 @@ class Stager:
                     new += 1
                 jobs.append(job)
             pool = self._pool
+            if new:
+                emit(StageQueueChanged(len(self._jobs)))
         for _ in range(new):  # a task per job: a task that finds its job taken by a batch returns
             pool.submit(self._run)
         return jobs
@@ -278,6 +281,7 @@ class Stager:
         batch = self._take_batch()
         if not batch:
             return
+        started = time.monotonic()
         outcomes: dict[str, tuple[str, str | None]] = {}
         try:
             for job, result in self._stage(batch).items():
@@ -300,13 +304,15 @@ class Stager:
         finally:
             try:
                 if outcomes:
-                    self._catalog.set_stage_states(outcomes, _now())
+                    self._catalog.stages.set_stage_states(outcomes, _now())
             finally:
                 with self._lock:
                     for job in batch:
                         if self._jobs.get(job.guid) is job:
                             del self._jobs[job.guid]
+                    emit(StageQueueChanged(len(self._jobs)))
                 for job in batch:
+                    emit(StageFinished(time.monotonic() - started, job.error.reason if job.error else None))
                     job.done.set()
 
     def _stage(self, batch: list[_Job]) -> dict[_Job, Path | StageFailed]:
@@ -316,7 +322,7 @@ class Stager:
         results: dict[_Job, Path | StageFailed] = {}
         todo: dict[_Job, Entry] = {}
         for job in batch:
-            entry = self._catalog.lookup_guid(job.guid)
+            entry = self._catalog.namespace.lookup_guid(job.guid)
             if entry is None:
                 results[job] = StageFailed("the file is no longer registered")
             elif (path := self._cache.path(job.guid, entry.content_version)) is not None:
@@ -325,7 +331,7 @@ class Stager:
                 todo[job] = entry
         if not todo:
             return results
-        self._catalog.set_stage_states({job.guid: (STARTED, None) for job in todo}, _now())
+        self._catalog.stages.set_stage_states({job.guid: (STARTED, None) for job in todo}, _now())
         started = time.monotonic()
         volumes = [job for job, entry in todo.items() if entry.kind == "volume"]
         slices = [job for job, entry in todo.items() if entry.kind != "volume"]
@@ -338,7 +344,7 @@ class Stager:
                 missing: dict[str, str] = {}
             else:
                 sops = {job: parse_pfn(todo[job].pfn).sop or "" for job in slices}
-                classes = frozenset(self._catalog.sop_classes([job.guid for job in slices]).values())
+                classes = frozenset(self._catalog.index.sop_classes([job.guid for job in slices]).values())
                 images, missing = self._retrieve_instances(source.study, source.series, list(sops.values()), classes)
         except MdmError as exc:
             reason = StageFailed(exc.reason if isinstance(exc, StageFailed) else str(exc))
@@ -356,15 +362,16 @@ class Stager:
             payload = produce()
             if self._stopping.is_set():
                 raise _Abandoned
-            path = self._cache.publish(entry.guid, entry.content_version, payload, self._catalog.pinned_guids(_now()))
+            pinned = self._catalog.stages.pinned_guids(_now())
+            path = self._cache.publish(entry.guid, entry.content_version, payload, pinned)
         except MdmError as exc:
             return StageFailed(exc.reason if isinstance(exc, StageFailed) else str(exc))
         log.info("staged %s: %d bytes", self._label(entry), len(payload))
         return path
 
     def _series_classes(self, volume: Entry) -> frozenset[str]:
-        rows = self._catalog.series_images(volume.lfn.rpartition("/")[0])
-        return frozenset(self._catalog.sop_classes(list(rows)).values())
+        rows = self._catalog.index.series_images(volume.lfn.rpartition("/")[0])
+        return frozenset(self._catalog.index.sop_classes(list(rows)).values())
 
     def _label(self, entry: Entry) -> str:
         """How logs and messages name a file: never with the PACS's original UIDs."""
@@ -471,7 +478,7 @@ class Stager:
                 raise StageFailed(
                     f"the assembled volume has {len(payload)} bytes, not the {entry.size} announced"
                 )
-            if not self._catalog.set_checksum(entry.guid, version, len(payload), _adler32(payload)):
+            if not self._catalog.namespace.set_checksum(entry.guid, version, len(payload), _adler32(payload)):
                 raise StageFailed("the series changed while its volume was assembled; stage it again")
             return payload
         produced = _Produced()

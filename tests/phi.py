@@ -140,6 +140,66 @@ def make_phi_dataset(marker_prefix: str, instance: int = 1) -> tuple[Dataset, li
         ]
     )
 
+    # More patient, visit, staff and device attributes (X or D in the Annex E table).
+    ds.MedicalRecordLocator = m("MRLOC")
+    ds.PatientMotherBirthName = m("MOTHER")
+    ds.PatientBirthName = m("BIRTHNM")
+    ds.MilitaryRank = m("RANK")
+    ds.EthnicGroup = m("ETHNIC")
+    ds.Occupation = m("OCCUP")
+    ds.PatientReligiousPreference = m("RELIGION")
+    ds.RegionOfResidence = m("REGION")
+    ds.CountryOfResidence = m("COUNTRY")
+    ds.ResponsiblePerson = m("RESPPERS")
+    ds.ReferringPhysicianAddress = m("REFADDR")
+    ds.ReferringPhysicianTelephoneNumbers = m("REFPHONE")
+    ds.PhysiciansOfRecord = m("PHYSREC")
+    ds.ConsultingPhysicianName = m("CONSULT")
+    ds.PerformedProcedureStepID = m("PPSID")
+    ds.PerformedProcedureStepDescription = m("PPSDESC")
+    ds.RequestedProcedureDescription = m("RPDESC")
+    ds.ScheduledStationName = m("SCHEDST")
+    ds.DetectorID = m("DETID")
+    ds.GantryID = m("GANTRY")
+    ds.AcquisitionComments = m("ACQCOMM")
+    ds.DerivationDescription = m("DERIV")
+    ds.AdmittingDiagnosesDescription = m("DIAGNOSIS")
+    ds.ReasonForStudy = m("REASON")
+    ds.AdmissionID = m("ADMID")
+    ds.MedicalAlerts = m("ALERTS")
+    ds.Allergies = m("ALLERGY")
+    ds.PatientState = m("PATSTATE")
+    ds.BurnedInAnnotation = "NO"
+    # Not in the Annex E table at all: only the allow-list removes them.
+    ds.SoftwareVersions = m("SOFTVER")
+    ds.WindowCenterWidthExplanation = m("WINEXPL")
+    ds.add_new(0x00089990, "UN", (p + "UNKNOWN").encode().ljust(16, b" "))  # not in the dictionary
+    markers.append(p + "UNKNOWN")
+    # Content text (an SR-style content tree in an image), two levels deep.
+    ds.ContentSequence = Sequence(
+        [_item(RelationshipType="CONTAINS", ValueType="TEXT", TextValue=m("CONTENTTXT"),
+               ContentSequence=Sequence([_item(ValueType="PNAME", PersonName=m("CONTPERS"))]))]
+    )
+    # A kept (safe-listed) sequence three deep: its numbers stay, unlisted text inside goes.
+    ds.SharedFunctionalGroupsSequence = Sequence(
+        [
+            _item(
+                FrameAnatomySequence=Sequence(
+                    [
+                        _item(
+                            FrameLaterality="U",
+                            AnatomicRegionSequence=Sequence(
+                                [_item(CodeValue="T-A0100", CodingSchemeDesignator="SRT",
+                                       CodeMeaning="Brain", CodingSchemeName=m("SCHEMENM"),
+                                       PatientName=m("DEEPNAME"))]
+                            ),
+                        )
+                    ]
+                )
+            )
+        ]
+    )
+
     ds.private_block(0x0009, m("CREATOR"), create=True).add_new(0x01, "LO", m("PRIVVAL"))
     ds.private_block(0x0009, p + "CREATOR").add_new(
         0x02, "SQ", Sequence([_item(PatientName=m("PRIVSEQ"))])
@@ -147,6 +207,15 @@ def make_phi_dataset(marker_prefix: str, instance: int = 1) -> tuple[Dataset, li
     ds.private_block(0x0019, SAFE_PRIVATE_CREATOR, create=True).add_new(
         SAFE_PRIVATE_TAG & 0xFF, "IS", SAFE_PRIVATE_VALUE
     )
+
+    # Vendor private blocks, one of them a creator whose other elements are safe-listed.
+    ds.private_block(0x0029, "SIEMENS CSA HEADER", create=True).add_new(
+        0x10, "OB", (p + "CSAHDR").encode().ljust(16, b"\0")
+    )
+    markers.append(p + "CSAHDR")
+    ds.private_block(0x0009, "GEMS_IDEN_01", create=True).add_new(0x02, "SH", m("GESUITE"))
+    ds.private_block(0x0019, SAFE_PRIVATE_CREATOR).add_new(0x08, "LO", m("IMAGMODE"))
+    ds.add_new(0x00111010, "LO", m("ORPHAN"))  # a private element without its creator
 
     ds.add_new(0x60000010, "US", 8)
     ds.add_new(0x60000011, "US", 8)
@@ -156,7 +225,11 @@ def make_phi_dataset(marker_prefix: str, instance: int = 1) -> tuple[Dataset, li
     ds.add_new(0x60000102, "US", 0)
     ds.add_new(0x60003000, "OW", b"\xff\x00" * 4)
     ds.add_new(0x60004000, "LT", m("OVLCOMM"))
+    ds.add_new(0x60000022, "LO", m("OVLDESC"))
+    ds.add_new(0x60001500, "LO", m("OVLLABEL"))
     ds.add_new(0x50002500, "LO", m("CURVELBL"))
+    ds.add_new(0x50003000, "OB", (p + "CURVEDATA").encode().ljust(16, b"\0"))
+    markers.append(p + "CURVEDATA")
 
     ds.Rows = 8
     ds.Columns = 8

@@ -22,6 +22,7 @@ class RunningStorageElement:
     config_path: Path
     catalog: Catalog
     stager: Stager
+    app: StorageElement
     url: str
     _server: object
     _thread: threading.Thread
@@ -30,6 +31,7 @@ class RunningStorageElement:
         self._server.stop()  # type: ignore[attr-defined]
         self._thread.join(timeout=10)
         self.stager.stop()
+        self.app.close()
         self.catalog.close()
 
 
@@ -37,13 +39,14 @@ def start_storage_element(config_path: Path) -> RunningStorageElement:
     config = load_config(config_path)
     catalog = open_catalog(config)
     stager = Stager(config, catalog, KeystoreClient.from_config(config))
+    app = StorageElement(config, catalog, stager)  # listens to events before the stager's first
     stager.start()
-    server = make_server(config, StorageElement(config, catalog, stager))
+    server = make_server(config, app)
     server.prepare()
     thread = threading.Thread(target=server.serve, daemon=True)
     thread.start()
     url = f"https://127.0.0.1:{server.bind_addr[1]}"
-    return RunningStorageElement(config, config_path, catalog, stager, url, server, thread)
+    return RunningStorageElement(config, config_path, catalog, stager, app, url, server, thread)
 
 
 def register(config_path: Path, datasets: list) -> None:

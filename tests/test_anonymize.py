@@ -3,7 +3,9 @@
 import os
 import shutil
 import subprocess
+import tomllib
 from datetime import date
+from importlib.resources import files
 from io import BytesIO
 from pathlib import Path
 
@@ -19,6 +21,9 @@ from srm_dicom.anonymize import (
     IMPLEMENTATION_VERSION_NAME,
     AnonymizationOptions,
     anonymize,
+    profile_table,
+    safe_attributes,
+    safe_private,
     to_bytes,
 )
 from srm_dicom.errors import InvalidInput
@@ -137,11 +142,12 @@ def test_file_meta_is_rebuilt_and_deidentification_declared():
     # Type 2 attributes stay present, emptied; Patient ID becomes the keyed patient key.
     assert out.get("PatientName", "") == "" and out.get("PatientBirthDate", "") == ""
     assert len(out.PatientID) == 32
-    assert len(out.ReferencedStudySequence) == 0
+    assert "ReferencedStudySequence" not in out  # X/Z on a type 3 sequence: removed
 
 
 def test_options_change_what_is_kept():
     ds, _ = make_phi_dataset("QZ7")
+    ds.ProtocolName = "T1 QZ7PATNAME jane 3D QZ7ACC"
     options = AnonymizationOptions(
         retain_institution_identity=True,
         retain_device_identity=True,
@@ -156,7 +162,9 @@ def test_options_change_what_is_kept():
     assert out.PatientSex == "F" and out.PatientAge == "042Y"
     assert out[SAFE_PRIVATE_TAG].value == SAFE_PRIVATE_VALUE
     assert "QZ7PRIVVAL" not in str([e.value for e in out if e.tag.is_private])
-    assert out.SeriesDescription not in ("", "QZ7SERIESDESC")
+    # Descriptors are kept without the words of values the profile removes (a typed-in name).
+    assert out.ProtocolName == "T1 3D"
+    assert out.SeriesDescription == "QZ7SERIESDESC"
     assert "PatientName" in out and out.PatientName == ""
     codes = {i.CodeValue for i in out.DeidentificationMethodCodeSequence}
     assert codes == {"113100", "113105", "113108", "113109", "113111", "113112"}
@@ -250,3 +258,63 @@ def test_dcm2niix_converts_an_anonymized_series_to_the_same_voxels(name: str, tm
     converted = _dcm2niix_voxels(dcm2niix, anonymized, tmp_path / "anonymized_nii")
     assert converted.shape == original.shape
     assert np.array_equal(converted, original)
+
+
+# -- the allow-list ---------------------------------------------------------------------
+
+
+def test_the_safe_lists_are_data_with_a_source_and_a_reason_for_each_entry():
+    table = {int(e["id"], 16) for e in profile_table() if e["id"].isalnum() and "X" not in e["id"].upper()}
+    groups = tomllib.loads((files("srm_dicom") / "data" / "safe_attributes.toml").read_text())["group"]
+    listed = [keyword for group in groups for keyword in group["attributes"]]
+    assert all(group["source"].startswith("PS3.3") and group["reason"] for group in groups)
+    assert len(listed) == len(set(listed)) == len(safe_attributes()) > 300
+    assert not set(safe_attributes()) & table  # the Annex E table decides what it lists
+    private = tomllib.loads((files("srm_dicom") / "data" / "safe_private.toml").read_text())["attribute"]
+    assert all(e["source"] == "PS3.15 Table E.3.10-1" and e["reason"] and e["vr"] for e in private)
+    assert len(safe_private()) == len(private)
+
+
+def test_what_no_list_names_is_removed_at_any_depth():
+    ds, _ = make_phi_dataset("QZ7")
+    out = reread(to_bytes(anonymize(ds, SECRET)))
+    for tag in (0x60000022, 0x60001500, 0x60000010, 0x50002500, 0x50003000, 0x00089990, 0x00111010):
+        assert tag not in out  # overlay text and plane, curves, an unknown (UN) element, an orphan
+    assert "SoftwareVersions" not in out and "WindowCenterWidthExplanation" not in out
+    assert len(out.ContentSequence) == 0  # content text (D on a sequence: empty)
+    region = out.SharedFunctionalGroupsSequence[0].FrameAnatomySequence[0].AnatomicRegionSequence[0]
+    assert (region.CodeValue, region.CodingSchemeDesignator, region.CodeMeaning) == ("T-A0100", "SRT", "Brain")
+    assert "CodingSchemeName" not in region and region.get("PatientName", "") == ""
+    assert out.SharedFunctionalGroupsSequence[0].FrameAnatomySequence[0].FrameLaterality == "U"
+    # What processing needs stays.
+    for keyword in ("Rows", "BitsStored", "PixelSpacing", "ImagePositionPatient", "Modality", "Manufacturer"):
+        assert out[keyword].value == ds[keyword].value
+
+
+def test_safe_private_keeps_only_listed_elements_of_a_listed_creator():
+    ds, _ = make_phi_dataset("QZ7")
+    out = reread(to_bytes(anonymize(ds, SECRET, AnonymizationOptions(retain_safe_private=True))))
+    private = {elem.tag: elem.value for elem in out if elem.tag.is_private}
+    assert private == {0x00190010: "SIEMENS MR HEADER", SAFE_PRIVATE_TAG: SAFE_PRIVATE_VALUE}
+
+
+def _dciodvfy_errors(dciodvfy: str, path: Path) -> set[str]:
+    run = subprocess.run([dciodvfy, "-new", str(path)], capture_output=True, text=True)
+    lines = (run.stderr + run.stdout).splitlines()
+    return {" ".join(line.split()) for line in lines if line.startswith("Error")}
+
+
+def test_served_files_pass_dciodvfy_with_no_new_errors(tmp_path: Path):
+    dciodvfy = require_program("dciodvfy")
+    phi = tmp_path / "phi.dcm"
+    dcmwrite(phi, make_phi_dataset("QZ7")[0], enforce_file_format=True)
+    originals = [phi] + [slices(series)[0] for series in vendor_series()]
+    assert len(originals) > 10 or not IN_CI
+    new_errors = {}
+    for index, original in enumerate(originals):
+        served = tmp_path / f"{index}.dcm"
+        served.write_bytes(to_bytes(anonymize(dcmread(original), SECRET)))
+        found = _dciodvfy_errors(dciodvfy, served) - _dciodvfy_errors(dciodvfy, original)
+        if found:
+            new_errors[original.as_posix()] = sorted(found)
+    assert new_errors == {}

@@ -28,6 +28,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from xml.sax.saxutils import escape
 
+import pydicom
 import pytest
 
 import clients
@@ -559,3 +560,26 @@ def test_a_large_download_on_a_terminal_shows_a_progress_bar(storage, key_server
     assert process.wait(timeout=60) == 0 and process.stdout.read() == b""  # type: ignore[union-attr]
     assert "━".encode() in terminal and b"MB" in terminal
     assert out.read_bytes() == big.plain
+
+
+def test_a_connection_the_storage_element_hangs_up_on_is_asked_again(storage_element, key_servers, tmp_path):
+    """Issue 12, finding 7 (client.py): a connection closed before any answer was an
+    ssl.SSLError, caught as "refused the TLS handshake" (exit 5) instead of asked again."""
+    from proxy import FaultyProxy
+
+    running, series = storage_element
+    entry = next(e for e in running.catalog.namespace.list_dir(
+        running.catalog.namespace.list_dir(running.catalog.namespace.list_dir("/grid/demo/mdm").directories[0]).directories[0]
+    ).entries if e.kind == "slice")
+    port = int(running.url.rsplit(":", 1)[1])
+    with FaultyProxy(("127.0.0.1", port), drop_first=1) as proxy:
+        config = client_config(tmp_path, key_servers, f"https://127.0.0.1:{proxy.port}")
+        out = tmp_path / "slice.dcm"
+        code, _, stderr = get(config, "-l", entry.lfn, str(out))
+        assert code == 0, stderr
+        assert proxy.accepted == 2
+        assert pydicom.dcmread(out).SOPInstanceUID == entry.sop_uid
+    with FaultyProxy(("127.0.0.1", port), drop_first=2) as proxy:
+        config = client_config(tmp_path, key_servers, f"https://127.0.0.1:{proxy.port}")
+        code, _, stderr = get(config, "-f", "-l", entry.lfn, str(out))
+        assert code == 1 and "closed the connection before answering" in stderr, stderr

@@ -2,6 +2,7 @@ import os
 import shutil
 import signal
 import subprocess
+import time
 
 import pydicom
 import pytest
@@ -62,7 +63,7 @@ def test_pushed_images_are_registered_and_stored_into_the_pacs_when_asked(
     assert "3 registered, 0 updated, 0 already registered, 0 failed" in out
     config = load_config(config_path)
     catalog = open_catalog(config)
-    assert catalog.count() == 4
+    assert catalog.namespace.count() == 4
     catalog.close()
     first = make_series(slices=1, size=16, seed="push")[0]
     with PacsClient(config.pacs) as pacs:
@@ -87,3 +88,25 @@ def test_a_push_the_catalog_cannot_name_is_refused_and_the_rest_goes_on(embedded
     responses = [line for line in result.stderr.splitlines() if "Received Store Response" in line]
     assert len(responses) == 2 and sum("(Success)" in line for line in responses) == 1, responses
     assert "1 registered" in out and "1 failed" in out and "SeriesInstanceUID is not a valid UID" in out
+
+
+def test_the_first_push_after_a_pause_longer_than_the_key_servers_idle_timeout_is_registered(
+    embedded_pacs, pki, tmp_path
+):
+    """Issue 12, finding 7: the key servers had closed the kept-alive connections, the first
+    push after the pause failed to store its key and the modality got 0xC000."""
+    from srm_dicom.keystore.local import LocalKeyServers
+
+    port = free_port()
+    with LocalKeyServers(pki, tmp_path / "keystores", idle_timeout=0.3) as impatient:
+        config_path = write_site_config(tmp_path / "site", embedded_pacs, impatient, listen_port=port)
+        first, second, third = write_files(tmp_path, "pause")
+        proc = start_listener(config_path)
+        try:
+            for file in (first, second, third):
+                result = push([file], port)
+                assert result.returncode == 0 and "0xc000" not in result.stderr.lower(), result.stderr
+                time.sleep(1.5)  # longer than the idle timeout: the servers close the connections
+        finally:
+            out = stop_listener(proc)
+    assert "3 registered, 0 updated, 0 already registered, 0 failed" in out

@@ -122,4 +122,11 @@ MIGRATIONS: list[str] = [
     CREATE INDEX dicom_deidentified ON dicom (deid_study_uid, deid_series_uid);
     CREATE INDEX medical_study_date ON medical (study_date)
     """,
+    # 6: the stored voxel type and rescale of each image, so a volume keeps its integers
+    # (NIfTI scl_slope/scl_inter) and its size is known from the rows alone.
+    """
+    ALTER TABLE image ADD COLUMN pixel_representation INTEGER;
+    ALTER TABLE image ADD COLUMN rescale_slope REAL;
+    ALTER TABLE image ADD COLUMN rescale_intercept REAL
+    """,
 ]

@@ -40,6 +40,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "site": ("site", "list, add or remove the storage elements (sites) your client config reaches"),
     "set-right": ("setright", "change who may list, get and see the metadata of images (owner or register group)"),
     "query": ("query", "find images by their metadata (patient, modality, dates, UIDs…); prints LFN and GUID"),
+    "doctor": ("doctor", "check a deployment: config, file modes, certificates, PACS, key servers, database, cache"),
 }
 
 EXIT_INTERRUPTED = 130

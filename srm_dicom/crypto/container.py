@@ -35,7 +35,7 @@ import secrets
 import struct
 import uuid
 from collections.abc import Callable
-from typing import BinaryIO
+from typing import IO
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -43,6 +43,9 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from srm_dicom.errors import MdmError
+
+# What streams in and out: files, temporary files, sockets and io.RawIOBase adapters.
+Stream = IO[bytes] | io.RawIOBase
 
 MAGIC = b"MDMENC"
 FORMAT_VERSION = 1
@@ -154,7 +157,7 @@ def encrypted_size(plain_size: int, chunk_size: int = DEFAULT_CHUNK_SIZE) -> int
     return HEADER_SIZE + plain_size + TAG_SIZE * _chunk_count(plain_size, chunk_size)
 
 
-def read_header(source: Buffer | BinaryIO) -> Header:
+def read_header(source: Buffer | Stream) -> Header:
     """Parse the header from bytes (at least the header) or a file at its current position.
 
     Nothing is authenticated here: no key is needed, and the key id tells a client which
@@ -202,8 +205,8 @@ def encrypt_stream(
     key: bytes,
     key_id: bytes,
     version: int,
-    src: BinaryIO,
-    dst: BinaryIO,
+    src: Stream,
+    dst: Stream,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     size: int | None = None,
 ) -> Header:
@@ -266,7 +269,7 @@ def encrypt_bytes(
     return out
 
 
-def decrypt_stream(key: bytes, src: BinaryIO, dst: BinaryIO) -> Header:
+def decrypt_stream(key: bytes, src: Stream, dst: Stream) -> Header:
     """Decrypt ``src`` (at the header) into ``dst`` in constant memory.
 
     Chunks are written as they authenticate: on an error, ``dst`` holds the authentic
@@ -307,7 +310,7 @@ def decrypt_bytes(key: bytes, data: Buffer) -> bytearray:
     return out
 
 
-def decrypt_range(key: bytes, source: ReadAt | BinaryIO, offset: int, length: int) -> bytes:
+def decrypt_range(key: bytes, source: ReadAt | Stream, offset: int, length: int) -> bytes:
     """Plaintext bytes ``offset`` to ``offset + length`` (clipped at the end of the file).
 
     ``source`` is a seekable file or ``read_at(offset, size) -> bytes`` (an HTTP Range
@@ -452,18 +455,18 @@ def _content_keys(key: bytes, version: int) -> tuple[AESGCM, bytes]:
     return AESGCM(material[:KEY_SIZE]), material[KEY_SIZE:]
 
 
-def _read_full(src: BinaryIO, view: memoryview) -> int:
+def _read_full(src: Stream, view: memoryview) -> int:
     """Fill ``view`` unless the stream ends; raw files and pipes may return short reads."""
     filled = 0
     while filled < len(view):
-        got = src.readinto(view[filled:])
+        got = src.readinto(view[filled:])  # type: ignore[union-attr]  # IO lacks readinto; files have it
         if not got:
             break
         filled += got
     return filled
 
 
-def _remaining(src: BinaryIO) -> int:
+def _remaining(src: Stream) -> int:
     if not src.seekable():
         raise ValueError("the plaintext size is needed to encrypt an unseekable stream")
     here = src.tell()
@@ -472,7 +475,7 @@ def _remaining(src: BinaryIO) -> int:
     return end - here
 
 
-def _file_reader(file: BinaryIO) -> ReadAt:
+def _file_reader(file: Stream) -> ReadAt:
     def read_at(offset: int, size: int) -> bytes:
         file.seek(offset)
         return file.read(size)

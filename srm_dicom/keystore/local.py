@@ -21,7 +21,7 @@ HOST = "127.0.0.1"
 class LocalKeyServers:
     """``n`` key servers using the demo PKI in ``pki``, keeping their shares under ``state``."""
 
-    def __init__(self, pki: Path, state: Path, n: int = 3) -> None:
+    def __init__(self, pki: Path, state: Path, n: int = 3, idle_timeout: float = 10.0) -> None:
         state.mkdir(parents=True, exist_ok=True)
         self.pki = pki
         self._servers: list[wsgi.Server] = []
@@ -37,6 +37,7 @@ class LocalKeyServers:
                 host=HOST,
                 port=0,
                 threads=4,
+                idle_timeout=idle_timeout,
             )
             for i in range(1, n + 1)
         ]

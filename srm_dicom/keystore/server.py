@@ -72,6 +72,9 @@ class KeystoreServerConfig:
     host: str = "127.0.0.1"
     port: int = 8441
     threads: int = 8
+    # Seconds a kept-alive connection may sit idle (and a request may take to arrive) before
+    # the server closes it: clients reconnect transparently (README, Configuration).
+    idle_timeout: float = 10.0
 
     @classmethod
     def load(cls, path: Path) -> KeystoreServerConfig:
@@ -88,9 +91,11 @@ class KeystoreServerConfig:
         if not isinstance(services, list) or not all(isinstance(s, str) for s in services):
             raise ConfigError(f"keystore config {path}: 'services' must list the service DNs")
         data["services"] = tuple(services)
-        for name, kind in (("host", str), ("port", int), ("threads", int)):
-            if name in data and not isinstance(data[name], kind):
-                raise ConfigError(f"keystore config {path}: '{name}' must be a {kind.__name__}")
+        for name, kinds in (("host", (str,)), ("port", (int,)), ("threads", (int,)), ("idle_timeout", (int, float))):
+            if name in data and (not isinstance(data[name], kinds) or isinstance(data[name], bool)):
+                raise ConfigError(f"keystore config {path}: '{name}' must be a {kinds[-1].__name__}")
+        if data.get("idle_timeout", 1) <= 0:
+            raise ConfigError(f"keystore config {path}: 'idle_timeout' must be > 0 seconds")
         return cls(**data)
 
 
@@ -364,6 +369,7 @@ def make_server(config: KeystoreServerConfig) -> wsgi.Server:
         if not getattr(config, name).is_file():
             raise ConfigError(f"keystore: {name} file {getattr(config, name)} not found")
     app = KeystoreApp(ShareStore(config.database), VoMap.load(config.vomap), config.services)
-    server = wsgi.Server((config.host, config.port), app, numthreads=config.threads)
+    server = wsgi.Server((config.host, config.port), app, numthreads=config.threads,
+                         timeout=config.idle_timeout)  # type: ignore[arg-type]  # cheroot takes float seconds; its stub says int
     server.ssl_adapter = ClientAuthSSLAdapter(str(config.cert), str(config.key), str(config.ca))
     return server

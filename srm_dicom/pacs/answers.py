@@ -34,4 +34,4 @@ def keep_answers_for_the_caller(assoc: Association) -> None:
             messages.not_full.notify()
             return item
 
-    dimse.get_msg = get_msg
+    dimse.get_msg = get_msg  # type: ignore[method-assign]  # the point: replace pynetdicom's reader

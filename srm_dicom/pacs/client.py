@@ -61,6 +61,7 @@ from pynetdicom.status import (
 import srm_dicom.pacs  # noqa: F401  (TCP_NODELAY and quiet pynetdicom logging)
 from srm_dicom.config import PacsConfig
 from srm_dicom.errors import InvalidInput, NotFound, PacsError
+from srm_dicom.events import PacsCall, timed
 from srm_dicom.pacs.answers import keep_answers_for_the_caller
 
 MAX_CONTEXTS = 128
@@ -235,7 +236,7 @@ class PacsClient:
             self.config.port,
             contexts=contexts,
             ae_title=self.config.aet,
-            ext_neg=roles or None,
+            ext_neg=list(roles) or None,
             evt_handlers=[
                 (evt.EVT_C_STORE, self._inbox.on_store),
                 (evt.EVT_CONN_OPEN, lambda event: connected.set()),
@@ -246,7 +247,7 @@ class PacsClient:
             return assoc
         if assoc.is_rejected:
             rj = assoc.acceptor.primitive
-            assert rj is not None  # a rejected association has the A-ASSOCIATE-RJ it got
+            assert rj is not None  # a rejection always carries the A-ASSOCIATE-RJ
             raise self._error(
                 f"association rejected ({rj.result_str}, {rj.source_str}: {rj.reason_str})"
             )
@@ -254,7 +255,7 @@ class PacsClient:
             raise self._error("cannot connect (PACS down or unreachable?)")
         if assoc.rejected_contexts:
             refused = ", ".join(
-                f"{UID(str(cx.abstract_syntax)).name} in {' or '.join(UID(t).name for t in cx.transfer_syntax)}"
+                f"{UID(cx.abstract_syntax or '').name} in {' or '.join(UID(t).name for t in cx.transfer_syntax)}"
                 for cx in assoc.rejected_contexts[:3]
             )
             raise self._error(f"no presentation context accepted, refused: {refused}")
@@ -279,6 +280,7 @@ class PacsClient:
 
     # -- services ----------------------------------------------------------------
 
+    @timed(PacsCall, operation="C-ECHO")
     def echo(self) -> None:
         """C-ECHO: proves the PACS answers to our AE title."""
         assoc = self._association(self._single(Verification))
@@ -290,6 +292,7 @@ class PacsClient:
                 f"C-ECHO failed: {_status_text(status.Status, VERIFICATION_SERVICE_CLASS_STATUS)}"
             )
 
+    @timed(PacsCall, operation="C-STORE")
     def store(self, ds: Dataset) -> None:
         """C-STORE one dataset, in exactly its own transfer syntax."""
         sop_class, ts = str(ds.SOPClassUID), _transfer_syntax(ds)
@@ -316,6 +319,7 @@ class PacsClient:
             self.store(ds)
         return len(batch)
 
+    @timed(PacsCall, operation="C-FIND")
     def find(self, level: str, query: Dataset) -> list[Dataset]:
         """C-FIND at ``level``: Patient Root for PATIENT, Study Root otherwise."""
         if level not in LEVELS:
@@ -426,6 +430,7 @@ class PacsClient:
             return None
         return any(ds.get("SOPClassUID") for ds in found)
 
+    @timed(PacsCall, operation="C-GET")
     def get(
         self, study: str, series: str, sops: Instances = None, sop_classes: frozenset[str] = frozenset(),
         partial: list[str] | None = None,
@@ -442,6 +447,7 @@ class PacsClient:
         responses = assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet)
         yield from self._collect("C-GET", responses, QR_GET_SERVICE_CLASS_STATUS, partial=partial)
 
+    @timed(PacsCall, operation="C-MOVE")
     def move(
         self, study: str, series: str, sops: Instances = None, partial: list[str] | None = None
     ) -> Iterator[Dataset]:
@@ -457,6 +463,7 @@ class PacsClient:
                 block=False,
                 evt_handlers=[(evt.EVT_C_STORE, inbox.on_store)],
             )
+            assert server is not None  # block=False returns the running server
         except OSError as exc:
             raise self._error(
                 f"C-MOVE: cannot listen on port {self.config.move_port} ({exc.strerror})"

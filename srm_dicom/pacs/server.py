@@ -250,7 +250,7 @@ class EmbeddedPacs:
             ae.add_supported_context(model)
         for cx in AllStoragePresentationContexts:
             ae.add_supported_context(
-                cx.abstract_syntax, STORE_SYNTAXES, scu_role=True, scp_role=True
+                str(cx.abstract_syntax), STORE_SYNTAXES, scu_role=True, scp_role=True
             )
         return ae
 
@@ -258,7 +258,7 @@ class EmbeddedPacs:
         """Listen in background threads; returns once the port is bound."""
         self.storage.mkdir(parents=True, exist_ok=True)
         self._index = Index(self.storage / INDEX_FILE)
-        handlers = [
+        handlers: list = [
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_C_FIND, self._on_find),
             (evt.EVT_C_GET, self._on_get),
@@ -352,7 +352,7 @@ class EmbeddedPacs:
         yield from self._send(event, files)
 
     def _on_move(self, event: evt.Event) -> Iterator[object]:
-        destination = self.destinations.get(event.move_destination.strip())
+        destination = self.destinations.get((event.move_destination or "").strip())
         if destination is None:
             yield None, None  # pynetdicom answers 0xA801, Move Destination Unknown
             return

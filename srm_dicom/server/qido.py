@@ -191,10 +191,11 @@ class Qido:
         for keyword, listed in search.uids.items():
             prefilter = equals_any(ATTRIBUTES[keyword], sorted(listed))
             original = equals_any(ATTRIBUTES["Original" + keyword], sorted(listed))
+            assert prefilter.where is not None and original.where is not None  # equals_any always filters
             query = query & Query(Boolean("or", (prefilter.where, original.where)), "")
         # The UID keys match the UID the caller sees: checked below per image, so only the
         # other filters decide the level an image needs.
-        matches = visible(self._catalog.search(query, sorted(wanted, key=lambda a: a.keyword)), identity,
+        matches = visible(self._catalog.index.search(query, sorted(wanted, key=lambda a: a.keyword)), identity,
                           search.query.level, list(wanted))
         matches = (m for m in matches if all(_shown_uid(m, k) in v for k, v in search.uids.items()))
         if search.level == "instance":
@@ -215,6 +216,7 @@ def _values(match: Visible, fields: Iterable[str]) -> dict[str, Any]:
 
 def _aggregate(matches: Iterable[Visible], search: Search) -> list[dict[str, Any]]:
     groups: dict[tuple[str, ...], dict[str, Any]] = {}
+    key: tuple[str, ...]
     series_of: dict[tuple[str, ...], set[str]] = {}
     for match in matches:
         study = _shown_uid(match, "StudyInstanceUID")

@@ -46,6 +46,7 @@ class KeyServer:
     pki: Path
     port: int = field(default_factory=free_port)
     process: subprocess.Popen | None = None
+    idle_timeout: float = 10.0
 
     @property
     def url(self) -> str:
@@ -63,6 +64,7 @@ class KeyServer:
             f'port = {self.port}\ncert = "{host}/cert.pem"\nkey = "{host}/key.pem"\n'
             f'ca = "{self.pki}/ca.pem"\ndatabase = "{self.database.name}"\n'
             f'vomap = "{self.pki}/vomap.toml"\nservices = ["{SERVICE_DN}"]\nthreads = 4\n'
+            f"idle_timeout = {self.idle_timeout}\n"
         )
         return path
 
@@ -447,3 +449,53 @@ def test_bad_bulk_requests_get_rfc7807_problems(pki, servers, path, body, status
     got, content_type, payload = _raw(pki, servers[0], "POST", path, body)
     assert got == status and content_type == "application/problem+json"
     assert json.loads(payload)["detail"]
+# The servers close a kept-alive connection after this long idle (cheroot's timeout; 10 s by
+# default): short here so that the idle gap of a real pause takes a second, not ten.
+SHORT_IDLE = 0.5
+
+
+@pytest.fixture(scope="module")
+def impatient_servers(pki, tmp_path_factory) -> Iterator[list[KeyServer]]:
+    folder = tmp_path_factory.mktemp("impatient")
+    started = [KeyServer(i, folder, pki, idle_timeout=SHORT_IDLE) for i in (1, 2, 3)]
+    for server in started:
+        server.start()
+    try:
+        for server in started:
+            server.wait_ready()
+        yield started
+    finally:
+        for server in started:
+            server.stop()
+
+
+def test_every_call_after_the_servers_closed_idle_connections_succeeds(pki, impatient_servers):
+    """Issue 12, finding 7: the first write after the idle timeout failed with an SSLError
+    the client did not recognise as a closed kept-alive connection."""
+    alice = client(pki, "alice", urls_of(impatient_servers))
+    alice.put_key("guid:before-a-pause", os.urandom(32), physician_acl())
+    for name in ("guid:after-pause-1", "guid:after-pause-2"):
+        time.sleep(SHORT_IDLE * 4)  # every kept-alive connection is now closed by its server
+        key = os.urandom(32)
+        alice.put_key(name, key, physician_acl())
+        time.sleep(SHORT_IDLE * 4)
+        assert client(pki, "bob", urls_of(impatient_servers)).fetch_key(name, exact(key)) == key
+        assert alice.fetch_key(name, exact(key)) == key
+    time.sleep(SHORT_IDLE * 4)
+    alice.set_acl("guid:after-pause-1", Acl(ALICE, ()))
+    time.sleep(SHORT_IDLE * 4)
+    alice.delete_key("guid:after-pause-2")
+
+
+def test_an_idle_timeout_that_is_not_a_positive_number_is_refused(tmp_path):
+    from srm_dicom.errors import ConfigError
+    from srm_dicom.keystore.server import KeystoreServerConfig
+
+    base = 'cert = "c"\nkey = "k"\nca = "a"\ndatabase = "d"\nvomap = "v"\nservices = []\n'
+    for bad in ("0", "-1", '"ten"', "true"):
+        path = tmp_path / "keystore.toml"
+        path.write_text(base + f"idle_timeout = {bad}\n")
+        with pytest.raises(ConfigError, match="idle_timeout"):
+            KeystoreServerConfig.load(path)
+    path.write_text(base + "idle_timeout = 2.5\n")
+    assert KeystoreServerConfig.load(path).idle_timeout == 2.5

@@ -59,9 +59,9 @@ def assert_true_to_catalog(entry: Entry, data: bytes) -> None:
 
 def slice_entries(catalog: Catalog) -> list[Entry]:
     """The registered slices (one series per site here)."""
-    (study,) = catalog.list_dir("/grid/demo/mdm").directories
-    (series,) = catalog.list_dir(study).directories
-    return [e for e in catalog.list_dir(series).entries if e.kind == "slice"]
+    (study,) = catalog.namespace.list_dir("/grid/demo/mdm").directories
+    (series,) = catalog.namespace.list_dir(study).directories
+    return [e for e in catalog.namespace.list_dir(series).entries if e.kind == "slice"]
 
 
 def wait_completed(client: Https, request_id: str, timeout: float = 30) -> dict:
@@ -193,7 +193,7 @@ def test_a_server_killed_while_staging_serves_no_partial_file_and_the_request_re
         client.close()
     # Killed in the middle of the series' one staging batch: some files published, the
     # batch's outcome not yet in the catalog.
-    states = [f.state for f in catalog.stage_request(request_id).files]
+    states = [f.state for f in catalog.stages.stage_request(request_id).files]
     assert set(states) == {"STARTED"} and 0 < len(published()) < len(entries), (states, len(published()))
 
     in_flight = [p for p in cache.iterdir() if p.name.startswith(".")]  # what the kill interrupted
@@ -210,3 +210,32 @@ def test_a_server_killed_while_staging_serves_no_partial_file_and_the_request_re
         finally:
             client.close()
     catalog.close()
+
+
+def test_the_first_volume_get_after_the_key_servers_closed_idle_connections_is_served(
+        embedded_pacs, pki, tmp_path):
+    """Issue 12, finding 7: a first 3D GET after an idle time answered 503, its key's shares
+    sent over kept-alive connections the key servers had closed meanwhile."""
+    from srm_dicom.keystore.local import LocalKeyServers
+
+    with LocalKeyServers(pki, tmp_path / "keystores", idle_timeout=0.3) as impatient:
+        config_path = write_site_config(tmp_path / "site", embedded_pacs, impatient)
+        register(config_path, make_series(slices=3, size=16, seed="idle volume"))
+        se = start_storage_element(config_path)
+        try:
+            bob = Credential.of_user(pki, "bob")
+            first = slice_entries(se.catalog)[0]
+            warm = clients.curl(se.url + first.lfn, bob, "-f", "-o", str(tmp_path / "slice.enc"))
+            assert warm.returncode == 0, warm.stderr  # the stager now keeps connections to the key servers
+            time.sleep(1.5)
+            volume = se.catalog.namespace.lookup(first.lfn.rsplit("/", 1)[0] + "/3D")
+            assert volume is not None
+            out = tmp_path / "volume.enc"
+            got = clients.curl(se.url + volume.lfn, bob, "-f", "-o", str(out))
+            assert got.returncode == 0, got.stderr
+            assert_true_to_catalog(se.catalog.namespace.lookup(volume.lfn), out.read_bytes())
+            time.sleep(1.5)
+            again = clients.curl(se.url + first.lfn, bob, "-f", "-o", str(tmp_path / "again.enc"))
+            assert again.returncode == 0, again.stderr
+        finally:
+            se.stop()
