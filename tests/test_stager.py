@@ -54,9 +54,9 @@ class Site:
 
 
 def make_site(workdir: Path, peer, key_servers, slices: int = 3, workers: int = 2, seed: str = "stage",  # type: ignore[no-untyped-def]
-              drop: tuple[int, ...] = ()) -> Site:
+              drop: tuple[int, ...] = (), engine: str = "pynetdicom") -> Site:
     """A site with a synthetic series registered (and stored in ``peer``), but for the ``drop`` slices."""
-    path = write_site_config(workdir, peer, key_servers, workers=workers)
+    path = write_site_config(workdir, peer, key_servers, workers=workers, engine=engine)
     config = load_config(path)
     catalog = open_catalog(config)
     keystore = KeystoreClient.from_config(config)
@@ -544,6 +544,24 @@ def test_images_the_pacs_does_not_have_fail_alone_with_their_reason(any_pacs, tm
             assert failed.state == "FAILED" and not failed.on_disk
             assert failed.error and failed.error.startswith(pacs) and "\n" not in failed.error
             assert deidentify_uid(secret, extra[0].PatientID) not in failed.error
+    finally:
+        stager.stop()
+        site.catalog.close()
+
+
+def test_the_dcmtk_engine_stages_slices_and_volume_identical_to_the_catalog(any_pacs, tmp_path, key_servers):
+    site = make_site(tmp_path / "site", any_pacs, key_servers, slices=5, seed=f"dcmtk-{any_pacs.name}",
+                     engine="dcmtk")
+    stager = site.stager()
+    stager.start()
+    try:
+        request_id = stager.submit(site.slices[:3], pin_lifetime=600, requester="bob")
+        wait_final(stager, request_id)
+        assert all(f.state == "COMPLETED" for f in stager.request(request_id).files)
+        for entry in [*site.slices, site.volume]:  # the rest singly: a slice, a series for the volume
+            data = stager.fetch(entry, 20).read_bytes()
+            recorded = site.refresh(entry)
+            assert len(data) == recorded.size and f"{zlib.adler32(data):08x}" == recorded.adler32
     finally:
         stager.stop()
         site.catalog.close()

@@ -74,7 +74,7 @@ import peers  # noqa: E402
 import srm_dicom  # noqa: E402
 from sites import write_site_config  # noqa: E402
 from srm_dicom.catalog import Entry, UidTriple, open_catalog  # noqa: E402
-from srm_dicom.config import CacheConfig, ServerConfig, load_config  # noqa: E402
+from srm_dicom.config import CacheConfig, ServerConfig, default_engine, load_config  # noqa: E402
 from srm_dicom.errors import MdmError  # noqa: E402
 from srm_dicom.keystore.client import KeystoreClient  # noqa: E402
 from srm_dicom.pacs.client import PacsClient  # noqa: E402
@@ -174,8 +174,10 @@ class Served:
 class Site:
     """A catalog over one PACS; every ``serve()`` is a new storage element with an empty cache."""
 
-    def __init__(self, workdir: Path, peer: peers.Peer, keys: KeyServers, workers: int, threads: int) -> None:
-        base = write_site_config(workdir, peer, keys, wait_timeout=600, quota_bytes=16 << 30)  # type: ignore[arg-type]
+    def __init__(self, workdir: Path, peer: peers.Peer, keys: KeyServers, workers: int, threads: int,
+                 engine: str) -> None:
+        base = write_site_config(workdir, peer, keys, wait_timeout=600, quota_bytes=16 << 30,  # type: ignore[arg-type]
+                                 engine=engine)
         self.workdir, self.peer, self.pki = workdir, peer, keys.pki
         self._text = (base.read_text().replace("workers = 2", f"workers = {workers}")
                       .replace("threads = 8", f"threads = {threads}"))
@@ -390,7 +392,7 @@ REFERENCE, DCMTK = "PacsClient.get series", "getscu series"
 def prepare_site(kind: str, workdir: Path, keys: KeyServers, slices: int, size: int, args: argparse.Namespace,
                  seed: str) -> tuple[Site, Series]:
     peer = STARTERS[kind](workdir / "pacs", CLIENT_AET, peers.free_port())
-    site = Site(workdir / "site", peer, keys, args.workers, args.threads)
+    site = Site(workdir / "site", peer, keys, args.workers, args.threads, args.engine)
     datasets = make_series(slices=slices, size=size, seed=seed)
     start = time.perf_counter()
     register(site.config, datasets)
@@ -628,13 +630,16 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=CacheConfig().workers, help="[cache] workers")
     parser.add_argument("--threads", type=int, default=ServerConfig().threads, help="[server] threads")
     parser.add_argument("--skip", choices=["part1", "part2"], help="leave one part out")
+    parser.add_argument("--engine", choices=["pynetdicom", "dcmtk"], default=default_engine(),
+                        help="[pacs] engine of the storage element (default: as a site config without one)")
     args = parser.parse_args()
     needed = (GETSCU, CURL, peers.ORTHANC) + (() if args.skip == "part2" else (NGINX,))
     for program in needed:
         if not os.access(program, os.X_OK):
             raise SystemExit(f"missing program: {program}")
     print(f"code under test: {Path(srm_dicom.__file__).parent}")
-    print(f"storage element: [cache] workers = {args.workers}, [server] threads = {args.threads}; "
+    print(f"storage element: [pacs] engine = {args.engine}, [cache] workers = {args.workers}, "
+          f"[server] threads = {args.threads}; "
           f"client certificate of {USER}; {os.cpu_count()} CPUs")
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         workdir = Path(tmp)

@@ -1,0 +1,71 @@
+"""The DCMTK engine ([pacs] engine = "dcmtk"): C-GET by /usr/bin/getscu against every real PACS."""
+
+from __future__ import annotations
+
+import stat
+import tempfile
+from pathlib import Path
+
+import pytest
+from pydicom import Dataset
+
+from conftest import require_program
+from peers import Peer
+from srm_dicom.pacs.client import PacsClient, RetrieveRefused
+from srm_dicom.pacs.dcmtk import GETSCU
+from srm_dicom.synthetic import make_series
+
+
+@pytest.fixture
+def stored(any_pacs: Peer) -> list[Dataset]:
+    require_program(GETSCU)
+    series = make_series(slices=5, size=16, seed=f"dcmtk-{any_pacs.name}")
+    with PacsClient(any_pacs.pacs_config()) as pacs:
+        pacs.store_many(series)
+    return series
+
+
+def test_a_series_and_a_uid_list_arrive_whole(any_pacs: Peer, stored: list[Dataset]) -> None:
+    study, series = stored[0].StudyInstanceUID, stored[0].SeriesInstanceUID
+    with PacsClient(any_pacs.pacs_config(engine="dcmtk")) as pacs:
+        whole = {ds.SOPInstanceUID: ds for ds in pacs.get(study, series)}
+        asked = [stored[1].SOPInstanceUID, stored[3].SOPInstanceUID]
+        some = [ds.SOPInstanceUID for ds in pacs.get(study, series, asked)]
+    assert set(whole) == {ds.SOPInstanceUID for ds in stored}
+    for sent in stored:
+        got = whole[sent.SOPInstanceUID]
+        assert got.PixelData == sent.PixelData and got.file_meta.TransferSyntaxUID == sent.file_meta.TransferSyntaxUID
+    assert sorted(some) == sorted(asked)
+    # The spool directories (the PACS's originals, PHI included) are gone.
+    assert not list(Path(tempfile.gettempdir()).glob("mdm-getscu-*"))
+
+
+def test_an_unknown_uid_is_missed_or_refused_like_the_pynetdicom_engine(any_pacs: Peer, stored: list[Dataset]) -> None:
+    study, series = stored[0].StudyInstanceUID, stored[0].SeriesInstanceUID
+    asked = [stored[0].SOPInstanceUID, "1.2.3.4.5.6.7.8.9"]
+    outcomes = {}
+    for engine in ("pynetdicom", "dcmtk"):
+        with PacsClient(any_pacs.pacs_config(engine=engine)) as pacs:
+            try:
+                outcomes[engine] = sorted(ds.SOPInstanceUID for ds in pacs.get(study, series, asked, partial=[]))
+            except RetrieveRefused as exc:
+                assert str(exc).startswith(pacs.name) and "\n" not in str(exc)
+                outcomes[engine] = "refused"
+    assert outcomes["dcmtk"] == outcomes["pynetdicom"]  # Orthanc refuses the list; the others send what they have
+    assert outcomes["dcmtk"] in ("refused", [stored[0].SOPInstanceUID])
+
+
+def test_the_spool_directory_is_private(any_pacs: Peer, stored: list[Dataset], monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    modes: list[int] = []
+    made = tempfile.TemporaryDirectory
+
+    class Watched(made):  # type: ignore[misc, valid-type]
+        def __enter__(self):  # type: ignore[no-untyped-def]
+            path = super().__enter__()
+            modes.append(stat.S_IMODE(Path(path).stat().st_mode))
+            return path
+
+    monkeypatch.setattr(tempfile, "TemporaryDirectory", Watched)
+    with PacsClient(any_pacs.pacs_config(engine="dcmtk")) as pacs:
+        assert len(list(pacs.get(stored[0].StudyInstanceUID, stored[0].SeriesInstanceUID))) == len(stored)
+    assert modes == [0o700]
