@@ -339,7 +339,7 @@ class KeystoreClient:
                 # A kept-alive connection the server closed meanwhile (its idle timeout) fails on
                 # first use as a TLS EOF, a reset or an empty answer: all mean "open a new one".
                 # ssl.SSLError is an OSError, so it is retried too; every request here is
-                # idempotent (GET, PUT, DELETE of one key), so sending it again is safe.
+                # idempotent (GET, PUT, DELETE of one key; the bulk POSTs), so sending it again is safe.
                 if reused and attempt == 1 and not isinstance(exc, socket.timeout):
                     continue
                 raise _connection_failure(url, exc) from None
