@@ -19,8 +19,10 @@ Next to them, the same PACS doing the transfer alone, from this process:
   of the 3D GET and the cheapest way to move the images.
 - PacsClient.get per SOP: 100 C-GETs of one image each over one association: the floor of
   staging slice by slice (the storage element asks the PACS image by image).
-- getscu series: DCMTK's /usr/bin/getscu, one C-GET of the series, ``--ignore`` (received,
-  not written), TCP_NODELAY=1.
+- getscu series: DCMTK's /usr/bin/getscu, one C-GET of the series written into a
+  directory, TCP_NODELAY=1; the files are counted after the clock stops.
+- getscu + dcm2niix (3D): the same, then dcm2niix of the directory into one NIfTI file
+  (checked): the peers' cold 3D GET.
 - key fetch ×100: ``KeystoreClient.fetch_key`` of each slice's key from the three key
   servers, as the stager does once per slice (no content check): what slice-by-slice staging
   pays on top of the PACS.
@@ -83,6 +85,7 @@ from srm_dicom.synthetic import make_series  # noqa: E402
 from storage import register  # noqa: E402
 
 GETSCU = "/usr/bin/getscu"
+DCM2NIIX = "/usr/bin/dcm2niix"
 NGINX = "/usr/sbin/nginx"
 CURL = "/usr/bin/curl"
 CLIENT_AET = "MDM_BENCH"
@@ -279,13 +282,26 @@ class Series:
         return self.datasets[0].SeriesInstanceUID
 
 
-def cold(site: Site, work: Callable[[Https], None]) -> float:
+PEAK_RSS: dict[str, list[float]] = {}  # what a method's `mdm serve` peaked at (VmHWM, MiB), by method
+
+
+def peak_rss_mib(pid: int) -> float:
+    """VmHWM of a process: the most resident memory it ever held."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise SystemExit(f"no VmHWM for process {pid}")
+
+
+def cold(site: Site, work: Callable[[Https], None], method: str = "") -> float:
     served = site.serve()
     client = Https(served.url, site.pki)
     try:
         start = time.perf_counter()
         work(client)
-        return time.perf_counter() - start
+        elapsed = time.perf_counter() - start
+        PEAK_RSS.setdefault(method, []).append(peak_rss_mib(served.process.pid))
+        return elapsed
     finally:
         client.close()
         served.stop()
@@ -307,7 +323,7 @@ def tape_stage(site: Site, series: Series, poll: float) -> float:
                 return
             time.sleep(poll)
 
-    return cold(site, work)
+    return cold(site, work, "tape")
 
 
 def sequential_gets(site: Site, series: Series) -> float:
@@ -317,7 +333,7 @@ def sequential_gets(site: Site, series: Series) -> float:
         if received != expected:
             raise SystemExit(f"100 GETs: {received} bytes, the catalog says {expected}")
 
-    return cold(site, work)
+    return cold(site, work, "gets")
 
 
 def volume_get(site: Site, series: Series) -> float:
@@ -327,7 +343,7 @@ def volume_get(site: Site, series: Series) -> float:
         if received != expected:
             raise SystemExit(f"3D GET: {received} bytes, the catalog says {expected}")
 
-    return cold(site, work)
+    return cold(site, work, "3d")
 
 
 def pacs_series(site: Site, series: Series) -> float:
@@ -356,25 +372,45 @@ def getscu_command(peer: peers.Peer, series: Series, *output: str) -> list[str]:
             *output, peer.host, str(peer.port)]
 
 
-def check_getscu(site: Site, series: Series) -> None:
-    """One run that writes the files, to see getscu really gets the whole series."""
-    out = site.workdir / "getscu-check"
-    out.mkdir(exist_ok=True)
-    done = subprocess.run(getscu_command(site.peer, series, "-od", str(out)), capture_output=True, text=True,
-                          env=peers.peer_env())
-    received = len(list(out.iterdir()))
-    shutil.rmtree(out)
-    if done.returncode != 0 or received != len(series.datasets):
-        raise SystemExit(f"getscu: exit {done.returncode}, {received} files: {done.stderr[-1000:]}")
-
-
 def getscu(site: Site, series: Series) -> float:
-    start = time.perf_counter()
-    done = subprocess.run(getscu_command(site.peer, series, "--ignore"), capture_output=True, text=True,
-                          env=peers.peer_env())
-    elapsed = time.perf_counter() - start
-    if done.returncode != 0:
-        raise SystemExit(f"getscu failed ({done.returncode}): {done.stderr[-1000:]}")
+    """getscu writing the series into a directory (as the storage element writes its cache),
+    the files counted after the clock stops: a run that moved less does not count."""
+    out = Path(tempfile.mkdtemp(dir=site.workdir, prefix="getscu-"))
+    try:
+        start = time.perf_counter()
+        done = subprocess.run(getscu_command(site.peer, series, "-od", str(out)), capture_output=True, text=True,
+                              env=peers.peer_env())
+        elapsed = time.perf_counter() - start
+        received = len(list(out.iterdir()))
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    if done.returncode != 0 or received != len(series.datasets):
+        raise SystemExit(f"getscu: exit {done.returncode}, {received} of {len(series.datasets)} files: "
+                         f"{done.stderr[-1000:]}")
+    return elapsed
+
+
+def getscu_dcm2niix(site: Site, series: Series) -> float:
+    """The peers' 3D: getscu into a directory, then dcm2niix of it into one NIfTI volume
+    (checked: one .nii of at least the voxels' size)."""
+    work = Path(tempfile.mkdtemp(dir=site.workdir, prefix="dcm2niix-"))
+    dicom, nifti = work / "dicom", work / "nifti"
+    dicom.mkdir()
+    nifti.mkdir()
+    try:
+        start = time.perf_counter()
+        fetched = subprocess.run(getscu_command(site.peer, series, "-od", str(dicom)), capture_output=True,
+                                 text=True, env=peers.peer_env())
+        converted = subprocess.run([DCM2NIIX, "-z", "n", "-b", "n", "-f", "volume", "-o", str(nifti), str(dicom)],
+                                   capture_output=True, text=True)
+        elapsed = time.perf_counter() - start
+        volumes = list(nifti.glob("*.nii"))
+        voxels = len(series.datasets) * series.datasets[0].Rows * series.datasets[0].Columns * 2
+        if fetched.returncode or converted.returncode or len(volumes) != 1 or volumes[0].stat().st_size < voxels:
+            raise SystemExit(f"getscu + dcm2niix: {fetched.returncode}/{converted.returncode}, {volumes}: "
+                             f"{converted.stdout[-500:]}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     return elapsed
 
 
@@ -386,7 +422,7 @@ def key_fetches(site: Site, series: Series) -> float:
     return time.perf_counter() - start
 
 
-REFERENCE, DCMTK = "PacsClient.get series", "getscu series"
+REFERENCE, DCMTK, PEERS_3D = "PacsClient.get series", "getscu series", "getscu + dcm2niix (3D)"
 
 
 def prepare_site(kind: str, workdir: Path, keys: KeyServers, slices: int, size: int, args: argparse.Namespace,
@@ -423,7 +459,6 @@ def part1(kind: str, workdir: Path, keys: KeyServers, args: argparse.Namespace) 
         served, first = first_assembly(site, series)
         served.stop()
         shutil.rmtree(served.cache, ignore_errors=True)
-        check_getscu(site, series)
         methods: dict[str, Callable[[Site, Series], float]] = {
             f"SE Tape REST stage ({len(series.slices)})": lambda s, ser: tape_stage(s, ser, args.poll),
             f"SE {len(series.slices)} sequential GETs": sequential_gets,
@@ -431,6 +466,7 @@ def part1(kind: str, workdir: Path, keys: KeyServers, args: argparse.Namespace) 
             REFERENCE: pacs_series,
             "PacsClient.get per SOP": pacs_per_sop,
             DCMTK: getscu,
+            PEERS_3D: getscu_dcm2niix,
             f"key fetch x{len(series.slices)}": key_fetches,
         }
         times: dict[str, list[float]] = {name: [] for name in methods}
@@ -455,6 +491,11 @@ def part1(kind: str, workdir: Path, keys: KeyServers, args: argparse.Namespace) 
         median = statistics.median(runs)
         spread = f"{median:7.2f} [{min(runs):.2f}-{max(runs):.2f}]"
         print(f"{name:28s} {spread:>21s} {count / median:9.1f} {median / reference:8.2f} {median / dcmtk:9.2f}")
+    peers_3d = statistics.median(times[PEERS_3D])
+    print(f"  SE 3D GET / (getscu + dcm2niix): {statistics.median(times['SE 3D GET']) / peers_3d:.2f}")
+    print("  peak RSS of mdm serve (VmHWM, MiB, max over rounds): "
+          + ", ".join(f"{method} {max(values):.0f}" for method, values in PEAK_RSS.items()))
+    PEAK_RSS.clear()
     for failure in failures:
         print(f"  FAILED (not in the medians): {failure}")
 
@@ -633,7 +674,7 @@ def main() -> None:
     parser.add_argument("--engine", choices=["pynetdicom", "dcmtk"], default=default_engine(),
                         help="[pacs] engine of the storage element (default: as a site config without one)")
     args = parser.parse_args()
-    needed = (GETSCU, CURL, peers.ORTHANC) + (() if args.skip == "part2" else (NGINX,))
+    needed = (GETSCU, DCM2NIIX, CURL, peers.ORTHANC) + (() if args.skip == "part2" else (NGINX,))
     for program in needed:
         if not os.access(program, os.X_OK):
             raise SystemExit(f"missing program: {program}")
