@@ -15,6 +15,7 @@ a ``PacsError`` whose one line names the PACS and, for DIMSE failures, the statu
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
@@ -63,7 +64,9 @@ from srm_dicom.config import PacsConfig
 from srm_dicom.errors import InvalidInput, NotFound, PacsError
 from srm_dicom.events import PacsCall, timed
 from srm_dicom.pacs.answers import keep_answers_for_the_caller
-from srm_dicom.pacs.dcmtk import getscu_get
+from srm_dicom.pacs.dcmtk import GetscuIncomplete, getscu_get
+
+log = logging.getLogger(__name__)
 
 MAX_CONTEXTS = 128
 LEVELS = ("PATIENT", "STUDY", "SERIES", "IMAGE")
@@ -442,11 +445,17 @@ class PacsClient:
         syntax they were sent in. ``sop_classes``, when the caller knows them, spare the
         C-FIND that would find them. With ``partial``, failed sub-operations are appended
         there as one line instead of raising: the caller tells which images are missing.
-        ``[pacs] engine = "dcmtk"`` has DCMTK's getscu receive them (``pacs/dcmtk.py``).
+        ``[pacs] engine = "dcmtk"`` has DCMTK's getscu receive them (``pacs/dcmtk.py``), and
+        pynetdicom again when getscu complains.
         """
         if self.config.engine == "dcmtk":
-            yield from getscu_get(self.config, self.name, study, series, sops)
-            return
+            try:
+                received = list(getscu_get(self.config, self.name, study, series, sops))
+            except GetscuIncomplete as exc:
+                log.info("%s; asking again with pynetdicom", exc)
+            else:
+                yield from received
+                return
         assoc = self._association(self._get_plan(study, series, sops, sop_classes))
         query = self._retrieve_query(study, series, sops)
         responses = assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet)

@@ -7,10 +7,11 @@ used; Debian's ``dcmtk`` package installs ``/usr/bin/getscu``. The images land i
 directory only this process can read (``tempfile`` makes it 0700), are read back with
 pydicom and the directory is removed: they are the PACS's originals, PHI included.
 
-getscu exits 0 whatever the C-GET's status, so its failure lines on stderr are read: a
-failure status (Orthanc refuses a UID list naming an unknown instance) raises
-``RetrieveRefused`` like the pynetdicom engine does; images the PACS simply did not send
-are left for the caller to miss.
+getscu exits 0 whatever the C-GET's status, so its stderr is read: any error or warning
+(a failure status, failed sub-operations, a SOP class or transfer syntax getscu did not
+propose) raises ``GetscuIncomplete``, and the caller asks again with pynetdicom, which
+offers every storage class and reports the PACS's own status. A clean run that brought
+fewer images than asked means the PACS has no more: the caller tells which are missing.
 """
 
 from __future__ import annotations
@@ -34,9 +35,8 @@ def getscu_get(
     config: PacsConfig, name: str, study: str, series: str, sops: Sequence[str] | str | None
 ) -> Iterator[Dataset]:
     """C-GET an instance, a UID list or a whole series with getscu; the datasets, each with
-    the file meta getscu wrote (transfer syntax as received)."""
-    from srm_dicom.pacs.client import RetrieveRefused  # the engine seam's own error
-
+    the file meta getscu wrote (transfer syntax as received), all read before the first is
+    yielded (so a ``GetscuIncomplete`` comes before any)."""
     if not os.access(GETSCU, os.X_OK):
         raise PacsError(f"{name}: [pacs] engine = \"dcmtk\" needs DCMTK's {GETSCU} (Debian package dcmtk)")
     uids = [sops] if isinstance(sops, str) else list(sops or ())
@@ -54,14 +54,12 @@ def getscu_get(
                                   env={**os.environ, "TCP_NODELAY": "1"}, timeout=config.timeout * 4 + 60)
         except subprocess.TimeoutExpired:
             raise PacsError(f"{name}: getscu did not finish within {config.timeout * 4 + 60:g} s") from None
-        errors = [line[3:].strip() for line in done.stderr.splitlines() if line.startswith(("E: ", "F: "))]
-        files = sorted(Path(spool).iterdir())
-        if not files and errors:
-            failure = next((e for e in errors if "status" in e.lower()), errors[-1])
-            if "status" in failure.lower():
-                raise RetrieveRefused(f"{name}: C-GET failed (getscu: {failure})")
-            raise PacsError(f"{name}: getscu: {failure}")
-        if done.returncode != 0:
-            raise PacsError(f"{name}: getscu exited with {done.returncode}: {errors[-1] if errors else 'no message'}")
-        for path in files:
-            yield pydicom.dcmread(path)
+        complaints = [line[3:].strip() for line in done.stderr.splitlines() if line.startswith(("E: ", "F: ", "W: "))]
+        if done.returncode != 0 or complaints:
+            raise GetscuIncomplete(f"{name}: getscu: {complaints[-1] if complaints else f'exit {done.returncode}'}")
+        datasets = [pydicom.dcmread(path) for path in sorted(Path(spool).iterdir())]
+    yield from datasets
+
+
+class GetscuIncomplete(PacsError):
+    """getscu reported an error or a warning: its images may not be all the PACS sent."""

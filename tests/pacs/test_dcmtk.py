@@ -36,11 +36,9 @@ def test_a_series_and_a_uid_list_arrive_whole(any_pacs: Peer, stored: list[Datas
         got = whole[sent.SOPInstanceUID]
         assert got.PixelData == sent.PixelData and got.file_meta.TransferSyntaxUID == sent.file_meta.TransferSyntaxUID
     assert sorted(some) == sorted(asked)
-    # The spool directories (the PACS's originals, PHI included) are gone.
-    assert not list(Path(tempfile.gettempdir()).glob("mdm-getscu-*"))
 
 
-def test_an_unknown_uid_is_missed_or_refused_like_the_pynetdicom_engine(any_pacs: Peer, stored: list[Dataset]) -> None:
+def test_an_unknown_uid_is_missed_or_refused_as_by_the_pynetdicom_engine(any_pacs: Peer, stored: list[Dataset]) -> None:
     study, series = stored[0].StudyInstanceUID, stored[0].SeriesInstanceUID
     asked = [stored[0].SOPInstanceUID, "1.2.3.4.5.6.7.8.9"]
     outcomes = {}
@@ -55,17 +53,38 @@ def test_an_unknown_uid_is_missed_or_refused_like_the_pynetdicom_engine(any_pacs
     assert outcomes["dcmtk"] in ("refused", [stored[0].SOPInstanceUID])
 
 
-def test_the_spool_directory_is_private(any_pacs: Peer, stored: list[Dataset], monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_the_spool_directory_is_private_and_removed(any_pacs: Peer, stored: list[Dataset], monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The spool holds the PACS's originals, PHI included."""
     modes: list[int] = []
+    spools: list[Path] = []
     made = tempfile.TemporaryDirectory
 
     class Watched(made):  # type: ignore[misc, valid-type]
         def __enter__(self):  # type: ignore[no-untyped-def]
             path = super().__enter__()
             modes.append(stat.S_IMODE(Path(path).stat().st_mode))
+            spools.append(Path(path))
             return path
 
     monkeypatch.setattr(tempfile, "TemporaryDirectory", Watched)
     with PacsClient(any_pacs.pacs_config(engine="dcmtk")) as pacs:
         assert len(list(pacs.get(stored[0].StudyInstanceUID, stored[0].SeriesInstanceUID))) == len(stored)
-    assert modes == [0o700]
+    assert modes == [0o700] and not spools[0].exists()
+
+
+@pytest.mark.parametrize("pacs", ["orthanc", "embedded_pacs"])  # dcmqrscp takes no compressed images
+def test_what_getscu_cannot_take_is_asked_again_with_pynetdicom(pacs: str, request: pytest.FixtureRequest) -> None:
+    """getscu proposes uncompressed syntaxes only: a JPEG 2000 series still arrives as stored."""
+    require_program(GETSCU)
+    from test_pacs_client import series as vendor_series  # the vendor data the client tests use
+
+    peer: Peer = request.getfixturevalue(pacs)
+    sent = vendor_series("generic/compressed_j2k", 2)
+    with PacsClient(peer.pacs_config()) as client:
+        client.store_many(sent)
+    with PacsClient(peer.pacs_config(engine="dcmtk")) as client:
+        got = {ds.SOPInstanceUID: ds for ds in client.get(sent[0].StudyInstanceUID, sent[0].SeriesInstanceUID)}
+    assert set(got) == {ds.SOPInstanceUID for ds in sent}
+    for ds in sent:
+        assert got[ds.SOPInstanceUID].file_meta.TransferSyntaxUID == ds.file_meta.TransferSyntaxUID
+        assert got[ds.SOPInstanceUID].PixelData == ds.PixelData
