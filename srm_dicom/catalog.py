@@ -20,7 +20,7 @@ from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Protocol
 
 from srm_dicom.config import Config
-from srm_dicom.errors import ConfigError, MdmError, NotFound
+from srm_dicom.errors import ConfigError, InvalidInput, MdmError, NotFound
 from srm_dicom.metadata import ImageMetadata
 from srm_dicom.names import UidTriple, parse_lfn, parse_sop_spec
 
@@ -112,6 +112,8 @@ class StageRequest:
 
 class CatalogConflict(MdmError):
     """Another writer changed the entry between lookup and commit: nothing was written."""
+
+    http_status = 409
 
 
 class Outcome(Enum):
@@ -337,6 +339,8 @@ def find_entry(catalog: Catalog, spec: list[str] | str) -> Entry:
         entry = catalog.namespace.lookup(text)
     elif guid := _GUID.match(text.lower()):
         entry = catalog.namespace.lookup_guid(guid.group(1))
+    elif text.lower().startswith(("guid:", "/guid/")):
+        raise InvalidInput(f"'{text}' is not a GUID (guid:<uuid>, e.g. guid:1b4e28ba-2fa1-41d2-883f-0016d3cca427)")
     else:
         entry = catalog.lookup_uids(parse_sop_spec(parts))
     if entry is None:

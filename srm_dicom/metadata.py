@@ -13,6 +13,7 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 
+from srm_dicom.frames import frame_records
 from srm_dicom.uids import deidentify_uid, patient_key
 
 Row = dict[str, Any]
@@ -47,6 +48,9 @@ IMAGE_FIELDS = {
     "rescale_slope": "RescaleSlope",
     "rescale_intercept": "RescaleIntercept",
 }
+# Every column of the Image table: the fields above, and the per-frame geometry of a
+# multi-frame image (srm_dicom/frames.py), from which its volume is planned.
+IMAGE_COLUMNS = (*IMAGE_FIELDS, "frames")
 MEDICAL_FIELDS = {
     "modality": "Modality",
     "study_date": "StudyDate",
@@ -96,6 +100,13 @@ def _value(ds: Dataset, keyword: str) -> Any:
     return str(value)
 
 
+def image_fields(ds: Dataset) -> Row:
+    """The Image row of a header (every column of IMAGE_COLUMNS)."""
+    row = {column: _value(ds, keyword) for column, keyword in IMAGE_FIELDS.items()}
+    row["frames"] = frame_records(ds)
+    return row
+
+
 def extract_metadata(ds: Dataset, secret: bytes) -> ImageMetadata:
     """Read the five tables' rows from a header; the patient key is keyed by the site secret."""
     study, series, sop = (str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID))
@@ -117,7 +128,7 @@ def extract_metadata(ds: Dataset, secret: bytes) -> ImageMetadata:
     return ImageMetadata(
         patient_key=key,
         patient=patient,
-        image={column: _value(ds, kw) for column, kw in IMAGE_FIELDS.items()},
+        image=image_fields(ds),
         medical={column: _value(ds, kw) for column, kw in MEDICAL_FIELDS.items()},
         dicom=dicom,
         protocols=(protocol,) if protocol else (),

@@ -67,6 +67,8 @@ MAX_UIDS_PER_RETRIEVE = 500  # a UID list of ~32 KiB in one C-GET identifier
 class StageFailed(MdmError):
     """Staging a file failed; ``reason`` is one line for a person (and for a 5xx body)."""
 
+    http_status = 503
+
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
@@ -74,6 +76,8 @@ class StageFailed(MdmError):
 
 class StagingPending(MdmError):
     """The file is still being staged after the caller's wait: ask again later."""
+
+    http_status = 503
 
 
 class _Abandoned(Exception):

@@ -3,10 +3,12 @@ server, in this process, over a site registered with real PACS and key servers."
 
 from __future__ import annotations
 
+import json
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from sites import write_site_config
 from srm_dicom.catalog import Catalog, open_catalog
 from srm_dicom.config import Config, load_config
 from srm_dicom.keystore.client import KeystoreClient
@@ -61,3 +63,20 @@ def register(config_path: Path, datasets: list) -> None:
                     registrar.register(ds, store_in_pacs=True)
     finally:
         catalog.close()
+
+
+def start_site(workdir: Path, pacs, key_servers, datasets=(), extra: str = "",
+               keystore: dict | None = None) -> RunningStorageElement:
+    """A storage element over a test site config (sites.write_site_config) with ``extra`` appended
+    and, if given, another [keystore] section; ``datasets`` registered first."""
+    config = write_site_config(workdir, pacs, key_servers)
+    text = config.read_text() + extra
+    if keystore is not None:  # another [keystore] section: replace the test site's
+        head, _, rest = text.partition("[keystore]")
+        rest = rest[rest.index("\n[") :]
+        section = "\n".join(f"{k} = {json.dumps(v)}" for k, v in keystore.items())
+        text = f"{head}[keystore]\n{section}\n{rest}"
+    config.write_text(text)
+    if datasets:
+        register(config, list(datasets))
+    return start_storage_element(config)

@@ -129,4 +129,9 @@ MIGRATIONS: list[str] = [
     ALTER TABLE image ADD COLUMN rescale_slope REAL;
     ALTER TABLE image ADD COLUMN rescale_intercept REAL
     """,
+    # 7: the per-frame geometry and rescale of a multi-frame image (JSON, srm_dicom/frames.py),
+    # so its volume is planned from the rows alone like a series of single-frame images.
+    """
+    ALTER TABLE image ADD COLUMN frames TEXT
+    """,
 ]

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from srm_dicom.keystore.server import KeystoreServerConfig, make_server
+from srm_dicom.logs import configure as configure_logs
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def _serve(args: argparse.Namespace) -> int:
     config = KeystoreServerConfig.load(args.keystore_config)
+    configure_logs(config.log_format, args.verbose)
     server = make_server(config)
     try:
         server.prepare()

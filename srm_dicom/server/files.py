@@ -19,20 +19,27 @@ from pathlib import Path
 from srm_dicom.access import may_list, may_read
 from srm_dicom.catalog import Catalog, Entry
 from srm_dicom.config import Config
+from srm_dicom.errors import NotFound, Refused
 from srm_dicom.identity import Identity
 from srm_dicom.server.observe import mark_transfer
 from srm_dicom.server.problems import StartResponse, problem
 from srm_dicom.stager import StageFailed, Stager, StagingPending
 
 BLOCK = 1 << 20
-_RANGE = re.compile(r"^\s*(\d*)\s*-\s*(\d*)\s*$")
+_RANGE = re.compile(r"^\s*([0-9]{0,19})\s*-\s*([0-9]{0,19})\s*$")
+# Ranges in one answer, once coalesced (multi-stream clients ask for one range per request);
+# range specs in one header, before (a 64 KiB header holds thousands).
+MAX_RANGES = 16
+MAX_RANGE_SPECS = 256
 
 
 def parse_ranges(header: str, size: int) -> list[tuple[int, int]] | None:
-    """Byte ranges (first, last inclusive) of a Range header; None means "ignore the header"
-    (not bytes, or malformed: RFC 9110 says serve the whole file), [] means unsatisfiable."""
+    """Byte ranges (first, last inclusive) of a Range header, in order, overlapping and adjacent
+    ones coalesced; None means "ignore the header" (not bytes, malformed, or more than
+    MAX_RANGES ranges once coalesced: RFC 9110 §14.2 lets a server serve the whole file
+    then), [] means unsatisfiable. So a request never costs more than the file once."""
     unit, _, spec = header.partition("=")
-    if unit.strip().lower() != "bytes" or not spec:
+    if unit.strip().lower() != "bytes" or not spec or spec.count(",") >= MAX_RANGE_SPECS:
         return None
     ranges = []
     for part in spec.split(","):
@@ -50,7 +57,13 @@ def parse_ranges(header: str, size: int) -> list[tuple[int, int]] | None:
                 return None
             if start < size:
                 ranges.append((start, min(end, size - 1)))
-    return ranges
+    coalesced: list[tuple[int, int]] = []
+    for first, last in sorted(ranges):
+        if coalesced and first <= coalesced[-1][1] + 1:
+            coalesced[-1] = (coalesced[-1][0], max(last, coalesced[-1][1]))
+        else:
+            coalesced.append((first, last))
+    return None if len(coalesced) > MAX_RANGES else coalesced
 
 
 def wanted_digests(header: str) -> list[str]:
@@ -93,8 +106,10 @@ class FileService:
         self._stager = stager
 
     def serve(self, environ: dict, start_response: StartResponse, entry: Entry, identity: Identity) -> Iterator[bytes]:
-        if not may_list(identity, entry) or not may_read(identity, entry):
-            return iter(problem(start_response, HTTPStatus.FORBIDDEN, f"{identity.subject} may not read {entry.lfn}"))
+        if not may_list(identity, entry):  # as if it did not exist: a 403 would tell that it does
+            raise NotFound(f"no such file: {environ.get('PATH_INFO', entry.lfn)}")
+        if not may_read(identity, entry):
+            raise Refused(f"{identity.subject} may not read {entry.lfn}")
         head = environ["REQUEST_METHOD"] == "HEAD"
         path = self._stager.cached_path(entry)
         staged = path is None

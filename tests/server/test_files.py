@@ -81,9 +81,17 @@ def test_rights_decide_who_reads(storage_element, pki):
     lfn = lfn_of(running, series[4])
     for reader in ("bob", "carol", "dave", "alice"):
         assert request(running.url, pki, reader, "HEAD", lfn).status == 200, reader
+    # eve (another VO) may not list it: she gets what a name that does not exist gets, no 403
+    # that would tell her it does (issue 12, the existence oracle).
     refused = request(running.url, pki, "eve", path=lfn)
-    assert refused.status == 403 and refused.headers["content-type"] == "application/problem+json"
-    assert json.loads(refused.body)["status"] == 403
+    missing = request(running.url, pki, "eve", path=lfn[:-3] + "999")
+    assert refused.status == missing.status == 404 and refused.headers["content-type"] == "application/problem+json"
+    assert json.loads(refused.body)["status"] == 404
+    assert request(running.url, pki, "eve", "HEAD", lfn).status == 404
+    for api, body in (("/api/v1/rights", {"path": lfn, "mode": "rwxrwxrwx"}), ("/api/v1/delete", {"paths": [lfn]})):
+        refused = request(running.url, pki, "eve", "POST", api, json.dumps(body).encode())
+        assert refused.status == 404, refused.body
+    assert running.catalog.namespace.lookup(lfn) is not None
     anonymous = request(running.url, pki, None, path=lfn)
     assert anonymous.status == 401 and "certificate" in anonymous.json()["detail"]
     assert request(running.url, pki, "bob", path=lfn.replace("/grid/demo/", "/grid/demo/mdm/x/")).status == 404
@@ -155,3 +163,20 @@ def test_a_grid_user_decrypts_a_download_named_by_its_lfn_or_uids(storage_elemen
     other = lfn_of(running, series[6])
     mixed = mdm("decrypt", other, str(encrypted), str(tmp_path / "mixed.dcm"), config=client)
     assert mixed.returncode == 2 and "but the file belongs to" in mixed.stderr
+
+
+def test_many_and_overlapping_ranges_cost_the_file_once_at_most(storage_element, pki):
+    running, series = storage_element
+    lfn = lfn_of(running, series[6])
+    full = request(running.url, pki, "bob", path=lfn).body
+    size = len(full)
+    overlapping = request(running.url, pki, "bob", path=lfn, headers={"Range": "bytes=" + ",".join(["0-"] * 100)})
+    assert overlapping.status == 206 and overlapping.body == full  # 100 times the whole file: one range
+    assert overlapping.headers["content-range"] == f"bytes 0-{size - 1}/{size}"
+    adjacent = request(running.url, pki, "bob", path=lfn, headers={"Range": "bytes=20-29,0-9,10-19,5-7"})
+    assert adjacent.status == 206 and adjacent.body == full[0:30]
+    many = ",".join(f"{n * 10}-{n * 10 + 1}" for n in range(40))  # 40 disjoint ranges: served whole instead
+    whole = request(running.url, pki, "bob", path=lfn, headers={"Range": f"bytes={many}"})
+    assert whole.status == 200 and whole.body == full
+    huge = request(running.url, pki, "bob", path=lfn, headers={"Range": "bytes=99999999999999999999999-"})
+    assert huge.status == 200 and huge.body == full  # malformed (beyond 19 digits): ignored
