@@ -70,6 +70,9 @@ from srm_dicom.pacs.dcmtk import GetscuIncomplete, getscu_get
 
 log = logging.getLogger(__name__)
 
+# The dcmtk engine takes a series or a batch of at least this many images; fewer go over the
+# kept association: starting getscu costs more than receiving a few images in process.
+DCMTK_FROM = 8
 MAX_CONTEXTS = 128
 LEVELS = ("PATIENT", "STUDY", "SERIES", "IMAGE")
 
@@ -486,11 +489,11 @@ class PacsClient:
         syntax they were sent in. ``sop_classes``, when the caller knows them, spare the
         C-FIND that would find them. With ``partial``, failed sub-operations are appended
         there as one line instead of raising: the caller tells which images are missing.
-        ``[pacs] engine = "dcmtk"`` has DCMTK's getscu receive them (``pacs/dcmtk.py``), and
-        pynetdicom again when getscu complains.
+        ``[pacs] engine = "dcmtk"`` has DCMTK's getscu receive a series or a batch of at least
+        ``DCMTK_FROM`` images (``pacs/dcmtk.py``), and pynetdicom again when getscu complains.
         """
         self._inbox.expected = (study, series, _sop_set(sops))
-        if self.config.engine == "dcmtk":
+        if self.config.engine == "dcmtk" and (not sops or (not isinstance(sops, str) and len(sops) >= DCMTK_FROM)):
             try:
                 received = list(getscu_get(self.config, self.name, study, series, sops))
             except GetscuIncomplete as exc:
