@@ -469,6 +469,10 @@ def part1(kind: str, workdir: Path, keys: KeyServers, args: argparse.Namespace) 
             PEERS_3D: getscu_dcm2niix,
             f"key fetch x{len(series.slices)}": key_fetches,
         }
+        if args.skip_methods:
+            methods = {name: run for name, run in methods.items()
+                       if name in (REFERENCE, DCMTK, PEERS_3D, "SE 3D GET")
+                       or not any(word in name for word in args.skip_methods)}
         times: dict[str, list[float]] = {name: [] for name in methods}
         failures: list[str] = []
         for round_ in range(args.rounds):
@@ -671,6 +675,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=CacheConfig().workers, help="[cache] workers")
     parser.add_argument("--threads", type=int, default=ServerConfig().threads, help="[server] threads")
     parser.add_argument("--skip", choices=["part1", "part2"], help="leave one part out")
+    parser.add_argument("--skip-methods", nargs="+", default=[], metavar="WORD",
+                        help="part 1: leave out the methods whose name has WORD (e.g. 'sequential' 'per SOP' at "
+                             "1000 slices); the references and the 3D GET always run")
     parser.add_argument("--engine", choices=["pynetdicom", "dcmtk"], default=default_engine(),
                         help="[pacs] engine of the storage element (default: as a site config without one)")
     args = parser.parse_args()
