@@ -60,6 +60,7 @@ class Entry:
     source_digest: str | None = None
     created: float = 0.0
     modified: float = 0.0
+    sha256: str | None = None  # hex, of the served bytes like size and adler32 (None before migration 8)
     acl: tuple[AclEntry, ...] = field(default=())
 
     @property
@@ -151,8 +152,8 @@ class Namespace(Protocol):
         keeps each entry's own) and add the per-DN entries (one for a DN already there
         replaces it). A GUID no longer in the catalog raises NotFound and nothing changes."""
 
-    def set_checksum(self, guid: str, version: int, size: int, adler32: str) -> bool:
-        """Record a volume's size and adler32 at its first assembly, only while ``version``
+    def set_checksum(self, guid: str, version: int, size: int, adler32: str, sha256: str | None = None) -> bool:
+        """Record a volume's size, adler32 and SHA-256 at its first assembly, only while ``version``
         is still its content version and none is recorded; else False and nothing written."""
 
     # -- the primitives the core's domain rules are made of (see ``Catalog``) ----------

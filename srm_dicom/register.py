@@ -194,6 +194,7 @@ class Registrar:
             sop_uid=sop,
             size=protected.size,
             adler32=protected.adler32,
+            sha256=protected.sha256,
             content_version=version,
             source_digest=digest,
             **common,

@@ -23,6 +23,7 @@ cache and every file some request still waits for is staged again.
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import threading
 import time
@@ -482,7 +483,8 @@ class Stager:
                 raise StageFailed(
                     f"the assembled volume has {len(payload)} bytes, not the {entry.size} announced"
                 )
-            if not self._catalog.namespace.set_checksum(entry.guid, version, len(payload), _adler32(payload)):
+            checksums = (len(payload), _adler32(payload), hashlib.sha256(payload).hexdigest())
+            if not self._catalog.namespace.set_checksum(entry.guid, version, *checksums):
                 raise StageFailed("the series changed while its volume was assembled; stage it again")
             return payload
         produced = _Produced()
