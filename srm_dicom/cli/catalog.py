@@ -6,10 +6,12 @@ import argparse
 import dataclasses
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from srm_dicom.catalog import catalog_config, open_catalog
-from srm_dicom.config import Config, load_config, parse_config
 from srm_dicom.errors import ConfigError
+
+if TYPE_CHECKING:  # imported when a command runs: `mdm --help` stays quick
+    from srm_dicom.config import Config
 
 EXIT_MISMATCH = 1
 
@@ -51,6 +53,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def _config(args: argparse.Namespace, url: str | None) -> Config:
+    from srm_dicom.catalog import catalog_config
+    from srm_dicom.config import load_config, parse_config
+
     if url is None:
         return load_config(args.config)
     try:
@@ -61,6 +66,8 @@ def _config(args: argparse.Namespace, url: str | None) -> Config:
 
 
 def run_migrate(args: argparse.Namespace) -> int:
+    from srm_dicom.catalog import open_catalog
+
     config = _config(args, args.url)
     catalog = open_catalog(config, migrate=False)
     try:
@@ -76,6 +83,8 @@ def run_migrate(args: argparse.Namespace) -> int:
 
 
 def run_copy(args: argparse.Namespace) -> int:
+    from srm_dicom.catalog import open_catalog
+
     source = open_catalog(_config(args, args.source), migrate=False)
     try:
         backend = source.backend

@@ -46,6 +46,7 @@ class Stats:
     errors: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
     rss_mib: list[tuple[float, float]] = field(default_factory=list)
     slow_connections: int = 0
+    retries: int = 0  # 503 answers with Retry-After, retried as rclone, davix and mdm get do
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def record(self, kind: str, seconds: float, error: str | None) -> None:
@@ -66,9 +67,9 @@ class Stats:
                          f" {1000 * self.percentile(kind, 0.5):>8.1f} {1000 * self.percentile(kind, 0.99):>8.1f}")
         every = sorted(v for values in self.latencies.values() for v in values)
         p99 = every[min(len(every) - 1, int(0.99 * len(every)))] if every else float("nan")
-        errors = sum(map(len, self.errors.values()))
-        lines.append(f"all: {len(every)} requests, {errors} errors, p99 {1000 * p99:.1f} ms;"
-                     f" slow-header connections opened: {self.slow_connections}")
+        failed = sum(map(len, self.errors.values()))
+        lines.append(f"all: {len(every)} requests, {failed} errors, p99 {1000 * p99:.1f} ms; 503 + Retry-After"
+                     f" retried: {self.retries}; slow-header connections opened: {self.slow_connections}")
         lines.append("RSS (MiB) every 30 s: " + ", ".join(f"{t:.0f}s {mib:.0f}" for t, mib in self.rss_mib))
         for kind, errors in self.errors.items():
             for error in errors[:5]:
@@ -125,6 +126,19 @@ class Client:
 
     def _call(self, method: str, path: str, body: bytes | None = None,
               headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+        """One request; a 503 with Retry-After (staging takes longer than [cache] wait_timeout) is
+        asked again after the delay it names, up to 5 times, as grid clients do."""
+        for _ in range(5):
+            status, data, retry_after = self._once(method, path, body, headers)
+            if status != 503 or retry_after is None:
+                break
+            with self._stats.lock:
+                self._stats.retries += 1
+            time.sleep(min(float(retry_after), 10.0))
+        return status, data
+
+    def _once(self, method: str, path: str, body: bytes | None,
+              headers: dict[str, str] | None) -> tuple[int, bytes, str | None]:
         if self._connection is None:
             self._connection = http.client.HTTPSConnection(self._demo.host, self._demo.port, context=self._context,
                                                            timeout=120, source_address=(self._address, 0))
@@ -135,7 +149,7 @@ class Client:
             if response.getheader("Connection", "").lower() == "close":
                 self._connection.close()
                 self._connection = None
-            return response.status, data
+            return response.status, data, response.getheader("Retry-After")
         except Exception:
             self._connection.close()
             self._connection = None
@@ -174,7 +188,7 @@ class Client:
                 status, data = self._call("GET", "/dicom-web/instances?limit=10&Modality=MR")
                 ok = status == 200
             if not ok:
-                error = f"{status} {data[:200]!r}"
+                error = f"{status} {data[-300:]!r}"
         except Exception as exc:  # noqa: BLE001 - every failure of a request is an error of the run
             error = f"{type(exc).__name__}: {exc}"
         self._stats.record(kind, time.monotonic() - started, error)
