@@ -55,6 +55,9 @@ class Entry:
     created: float = 0.0
     modified: float = 0.0
     acl: tuple[AclEntry, ...] = field(default=())
+    # How a slice was de-identified (srm_dicom.anonymize.protection_record): restaging uses
+    # it, whatever [anonymization] says by then. None for volumes and for older entries.
+    protection: str | None = None
 
     @property
     def triple(self) -> UidTriple:
@@ -125,7 +128,8 @@ class Catalog(Protocol):
         """Add or update a slice with its metadata and create or bump its series volume.
 
         One transaction: either the entry, its metadata and the volume change are all
-        stored, or nothing is. Same source digest as the stored entry: nothing changes.
+        stored, or nothing is. Same source digest and protection record as the stored entry:
+        nothing changes.
         """
 
     def lookup(self, lfn: str) -> Entry | None: ...

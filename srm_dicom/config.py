@@ -14,7 +14,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from srm_dicom.anonymize import AnonymizationOptions
+from srm_dicom.anonymize import BURNED_IN_POLICIES, AnonymizationOptions
 from srm_dicom.errors import ConfigError
 from srm_dicom.rights import parse_metadata_mode, parse_mode
 
@@ -216,6 +216,8 @@ def _validate(config: Config) -> None:
         raise ConfigError("config: [site] uids must be 'deidentified' or 'original'")
     if config.volume.format not in ("nifti", "nrrd"):
         raise ConfigError("config: [volume] format must be 'nifti' or 'nrrd'")
+    if config.anonymization.burned_in not in BURNED_IN_POLICIES:
+        raise ConfigError("config: [anonymization] burned_in must be 'refuse' or 'private'")
     if config.pacs.retrieve not in ("get", "move"):
         raise ConfigError("config: [pacs] retrieve must be 'get' or 'move'")
     for name, site in config.sites.items():

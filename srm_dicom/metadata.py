@@ -4,6 +4,13 @@ Patient (nominative, indexed by an irreversible patient key), Image (technical, 
 Medical (acquisition), DICOM (original and de-identified identifiers) and Protocol
 (protocol name → GUIDs). The catalog backends store these rows next to the entry, in the
 same transaction.
+
+What the "anonymous" metadata level shows (srm_dicom/query.py: the Image table, modality,
+body part, manufacturer and model, protocol names) is read from the served, anonymized data
+set, never from the original header: an MIA caller then sees exactly what the file they may
+download says, and nothing the anonymizer replaced or removed (a patient name typed into a
+protocol name, for instance). The other columns, readable with "all" rights only, come from
+the original header.
 """
 
 from __future__ import annotations
@@ -91,8 +98,16 @@ def _value(ds: Dataset, keyword: str) -> Any:
     return str(value)
 
 
-def extract_metadata(ds: Dataset, secret: bytes) -> ImageMetadata:
-    """Read the five tables' rows from a header; the patient key is keyed by the site secret."""
+# Medical columns of the anonymous level (srm_dicom/query.py), read from the served data set.
+ANONYMOUS_MEDICAL = frozenset({"modality", "body_part", "manufacturer", "model"})
+
+
+def extract_metadata(ds: Dataset, secret: bytes, served: Dataset | None = None) -> ImageMetadata:
+    """Read the five tables' rows from a header; the patient key is keyed by the site secret.
+
+    ``served`` is the anonymized data set grid clients receive: the anonymous-level values
+    are read from it (registration always gives it; without it they come from ``ds``)."""
+    anonymous = ds if served is None else served
     study, series, sop = (str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID))
     patient = {column: _value(ds, kw) for column, kw in PATIENT_FIELDS.items()}
     key = patient_key(secret, str(patient["patient_id"] or patient["name"] or ""), str(patient["issuer"] or ""))
@@ -108,12 +123,15 @@ def extract_metadata(ds: Dataset, secret: bytes) -> ImageMetadata:
         "sop_class_uid": str(sop_class),
         "transfer_syntax_uid": str(transfer_syntax),
     }
-    protocol = _value(ds, "ProtocolName")
+    protocol = _value(anonymous, "ProtocolName")
+    medical = {
+        column: _value(anonymous if column in ANONYMOUS_MEDICAL else ds, kw) for column, kw in MEDICAL_FIELDS.items()
+    }
     return ImageMetadata(
         patient_key=key,
         patient=patient,
-        image={column: _value(ds, kw) for column, kw in IMAGE_FIELDS.items()},
-        medical={column: _value(ds, kw) for column, kw in MEDICAL_FIELDS.items()},
+        image={column: _value(anonymous, kw) for column, kw in IMAGE_FIELDS.items()},
+        medical=medical,
         dicom=dicom,
         protocols=(protocol,) if protocol else (),
     )

@@ -26,6 +26,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 
+from srm_dicom.anonymize import burned_in_reason, protection_record
 from srm_dicom.catalog import Catalog, Entry, Outcome
 from srm_dicom.config import Config
 from srm_dicom.crypto.container import encrypted_size, new_file_key
@@ -114,29 +115,39 @@ class Registrar:
             return original  # type: ignore[return-value]
         return tuple(deidentify_uid(self._secret, uid) for uid in original)  # type: ignore[return-value]
 
-    def register(self, ds: Dataset, store_in_pacs: bool) -> Outcome:
+    def register(self, ds: Dataset, store_in_pacs: bool, reprotect: bool = False) -> Outcome:
         """Register one image. Raises MdmError with the reason if it cannot be registered;
-        then nothing is cataloged and no key is left on the key servers."""
+        then nothing is cataloged and no key is left on the key servers. ``reprotect``: an
+        unchanged image protected with other options than [anonymization] now says gets a
+        new content version protected with the current ones."""
         check_header(ds)
+        options = self._config.anonymization
+        burned_in = burned_in_reason(ds)
+        if burned_in and options.burned_in == "refuse":
+            raise InvalidInput(f"refused: {burned_in} ([anonymization] burned_in = \"refuse\")")
         study, series, sop = self._names(ds)
         site, pacs = self._config.site, self._config.pacs
         lfn = UidTriple(study, series, sop).lfn(site.vo)
         digest = dataset_digest(ds)
+        record = protection_record(options)
         known = self._catalog.lookup(lfn)
-        if known is not None and known.source_digest == digest:
+        if known is not None and known.source_digest == digest and (not reprotect or known.protection == record):
             return Outcome.UNCHANGED
-        metadata = extract_metadata(ds, self._secret)
         guid = known.guid if known else str(uuid.uuid4())
         version = known.content_version + 1 if known else 1
         owner, mode = (known.owner, known.mode) if known else (self._owner, self._mode)
+        metadata_mode = site.metadata_mode
+        if burned_in:  # burned_in = "private": the owner and the register group only
+            mode, metadata_mode = mode & 0o700, "private"
         key = new_file_key()
-        protected = protect_image(ds, self._secret, self._config.anonymization, key, guid, version)
+        protected = protect_image(ds, self._secret, options, key, guid, version)
+        metadata = extract_metadata(ds, self._secret, served=protected.served)
         if store_in_pacs:
             if self._pacs is None:
                 raise MdmError("no PACS connection to store the image into")
             self._pacs.store(ds)
         original = metadata.dicom
-        common: dict[str, Any] = dict(owner=owner, vo=site.vo, mode=mode, metadata_mode=site.metadata_mode)
+        common: dict[str, Any] = dict(owner=owner, vo=site.vo, mode=mode, metadata_mode=metadata_mode)
         entry = Entry(
             lfn=lfn,
             guid=guid,
@@ -149,6 +160,7 @@ class Registrar:
             adler32=protected.adler32,
             content_version=version,
             source_digest=digest,
+            protection=record,
             **common,
         )
         volume_lfn = UidTriple(study, series, VOLUME).lfn(site.vo)

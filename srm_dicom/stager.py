@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from srm_dicom.anonymize import AnonymizationOptions, recorded_options, rules_version
 from srm_dicom.cache import DiskCache
 from srm_dicom.catalog import (
     COMPLETED,
@@ -299,13 +300,28 @@ class Stager:
         version = entry.content_version
         produced: dict[bytes, bytes] = {}
 
+        options = self._options(entry)
+
         def matches(key: bytes) -> bool:
-            payload = protect_image(ds, self._secret, self._config.anonymization, key, entry.guid, version).payload
+            payload = protect_image(ds, self._secret, options, key, entry.guid, version).payload
             produced[key] = payload
             return len(payload) == entry.size and _adler32(payload) == entry.adler32
 
         key = self._fetch_key(key_name(entry.guid, version), matches, produced)
         return produced[key]
+
+    def _options(self, entry: Entry) -> AnonymizationOptions:
+        """The options the entry was registered with: a changed [anonymization] applies to new
+        registrations only. Packaged rules that changed since cannot give the same bytes."""
+        if entry.protection is None:
+            return self._config.anonymization  # registered before protection records existed
+        options, rules = recorded_options(entry.protection)
+        if rules != rules_version():
+            raise StageFailed(
+                f"protected with anonymization rules {rules}, this storage element has {rules_version()}:"
+                " re-issue it with 'mdm register --reprotect'"
+            )
+        return options
 
     def _volume(self, entry: Entry, source: Pfn) -> bytes:
         datasets = self._retrieve(source)

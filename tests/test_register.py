@@ -1,11 +1,14 @@
 import os
 import zlib
+from dataclasses import replace
 from pathlib import Path
 
 import pydicom
 import pytest
+from pydicom.uid import SecondaryCaptureImageStorage
 
 from sites import require_vendor_data, write_site_config
+from srm_dicom.anonymize import AnonymizationOptions, recorded_options, rules_version
 from srm_dicom.catalog import Outcome, open_catalog
 from srm_dicom.config import load_config
 from srm_dicom.crypto.container import check_key, read_header
@@ -129,3 +132,58 @@ def test_every_vendor_series_is_readable_and_named(tmp_path):
     assert len(readable) == 70  # 12 series; the compressed variants share their 4 SOP UIDs
     assert len({ds.SeriesInstanceUID for ds in readable}) == 12
 
+
+
+def _slice_entry(catalog, config, ds):
+    secret = config.site.secret_bytes
+    uids = (ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+    return catalog.lookup("/grid/demo/mdm/" + "/".join(deidentify_uid(secret, u) for u in uids))
+
+
+def test_each_entry_records_its_protection_and_reprotect_reissues_it(embedded_pacs, tmp_path, key_servers):
+    config = load_config(write_site_config(tmp_path / "site", embedded_pacs, key_servers))
+    ds = make_series(slices=1, size=8)[0]
+    catalog = open_catalog(config)
+    keystore = KeystoreClient.from_config(config)
+    changed = replace(config, anonymization=AnonymizationOptions(retain_patient_characteristics=True))
+    with PacsClient(config.pacs) as pacs:
+        assert Registrar(config, catalog, pacs, keystore).register(ds, store_in_pacs=True) == Outcome.ADDED
+        first = _slice_entry(catalog, config, ds)
+        assert recorded_options(first.protection) == (config.anonymization, rules_version())
+        registrar = Registrar(changed, catalog, pacs, keystore)
+        assert registrar.register(ds, store_in_pacs=False) == Outcome.UNCHANGED  # new config: new images only
+        assert registrar.register(ds, store_in_pacs=False, reprotect=True) == Outcome.UPDATED
+        assert registrar.register(ds, store_in_pacs=False, reprotect=True) == Outcome.UNCHANGED
+    again = _slice_entry(catalog, config, ds)
+    assert again.guid == first.guid and again.content_version == 2
+    assert recorded_options(again.protection)[0] == changed.anonymization
+    key = keystore.fetch_key(key_name(again.guid, 2), lambda k: len(k) == 32)
+    served = protect_image(ds, config.site.secret_bytes, changed.anonymization, key, again.guid, 2)
+    assert (served.size, served.adler32) == (again.size, again.adler32)
+    codes = [item.CodeValue for item in served.served.DeidentificationMethodCodeSequence]
+    assert codes == ["113100", "113108"] and served.served.PatientIdentityRemoved == "YES"
+    assert rules_version() in served.served.DeidentificationMethod
+    catalog.close()
+
+
+def test_burned_in_images_are_refused_with_one_reason_or_kept_private(embedded_pacs, tmp_path, key_servers):
+    config = load_config(write_site_config(tmp_path / "site", embedded_pacs, key_servers))
+    annotated, capture, screen = make_series(slices=3, size=8, seed="burned")
+    annotated.BurnedInAnnotation = "YES"
+    capture.SOPClassUID = capture.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    screen.ImageType = ["DERIVED", "SECONDARY", "SCREEN SAVE"]
+    catalog = open_catalog(config)
+    keystore = KeystoreClient.from_config(config)
+    with PacsClient(config.pacs) as pacs:
+        registrar = Registrar(config, catalog, pacs, keystore)
+        for ds, reason in ((annotated, "BurnedInAnnotation is YES"), (capture, "a secondary capture"),
+                           (screen, "ImageType SCREEN SAVE")):
+            with pytest.raises(InvalidInput, match=reason):
+                registrar.register(ds, store_in_pacs=True)
+        assert catalog.count() == 0  # nothing half-registered
+        assert pacs.find_instances(annotated.StudyInstanceUID, annotated.SeriesInstanceUID) == []
+        private = replace(config, anonymization=AnonymizationOptions(burned_in="private"))
+        assert Registrar(private, catalog, pacs, keystore).register(annotated, store_in_pacs=True) == Outcome.ADDED
+    entry = _slice_entry(catalog, config, annotated)
+    assert (entry.mode, entry.metadata_mode) == (0o700, "private")
+    catalog.close()

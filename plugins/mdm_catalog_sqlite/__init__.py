@@ -38,6 +38,7 @@ from srm_dicom.query import Attribute, Match, Query
 _ENTRY_COLUMNS = (
     "lfn", "guid", "pfn", "kind", "study_uid", "series_uid", "sop_uid", "owner", "vo", "mode",
     "metadata_mode", "size", "adler32", "content_version", "source_digest", "created", "modified",
+    "protection",
 )
 _DICOM_COLUMNS = (
     "study_uid", "series_uid", "sop_uid", "deid_study_uid", "deid_series_uid", "deid_sop_uid",
@@ -94,10 +95,10 @@ class SQLiteCatalog:
     def register_image(self, entry: Entry, metadata: ImageMetadata, volume: Entry) -> Outcome:
         with self._transaction() as db:
             old = db.execute(
-                "SELECT guid, content_version, source_digest FROM entries WHERE lfn = ?",
+                "SELECT guid, content_version, source_digest, protection FROM entries WHERE lfn = ?",
                 (entry.lfn,),
             ).fetchone()
-            if old and old["source_digest"] == entry.source_digest:
+            if old and (old["source_digest"], old["protection"]) == (entry.source_digest, entry.protection):
                 return Outcome.UNCHANGED
             now = time.time()
             if old:
@@ -106,8 +107,9 @@ class SQLiteCatalog:
                     raise CatalogConflict(f"{entry.lfn} changed while it was being registered; register it again")
                 db.execute(
                     "UPDATE entries SET pfn = ?, size = ?, adler32 = ?, source_digest = ?,"
-                    " content_version = ?, modified = ? WHERE guid = ?",
-                    (entry.pfn, entry.size, entry.adler32, entry.source_digest, entry.content_version, now, guid),
+                    " content_version = ?, protection = ?, modified = ? WHERE guid = ?",
+                    (entry.pfn, entry.size, entry.adler32, entry.source_digest, entry.content_version,
+                     entry.protection, now, guid),
                 )
                 self._delete_metadata(db, guid)
             else:

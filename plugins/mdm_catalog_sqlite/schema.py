@@ -122,4 +122,9 @@ MIGRATIONS: list[str] = [
     CREATE INDEX dicom_deidentified ON dicom (deid_study_uid, deid_series_uid);
     CREATE INDEX medical_study_date ON medical (study_date)
     """,
+    # 6: each slice's de-identification record (options, profile, rules version), so that
+    # restaging an entry protects it as it was registered (srm_dicom/anonymize.py).
+    """
+    ALTER TABLE entries ADD COLUMN protection TEXT
+    """,
 ]
