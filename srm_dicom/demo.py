@@ -30,6 +30,7 @@ from srm_dicom.names import vo_root
 from srm_dicom.pacs.client import PacsClient
 from srm_dicom.pacs.server import EmbeddedPacs
 from srm_dicom.pki import USERS, client_toml, hashed_ca_dir, init_pki
+from srm_dicom.private_files import write_private
 from srm_dicom.register import Registrar, Summary
 from srm_dicom.server.app import StorageElement, make_server
 from srm_dicom.shutdown import stop_on_signals
@@ -104,15 +105,14 @@ def write_config(workdir: Path, keystore_urls: list[str]) -> Path:
     path = workdir / "mdm.toml"
     found = re.search(r'^secret = "([0-9a-f]+)"', path.read_text(), re.M) if path.exists() else None
     server_port = _free_port()
-    path.write_text(
-        _CONFIG.format(
+    write_private(path, _CONFIG.format(
             secret=found.group(1) if found else secrets.token_hex(32),
             pacs_port=_free_port(),
             move_port=_free_port(),
             listen_port=_free_port(),
             server_port=server_port,
             keystore_urls=", ".join(f'"{url}"' for url in keystore_urls),
-        )
+        ).encode()
     )
     storage_url = f"https://127.0.0.1:{server_port}"
     for user in USERS:

@@ -33,6 +33,7 @@ from srm_dicom.config import Config
 from srm_dicom.errors import NotFound
 from srm_dicom.metadata import IMAGE_FIELDS, MEDICAL_FIELDS, PATIENT_FIELDS, ImageMetadata
 from srm_dicom.names import UidTriple, normalize_lfn
+from srm_dicom.private_files import private_file
 from srm_dicom.query import Attribute, Match, Query
 
 _ENTRY_COLUMNS = (
@@ -48,7 +49,7 @@ _DICOM_COLUMNS = (
 
 class SQLiteCatalog:
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        private_file(path)  # metadata and erased values: PHI
         self._path = path
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
         self._db.row_factory = sqlite3.Row

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from srm_dicom.keystore.server import KeystoreServerConfig, make_server
+from srm_dicom.private_files import check_private
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def _serve(args: argparse.Namespace) -> int:
     config = KeystoreServerConfig.load(args.keystore_config)
+    check_private(config.database, "the key share database")
+    check_private(config.key, "the private key")
     server = make_server(config)
     try:
         server.prepare()

@@ -6,8 +6,9 @@ import argparse
 import threading
 
 from srm_dicom.catalog import open_catalog
-from srm_dicom.config import load_config
+from srm_dicom.config import config_file, load_config
 from srm_dicom.keystore.client import KeystoreClient
+from srm_dicom.private_files import check_site
 from srm_dicom.server.app import StorageElement, make_server
 from srm_dicom.shutdown import stop_on_signals
 from srm_dicom.stager import Stager
@@ -32,6 +33,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
+    check_site(config, config_file(args.config))
     catalog = open_catalog(config)
     stager = Stager(config, catalog, KeystoreClient.from_config(config))
     server = make_server(config, StorageElement(config, catalog, stager))
