@@ -89,7 +89,7 @@ _SAFE_PRIVATE_FILE = "safe_private.toml"
 PROFILE_NAME = "PS3.15 E.1-1 Basic Application Level Confidentiality Profile"
 BURNED_IN_POLICIES = ("refuse", "private")
 
-_DUMMY_TEXT = "ANONYMIZED"
+DUMMY_TEXT = "ANONYMIZED"
 _DUMMY: dict[str, object] = {
     "AS": "000Y",
     "DA": "19000101",
@@ -461,7 +461,7 @@ class _Anonymizer:
             return self.patient_key
         if vr in _BINARY_VRS:
             return b"\0\0"
-        return _DUMMY.get(vr, _DUMMY_TEXT)
+        return _DUMMY.get(vr, DUMMY_TEXT)
 
     def _uids(self, elem: DataElement, path: str) -> DataElement:
         values = list(elem.value) if isinstance(elem.value, MultiValue) else [elem.value]

@@ -20,6 +20,7 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 
+from srm_dicom.anonymize import DUMMY_TEXT
 from srm_dicom.uids import deidentify_uid, patient_key
 
 Row = dict[str, Any]
@@ -124,6 +125,8 @@ def extract_metadata(ds: Dataset, secret: bytes, served: Dataset | None = None) 
         "transfer_syntax_uid": str(transfer_syntax),
     }
     protocol = _value(anonymous, "ProtocolName")
+    if protocol == DUMMY_TEXT:
+        protocol = None  # replaced in the served file: the original is among the erased values
     medical = {
         column: _value(anonymous if column in ANONYMOUS_MEDICAL else ds, kw) for column, kw in MEDICAL_FIELDS.items()
     }
