@@ -92,3 +92,9 @@ def metadata_level(identity: Identity, entry: Entry) -> str:
         if "mia" in identity.groups:
             return "anonymous"
     return "none"
+
+
+def may_operate(identity: Identity, groups: list[str]) -> bool:
+    """Reading /metrics and /status: the service identity, and certificate users in one of
+    ``groups`` ([operations] groups; README, Operations)."""
+    return identity.kind == "service" or (identity.kind == "x509" and bool(identity.groups & set(groups)))

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from srm_dicom.errors import MdmError
+from srm_dicom.events import CacheEvicted, CacheUsage, emit
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,7 @@ class DiskCache:
                 removed += 1
         with self._lock:
             self._files = files
+        emit(CacheUsage(self.used, self.quota))
         if removed:
             log.info("cache: removed %d leftovers of interrupted staging", removed)
         return removed
@@ -124,6 +126,7 @@ class DiskCache:
         with self._lock:
             self._files[key] = _Cached(len(data), time.time())
         self.retire(guid, version)
+        emit(CacheUsage(self.used, self.quota))
         return final
 
     def _make_room(self, size: int, keep: set[str]) -> None:
@@ -140,11 +143,14 @@ class DiskCache:
                 f"cache full: {size} bytes needed, {used - freeable} of the {self.quota}-byte quota"
                 " held by pinned or in-use files; release pins or raise [cache] quota_bytes"
             )
+        freed: list[int] = []
         for _, victim in candidates:
             if used + size <= self.quota:
                 break
-            used -= self._files.pop(victim).size
+            freed.append(self._files.pop(victim).size)
+            used -= freed[-1]
             (self.directory / self.name(*victim)).unlink(missing_ok=True)
+        emit(CacheEvicted(len(freed), sum(freed)))
 
     def retire(self, guid: str, current: int) -> None:
         """Remove the cached versions of ``guid`` older than ``current``: they are never served again."""

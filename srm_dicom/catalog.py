@@ -1,13 +1,19 @@
-"""The catalog seam: grid names, their entries, and the metadata registered with them.
+"""The catalog seam: grid names, their entries, the metadata registered with them, and stage requests.
 
-The core only talks to this interface; backends (SQLite, PostgreSQL) live in ``plugins/``
+Three small interfaces, one per concern: ``Namespace`` (names, entries, rights),
+``MetadataIndex`` (metadata and search) and ``StageStore`` (stage requests and pins).
+``Catalog`` holds a backend's three and the domain rules that span them. The core only
+talks to these interfaces; backends (SQLite, PostgreSQL) live in ``plugins/``
 and are found through the ``srm_dicom.catalog`` entry-point group, so the core never
 imports a backend by name.
 """
 
 from __future__ import annotations
 
+import posixpath
 import re
+import time
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from enum import Enum
 from importlib.metadata import entry_points
@@ -123,33 +129,21 @@ class Listing:
     entries: list[Entry]
 
 
-class Catalog(Protocol):
-    def register_image(self, entry: Entry, metadata: ImageMetadata, volume: Entry) -> Outcome:
-        """Add or update a slice with its metadata and create or bump its series volume.
-
-        One transaction: either the entry, its metadata and the volume change are all
-        stored, or nothing is. Same source digest and protection record as the stored entry:
-        nothing changes.
-        """
+class Namespace(Protocol):
+    """Grid names and their entries: LFN, GUID, PFN, size, checksum, owner and rights,
+    and the directories above them (made with their first entry, removed with their last)."""
 
     def lookup(self, lfn: str) -> Entry | None: ...
 
     def lookup_guid(self, guid: str) -> Entry | None: ...
 
     def lookup_uids(self, triple: UidTriple) -> Entry | None:
-        """Find by the names' UIDs or by the PACS's original UIDs."""
+        """Find by the names' UIDs only (the PACS's original UIDs are the metadata index's)."""
 
     def list_dir(self, path: str) -> Listing | None:
         """Subdirectories and entries directly under ``path``; None if no such directory."""
 
-    def metadata(self, guid: str) -> ImageMetadata | None: ...
-
-    def series_images(self, directory: str) -> dict[str, dict]:
-        """Image-table rows (GUID → row) of the slices in a series directory: what a volume
-        plan needs, without reading any pixel."""
-
-    def delete(self, lfn: str) -> Entry | None:
-        """Remove an entry and its metadata; a slice's volume is bumped, or removed with its last slice."""
+    def count(self) -> int: ...
 
     def set_rights(
         self, guids: Sequence[str], mode: int | None, metadata_mode: str | None, acl_entries: Sequence[AclEntry]
@@ -158,19 +152,56 @@ class Catalog(Protocol):
         keeps each entry's own) and add the per-DN entries (one for a DN already there
         replaces it). A GUID no longer in the catalog raises NotFound and nothing changes."""
 
+    def set_checksum(self, guid: str, version: int, size: int, adler32: str) -> bool:
+        """Record a volume's size and adler32 at its first assembly, only while ``version``
+        is still its content version and none is recorded; else False and nothing written."""
+
+    # -- the primitives the core's domain rules are made of (see ``Catalog``) ----------
+
+    def insert(self, entry: Entry, now: float) -> None:
+        """Add an entry, its per-DN rights and the directories above it."""
+
+    def replace_content(self, entry: Entry, now: float) -> None:
+        """A new content version of the entry at ``entry.lfn``: PFN, size, checksum, digest."""
+
+    def bump_volume(self, lfn: str, size: int | None, now: float) -> bool:
+        """Next content version of the volume at ``lfn`` with a new size, its checksum
+        forgotten (the next assembly records it); False if there is no such entry."""
+
+    def remove(self, guid: str) -> None:
+        """Remove an entry and the directories above it it leaves empty."""
+
+    def has_slices(self, directory: str) -> bool: ...
+
+
+class MetadataIndex(Protocol):
+    """The metadata registered with each slice (the paper's Patient, Image, Medical, DICOM
+    and Protocol tables, and the erased header values), and search over it."""
+
+    def add(self, guid: str, metadata: ImageMetadata) -> None: ...
+
+    def remove(self, guid: str) -> None:
+        """Remove an image's metadata; its patient's too with the patient's last image."""
+
+    def metadata(self, guid: str) -> ImageMetadata | None: ...
+
+    def series_images(self, directory: str) -> dict[str, dict]:
+        """Image-table rows (GUID → row) of the slices in a series directory: what a volume
+        plan needs, without reading any pixel."""
+
+    def original_guid(self, study: str, series: str, sop: str | None) -> str | None:
+        """The GUID of the slice with these PACS (original) UIDs; with ``sop`` None, of any
+        slice of that series."""
+
     def search(self, query: Query, attributes: Sequence[Attribute], limit: int | None = None) -> Iterator[Match]:
         """Slices whose metadata matches ``query`` (in an order stable for a given catalog), at
         most ``limit``, each with the values of ``attributes`` and of those the query filters on.
         No rights applied: the caller filters (``srm_dicom.query.visible``) and may stop early.
         Values are bound, never spliced."""
 
-    def count(self) -> int: ...
 
-    def set_checksum(self, guid: str, version: int, size: int, adler32: str) -> bool:
-        """Record a volume's size and adler32 at its first assembly, only while ``version``
-        is still its content version and none is recorded; else False and nothing written."""
-
-    # -- stage requests and pins (they survive a restart of the server) ---------------
+class StageStore(Protocol):
+    """Stage requests and pins: they survive a restart of the server."""
 
     def add_stage_request(self, request: StageRequest) -> None: ...
 
@@ -194,7 +225,87 @@ class Catalog(Protocol):
     def pinned_guids(self, now: int) -> set[str]:
         """GUIDs with a COMPLETED, unreleased file whose pin has not expired at ``now``."""
 
+
+class Backend(Protocol):
+    """What a plugin of the ``srm_dicom.catalog`` group provides: the three stores over one
+    database, and transactions that span them."""
+
+    namespace: Namespace
+    index: MetadataIndex
+    stages: StageStore
+
+    def transaction(self) -> AbstractContextManager[None]:
+        """Everything the stores do inside it commits together or not at all (nesting joins
+        the outer transaction)."""
+
     def close(self) -> None: ...
+
+
+class Catalog:
+    """The catalog the rest of the code uses: a backend's three stores, and the domain rules
+    that span them, written once here rather than in each backend."""
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+        self.namespace = backend.namespace
+        self.index = backend.index
+        self.stages = backend.stages
+
+    def register_image(self, entry: Entry, metadata: ImageMetadata, volume: Entry) -> Outcome:
+        """Add or update a slice with its metadata and create or bump its series volume.
+
+        One transaction: either the entry, its metadata and the volume change are all
+        stored, or nothing is. Same source digest and protection record as the stored entry:
+        nothing changes.
+        """
+        with self.backend.transaction():
+            old = self.namespace.lookup(entry.lfn)
+            if old and (old.source_digest, old.protection) == (entry.source_digest, entry.protection):
+                return Outcome.UNCHANGED
+            now = time.time()
+            if old:
+                if (old.guid, old.content_version + 1) != (entry.guid, entry.content_version):
+                    raise CatalogConflict(f"{entry.lfn} changed while it was being registered; register it again")
+                self.namespace.replace_content(entry, now)
+                self.index.remove(old.guid)
+            else:
+                self.namespace.insert(entry, now)
+            self.index.add(entry.guid, metadata)
+            if not self.namespace.bump_volume(volume.lfn, volume.size, now):
+                self.namespace.insert(volume, now)
+            return Outcome.UPDATED if old else Outcome.ADDED
+
+    def delete(self, lfn: str) -> Entry | None:
+        """Remove an entry and its metadata; a slice's volume is bumped (its size is unknown
+        until the next assembly), or removed with its last slice."""
+        with self.backend.transaction():
+            entry = self.namespace.lookup(lfn)
+            if entry is None:
+                return None
+            self.index.remove(entry.guid)
+            self.namespace.remove(entry.guid)
+            if entry.kind == "slice":
+                directory = posixpath.dirname(entry.lfn)
+                volume_lfn = posixpath.join(directory, "3D")
+                if self.namespace.has_slices(directory):
+                    self.namespace.bump_volume(volume_lfn, None, time.time())
+                elif volume := self.namespace.lookup(volume_lfn):
+                    self.namespace.remove(volume.guid)
+            return entry
+
+    def lookup_uids(self, triple: UidTriple) -> Entry | None:
+        """Find by the names' UIDs or by the PACS's original UIDs."""
+        found = self.namespace.lookup_uids(triple)
+        if found:
+            return found
+        guid = self.index.original_guid(triple.study, triple.series, None if triple.is_volume else triple.sop)
+        image = self.namespace.lookup_guid(guid) if guid else None
+        if image is None or not triple.is_volume:
+            return image
+        return self.namespace.lookup(posixpath.join(posixpath.dirname(image.lfn), "3D"))
+
+    def close(self) -> None:
+        self.backend.close()
 
 
 def open_catalog(config: Config) -> Catalog:
@@ -206,7 +317,7 @@ def open_catalog(config: Config) -> Catalog:
             f"config: catalog backend '{config.catalog.backend}' is not installed (known: {known})"
         )
     backend = next(iter(found)).load()
-    return backend.from_config(config)
+    return Catalog(backend.from_config(config))
 
 
 _GUID = re.compile(r"^(?:guid:|/guid/)?([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})$")
@@ -219,9 +330,9 @@ def find_entry(catalog: Catalog, spec: list[str] | str) -> Entry:
     text = " ".join(parts).strip()
     if text.startswith("/grid/"):
         parse_lfn(text)
-        entry = catalog.lookup(text)
+        entry = catalog.namespace.lookup(text)
     elif guid := _GUID.match(text.lower()):
-        entry = catalog.lookup_guid(guid.group(1))
+        entry = catalog.namespace.lookup_guid(guid.group(1))
     else:
         entry = catalog.lookup_uids(parse_sop_spec(parts))
     if entry is None:

@@ -8,6 +8,7 @@ its state can be moved together.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 from dataclasses import MISSING, dataclass, field, fields
@@ -150,6 +151,30 @@ class StorageSite:
 
 
 @dataclass(frozen=True)
+class OperationsConfig:
+    """The sysadmin's side of `mdm serve`: /metrics, /status, /readyz (see README, Operations)."""
+
+    # Who may read /metrics and /status: certificate users in these VO-map groups (and the
+    # storage element's service identity), or anyone calling from these networks.
+    groups: list[str] = field(default_factory=lambda: ["ops", "register"])
+    networks: list[str] = field(default_factory=list)
+    # Prometheus metrics at /metrics (needs prometheus_client: pip install 'srm-dicom[metrics]').
+    metrics: bool = True
+    # /readyz wants a PACS C-ECHO answered within this many seconds (and k key servers heard from).
+    pacs_echo_max_age: float = 60.0
+    # Least seconds between two probes (C-ECHO, key-server pings) that /readyz makes itself.
+    probe_interval: float = 10.0
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    """Logs of `mdm serve`, `mdm listen` and the key servers: "text" for people, "json" for machines
+    (one object a line: every request, and a billing record per file transferred)."""
+
+    format: str = "text"
+
+
+@dataclass(frozen=True)
 class Config:
     site: SiteConfig = field(default_factory=SiteConfig)
     catalog: CatalogConfig = field(default_factory=CatalogConfig)
@@ -163,6 +188,8 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     volume: VolumeConfig = field(default_factory=VolumeConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    operations: OperationsConfig = field(default_factory=OperationsConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     # [sites.NAME] tables, in file order.
     sites: dict[str, StorageSite] = field(default_factory=dict)
     base_dir: Path = field(default_factory=Path.cwd)
@@ -187,6 +214,8 @@ _SECTIONS: dict[str, type] = {
     "server": ServerConfig,
     "volume": VolumeConfig,
     "storage": StorageConfig,
+    "operations": OperationsConfig,
+    "log": LogConfig,
 }
 
 
@@ -218,6 +247,13 @@ def _validate(config: Config) -> None:
         raise ConfigError("config: [volume] format must be 'nifti' or 'nrrd'")
     if config.anonymization.burned_in not in BURNED_IN_POLICIES:
         raise ConfigError("config: [anonymization] burned_in must be 'refuse' or 'private'")
+    if config.log.format not in ("text", "json"):
+        raise ConfigError("config: [log] format must be 'text' or 'json'")
+    for network in config.operations.networks:
+        try:
+            ipaddress.ip_network(network)
+        except ValueError:
+            raise ConfigError(f"config: [operations] networks: {network!r} is not a network like 10.0.0.0/8") from None
     if config.pacs.retrieve not in ("get", "move"):
         raise ConfigError("config: [pacs] retrieve must be 'get' or 'move'")
     for name, site in config.sites.items():

@@ -173,7 +173,7 @@ def _banner(
     workdir, root = config_path.parent, vo_root(config.site.vo)
     url = f"https://127.0.0.1:{config.server.port}"
     series = _series(catalog, root)
-    listing = catalog.list_dir(series[0]) if series else None
+    listing = catalog.namespace.list_dir(series[0]) if series else None
     entries = listing.entries if listing else []
     slice_lfn = next((e.lfn for e in entries if e.kind == "slice"), f"{root}/STUDY/SERIES/SOP")
     volume_lfn = posixpath.join(posixpath.dirname(slice_lfn), "3D")
@@ -188,7 +188,7 @@ def _banner(
     say(f"synthetic series: {summary.line()}")
     say("namespace:")
     for directory in series:
-        listing = catalog.list_dir(directory)
+        listing = catalog.namespace.list_dir(directory)
         slices = sum(e.kind == "slice" for e in listing.entries) if listing else 0
         say(f"  {directory}/  {slices} slices + 3D")
     say("")
@@ -209,6 +209,6 @@ def _banner(
 
 
 def _series(catalog: Catalog, root: str) -> list[str]:
-    top = catalog.list_dir(root)
-    studies = [catalog.list_dir(study) for study in (top.directories if top else [])]
+    top = catalog.namespace.list_dir(root)
+    studies = [catalog.namespace.list_dir(study) for study in (top.directories if top else [])]
     return [s for listing in studies if listing for s in listing.directories]

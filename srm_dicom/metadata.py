@@ -49,6 +49,11 @@ IMAGE_FIELDS = {
     "image_position": "ImagePositionPatient",
     "image_orientation": "ImageOrientationPatient",
     "instance_number": "InstanceNumber",
+    # The stored voxel type and its rescale: volumes keep integers as they are stored, with
+    # the rescale in the NIfTI header (README "Volumes").
+    "pixel_representation": "PixelRepresentation",
+    "rescale_slope": "RescaleSlope",
+    "rescale_intercept": "RescaleIntercept",
 }
 MEDICAL_FIELDS = {
     "modality": "Modality",

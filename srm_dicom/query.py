@@ -9,8 +9,8 @@ Values are quoted (``"…"`` or ``'…'``, a backslash escapes the quote) or bar
 rest as text (DICOM dates ``YYYYMMDD`` order as text).
 
 The parser turns text into a tree of ``Comparison`` and ``Boolean`` nodes naming
-``Attribute`` objects of ``ATTRIBUTES``: a backend builds SQL from those objects' table
-and column names only, every value is a bound parameter. Written by hand because what
+``Attribute`` objects of ``ATTRIBUTES`` (DICOM keywords, never tables or columns): a
+backend maps each keyword to where it keeps it, every value is a bound parameter. Written by hand because what
 we need is small (a dozen tokens, three precedence levels) and must tell the user where
 the text went wrong; no library parses exactly this and checks names against our schema.
 
@@ -47,15 +47,14 @@ ANONYMOUS, ALL = "anonymous", "all"
 
 @dataclass(frozen=True)
 class Attribute:
-    """A DICOM keyword searchable in the catalog: its table and column, and the level it needs.
+    """A DICOM keyword searchable in the catalog, and the level it needs. The query tree
+    names attributes only: where a backend keeps each one is the backend's business.
 
-    ``multi``: several values per image (the Protocol table); a comparison holds when one
-    of them satisfies it (``!=``: when none equals the value).
+    ``multi``: several values per image (ProtocolName); a comparison holds when one of them
+    satisfies it (``!=``: when none equals the value).
     """
 
     keyword: str
-    table: Literal["patient", "image", "medical", "dicom", "protocol"]
-    column: str
     level: str
     numeric: bool = False
     multi: bool = False
@@ -63,41 +62,30 @@ class Attribute:
 
 def _attributes() -> dict[str, Attribute]:
     patient = [
-        ("PatientName", "name", False), ("PatientID", "patient_id", False), ("IssuerOfPatientID", "issuer", False),
-        ("PatientBirthDate", "birth_date", False), ("PatientSex", "sex", False), ("PatientAge", "age", False),
-        ("PatientWeight", "weight", True), ("PatientSize", "size", True),
+        ("PatientName", False), ("PatientID", False), ("IssuerOfPatientID", False), ("PatientBirthDate", False),
+        ("PatientSex", False), ("PatientAge", False), ("PatientWeight", True), ("PatientSize", True),
     ]
     image = [
-        ("Rows", "rows", True), ("Columns", "columns", True), ("BitsAllocated", "bits_allocated", True),
-        ("BitsStored", "bits_stored", True), ("SamplesPerPixel", "samples_per_pixel", True),
-        ("PhotometricInterpretation", "photometric", False), ("NumberOfFrames", "number_of_frames", False),
-        ("PixelSpacing", "pixel_spacing", False), ("SliceThickness", "slice_thickness", True),
-        ("ImagePositionPatient", "image_position", False), ("ImageOrientationPatient", "image_orientation", False),
-        ("InstanceNumber", "instance_number", True),
+        ("Rows", True), ("Columns", True), ("BitsAllocated", True), ("BitsStored", True), ("SamplesPerPixel", True),
+        ("PhotometricInterpretation", False), ("NumberOfFrames", False), ("PixelSpacing", False),
+        ("SliceThickness", True), ("ImagePositionPatient", False), ("ImageOrientationPatient", False),
+        ("InstanceNumber", True),
     ]
-    medical_anonymous = [
-        ("Modality", "modality"), ("BodyPartExamined", "body_part"), ("Manufacturer", "manufacturer"),
-        ("ManufacturerModelName", "model"),
+    # What the served, de-identified file keeps too, and what the PS3.15 Basic Profile removes.
+    anonymous = [
+        "Modality", "BodyPartExamined", "Manufacturer", "ManufacturerModelName", "StudyInstanceUID",
+        "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID", "TransferSyntaxUID",
     ]
-    medical_all = [
-        ("StudyDate", "study_date"), ("SeriesDate", "series_date"), ("AcquisitionDate", "acquisition_date"),
-        ("InstitutionName", "institution"), ("ReferringPhysicianName", "referring_physician"),
-        ("PerformingPhysicianName", "performing_physician"), ("StudyDescription", "study_description"),
-        ("SeriesDescription", "series_description"),
+    everything = [
+        "StudyDate", "SeriesDate", "AcquisitionDate", "InstitutionName", "ReferringPhysicianName",
+        "PerformingPhysicianName", "StudyDescription", "SeriesDescription", "OriginalStudyInstanceUID",
+        "OriginalSeriesInstanceUID", "OriginalSOPInstanceUID",
     ]
-    dicom = [
-        ("StudyInstanceUID", "deid_study_uid", ANONYMOUS), ("SeriesInstanceUID", "deid_series_uid", ANONYMOUS),
-        ("SOPInstanceUID", "deid_sop_uid", ANONYMOUS), ("SOPClassUID", "sop_class_uid", ANONYMOUS),
-        ("TransferSyntaxUID", "transfer_syntax_uid", ANONYMOUS),
-        ("OriginalStudyInstanceUID", "study_uid", ALL), ("OriginalSeriesInstanceUID", "series_uid", ALL),
-        ("OriginalSOPInstanceUID", "sop_uid", ALL),
-    ]
-    found = [Attribute(k, "patient", c, ALL, numeric=n) for k, c, n in patient]
-    found += [Attribute(k, "image", c, ANONYMOUS, numeric=n) for k, c, n in image]
-    found += [Attribute(k, "medical", c, ANONYMOUS) for k, c in medical_anonymous]
-    found += [Attribute(k, "medical", c, ALL) for k, c in medical_all]
-    found += [Attribute(k, "dicom", c, level) for k, c, level in dicom]
-    found.append(Attribute("ProtocolName", "protocol", "name", ANONYMOUS, multi=True))
+    found = [Attribute(k, ALL, numeric=n) for k, n in patient]
+    found += [Attribute(k, ANONYMOUS, numeric=n) for k, n in image]
+    found += [Attribute(k, ANONYMOUS) for k in anonymous]
+    found += [Attribute(k, ALL) for k in everything]
+    found.append(Attribute("ProtocolName", ANONYMOUS, multi=True))
     return {a.keyword: a for a in found}
 
 
@@ -110,6 +98,9 @@ class QuerySyntaxError(InvalidInput):
     """The query text does not parse; the message says where and why, in one line."""
 
 
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
 @dataclass(frozen=True)
 class Comparison:
     attribute: Attribute
@@ -117,9 +108,12 @@ class Comparison:
     value: str | int | float
 
     def like_pattern(self) -> str:
-        """The SQL LIKE pattern (escape character ``\\``) of a ``like`` value."""
+        """``like``, defined once for every backend: the SQL LIKE pattern (escape character
+        ``\\``) of the DICOM wildcard value, in ASCII lower case; a backend compares it with
+        the value as text in ASCII lower case, so case is ignored the same way everywhere."""
         text = str(self.value).replace("\\", "\\\\").replace("%", "\0").replace("_", "\\_")
-        return text.replace("\0", "%").replace("*", "%").replace("?", "_")
+        text = text.replace("\0", "%").replace("*", "%").replace("?", "_")
+        return text.translate(_ASCII_LOWER)
 
 
 @dataclass(frozen=True)
@@ -369,5 +363,5 @@ def find(
     catalog: Catalog, identity: Identity, query: Query, attributes: Sequence[Attribute], limit: int
 ) -> list[Visible]:
     """The first ``limit`` matches (in the catalog's order) that ``identity`` may see."""
-    matches = catalog.search(query, attributes)
+    matches = catalog.index.search(query, attributes)
     return list(islice(visible(matches, identity, query.level, attributes), limit))

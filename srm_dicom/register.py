@@ -14,6 +14,7 @@ import hashlib
 import logging
 import os
 import posixpath
+import stat
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
@@ -53,6 +54,9 @@ class Summary:
 
     counts: dict[Outcome, int] = field(default_factory=lambda: dict.fromkeys(Outcome, 0))
     failures: list[tuple[str, str]] = field(default_factory=list)
+    # Files a directory walk met that are not for registering (README, NIfTI, DICOMDIR, a
+    # FIFO): counted by reason, never failures (README, "mdm register").
+    skipped: dict[str, int] = field(default_factory=dict)
 
     def add(self, outcome: Outcome) -> None:
         self.counts[outcome] += 1
@@ -60,9 +64,13 @@ class Summary:
     def fail(self, source: str, reason: str) -> None:
         self.failures.append((source, reason))
 
+    def skip(self, reason: str) -> None:
+        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+
     def line(self) -> str:
         parts = [f"{n} {o.value}" for o, n in self.counts.items()]
         parts.append(f"{len(self.failures)} failed")
+        parts += [f"{n} skipped ({reason})" for reason, n in sorted(self.skipped.items())]
         return ", ".join(parts)
 
 
@@ -77,8 +85,23 @@ def dataset_digest(ds: Dataset) -> str:
     return hashlib.sha256(buffer.getvalue()).hexdigest()
 
 
+def decode_fully(ds: Dataset) -> None:
+    """Decode every element now, nested sequences included. pydicom decodes values lazily, on
+    first access, and a malformed value then raises whatever its converter raises
+    (ValueError, TypeError, OverflowError, NotImplementedError, struct.error...): decoded
+    here, at the boundary, that is one reason for the file instead of a traceback later."""
+    tag = None
+    try:
+        for element in ds.iterall():
+            tag = element.tag
+    except Exception as exc:  # pydicom's converters raise many types on corrupt input
+        where = f" after element {tag}" if tag is not None else ""
+        raise InvalidInput(f"corrupt DICOM element{where} ({exc.__class__.__name__})") from None
+
+
 def check_header(ds: Dataset) -> None:
     """Refuse a data set the catalog cannot name: one of the three UIDs missing or malformed."""
+    decode_fully(ds)
     if "TransferSyntaxUID" not in getattr(ds, "file_meta", Dataset()):
         raise InvalidInput("no transfer syntax in the file meta information")
     for keyword in _REQUIRED_UIDS:
@@ -130,7 +153,7 @@ class Registrar:
         lfn = UidTriple(study, series, sop).lfn(site.vo)
         digest = dataset_digest(ds)
         record = protection_record(options)
-        known = self._catalog.lookup(lfn)
+        known = self._catalog.namespace.lookup(lfn)
         if known is not None and known.source_digest == digest and (not reprotect or known.protection == record):
             return Outcome.UNCHANGED
         guid = known.guid if known else str(uuid.uuid4())
@@ -191,7 +214,7 @@ class Registrar:
     def _volume_size(self, volume_lfn: str, guid: str, image: dict) -> int | None:
         """The series volume's size once this slice is in: listings are true before the first
         assembly. None when the series is not (yet) one volume: staging will say why."""
-        rows = self._catalog.series_images(posixpath.dirname(volume_lfn))
+        rows = self._catalog.index.series_images(posixpath.dirname(volume_lfn))
         rows[guid] = image
         try:
             plain = plan_volume(list(rows.values())).file_size(self._config.volume.format)
@@ -207,21 +230,48 @@ class Registrar:
             log.warning("key %s left on key servers: %s", name, exc)
 
 
+NOT_DICOM = "not DICOM"
+NOT_REGULAR = "not a regular file"
+DICOMDIR = "DICOMDIR"
+MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
+
+
 def iter_files(paths: Iterable[Path], summary: Summary) -> Iterator[Path]:
-    """Files under the given paths, recursively and sorted; unreadable directories are reported."""
+    """Files under the given paths, recursively and sorted; unreadable directories are reported.
+
+    Only regular files are yielded: opening a FIFO or a device would wait forever. One a walk
+    meets is skipped; one named on the command line is a failure."""
     for path in paths:
-        if path.is_file():
+        kind = _kind(path)
+        if kind == "file":
             yield path
-        elif path.is_dir():
+        elif kind == "directory":
             def report(error: OSError) -> None:
                 summary.fail(str(error.filename), f"cannot read directory: {error.strerror}")
 
             for root, dirs, files in os.walk(path, onerror=report):
                 dirs.sort()
                 for name in sorted(files):
-                    yield Path(root) / name
+                    found = Path(root) / name
+                    if _kind(found) == "other":
+                        summary.skip(NOT_REGULAR)
+                    else:
+                        yield found  # a dangling link too: reading it says so
+        elif kind == "other":
+            summary.fail(str(path), NOT_REGULAR)
         else:
             summary.fail(str(path), "no such file or directory")
+
+
+def _kind(path: Path) -> str:
+    """file | directory | other (FIFO, socket, device) | missing, links followed."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return "missing"  # a dangling link too
+    if stat.S_ISREG(mode):
+        return "file"
+    return "directory" if stat.S_ISDIR(mode) else "other"
 
 
 def read_dicom(path: Path) -> Dataset:
@@ -229,7 +279,7 @@ def read_dicom(path: Path) -> Dataset:
     try:
         ds = pydicom.dcmread(path)
     except InvalidDicomError:
-        raise InvalidInput("not a DICOM file") from None
+        raise NotDicom("not a DICOM file") from None
     except PermissionError:
         raise InvalidInput("permission denied") from None
     except (OSError, EOFError) as exc:
@@ -238,8 +288,19 @@ def read_dicom(path: Path) -> Dataset:
         raise InvalidInput(f"corrupt or truncated DICOM ({exc.__class__.__name__})") from None
     if "TransferSyntaxUID" not in getattr(ds, "file_meta", Dataset()):
         raise InvalidInput("not a DICOM Part-10 file (no file meta information)")
-    _check_complete(ds)
+    if str(ds.file_meta.get("MediaStorageSOPClassUID", "")) == MEDIA_STORAGE_DIRECTORY:
+        raise NotAnImage(DICOMDIR)
+    _check_complete(ds)  # first: it reads the raw elements' declared lengths
+    decode_fully(ds)
     return ds
+
+
+class NotDicom(InvalidInput):
+    """Not a DICOM file at all (a README, a NIfTI volume): skipped in a walk."""
+
+
+class NotAnImage(InvalidInput):
+    """A readable file that is no image to register (a DICOMDIR): skipped in a walk."""
 
 
 def _check_complete(ds: Dataset) -> None:

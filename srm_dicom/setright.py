@@ -199,10 +199,10 @@ def parse_uids(text: str) -> list[str]:
 def entries_under(catalog: Catalog, path: str) -> list[Entry]:
     """The entry named ``path``, or every entry below the directory ``path`` (a series: its
     slices and its 3D; a study: all its series)."""
-    entry = catalog.lookup(path)
+    entry = catalog.namespace.lookup(path)
     if entry is not None:
         return [entry]
-    listing = catalog.list_dir(path)
+    listing = catalog.namespace.list_dir(path)
     if listing is None:
         return []
     found = list(listing.entries)
@@ -296,12 +296,12 @@ class RightsSetter:
         if not failures:
             try:
                 if plan:
-                    self._catalog.set_rights([e.guid for e, _, _ in plan], change.mode, change.metadata_mode,
+                    self._catalog.namespace.set_rights([e.guid for e, _, _ in plan], change.mode, change.metadata_mode,
                                              change.users)
             except BaseException:
                 self._restore(changed)
                 raise
-            return [self._catalog.lookup_guid(entry.guid) or entry for entry in entries]
+            return [self._catalog.namespace.lookup_guid(entry.guid) or entry for entry in entries]
         problem = _summary(failures)
         stuck = self._restore(changed)
         if not stuck:
@@ -309,7 +309,7 @@ class RightsSetter:
         self._write([(key, server, key.meet) for key in keys for server in servers])
         for entry, old, new in plan:
             meet = old.meet(new, entry.owner)
-            self._catalog.set_rights([entry.guid], meet.mode, meet.metadata_mode, meet.acl)
+            self._catalog.namespace.set_rights([entry.guid], meet.mode, meet.metadata_mode, meet.acl)
         raise RightsAtIntersection(
             f"rights not changed: {problem}; restoring the old key ACL failed on {_summary(stuck)}: "
             f"the rights left in force are what both the old and the new allow; run the same set-right again "

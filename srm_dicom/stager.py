@@ -37,6 +37,7 @@ from srm_dicom.catalog import (
 from srm_dicom.config import Config
 from srm_dicom.crypto.container import encrypt_bytes, new_file_key
 from srm_dicom.errors import InvalidInput, MdmError, NotFound
+from srm_dicom.events import StageFinished, StageQueueChanged, emit
 from srm_dicom.keystore import KeystoreError
 from srm_dicom.keystore.client import KeystoreClient
 from srm_dicom.names import Pfn, normalize_lfn, parse_pfn
@@ -109,7 +110,7 @@ class Stager:
         self._cache.open()
         self._stopping.clear()
         self._pool = ThreadPoolExecutor(self._config.cache.workers, thread_name_prefix="stager")
-        pending = self._catalog.staging_guids()
+        pending = self._catalog.stages.staging_guids()
         for guid in pending:
             self._job(guid)
         if pending:
@@ -175,7 +176,7 @@ class Stager:
             else:
                 files.append(StageFile(entry.lfn, entry.guid))
         request = StageRequest(str(uuid.uuid4()), requester, now, lifetime, tuple(files))
-        self._catalog.add_stage_request(request)
+        self._catalog.stages.add_stage_request(request)
         for file in files:
             if file.state != COMPLETED:
                 self._job(file.guid)
@@ -183,30 +184,30 @@ class Stager:
 
     def request(self, request_id: str) -> StageRequest | None:
         """The request with each file's state and whether it is on disk now."""
-        found = self._catalog.stage_request(request_id)
+        found = self._catalog.stages.stage_request(request_id)
         if found is None:
             return None
         return replace(found, files=tuple(replace(f, on_disk=self._on_disk(f.guid)) for f in found.files))
 
     def cancel(self, request_id: str, lfns: list[str]) -> None:
         self._known_files(request_id, lfns)
-        self._catalog.cancel_stage_files(request_id, lfns, _now())
+        self._catalog.stages.cancel_stage_files(request_id, lfns, _now())
 
     def delete(self, request_id: str) -> None:
         """Cancel what is not final, forget the request and release its pins."""
-        if not self._catalog.delete_stage_request(request_id):
+        if not self._catalog.stages.delete_stage_request(request_id):
             raise NotFound(f"no such stage request: {request_id}")
 
     def release(self, request_id: str, lfns: list[str]) -> None:
         self._known_files(request_id, lfns)
-        self._catalog.release_stage_files(request_id, lfns)
+        self._catalog.stages.release_stage_files(request_id, lfns)
 
     def release_paths(self, lfns: list[str]) -> None:
         """Release every request's pins on these files (gfal-evict); they may then be evicted."""
-        self._catalog.release_stage_files(None, lfns)
+        self._catalog.stages.release_stage_files(None, lfns)
 
     def _known_files(self, request_id: str, lfns: list[str]) -> None:
-        found = self._catalog.stage_request(request_id)
+        found = self._catalog.stages.stage_request(request_id)
         if found is None:
             raise NotFound(f"no such stage request: {request_id}")
         unknown = {normalize_lfn(lfn) for lfn in lfns} - {f.lfn for f in found.files}
@@ -214,7 +215,7 @@ class Stager:
             raise InvalidInput(f"not in stage request {request_id}: {', '.join(sorted(unknown))}")
 
     def _on_disk(self, guid: str) -> bool:
-        entry = self._catalog.lookup_guid(guid)
+        entry = self._catalog.namespace.lookup_guid(guid)
         return entry is not None and self._cache.path(guid, entry.content_version, touch=False) is not None
 
     # -- jobs ------------------------------------------------------------------------
@@ -229,46 +230,50 @@ class Stager:
                 raise MdmError("the stager is not running")
             job = self._jobs[guid] = _Job(guid)
             self._pool.submit(self._run, job)
+            emit(StageQueueChanged(len(self._jobs)))
             return job
 
     def _run(self, job: _Job) -> None:
+        started = time.monotonic()
         try:
             job.path = self._stage(job.guid)
-            self._catalog.set_stage_state(job.guid, COMPLETED, _now())
+            self._catalog.stages.set_stage_state(job.guid, COMPLETED, _now())
         except _Abandoned:
             job.error = StageFailed("the storage element stopped before staging finished")
         except MdmError as exc:
             reason = exc.reason if isinstance(exc, StageFailed) else str(exc)
             job.error = StageFailed(reason)
-            self._catalog.set_stage_state(job.guid, FAILED, _now(), reason)
+            self._catalog.stages.set_stage_state(job.guid, FAILED, _now(), reason)
             log.warning("staging guid:%s failed: %s", job.guid, reason)
         except Exception as exc:  # a bug must fail the waiters, not hang them
             reason = f"internal error ({exc.__class__.__name__})"
             job.error = StageFailed(reason)
-            self._catalog.set_stage_state(job.guid, FAILED, _now(), reason)
+            self._catalog.stages.set_stage_state(job.guid, FAILED, _now(), reason)
             log.error("staging guid:%s failed: %s", job.guid, reason)
         finally:
             with self._lock:
                 if self._jobs.get(job.guid) is job:
                     del self._jobs[job.guid]
+                emit(StageQueueChanged(len(self._jobs)))
+            emit(StageFinished(time.monotonic() - started, job.error.reason if job.error else None))
             job.done.set()
 
     def _stage(self, guid: str) -> Path:
         if self._stopping.is_set():
             raise _Abandoned
-        entry = self._catalog.lookup_guid(guid)
+        entry = self._catalog.namespace.lookup_guid(guid)
         if entry is None:
             raise StageFailed("the file is no longer registered")
         path = self._cache.path(guid, entry.content_version)
         if path is not None:
             return path
-        self._catalog.set_stage_state(guid, STARTED, _now())
+        self._catalog.stages.set_stage_state(guid, STARTED, _now())
         started = time.monotonic()
         source = parse_pfn(entry.pfn)
         payload = self._volume(entry, source) if entry.kind == "volume" else self._slice(entry, source)
         if self._stopping.is_set():
             raise _Abandoned
-        path = self._cache.publish(guid, entry.content_version, payload, self._catalog.pinned_guids(_now()))
+        path = self._cache.publish(guid, entry.content_version, payload, self._catalog.stages.pinned_guids(_now()))
         log.info("staged %s: %d bytes in %.2f s", self._label(entry), len(payload), time.monotonic() - started)
         return path
 
@@ -341,7 +346,7 @@ class Stager:
                 raise StageFailed(
                     f"the assembled volume has {len(payload)} bytes, not the {entry.size} announced"
                 )
-            if not self._catalog.set_checksum(entry.guid, version, len(payload), _adler32(payload)):
+            if not self._catalog.namespace.set_checksum(entry.guid, version, len(payload), _adler32(payload)):
                 raise StageFailed("the series changed while its volume was assembled; stage it again")
             return payload
         produced: dict[bytes, bytes] = {}

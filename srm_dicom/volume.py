@@ -7,9 +7,11 @@ Slices are ordered by their position along the slice normal, never by InstanceNu
 several slices at each position (time points, echoes, diffusion directions) make a 4D
 volume, ordered within a position by InstanceNumber. Nothing of the DICOM header travels.
 
-Voxel types are fixed per kind of image, not per pixel values, because the size must be
-known beforehand: grayscale is always float32 after rescale slope/intercept (exact for any
-16-bit stored value, and slope/intercept are not in the Image rows), colour is RGB24.
+Voxel types follow the stored pixels, as dcm2niix writes them, and are decided from the
+rows alone (the size must be known before any pixel is read): integers stay integers
+(uint8, int16, or uint16 when 16 bits are stored unsigned) with the series' one rescale in
+the NIfTI header's scl_slope/scl_inter; float32 holds the rescaled values only where the
+slices' rescales differ (or in NRRD, which has no rescale field); colour is RGB24.
 
 Both writers are hand-made: a NIfTI-1 single file is a fixed 348-byte struct, a 4-byte
 extension flag and the raw voxels; an NRRD file is a short text header and the raw voxels.
@@ -23,12 +25,12 @@ from __future__ import annotations
 import math
 import struct
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset
-from pydicom.pixels import apply_modality_lut, pixel_array
+from pydicom.pixels import pixel_array
 
 from srm_dicom.errors import InvalidInput, MdmError
 from srm_dicom.metadata import IMAGE_FIELDS, _value  # the catalog's own conversion, so rows compare equal
@@ -52,11 +54,35 @@ _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 
 NIFTI_HEADER_SIZE = 348
 NIFTI_VOX_OFFSET = 352  # header + the 4-byte extension flag (no extensions)
-_NIFTI_FLOAT32, _NIFTI_RGB24 = 16, 128
 _NIFTI_UNITS_MM = 2
 _NIFTI_XFORM_SCANNER_ANAT = 1
 # sizeof_hdr … magic, little-endian; the layout of nifti1.h, field by field.
 _NIFTI_STRUCT = struct.Struct("<i10s18sihbb8h3fhhhh8ffffhbbffffii80s24shh6f4f4f4f16s4s")  # 348 bytes
+
+
+@dataclass(frozen=True)
+class VoxelType:
+    """One voxel type in the three vocabularies that meet here: numpy, nifti1.h, NRRD."""
+
+    name: str
+    numpy: str
+    nifti_code: int
+    nrrd: str
+    size: int  # bytes per voxel
+
+    @property
+    def is_integer(self) -> bool:
+        return self.name not in ("float32", "rgb24")
+
+
+UINT8 = VoxelType("uint8", "u1", 2, "uchar", 1)
+INT8 = VoxelType("int8", "i1", 256, "signed char", 1)
+INT16 = VoxelType("int16", "<i2", 4, "short", 2)
+UINT16 = VoxelType("uint16", "<u2", 512, "ushort", 2)
+INT32 = VoxelType("int32", "<i4", 8, "int", 4)
+UINT32 = VoxelType("uint32", "<u4", 768, "uint", 4)
+FLOAT32 = VoxelType("float32", "<f4", 16, "float", 4)
+RGB24 = VoxelType("rgb24", "u1", 128, "uchar", 3)
 
 
 class NotAVolume(MdmError):
@@ -73,14 +99,23 @@ class VolumePlan:
 
     ``shape`` is in file order, fastest first: (columns, rows, slices[, volumes]).
     ``order`` lists indices into the planned slices in file order (volume by volume,
-    then along the normal). ``affine`` maps (i, j, k) voxel indices to RAS millimetres.
+    then along the normal), ``rescales`` their (slope, intercept) in the same order.
+    ``affine`` maps (i, j, k) voxel indices to RAS millimetres. Integer voxels hold the
+    stored values and ``slope``/``intercept`` the rescale; float32 voxels are rescaled.
     """
 
     shape: tuple[int, ...]
-    rgb: bool
+    voxel: VoxelType
     spacing: tuple[float, float, float]
     affine: tuple[tuple[float, float, float, float], ...]
     order: tuple[int, ...]
+    rescales: tuple[tuple[float, float], ...]
+    slope: float = 1.0
+    intercept: float = 0.0
+
+    @property
+    def rgb(self) -> bool:
+        return self.voxel is RGB24
 
     @property
     def rows(self) -> int:
@@ -91,24 +126,26 @@ class VolumePlan:
         return self.shape[0]
 
     @property
-    def bytes_per_voxel(self) -> int:
-        return 3 if self.rgb else 4
-
-    @property
     def data_size(self) -> int:
-        return math.prod(self.shape) * self.bytes_per_voxel
+        return math.prod(self.shape) * self.voxel.size
+
+    def in_format(self, fmt: str) -> VolumePlan:
+        """The plan as ``fmt`` can hold it: NRRD has no rescale, so rescaled integers become
+        float32 there."""
+        if fmt not in FORMATS:
+            raise InvalidInput(f"volume format must be one of {', '.join(FORMATS)}, not {fmt!r}")
+        if fmt == "nrrd" and self.voxel.is_integer and (self.slope, self.intercept) != (1.0, 0.0):
+            return replace(self, voxel=FLOAT32, slope=1.0, intercept=0.0)
+        return self
 
     def header(self, fmt: str) -> bytes:
         """The file's header, everything before the voxels."""
-        if fmt == "nifti":
-            return _nifti_header(self)
-        if fmt == "nrrd":
-            return _nrrd_header(self)
-        raise InvalidInput(f"volume format must be one of {', '.join(FORMATS)}, not {fmt!r}")
+        plan = self.in_format(fmt)
+        return _nifti_header(plan) if fmt == "nifti" else _nrrd_header(plan)
 
     def file_size(self, fmt: str) -> int:
         """The exact size of the file ``render`` writes, known before any pixel is read."""
-        return len(self.header(fmt)) + self.data_size
+        return len(self.header(fmt)) + self.in_format(fmt).data_size
 
 
 def plan_volume(slices: Sequence[dict[str, Any]]) -> VolumePlan:
@@ -144,14 +181,56 @@ def plan_volume(slices: Sequence[dict[str, Any]]) -> VolumePlan:
     shape: tuple[int, ...] = (int(first["columns"]), int(first["rows"]), len(stack))
     if volumes > 1:
         shape += (volumes,)
+    order = tuple(group[t] for t in range(volumes) for group in groups)
+    rescales = tuple(_rescale(slices[index]) for index in order)
+    voxel = _voxel_type(first, set(rescales))
+    slope, intercept = rescales[0] if voxel.is_integer else (1.0, 0.0)
     return VolumePlan(
         shape=shape,
-        rgb=int(first["samples_per_pixel"]) == 3,
+        voxel=voxel,
         spacing=(float(column_spacing), float(row_spacing), float(np.linalg.norm(step))),
-        affine=tuple((float(a) + 0.0, float(b) + 0.0, float(c) + 0.0, float(d) + 0.0)  # + 0.0: no "-0"
-                     for a, b, c, d in affine),
-        order=tuple(group[t] for t in range(volumes) for group in groups),
+        affine=tuple((a + 0.0, b + 0.0, c + 0.0, d + 0.0) for a, b, c, d in affine.tolist()),  # + 0.0: no "-0"
+        order=order,
+        rescales=rescales,
+        slope=slope,
+        intercept=intercept,
     )
+
+
+def _rescale(row: dict[str, Any]) -> tuple[float, float]:
+    """A slice's (RescaleSlope, RescaleIntercept); absent means identity, as in PS3.3."""
+    values = []
+    for column, default in (("rescale_slope", 1.0), ("rescale_intercept", 0.0)):
+        value = row.get(column)
+        try:
+            number = default if value in (None, "") else float(value)
+        except (TypeError, ValueError):
+            raise NotAVolume(f"a slice has an unreadable {column.replace('_', ' ')}") from None
+        if not math.isfinite(number):
+            raise NotAVolume(f"a slice has an invalid {column.replace('_', ' ')}")
+        values.append(number + 0.0)
+    if values[0] == 0:
+        raise NotAVolume("a slice has a rescale slope of 0")
+    return values[0], values[1]
+
+
+def _voxel_type(first: dict[str, Any], rescales: set[tuple[float, float]]) -> VoxelType:
+    """dcm2niix's choice: the stored integer type when one rescale holds for every slice,
+    float32 otherwise. Unsigned 16-bit pixels of at most 15 stored bits fit int16, which
+    dcm2niix writes for them; with all 16 bits stored, uint16 keeps every value exact."""
+    if int(first["samples_per_pixel"]) == 3:
+        return RGB24
+    if len(rescales) > 1:
+        return FLOAT32
+    signed = int(first.get("pixel_representation") or 0) == 1
+    bits, stored = int(first["bits_allocated"]), int(first.get("bits_stored") or first["bits_allocated"])
+    if bits == 8:
+        return INT8 if signed else UINT8
+    if bits == 16:
+        return INT16 if signed or stored <= 15 else UINT16
+    if bits == 32:
+        return INT32 if signed else UINT32
+    raise NotAVolume(f"unsupported pixels: {bits} bits allocated")
 
 
 def image_row(ds: Dataset) -> dict[str, Any]:
@@ -165,34 +244,42 @@ def image_row(ds: Dataset) -> dict[str, Any]:
 
 def assemble(datasets: Sequence[Dataset], fmt: str) -> bytes:
     """The series as one volume file; ``len(result) == plan_volume(rows).file_size(fmt)``."""
-    plan = plan_volume([image_row(ds) for ds in datasets])
-    return render(plan, (_pixels(datasets[index], plan) for index in plan.order), fmt)
+    plan = plan_volume([image_row(ds) for ds in datasets]).in_format(fmt)
+    return render(plan, (_stored(datasets[index], plan) for index in plan.order), fmt)
 
 
 def render(plan: VolumePlan, frames: Iterable[np.ndarray], fmt: str) -> bytes:
-    """Header then voxels; ``frames`` are the decoded slices in ``plan.order``, taken one at
-    a time so that only the output buffer holds the whole volume."""
+    """Header then voxels; ``frames`` are the decoded stored values of the slices in
+    ``plan.order``, taken one at a time so that only the output buffer holds the whole volume."""
+    plan = plan.in_format(fmt)
     header = plan.header(fmt)
     out = np.empty(len(header) + plan.data_size, dtype=np.uint8)
     out[: len(header)] = np.frombuffer(header, dtype=np.uint8)
     voxels = out[len(header):]
     if not plan.rgb:
-        voxels = voxels.view("<f4")
+        voxels = voxels.view(plan.voxel.numpy)
     voxels = voxels.reshape(len(plan.order), plan.rows, plan.columns, *((3,) if plan.rgb else ()))
-    for slot, frame in zip(voxels, frames, strict=True):
-        slot[...] = frame  # C order (row, column[, sample]) = NIfTI/NRRD order, x fastest
+    for slot, frame, (slope, intercept) in zip(voxels, frames, plan.rescales, strict=True):
+        if plan.voxel is FLOAT32:
+            # The rescale of the rows the plan was made from (PS3.3 C.7.6.16.2.9 for frames).
+            slot[...] = frame.astype(np.float64) * slope + intercept
+        else:
+            slot[...] = frame  # C order (row, column[, sample]) = NIfTI/NRRD order, x fastest
     return out.tobytes()
 
 
-def _pixels(ds: Dataset, plan: VolumePlan) -> np.ndarray:
-    """One slice's voxel values: rescaled float32 grayscale, or 8-bit RGB."""
+def _stored(ds: Dataset, plan: VolumePlan) -> np.ndarray:
+    """One slice's stored values: integers without their rescale, or 8-bit RGB."""
     array = pixel_array(ds)  # not ds.pixel_array, which keeps a decoded copy on the dataset
     expected = (plan.rows, plan.columns, 3) if plan.rgb else (plan.rows, plan.columns)
     if array.shape != expected:
         raise NotAVolume(f"a slice decodes to {array.shape} pixels where {expected} were expected")
     if plan.rgb:
         return array.astype(np.uint8, copy=False)
-    return apply_modality_lut(array, ds).astype(np.float32, copy=False)
+    bits_stored = int(ds.get("BitsStored") or ds.BitsAllocated)
+    if array.dtype.kind == "u" and bits_stored < array.dtype.itemsize * 8:
+        array = array & ((1 << bits_stored) - 1)  # bits above BitsStored are not the pixel's
+    return array
 
 
 def _check_kind(row: dict[str, Any]) -> None:
@@ -350,13 +437,13 @@ def _nifti_header(plan: VolumePlan) -> bytes:
     qfac, b, c, d = _quaternion(affine[:3, :3] / np.array(plan.spacing))
     dim = [len(plan.shape), *plan.shape] + [1] * (7 - len(plan.shape))
     pixdim = [qfac, *plan.spacing] + [1.0] * 4  # no time unit: the 4th axis may be echoes
-    datatype, bitpix = (_NIFTI_RGB24, 24) if plan.rgb else (_NIFTI_FLOAT32, 32)
+    datatype, bitpix = plan.voxel.nifti_code, plan.voxel.size * 8
     header = _NIFTI_STRUCT.pack(
         NIFTI_HEADER_SIZE, b"", b"", 0, 0, ord("r"), 0,  # sizeof_hdr … regular, dim_info
         *dim,
         0.0, 0.0, 0.0, 0, datatype, bitpix, 0,  # intent_p1…p3, intent_code, datatype, bitpix, slice_start
         *pixdim,
-        float(NIFTI_VOX_OFFSET), 1.0, 0.0,  # vox_offset, scl_slope, scl_inter: values are stored as is
+        float(NIFTI_VOX_OFFSET), plan.slope, plan.intercept,  # vox_offset, scl_slope, scl_inter
         0, 0, _NIFTI_UNITS_MM,  # slice_end, slice_code, xyzt_units
         0.0, 0.0, 0.0, 0.0, 0, 0,  # cal_max, cal_min, slice_duration, toffset, glmax, glmin
         b"srm-dicom", b"",  # descrip, aux_file: nothing of the DICOM header
@@ -373,7 +460,7 @@ def _number(value: float) -> str:
     return f"{value + 0.0:.10g}"
 
 
-def _vector(values: Sequence[float] | np.ndarray) -> str:
+def _vector(values: Iterable[float]) -> str:
     return "(" + ",".join(_number(v) for v in values) + ")"
 
 
@@ -393,7 +480,7 @@ def _nrrd_header(plan: VolumePlan) -> bytes:
         "NRRD0004",
         "# Complete NRRD file format specification at:",
         "# http://teem.sourceforge.net/nrrd/format.html",
-        f"type: {'uchar' if plan.rgb else 'float'}",
+        f"type: {plan.voxel.nrrd}",
         f"dimension: {len(sizes)}",
         "space: right-anterior-superior",
         f"sizes: {' '.join(str(size) for size in sizes)}",

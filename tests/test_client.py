@@ -568,8 +568,8 @@ def test_a_connection_the_storage_element_hangs_up_on_is_asked_again(storage_ele
     from proxy import FaultyProxy
 
     running, series = storage_element
-    entry = next(e for e in running.catalog.list_dir(
-        running.catalog.list_dir(running.catalog.list_dir("/grid/demo/mdm").directories[0]).directories[0]
+    entry = next(e for e in running.catalog.namespace.list_dir(
+        running.catalog.namespace.list_dir(running.catalog.namespace.list_dir("/grid/demo/mdm").directories[0]).directories[0]
     ).entries if e.kind == "slice")
     port = int(running.url.rsplit(":", 1)[1])
     with FaultyProxy(("127.0.0.1", port), drop_first=1) as proxy:

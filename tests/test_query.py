@@ -119,7 +119,7 @@ def test_like_wildcards_and_literal_sql_characters(catalog):
 )
 def test_injection_attempts_find_nothing_and_break_nothing(catalog, text):
     assert names(catalog, text) == []
-    assert catalog.count() == 8 and len(names(catalog, "")) == 6
+    assert catalog.namespace.count() == 8 and len(names(catalog, "")) == 6
 
 
 def test_rights_hide_rows_and_attributes_and_hidden_filters_never_match(catalog):

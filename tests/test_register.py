@@ -44,7 +44,7 @@ def test_each_pacs_receives_the_images_and_the_catalog_names_them(any_pacs, tmp_
     assert sorted(in_pacs) == sorted(pydicom.dcmread(f).SOPInstanceUID for f in files)
     secret = config.site.secret_bytes
     study, series = (deidentify_uid(secret, first.StudyInstanceUID), deidentify_uid(secret, first.SeriesInstanceUID))
-    listing = catalog.list_dir(f"/grid/demo/mdm/{study}/{series}")
+    listing = catalog.namespace.list_dir(f"/grid/demo/mdm/{study}/{series}")
     names = sorted(e.sop_uid for e in listing.entries)
     assert names == sorted([deidentify_uid(secret, pydicom.dcmread(f).SOPInstanceUID) for f in files] + ["3D"])
     slice_entry = next(e for e in listing.entries if e.kind == "slice")
@@ -60,7 +60,7 @@ def test_original_uids_mode_keeps_the_pacs_names(embedded_pacs, tmp_path, key_se
     with PacsClient(config.pacs) as pacs:
         Registrar(config, catalog, pacs, KeystoreClient.from_config(config)).register(ds, store_in_pacs=True)
     lfn = f"/grid/demo/mdm/{ds.StudyInstanceUID}/{ds.SeriesInstanceUID}/{ds.SOPInstanceUID}"
-    assert catalog.lookup(lfn) is not None
+    assert catalog.namespace.lookup(lfn) is not None
     catalog.close()
 
 
@@ -70,8 +70,9 @@ def test_size_and_adler32_describe_the_served_bytes(embedded_pacs, tmp_path, key
     catalog = open_catalog(config)
     with PacsClient(config.pacs) as pacs:
         Registrar(config, catalog, pacs, KeystoreClient.from_config(config)).register(ds, store_in_pacs=True)
-    (entry,) = [e for e in catalog.list_dir(catalog.list_dir(catalog.list_dir("/grid/demo/mdm").directories[0])
-                                            .directories[0]).entries if e.kind == "slice"]
+    namespace = catalog.namespace
+    series = namespace.list_dir(namespace.list_dir("/grid/demo/mdm").directories[0]).directories[0]
+    (entry,) = [e for e in namespace.list_dir(series).entries if e.kind == "slice"]
     # Restaging (anonymize + encrypt again with the key from the key servers) gives the same bytes.
     key = KeystoreClient.from_config(config).fetch_key(key_name(entry.guid, 1), lambda k: len(k) == 32)
     again = protect_image(ds, config.site.secret_bytes, config.anonymization, key, entry.guid, 1)
@@ -116,7 +117,7 @@ def test_a_header_without_its_uids_is_refused_before_anything_is_stored(embedded
     ds.SeriesInstanceUID = "1.2.abc"
     with pytest.raises(InvalidInput, match="not a valid UID"):
         Registrar(config, catalog, None, KeystoreClient.from_config(config)).register(ds, store_in_pacs=True)
-    assert catalog.count() == 0
+    assert catalog.namespace.count() == 0
     catalog.close()
 
 

@@ -189,9 +189,9 @@ def test_the_catalog_commit_is_one_transaction(site):
     catalog = site.catalog()
     try:
         with pytest.raises(NotFound):
-            catalog.set_rights([entries[0].guid, "00000000-0000-4000-8000-000000000000"], 0o700, "private",
+            catalog.namespace.set_rights([entries[0].guid, "00000000-0000-4000-8000-000000000000"], 0o700, "private",
                                [AclEntry(EVE, 4, "all")])
-        assert Rights.of(catalog.lookup_guid(entries[0].guid)) == Rights(0o750, "group")
+        assert Rights.of(catalog.namespace.lookup_guid(entries[0].guid)) == Rights(0o750, "group")
     finally:
         catalog.close()
 

@@ -49,7 +49,7 @@ class Site:
         return Stager(self.config, self.catalog, self.keystore)
 
     def refresh(self, entry: Entry) -> Entry:
-        found = self.catalog.lookup_guid(entry.guid)
+        found = self.catalog.namespace.lookup_guid(entry.guid)
         assert found is not None
         return found
 
@@ -70,10 +70,10 @@ def make_site(workdir: Path, peer, key_servers, slices: int = 3, workers: int = 
     slices_ = []
     for ds in series:
         uids = (ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
-        found = catalog.lookup("/grid/demo/mdm/" + "/".join(deidentify_uid(secret, u) for u in uids))
+        found = catalog.namespace.lookup("/grid/demo/mdm/" + "/".join(deidentify_uid(secret, u) for u in uids))
         assert found is not None
         slices_.append(found)
-    volume = catalog.lookup(slices_[0].lfn.rsplit("/", 1)[0] + "/3D")
+    volume = catalog.namespace.lookup(slices_[0].lfn.rsplit("/", 1)[0] + "/3D")
     assert volume is not None
     return Site(config, catalog, series, slices_, volume, keystore)
 
@@ -134,10 +134,10 @@ def test_stage_request_states_cancel_release_and_delete(site, running):
     assert found.requester == "/C=XX/O=srm-dicom/CN=bob"
     assert found.created_at <= found.started_at <= found.completed_at <= int(time.time())
     assert all(f.pin_expires >= f.finished_at + 600 for f in found.files)
-    assert site.catalog.pinned_guids(int(time.time())) == {first.guid, second.guid}
+    assert site.catalog.stages.pinned_guids(int(time.time())) == {first.guid, second.guid}
 
     running.release(request_id, [first.lfn])
-    assert site.catalog.pinned_guids(int(time.time())) == {second.guid}
+    assert site.catalog.stages.pinned_guids(int(time.time())) == {second.guid}
     with pytest.raises(Exception, match="not in stage request"):
         running.release(request_id, [third.lfn])
 
@@ -149,10 +149,10 @@ def test_stage_request_states_cancel_release_and_delete(site, running):
     assert cancelled.state == "CANCELLED"
 
     running.release_paths([second.lfn])
-    assert site.catalog.pinned_guids(int(time.time())) == set()
+    assert site.catalog.stages.pinned_guids(int(time.time())) == set()
     unpinned = running.submit([first], pin_lifetime=0, requester="bob")  # on disk already: pin over at once
     assert running.request(unpinned).files[0].state == "COMPLETED"
-    assert site.catalog.pinned_guids(int(time.time())) == set()
+    assert site.catalog.stages.pinned_guids(int(time.time())) == set()
     running.delete(request_id)
     assert running.request(request_id) is None
     with pytest.raises(Exception, match="no such stage request"):
@@ -255,7 +255,7 @@ def test_requests_and_pins_survive_a_restart(site):
     try:
         after = again.request(request_id)
         assert after == before and all(f.on_disk for f in after.files)
-        assert site.catalog.pinned_guids(int(time.time())) == {e.guid for e in site.slices[:2]}
+        assert site.catalog.stages.pinned_guids(int(time.time())) == {e.guid for e in site.slices[:2]}
         assert again.locality(site.slices[0]) == "DISK_AND_TAPE" and again.locality(site.slices[2]) == "TAPE"
     finally:
         again.stop()
@@ -370,7 +370,7 @@ def test_a_volume_is_assembled_once_per_version_and_restaged_identically(site, r
             Registrar(site.config, site.catalog, pacs, site.keystore).register(extra, store_in_pacs=True)
         bumped = site.refresh(volume)
         assert bumped.content_version == recorded.content_version + 1 and bumped.adler32 is None
-        assert not site.catalog.set_checksum(volume.guid, recorded.content_version, 1, "00000001")
+        assert not site.catalog.namespace.set_checksum(volume.guid, recorded.content_version, 1, "00000001")
         assert again.locality(bumped) == "TAPE"
         newer = again.fetch(bumped, 20)
         assert site.refresh(volume).adler32 == f"{zlib.adler32(newer.read_bytes()):08x}"
@@ -405,7 +405,7 @@ config = load_config(sys.argv[1])
 catalog = open_catalog(config)
 stager = Stager(config, catalog, KeystoreClient.from_config(config))
 stager.start()
-print(stager.submit([catalog.lookup(lfn) for lfn in sys.argv[2:]], 600, "bob"), flush=True)
+print(stager.submit([catalog.namespace.lookup(lfn) for lfn in sys.argv[2:]], 600, "bob"), flush=True)
 time.sleep(120)
 """
 
@@ -420,7 +420,7 @@ def test_a_server_killed_while_staging_serves_no_partial_file_and_resumes(embedd
         request_id = process.stdout.readline().strip()
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            states = [f.state for f in site.catalog.stage_request(request_id).files]
+            states = [f.state for f in site.catalog.stages.stage_request(request_id).files]
             if "COMPLETED" in states:
                 break
             time.sleep(0.005)
@@ -430,7 +430,7 @@ def test_a_server_killed_while_staging_serves_no_partial_file_and_resumes(embedd
         if process.poll() is None:
             process.kill()
             process.wait()
-    states = [f.state for f in site.catalog.stage_request(request_id).files]
+    states = [f.state for f in site.catalog.stages.stage_request(request_id).files]
     assert "COMPLETED" in states and set(states) != {"COMPLETED"}, states  # killed in the middle
 
     stager = site.stager()

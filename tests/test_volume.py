@@ -3,8 +3,7 @@
 The yardstick is dicom2nifti's ground truth (``*_ground_truth.nii.gz`` beside each vendor
 series). dicom2nifti orders slices by the patient coordinate (x, y or z) that varies most
 across the series and builds its affine from that order, so its third axis may run against
-the slice normal where ours runs along it; it also keeps the stored integer type where we
-always write float32. Both files are therefore compared in world space: each is reoriented
+the slice normal where ours runs along it. Both files are therefore compared in world space: each is reoriented
 to the closest canonical RAS orientation with nibabel (an exact permutation/flip of voxel
 axes, driven by each file's own affine), then voxel values and affines must agree.
 """
@@ -13,6 +12,7 @@ from __future__ import annotations
 
 import io
 import random
+import subprocess
 import uuid
 from functools import cache
 from pathlib import Path
@@ -23,9 +23,10 @@ import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
+from conftest import require_program
 from mdm_catalog_sqlite import SQLiteCatalog
 from sites import require_vendor_data
-from srm_dicom.catalog import Entry
+from srm_dicom.catalog import Catalog, Entry
 from srm_dicom.errors import InvalidInput, MdmError
 from srm_dicom.metadata import extract_metadata
 from srm_dicom.names import VOLUME, UidTriple
@@ -122,8 +123,44 @@ def test_nifti_header_is_a_valid_single_file_with_qform_and_sform(series: str) -
     np.testing.assert_allclose(image.get_qform(), plan.affine, atol=1e-4)
     assert header.get_xyzt_units() == ("mm", "unknown")
     assert header["descrip"] == b"srm-dicom"
-    assert header.get_data_dtype() == (np.dtype([("R", "u1"), ("G", "u1"), ("B", "u1")]) if plan.rgb else "<f4")
+    rgb = np.dtype([("R", "u1"), ("G", "u1"), ("B", "u1")])
+    assert header.get_data_dtype() == (rgb if plan.rgb else np.dtype(plan.voxel.numpy))
+    assert (float(header["scl_slope"]), float(header["scl_inter"])) == (plan.slope, plan.intercept)
     assert image.shape == plan.shape
+
+
+def dcm2niix_volume(directory: Path, out: Path) -> nibabel.Nifti1Image:
+    """dcm2niix's one NIfTI of a directory (no gzip, no sidecar), loaded into memory."""
+    out.mkdir()
+    subprocess.run(
+        [require_program("dcm2niix"), "-z", "n", "-b", "n", "-f", "volume", "-o", str(out), str(directory)],
+        check=True, capture_output=True, timeout=120,
+    )
+    written = sorted(out.glob("*.nii"))
+    assert len(written) == 1, f"dcm2niix wrote {[p.name for p in written]}"
+    return nibabel.Nifti1Image.from_bytes(written[0].read_bytes())
+
+
+def raw_scaling(image: nibabel.Nifti1Image) -> tuple[np.dtype, float, float]:
+    """The stored voxel type and scl_slope/scl_inter as in the file (nibabel reads 0 as 1/0)."""
+    header = image.header
+    slope, inter = float(header["scl_slope"]), float(header["scl_inter"])
+    if not np.isfinite(slope) or slope == 0:
+        slope, inter = 1.0, 0.0
+    return header.get_data_dtype(), slope, inter
+
+
+@pytest.mark.parametrize("series", [s for s in GROUND_TRUTH if "jpegls" not in s])  # dcm2niix lacks JPEG-LS
+def test_voxel_type_and_rescale_are_those_dcm2niix_writes(series: str, tmp_path: Path) -> None:
+    ours = nifti(assemble(vendor_series(series), "nifti"))
+    theirs = dcm2niix_volume(require_vendor_data() / series, tmp_path / "dcm2niix")
+    assert raw_scaling(ours) == raw_scaling(theirs)
+    ours_ras, theirs_ras = nibabel.as_closest_canonical(ours), nibabel.as_closest_canonical(theirs)
+    ours_raw, theirs_raw = np.asanyarray(ours_ras.dataobj), np.asanyarray(theirs_ras.dataobj)
+    if ours_raw.dtype.kind == "f":  # dcm2niix rescales in single precision, we in double
+        np.testing.assert_allclose(ours_raw, theirs_raw, rtol=1e-6)
+    else:
+        np.testing.assert_array_equal(ours_raw, theirs_raw)
 
 
 @pytest.mark.parametrize("series", GROUND_TRUTH)
@@ -134,7 +171,7 @@ def test_nrrd_holds_the_same_voxels_and_geometry(series: str) -> None:
     assert raw == assemble(datasets, "nifti")[NIFTI_VOX_OFFSET:]
     sizes = [int(size) for size in fields["sizes"].split()]
     assert sizes == ([3] if plan.rgb else []) + list(plan.shape)
-    assert fields["type"] == ("uchar" if plan.rgb else "float")
+    assert fields["type"] == plan.in_format("nrrd").voxel.nrrd
     assert (fields["encoding"], fields["endian"]) == ("raw", "little")
     assert fields["space"] == "right-anterior-superior"
     directions = [d for d in nrrd_vectors(fields["space directions"]) if d is not None]
@@ -147,10 +184,10 @@ def test_nrrd_holds_the_same_voxels_and_geometry(series: str) -> None:
 def test_size_from_the_catalogs_rows_is_the_assembled_size(series: str, tmp_path: Path) -> None:
     """The rows go through the real SQLite catalog, as they will before a first assembly."""
     datasets = vendor_series(series)
-    catalog = SQLiteCatalog(tmp_path / "catalog.db")
+    catalog = Catalog(SQLiteCatalog(tmp_path / "catalog.db"))
     try:
         guids = [register(catalog, ds) for ds in datasets]
-        rows = [catalog.metadata(guid).image for guid in guids]  # type: ignore[union-attr]
+        rows = [catalog.index.metadata(guid).image for guid in guids]  # type: ignore[union-attr]
     finally:
         catalog.close()
     plan = plan_volume(rows)
@@ -159,7 +196,7 @@ def test_size_from_the_catalogs_rows_is_the_assembled_size(series: str, tmp_path
         assert len(assemble(datasets, fmt)) == plan.file_size(fmt)
 
 
-def register(catalog: SQLiteCatalog, ds: Dataset) -> str:
+def register(catalog: Catalog, ds: Dataset) -> str:
     metadata = extract_metadata(ds, b"volume test secret")
     uids = metadata.dicom
     common = dict(
@@ -213,11 +250,52 @@ def test_slices_are_ordered_by_position_not_instance_number_nor_arrival() -> Non
         np.testing.assert_array_equal(data[:, :, k], stored(ds).T.astype(np.float64) - 1024)
 
 
-def test_voxels_are_rescaled_float32_and_geometry_is_ras() -> None:
+def test_integers_keep_their_stored_type_with_the_rescale_in_the_header() -> None:
     series = synthetic(slices=4, size=8)
+    data = assemble(series, "nifti")
+    header = nibabel.Nifti1Header.from_fileobj(io.BytesIO(data))
+    assert header.get_data_dtype() == "<i2"
+    assert (float(header["scl_slope"]), float(header["scl_inter"])) == (1.0, -1024.0)
+    raw = np.frombuffer(data[NIFTI_VOX_OFFSET:], dtype="<i2").reshape(4, 8, 8)
+    for k, ds in enumerate(series):
+        np.testing.assert_array_equal(raw[k], stored(ds))  # the stored values, untouched
+    assert len(data) == 352 + 4 * 8 * 8 * 2
+
+
+def test_differing_rescales_make_float32_of_the_rescaled_values() -> None:
+    series = synthetic(slices=4, size=8)
+    series[2].RescaleSlope, series[2].RescaleIntercept = 0.5, -10
     image = nifti(assemble(series, "nifti"))
     assert image.get_data_dtype() == "<f4"
-    assert np.asanyarray(image.dataobj).min() < 0  # intercept -1024 applied
+    np.testing.assert_allclose(image.get_fdata()[:, :, 2], stored(series[2]).T * 0.5 - 10)
+    np.testing.assert_allclose(image.get_fdata()[:, :, 1], stored(series[1]).T - 1024.0)
+
+
+def test_nrrd_without_a_rescale_field_holds_rescaled_float32() -> None:
+    series = synthetic(slices=4, size=8)
+    fields, raw = read_nrrd(assemble(series, "nrrd"))
+    assert fields["type"] == "float"
+    np.testing.assert_array_equal(np.frombuffer(raw, "<f4").reshape(4, 8, 8)[0], stored(series[0]) - 1024.0)
+    for ds in series:
+        del ds.RescaleSlope, ds.RescaleIntercept
+    fields, raw = read_nrrd(assemble(series, "nrrd"))
+    assert fields["type"] == "short" and len(raw) == 4 * 8 * 8 * 2
+
+
+def test_unsigned_pixels_of_16_stored_bits_stay_uint16() -> None:
+    series = synthetic(slices=3, size=8)
+    for ds in series:
+        ds.PixelRepresentation, ds.BitsStored = 0, 16
+        ds.PixelData = (stored(ds).astype(np.int32) + 40000).astype("<u2").tobytes()
+        del ds.RescaleSlope, ds.RescaleIntercept
+    image = nifti(assemble(series, "nifti"))
+    assert image.get_data_dtype() == "<u2"
+    assert int(np.asanyarray(image.dataobj).max()) > 32767
+
+
+def test_geometry_is_ras() -> None:
+    series = synthetic(slices=4, size=8)
+    image = nifti(assemble(series, "nifti"))
     # LPS origin (-4, -4, 0) is RAS (4, 4, 0); rows run along -x and columns along -y in RAS.
     np.testing.assert_allclose(image.affine, [[-1, 0, 0, 4], [0, -1, 0, 4], [0, 0, 2, 0], [0, 0, 0, 1]])
     assert image.header.get_zooms() == (1.0, 1.0, 2.0)
@@ -345,5 +423,5 @@ def test_the_plan_needs_no_pixels() -> None:
     rows = [image_row(ds) for ds in synthetic(slices=10, size=32)]
     plan = plan_volume(rows)
     assert isinstance(plan, VolumePlan) and plan.shape == (32, 32, 10)
-    assert plan.file_size("nifti") == 352 + 32 * 32 * 10 * 4
-    assert plan.file_size("nrrd") == len(plan.header("nrrd")) + 32 * 32 * 10 * 4
+    assert plan.file_size("nifti") == 352 + 32 * 32 * 10 * 2  # int16 with its rescale in the header
+    assert plan.file_size("nrrd") == len(plan.header("nrrd")) + 32 * 32 * 10 * 4  # rescaled float32

@@ -122,7 +122,14 @@ MIGRATIONS: list[str] = [
     CREATE INDEX dicom_deidentified ON dicom (deid_study_uid, deid_series_uid);
     CREATE INDEX medical_study_date ON medical (study_date)
     """,
-    # 6: each slice's de-identification record (options, profile, rules version), so that
+    # 6: the stored voxel type and rescale of each image, so a volume keeps its integers
+    # (NIfTI scl_slope/scl_inter) and its size is known from the rows alone.
+    """
+    ALTER TABLE image ADD COLUMN pixel_representation INTEGER;
+    ALTER TABLE image ADD COLUMN rescale_slope REAL;
+    ALTER TABLE image ADD COLUMN rescale_intercept REAL
+    """,
+    # 7: each slice's de-identification record (options, profile, rules version), so that
     # restaging an entry protects it as it was registered (srm_dicom/anonymize.py).
     """
     ALTER TABLE entries ADD COLUMN protection TEXT

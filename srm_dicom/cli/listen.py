@@ -7,6 +7,7 @@ import argparse
 from srm_dicom.catalog import open_catalog
 from srm_dicom.config import config_file, load_config
 from srm_dicom.listen import PushListener
+from srm_dicom.logs import configure as configure_logs
 from srm_dicom.private_files import check_site
 from srm_dicom.shutdown import stop_on_signals
 
@@ -30,6 +31,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     check_site(config, config_file(args.config))
+    configure_logs(config.log.format, args.verbose)
     catalog = open_catalog(config)
     stop = stop_on_signals()
     try:

@@ -76,9 +76,9 @@ def run_ls(args: argparse.Namespace) -> int:
     config, catalog = _with_catalog(args)
     try:
         path = normalize_lfn(args.path or vo_root(config.site.vo))
-        listing = catalog.list_dir(path)
+        listing = catalog.namespace.list_dir(path)
         if listing is None:
-            entry = catalog.lookup(path)
+            entry = catalog.namespace.lookup(path)
             if entry is None:
                 raise NotFound(f"no such file or directory: {path}")
             print(_long(entry) if args.long else posixpath.basename(entry.lfn))

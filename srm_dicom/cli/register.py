@@ -14,7 +14,7 @@ from srm_dicom.config import load_config
 from srm_dicom.errors import InvalidInput, MdmError, PacsError
 from srm_dicom.keystore.client import KeystoreClient
 from srm_dicom.pacs.client import PacsClient
-from srm_dicom.register import Registrar, Summary, iter_files, read_dicom
+from srm_dicom.register import DICOMDIR, NOT_DICOM, NotAnImage, NotDicom, Registrar, Summary, iter_files, read_dicom
 
 EXIT_SOME_FAILED = 1
 
@@ -37,6 +37,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
             "  mdm register --from-pacs --study 1.2.3  # index a study already in the PACS\n"
             "  mdm register --from-pacs --all\n"
             "  mdm register --from-pacs --study 1.2.3 --reprotect  # re-issue under today's [anonymization]\n"
+            "In a directory, files that are not DICOM images (README, NIfTI, DICOMDIR, FIFOs) are\n"
+            "counted as skipped; a file named on the command line that is not one fails.\n"
             "exit codes: 0 all registered or already there, 1 some files failed, 4 PACS error"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -98,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _register_files(registrar: Registrar, args: argparse.Namespace, summary: Summary) -> None:
+    named = set(args.paths)
     files = list(iter_files(args.paths, summary))
     with _progress(len(files)) as progress:
         task = progress.add_task("register", total=len(files)) if progress else None
@@ -109,6 +112,13 @@ def _register_files(registrar: Registrar, args: argparse.Namespace, summary: Sum
                     print(f"{outcome.value}: {path}")
             except PacsError:
                 raise
+            except (NotDicom, NotAnImage) as exc:
+                if path in named:
+                    summary.fail(str(path), str(exc))
+                else:
+                    summary.skip(NOT_DICOM if isinstance(exc, NotDicom) else DICOMDIR)
+                    if args.verbose:
+                        print(f"skipped ({exc}): {path}")
             except MdmError as exc:
                 summary.fail(str(path), str(exc))
             if progress and task is not None:

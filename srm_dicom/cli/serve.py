@@ -8,6 +8,8 @@ import threading
 from srm_dicom.catalog import open_catalog
 from srm_dicom.config import config_file, load_config
 from srm_dicom.keystore.client import KeystoreClient
+from srm_dicom.logs import configure as configure_logs
+from srm_dicom.logs import log_requests
 from srm_dicom.private_files import check_site
 from srm_dicom.server.app import StorageElement, make_server
 from srm_dicom.shutdown import stop_on_signals
@@ -34,9 +36,12 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     check_site(config, config_file(args.config))
+    configure_logs(config.log.format, args.verbose)
+    stop_logging = log_requests()
     catalog = open_catalog(config)
     stager = Stager(config, catalog, KeystoreClient.from_config(config))
-    server = make_server(config, StorageElement(config, catalog, stager))
+    app = StorageElement(config, catalog, stager)  # listens to events before the stager's first
+    server = make_server(config, app)
     stop = stop_on_signals()
     stager.start()
     try:
@@ -50,5 +55,7 @@ def run(args: argparse.Namespace) -> int:
         thread.join(timeout=10)
     finally:
         stager.stop()
+        app.close()
+        stop_logging()
         catalog.close()
     return 0

@@ -28,9 +28,18 @@ from urllib.parse import quote, urlsplit
 from srm_dicom.config import Config
 from srm_dicom.crypto.shares import Share, combine_key, split_key
 from srm_dicom.errors import ConfigError, InvalidInput, NotFound
+from srm_dicom.events import Arg, KeyServerCall, timed
 from srm_dicom.keystore import Acl, KeyAccessDenied, KeystoreError, check_key_id
 
 log = logging.getLogger(__name__)
+
+# Key server answers that show it working (a refusal is the server doing its job).
+ANSWERS = (403, 404)
+PROBE_KEY = "mdm-health-probe"
+
+
+def _answer(error: BaseException) -> bool:
+    return getattr(error, "status", None) in ANSWERS
 
 
 @dataclass
@@ -162,6 +171,12 @@ class KeystoreClient:
             failures,
         )
 
+    def ping(self) -> dict[str, str | None]:
+        """Which servers answer (None) and why the others do not, asking each for a key that
+        never exists: the answer proves the server up and our certificate accepted."""
+        results = self._on_all("GET", PROBE_KEY, "", [None] * self.n)
+        return {url: None if getattr(r, "status", 404) in ANSWERS else str(r) for url, r in results.items()}
+
     def set_acl(self, key_id: str, acl: Acl) -> None:
         """Replace the ACL on every server; raise naming those that did not take it."""
         check_key_id(key_id)
@@ -216,6 +231,7 @@ class KeystoreClient:
         return http.client.HTTPSConnection(parts.hostname or "", parts.port or 443, context=self._context,
                                            timeout=self.timeout)
 
+    @timed(KeyServerCall, url=Arg("url"), operation=Arg("method"), answered=_answer)
     def _request(self, method: str, url: str, key_id: str, suffix: str, body: Any) -> Any:
         payload = None if body is None else json.dumps(body).encode()
         headers = {"Content-Type": "application/json"} if payload is not None else {}

@@ -61,6 +61,7 @@ from pynetdicom.status import (
 import srm_dicom.pacs  # noqa: F401  (TCP_NODELAY and quiet pynetdicom logging)
 from srm_dicom.config import PacsConfig
 from srm_dicom.errors import InvalidInput, NotFound, PacsError
+from srm_dicom.events import PacsCall, timed
 from srm_dicom.pacs.answers import keep_answers_for_the_caller
 
 MAX_CONTEXTS = 128
@@ -267,6 +268,7 @@ class PacsClient:
 
     # -- services ----------------------------------------------------------------
 
+    @timed(PacsCall, operation="C-ECHO")
     def echo(self) -> None:
         """C-ECHO: proves the PACS answers to our AE title."""
         assoc = self._association(self._single(Verification))
@@ -278,6 +280,7 @@ class PacsClient:
                 f"C-ECHO failed: {_status_text(status.Status, VERIFICATION_SERVICE_CLASS_STATUS)}"
             )
 
+    @timed(PacsCall, operation="C-STORE")
     def store(self, ds: Dataset) -> None:
         """C-STORE one dataset, in exactly its own transfer syntax."""
         sop_class, ts = str(ds.SOPClassUID), _transfer_syntax(ds)
@@ -304,6 +307,7 @@ class PacsClient:
             self.store(ds)
         return len(batch)
 
+    @timed(PacsCall, operation="C-FIND")
     def find(self, level: str, query: Dataset) -> list[Dataset]:
         """C-FIND at ``level``: Patient Root for PATIENT, Study Root otherwise."""
         if level not in LEVELS:
@@ -387,6 +391,7 @@ class PacsClient:
             contexts = {(uid, RETRIEVE_SYNTAXES) for uid in classes}
         return _Plan(frozenset(contexts), frozenset(classes))
 
+    @timed(PacsCall, operation="C-GET")
     def get(self, study: str, series: str, sop: str | None = None) -> Iterator[Dataset]:
         """C-GET one instance, or a whole series, over one association.
 
@@ -398,6 +403,7 @@ class PacsClient:
         responses = assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet)
         yield from self._collect("C-GET", responses, QR_GET_SERVICE_CLASS_STATUS)
 
+    @timed(PacsCall, operation="C-MOVE")
     def move(self, study: str, series: str, sop: str | None = None) -> Iterator[Dataset]:
         """C-MOVE to our own storage SCP (AE calling_aet on move_port), run for this call."""
         scp = AE(ae_title=self.config.calling_aet)

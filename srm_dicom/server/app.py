@@ -17,6 +17,7 @@ from cryptography import x509
 from srm_dicom.catalog import Catalog, Entry
 from srm_dicom.config import Config
 from srm_dicom.errors import MdmError, NotFound
+from srm_dicom.health import HealthBoard
 from srm_dicom.identity import (
     ENVIRON_PEER_CHAIN,
     AuthenticationError,
@@ -30,7 +31,10 @@ from srm_dicom.identity import (
 )
 from srm_dicom.names import normalize_lfn
 from srm_dicom.server import metadata, qido
+from srm_dicom.server.browse import DirectoryPages, wants_html
 from srm_dicom.server.files import FileService
+from srm_dicom.server.observe import ObservedApp
+from srm_dicom.server.operations import OperationsApi
 from srm_dicom.server.problems import StartResponse, problem
 from srm_dicom.server.rights import RightsApi
 from srm_dicom.server.taperest import DISCOVERY, ROOT, TapeRestApi
@@ -60,14 +64,26 @@ class StorageElement:
         self._metadata = metadata.MetadataApi(catalog)
         self._qido = qido.Qido(catalog)
         self._rights = RightsApi(config, catalog)
+        self._pages = DirectoryPages(catalog, stager, config.site.vo)
+        self.health = HealthBoard(config, catalog)
+        self._operations = OperationsApi(config, self.health)
+
+    def close(self) -> None:
+        """Stop listening to events (the server has stopped)."""
+        self._operations.close()
+        self.health.close()
+
+    def billing_name(self, entry: Entry) -> str:
+        """How logs name a file: its LFN, unless the site's LFNs carry the PACS's own UIDs."""
+        return entry.lfn if self._config.site.uids == "deidentified" else f"guid:{entry.guid}"
 
     def resolve(self, path: str) -> Entry | None:
         """The entry an URL path names: an LFN or /guid/<uuid>."""
         path = normalize_lfn(path.split("?", 1)[0])
         if path.startswith("/guid/"):
-            return self._catalog.lookup_guid(path.removeprefix("/guid/"))
+            return self._catalog.namespace.lookup_guid(path.removeprefix("/guid/"))
         if path.startswith("/grid/"):
-            return self._catalog.lookup(path)
+            return self._catalog.namespace.lookup(path)
         return None
 
     def _identify(self, environ: dict) -> Identity:
@@ -78,6 +94,14 @@ class StorageElement:
         if chain:
             return identity_from_cert_chain(chain, self._vomap, self._services)
         raise AuthenticationError("a client certificate (or proxy) or a bearer token is required")
+
+    def _caller(self, environ: dict) -> Identity | None:
+        """The caller if it shows credentials that hold, else None (the operations endpoints
+        also answer callers from trusted networks, and probes without credentials)."""
+        try:
+            return self._identify(environ)
+        except AuthenticationError:
+            return None
 
     def _base_url(self, environ: dict) -> str:
         if self._config.server.public_url:
@@ -90,6 +114,8 @@ class StorageElement:
         try:
             if path.rstrip("/") == DISCOVERY and method == "GET":
                 return self._tape.discovery(start_response, self._base_url(environ))
+            if self._operations.handles(path):
+                return self._operations(environ, start_response, self._caller(environ))
             try:
                 identity = self._identify(environ)
             except AuthenticationError as exc:
@@ -111,6 +137,8 @@ class StorageElement:
                 entry = self.resolve(path)
                 if entry is not None:
                     return self._files.serve(environ, start_response, entry, identity)
+                if method == "GET" and wants_html(environ):
+                    return self._pages(environ, start_response, identity)
                 if method == "GET":
                     return problem(start_response, HTTPStatus.NOT_FOUND, f"no such file: {path}")
             return self._dav(environ, start_response)
@@ -127,7 +155,8 @@ def make_server(config: Config, app: StorageElement) -> wsgi.Server:
     """A cheroot HTTPS server; client certificates are asked for but optional (token users
     share the port), verified against [identity] ca, proxies accepted."""
     server_config = config.server
-    server = wsgi.Server((server_config.host, server_config.port), app, numthreads=server_config.threads,
+    observed = ObservedApp(app, app.billing_name)
+    server = wsgi.Server((server_config.host, server_config.port), observed, numthreads=server_config.threads,
                          server_name=server_config.sitename)
     server.ssl_adapter = ClientAuthSSLAdapter(
         str(config.path(server_config.cert)), str(config.path(server_config.key)),

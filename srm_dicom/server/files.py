@@ -20,6 +20,7 @@ from srm_dicom.access import may_list, may_read
 from srm_dicom.catalog import Catalog, Entry
 from srm_dicom.config import Config
 from srm_dicom.identity import Identity
+from srm_dicom.server.observe import mark_transfer
 from srm_dicom.server.problems import StartResponse, problem
 from srm_dicom.stager import StageFailed, Stager, StagingPending
 
@@ -96,6 +97,7 @@ class FileService:
             return iter(problem(start_response, HTTPStatus.FORBIDDEN, f"{identity.subject} may not read {entry.lfn}"))
         head = environ["REQUEST_METHOD"] == "HEAD"
         path = self._stager.cached_path(entry)
+        staged = path is None
         if path is None and not head:
             try:
                 path = self._stager.fetch(entry, self._config.cache.wait_timeout)
@@ -105,9 +107,10 @@ class FileService:
                 if exc.reason.startswith("not a volume"):  # permanent: retrying cannot help
                     return iter(problem(start_response, HTTPStatus.UNPROCESSABLE_ENTITY, exc.reason))
                 return iter(self._unavailable(start_response, exc.reason))
-            entry = self._catalog.lookup_guid(entry.guid) or entry  # a volume's size is known now
+            entry = self._catalog.namespace.lookup_guid(entry.guid) or entry  # a volume's size is known now
         if entry.size is None:
             return iter(self._unavailable(start_response, f"{entry.lfn} has not been assembled yet; stage it first"))
+        mark_transfer(environ, entry, staged)
         headers = [
             ("Content-Type", "application/octet-stream"),
             ("Accept-Ranges", "bytes"),

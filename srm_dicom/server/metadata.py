@@ -70,7 +70,7 @@ class MetadataApi:
         if metadata_level(identity, entry) != "all":
             return problem(start_response, HTTPStatus.FORBIDDEN,
                            f"{identity.subject} may not read the erased header values of {entry.lfn}")
-        metadata = self._catalog.metadata(entry.guid)
+        metadata = self._catalog.index.metadata(entry.guid)
         erased = [{"path": p, "keyword": k, "value": v} for p, k, v in (metadata.erased if metadata else ())]
         return respond_json(start_response, HTTPStatus.OK, {"lfn": entry.lfn, "guid": f"guid:{entry.guid}",
                                                              "erased": erased})

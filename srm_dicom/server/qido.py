@@ -195,7 +195,7 @@ class Qido:
             query = query & Query(Boolean("or", (prefilter.where, original.where)), "")
         # The UID keys match the UID the caller sees: checked below per image, so only the
         # other filters decide the level an image needs.
-        matches = visible(self._catalog.search(query, sorted(wanted, key=lambda a: a.keyword)), identity,
+        matches = visible(self._catalog.index.search(query, sorted(wanted, key=lambda a: a.keyword)), identity,
                           search.query.level, list(wanted))
         matches = (m for m in matches if all(_shown_uid(m, k) in v for k, v in search.uids.items()))
         if search.level == "instance":

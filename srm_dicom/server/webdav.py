@@ -95,7 +95,7 @@ class CatalogProvider(DAVProvider):
             return fixed
         if not may_browse(identity, self._vo, path):
             return []
-        listing = self._catalog.list_dir(path)
+        listing = self._catalog.namespace.list_dir(path)
         if listing is None:
             return []
         return listing.directories + [e.lfn for e in listing.entries if may_list(identity, e)]
@@ -106,17 +106,18 @@ class CatalogProvider(DAVProvider):
         if self._fixed(path) is not None:
             return Directory(path, environ, self)
         if path.startswith("/guid/"):
-            entry = self._catalog.lookup_guid(path.removeprefix("/guid/"))
+            entry = self._catalog.namespace.lookup_guid(path.removeprefix("/guid/"))
             return EntryResource(path, environ, entry) if entry and may_list(identity, entry) else None
         root = f"/grid/{self._vo}/mdm"
         if not (path == root or path.startswith(root + "/")):
             return None
-        entry = self._catalog.lookup(path)
+        entry = self._catalog.namespace.lookup(path)
         if entry is not None:  # an entry its mode lets a caller list is visible even outside its VO
             return EntryResource(path, environ, entry) if may_list(identity, entry) else None
         if not may_browse(identity, self._vo, path):
             return None
-        return Directory(path, environ, self) if path == root or self._catalog.list_dir(path) is not None else None
+        exists = path == root or self._catalog.namespace.list_dir(path) is not None
+        return Directory(path, environ, self) if exists else None
 
 
 def webdav_app(catalog: Catalog, vo: str) -> WsgiDAVApp:

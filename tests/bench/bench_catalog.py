@@ -319,16 +319,16 @@ def lookups(
     series_dirs = [posixpath.dirname(s.entry.lfn) for s in sample]
     mdm_root = images.root
     operations: dict[str, list[Callable[[], object]]] = {
-        "lookup(lfn)": [lambda s=s: catalog.lookup(s.entry.lfn) for s in sample],
-        "lookup_guid": [lambda s=s: catalog.lookup_guid(f"guid:{s.entry.guid}") for s in sample],
+        "lookup(lfn)": [lambda s=s: catalog.namespace.lookup(s.entry.lfn) for s in sample],
+        "lookup_guid": [lambda s=s: catalog.namespace.lookup_guid(f"guid:{s.entry.guid}") for s in sample],
         "lookup_uids (names' UIDs)": [lambda s=s: catalog.lookup_uids(s.entry.triple) for s in sample],
         "lookup_uids (original UIDs)": [lambda s=s: catalog.lookup_uids(s.original) for s in sample],
         "lookup_uids (original, 3D)": [
             lambda s=s: catalog.lookup_uids(UidTriple(s.original.study, s.original.series, VOLUME)) for s in sample
         ],
-        "metadata(guid)": [lambda s=s: catalog.metadata(s.entry.guid) for s in sample],
-        "list_dir(series)": [lambda d=d: catalog.list_dir(d) for d in series_dirs],
-        f"list_dir({mdm_root}) x{root_count}": [lambda: catalog.list_dir(mdm_root)] * root_count,
+        "metadata(guid)": [lambda s=s: catalog.index.metadata(s.entry.guid) for s in sample],
+        "list_dir(series)": [lambda d=d: catalog.namespace.list_dir(d) for d in series_dirs],
+        f"list_dir({mdm_root}) x{root_count}": [lambda: catalog.namespace.list_dir(mdm_root)] * root_count,
     }
     for call in operations["lookup(lfn)"][:200]:  # warm the connection's page cache alike for both sizes
         call()
@@ -390,8 +390,8 @@ def main() -> None:
                 check_bulk_matches(directory, images, path)
                 print("large: one series' rows equal register_image's (all tables, timestamps aside)")
             catalog = open_catalog(config)
-            if catalog.count() != slices + studies * SERIES:
-                raise SystemExit(f"{name}: {catalog.count()} entries, expected {slices + studies * SERIES}")
+            if catalog.namespace.count() != slices + studies * SERIES:
+                raise SystemExit(f"{name}: {catalog.namespace.count()} entries, expected {slices + studies * SERIES}")
             start = time.perf_counter()
             timings[name] = lookups(catalog, images, studies, args.lookups, args.root_lookups, args.budget)
             catalog.close()

@@ -27,7 +27,7 @@ def registered(embedded_pacs, key_servers, tmp_path):
     config = load_config(config_path)
     catalog = open_catalog(config)
     entry = find_entry(catalog, f"{ds.StudyInstanceUID},{ds.SeriesInstanceUID},{ds.SOPInstanceUID}")
-    erased = catalog.metadata(entry.guid).erased
+    erased = catalog.index.metadata(entry.guid).erased
     catalog.close()
     # What a grid client downloads: the storage element restages it with the key it holds.
     key = KeystoreClient.from_config(config).fetch_key(key_name(entry.guid, 1), lambda k: True)

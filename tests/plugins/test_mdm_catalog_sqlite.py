@@ -42,40 +42,40 @@ def original_spec(ds):
 
 
 def series_dir(catalog, vo="demo"):
-    (study,) = catalog.list_dir(f"/grid/{vo}/mdm").directories
-    (series,) = catalog.list_dir(study).directories
+    (study,) = catalog.namespace.list_dir(f"/grid/{vo}/mdm").directories
+    (series,) = catalog.namespace.list_dir(study).directories
     return series
 
 
 def test_backend_is_found_through_its_entry_point(catalog):
-    assert isinstance(catalog, SQLiteCatalog)
-    assert catalog.schema_version == len(MIGRATIONS)
+    assert isinstance(catalog.backend, SQLiteCatalog)
+    assert catalog.backend.schema_version == len(MIGRATIONS)
 
 
 def test_series_registers_slices_and_one_volume_with_directories(config, catalog):
     _, outcomes = register_series(config, catalog)
     assert outcomes == [Outcome.ADDED] * 4
-    listing = catalog.list_dir(series_dir(catalog))
+    listing = catalog.namespace.list_dir(series_dir(catalog))
     kinds = sorted(e.kind for e in listing.entries)
     assert kinds == ["slice"] * 4 + ["volume"]
     volume = next(e for e in listing.entries if e.kind == "volume")
     assert volume.lfn.endswith("/3D") and volume.adler32 is None
-    plain = plan_volume(list(catalog.series_images(series_dir(catalog)).values())).file_size("nifti")
+    plain = plan_volume(list(catalog.index.series_images(series_dir(catalog)).values())).file_size("nifti")
     assert volume.size == encrypted_size(plain)  # known before the first assembly
-    assert catalog.count() == 5
+    assert catalog.namespace.count() == 5
 
 
 def test_registering_again_adds_nothing_and_a_change_bumps_the_version(config, catalog):
     series, _ = register_series(config, catalog)
     registrar = Registrar(config, catalog, None, KeystoreClient.from_config(config))
     assert [registrar.register(ds, store_in_pacs=False) for ds in series] == [Outcome.UNCHANGED] * 4
-    assert catalog.count() == 5
+    assert catalog.namespace.count() == 5
     series[1].SeriesDescription = "re-reconstructed"
     assert registrar.register(series[1], store_in_pacs=False) is Outcome.UPDATED
     entry = find_entry(catalog, original_spec(series[1]))
     assert entry.content_version == 2
-    assert catalog.metadata(entry.guid).medical["series_description"] == "re-reconstructed"
-    volume = catalog.lookup(entry.lfn.rsplit("/", 1)[0] + "/3D")
+    assert catalog.index.metadata(entry.guid).medical["series_description"] == "re-reconstructed"
+    volume = catalog.namespace.lookup(entry.lfn.rsplit("/", 1)[0] + "/3D")
     assert volume.content_version == 5  # created with the first slice, bumped by 3 more and one change
 
 
@@ -96,7 +96,7 @@ def test_lookup_by_lfn_guid_names_uids_and_original_uids(config, catalog):
 def test_metadata_rows_go_to_their_tables_keyed_without_the_patient_id(config, catalog):
     series, _ = register_series(config, catalog)
     entry = find_entry(catalog, original_spec(series[0]))
-    metadata = catalog.metadata(entry.guid)
+    metadata = catalog.index.metadata(entry.guid)
     assert metadata.patient["name"] == FakePatient().name
     assert FakePatient().patient_id not in metadata.patient_key
     assert metadata.image["rows"] == 8 and metadata.medical["modality"] == "CT"
@@ -108,12 +108,13 @@ def test_metadata_rows_go_to_their_tables_keyed_without_the_patient_id(config, c
 def test_delete_removes_entry_metadata_and_patient_row_with_the_last_image(config, catalog, tmp_path):
     register_series(config, catalog, slices=2)
     directory = series_dir(catalog)
-    slices = [e for e in catalog.list_dir(directory).entries if e.kind == "slice"]
+    slices = [e for e in catalog.namespace.list_dir(directory).entries if e.kind == "slice"]
     catalog.delete(slices[0].lfn)
-    assert catalog.lookup(slices[0].lfn) is None and catalog.metadata(slices[0].guid) is None
-    assert catalog.lookup(directory + "/3D").content_version == 3
+    assert catalog.namespace.lookup(slices[0].lfn) is None and catalog.index.metadata(slices[0].guid) is None
+    assert catalog.namespace.lookup(directory + "/3D").content_version == 3
     catalog.delete(slices[1].lfn)
-    assert catalog.list_dir("/grid/demo/mdm") is None or catalog.list_dir("/grid/demo/mdm").directories == []
+    top = catalog.namespace.list_dir("/grid/demo/mdm")
+    assert top is None or top.directories == []
     db = sqlite3.connect(config.path(config.catalog.url))
     assert db.execute("SELECT count(*) FROM patient").fetchone()[0] == 0
     assert db.execute("SELECT count(*) FROM entries").fetchone()[0] == 0
@@ -124,11 +125,11 @@ def test_a_failed_registration_leaves_no_half_entry(config, catalog):
     register_series(config, catalog, slices=1)
     broken = make_series(slices=1, size=8, seed="other")[0]
     # A real SQLite failure in the last statement of the transaction (the Protocol table).
-    catalog._db.execute("CREATE TRIGGER fail BEFORE INSERT ON protocol BEGIN SELECT RAISE(ABORT, 'disk full'); END")
+    db = catalog.backend.dialect._db
+    db.execute("CREATE TRIGGER fail BEFORE INSERT ON protocol BEGIN SELECT RAISE(ABORT, 'disk full'); END")
     with pytest.raises(sqlite3.DatabaseError, match="disk full"):
         Registrar(config, catalog, None, KeystoreClient.from_config(config)).register(broken, store_in_pacs=False)
-    db = catalog._db
-    assert catalog.count() == 2  # the first slice and its volume only
+    assert catalog.namespace.count() == 2  # the first slice and its volume only
     for table in ("image", "medical", "dicom", "patient"):
         assert db.execute(f"SELECT count(*) FROM {table}").fetchone()[0] == 1, table
     assert db.execute("SELECT count(*) FROM directories").fetchone()[0] == 5  # /grid … series
@@ -142,8 +143,8 @@ def test_a_header_value_that_breaks_its_vr_is_kept_as_text_not_a_crash(config, c
     ds = dcmread(io.BytesIO(raw.getvalue().replace(b"71.25 ", b"heavy ")))
     registrar = Registrar(config, catalog, None, KeystoreClient.from_config(config))
     assert registrar.register(ds, store_in_pacs=False) is Outcome.ADDED
-    entry = next(e for e in catalog.list_dir(series_dir(catalog)).entries if e.kind == "slice")
-    assert catalog.metadata(entry.guid).patient["weight"] == "heavy"
+    entry = next(e for e in catalog.namespace.list_dir(series_dir(catalog)).entries if e.kind == "slice")
+    assert catalog.index.metadata(entry.guid).patient["weight"] == "heavy"
 
 
 @pytest.mark.parametrize(
@@ -160,7 +161,7 @@ def test_a_header_value_that_breaks_its_vr_is_kept_as_text_not_a_crash(config, c
     ],
 )
 def test_lookups_use_indexes_never_a_full_scan(catalog, query):
-    plan = " ".join(row[-1] for row in catalog._db.execute(f"EXPLAIN QUERY PLAN {query}"))
+    plan = " ".join(row[-1] for row in catalog.backend.dialect._db.execute(f"EXPLAIN QUERY PLAN {query}"))
     assert "SCAN" not in plan.replace("USING COVERING INDEX", "").split("USING INDEX")[0] or "INDEX" in plan, plan
     assert not any(f"SCAN {table}" in plan for table in ("entries", "dicom", "directories", "protocol", "image")), plan
 
@@ -169,5 +170,5 @@ def test_reopening_an_existing_catalog_keeps_data_and_schema(config, catalog):
     register_series(config, catalog, slices=1)
     catalog.close()
     again = SQLiteCatalog(Path(config.path(config.catalog.url)))
-    assert again.count() == 2 and again.schema_version == len(MIGRATIONS)
+    assert again.namespace.count() == 2 and again.schema_version == len(MIGRATIONS)
     again.close()

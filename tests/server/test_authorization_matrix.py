@@ -170,7 +170,7 @@ def site(request: pytest.FixtureRequest, orthanc, key_servers, tmp_path_factory)
     se = start_storage_element(config_path)
     try:
         lfns = [f"{directory}/{deidentify_uid(secret, ds.SOPInstanceUID)}" for ds in series]
-        probe = se.catalog.lookup(lfns[0])
+        probe = se.catalog.namespace.lookup(lfns[0])
         tokens = {"token": token(signer, "researcher", "/grid/demo/mdm"),
                   "token-elsewhere": token(signer, "stranger", "/grid/demo/elsewhere")}
         victims = dict(zip(USERS, lfns[1:], strict=True))
@@ -262,7 +262,7 @@ def perform(site: Site, user: str, operation: str) -> bool:
         victim = site.victims[user]
         answer = site.call(user, "POST", "/api/v1/delete", {"paths": [victim]})
         assert answer.status in (200, 403), answer.body
-        assert (site.se.catalog.lookup(victim) is None) == (answer.status == 200)
+        assert (site.se.catalog.namespace.lookup(victim) is None) == (answer.status == 200)
         return answer.status == 200
     if operation == "write":
         answer = site.call(user, "PUT", probe.lfn, b"replaced")

@@ -59,9 +59,9 @@ def assert_true_to_catalog(entry: Entry, data: bytes) -> None:
 
 def slice_entries(catalog: Catalog) -> list[Entry]:
     """The registered slices (one series per site here)."""
-    (study,) = catalog.list_dir("/grid/demo/mdm").directories
-    (series,) = catalog.list_dir(study).directories
-    return [e for e in catalog.list_dir(series).entries if e.kind == "slice"]
+    (study,) = catalog.namespace.list_dir("/grid/demo/mdm").directories
+    (series,) = catalog.namespace.list_dir(study).directories
+    return [e for e in catalog.namespace.list_dir(series).entries if e.kind == "slice"]
 
 
 def wait_completed(client: Https, request_id: str, timeout: float = 30) -> dict:
@@ -187,7 +187,7 @@ def test_a_server_killed_while_staging_serves_no_partial_file_and_the_request_re
             states = [f["state"] for f in client.json("GET", f"{STAGE}/{request_id}")["files"]]
         server.send_signal(signal.SIGKILL)
         client.close()
-    states = [f.state for f in catalog.stage_request(request_id).files]
+    states = [f.state for f in catalog.stages.stage_request(request_id).files]
     assert "COMPLETED" in states and set(states) != {"COMPLETED"}, states  # killed in the middle
 
     cache = config.path(config.cache.dir)
@@ -223,12 +223,12 @@ def test_the_first_volume_get_after_the_key_servers_closed_idle_connections_is_s
             warm = clients.curl(se.url + first.lfn, bob, "-f", "-o", str(tmp_path / "slice.enc"))
             assert warm.returncode == 0, warm.stderr  # the stager now keeps connections to the key servers
             time.sleep(1.5)
-            volume = se.catalog.lookup(first.lfn.rsplit("/", 1)[0] + "/3D")
+            volume = se.catalog.namespace.lookup(first.lfn.rsplit("/", 1)[0] + "/3D")
             assert volume is not None
             out = tmp_path / "volume.enc"
             got = clients.curl(se.url + volume.lfn, bob, "-f", "-o", str(out))
             assert got.returncode == 0, got.stderr
-            assert_true_to_catalog(se.catalog.lookup(volume.lfn), out.read_bytes())
+            assert_true_to_catalog(se.catalog.namespace.lookup(volume.lfn), out.read_bytes())
             time.sleep(1.5)
             again = clients.curl(se.url + first.lfn, bob, "-f", "-o", str(tmp_path / "again.enc"))
             assert again.returncode == 0, again.stderr

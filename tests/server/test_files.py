@@ -27,7 +27,7 @@ def lfn_of(running, ds, sop=None):
 def test_get_stages_and_serves_the_bytes_the_catalog_describes(storage_element, pki):
     running, series = storage_element
     lfn = lfn_of(running, series[0])
-    entry = running.catalog.lookup(lfn)
+    entry = running.catalog.namespace.lookup(lfn)
     assert running.stager.locality(entry) == "TAPE"
     answer = request(running.url, pki, "bob", path=lfn, headers={"Want-Digest": "adler32"})
     assert answer.status == 200, answer.body
@@ -41,7 +41,7 @@ def test_get_stages_and_serves_the_bytes_the_catalog_describes(storage_element, 
 def test_head_answers_from_the_catalog_without_staging(storage_element, pki):
     running, series = storage_element
     lfn = lfn_of(running, series[1])
-    entry = running.catalog.lookup(lfn)
+    entry = running.catalog.namespace.lookup(lfn)
     answer = request(running.url, pki, "bob", "HEAD", lfn, headers={"Want-Digest": "sha-512, ADLER32;q=0.9, md5;q=0"})
     assert answer.status == 200 and answer.body == b""
     assert answer.headers["content-length"] == str(entry.size)
@@ -93,11 +93,11 @@ def test_rights_decide_who_reads(storage_element, pki):
 def test_every_write_is_refused_and_changes_nothing(storage_element, pki, method):
     running, series = storage_element
     lfn = lfn_of(running, series[5])
-    before = running.catalog.lookup(lfn)
+    before = running.catalog.namespace.lookup(lfn)
     answer = request(running.url, pki, "alice", method, lfn, body=b"x", headers={"Destination": running.url + "/x"})
     assert answer.status == 405 and answer.headers["allow"] == "GET, HEAD, OPTIONS, PROPFIND"
     assert answer.json()["status"] == 405
-    assert running.catalog.lookup(lfn) == before
+    assert running.catalog.namespace.lookup(lfn) == before
 
 
 def test_a_get_that_outlasts_the_wait_answers_503_with_retry_after_then_serves(embedded_pacs, key_servers, pki,
@@ -117,7 +117,7 @@ def test_a_get_that_outlasts_the_wait_answers_503_with_retry_after_then_serves(e
             if later.status == 200:
                 break
             time.sleep(0.1)
-        assert later.status == 200 and len(later.body) == running.catalog.lookup(lfn).size
+        assert later.status == 200 and len(later.body) == running.catalog.namespace.lookup(lfn).size
     finally:
         running.stop()
 
@@ -125,14 +125,14 @@ def test_a_get_that_outlasts_the_wait_answers_503_with_retry_after_then_serves(e
 def test_a_volume_is_listed_with_its_true_size_before_its_first_assembly(storage_element, pki):
     running, series = storage_element
     lfn = lfn_of(running, series[0], sop="3D")
-    announced = running.catalog.lookup(lfn)
+    announced = running.catalog.namespace.lookup(lfn)
     assert announced.size is not None and announced.adler32 is None
     head = request(running.url, pki, "bob", "HEAD", lfn)
     assert head.headers["content-length"] == str(announced.size)
     answer = request(running.url, pki, "bob", path=lfn, headers={"Want-Digest": "adler32"})
     assert answer.status == 200 and len(answer.body) == announced.size
     assert answer.headers["digest"] == f"adler32={zlib.adler32(answer.body):08x}"
-    assert running.catalog.lookup(lfn).adler32 == f"{zlib.adler32(answer.body):08x}"
+    assert running.catalog.namespace.lookup(lfn).adler32 == f"{zlib.adler32(answer.body):08x}"
 
 
 def test_a_grid_user_decrypts_a_download_named_by_its_lfn_or_uids(storage_element, key_servers, pki, tmp_path):

@@ -56,7 +56,7 @@ class Site:
 
     def recorded(self, entry: Entry) -> Entry:
         """The catalog's current view of ``entry`` (a volume's checksum appears at first assembly)."""
-        found = self.se.catalog.lookup_guid(entry.guid)
+        found = self.se.catalog.namespace.lookup_guid(entry.guid)
         assert found is not None
         return found
 
@@ -87,10 +87,10 @@ def start_site(config_path: Path, key_servers, seed: str, slices: int = SLICES) 
     entries = []
     for ds in series:
         uids = (ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
-        entry = se.catalog.lookup("/grid/demo/mdm/" + "/".join(deidentify_uid(secret, u) for u in uids))
+        entry = se.catalog.namespace.lookup("/grid/demo/mdm/" + "/".join(deidentify_uid(secret, u) for u in uids))
         assert entry is not None
         entries.append(entry)
-    volume = se.catalog.lookup(entries[0].lfn.rsplit("/", 1)[0] + "/3D")
+    volume = se.catalog.namespace.lookup(entries[0].lfn.rsplit("/", 1)[0] + "/3D")
     assert volume is not None
     return Site(se, series, entries, volume, key_servers.pki)
 
@@ -271,7 +271,7 @@ def test_gfal_ls_status_bringonline_archivepoll_copy_sum_and_evict(site, tmp_pat
     assert f"{url} READY" in staged.stdout, staged.stdout
     status = clients.gfal("xattr", url, "user.status", cred=bob)
     assert status.stdout.strip() == "ONLINE_AND_NEARLINE", status
-    assert entry.guid in site.se.catalog.pinned_guids(int(time.time()))
+    assert entry.guid in site.se.catalog.stages.pinned_guids(int(time.time()))
 
     out = tmp_path / "slice.enc"
     copied = clients.gfal("copy", url, f"file://{out}", cred=bob)
@@ -284,7 +284,7 @@ def test_gfal_ls_status_bringonline_archivepoll_copy_sum_and_evict(site, tmp_pat
 
     evicted = clients.gfal("evict", url, cred=bob)
     assert evicted.returncode == 0, evicted.stderr
-    assert entry.guid not in site.se.catalog.pinned_guids(int(time.time()))
+    assert entry.guid not in site.se.catalog.stages.pinned_guids(int(time.time()))
 
 
 # -- mdm get ---------------------------------------------------------------------------

@@ -31,7 +31,7 @@ def test_a_physician_finds_all_images_of_a_patient_with_lfn_guid_and_name(site, 
     assert {r["lfn"] for r in found} == site.lfns("doe_ct") | site.lfns("doe_mr")
     for row in found:
         assert row["guid"].startswith("guid:")
-        assert site.running.catalog.lookup(row["lfn"]).guid == row["guid"].removeprefix("guid:")
+        assert site.running.catalog.namespace.lookup(row["lfn"]).guid == row["guid"].removeprefix("guid:")
         assert row["PatientName"] == "DOE^JOHN" and row["StudyDate"] == "20240315"
     assert {r["Modality"] for r in found} == {"CT", "MR"}
 
@@ -117,14 +117,14 @@ def test_a_bad_query_is_a_400_problem_in_one_line(site, pki, q, params, detail):
 
 
 def test_injection_attempts_find_nothing_and_break_nothing(site, pki):
-    before = site.running.catalog.count()
+    before = site.running.catalog.namespace.count()
     for q in ('PatientName="x\' OR 1=1 --"', "PatientName='x\" OR \"1\"=\"1'",
               'Modality="CT\'; DROP TABLE entries; --"', "PatientName like '%' or 1=1"):
         answer = search(site, pki, "bob", q)
         assert answer.status in (200, 400), q
         if answer.status == 200:
             assert answer.json()["results"] == [] or q.startswith("PatientName like '%'"), q
-    assert site.running.catalog.count() == before
+    assert site.running.catalog.namespace.count() == before
     assert len(results(site, pki, "bob", "Modality=CT")) == 9
 
 

@@ -66,7 +66,7 @@ def test_the_owner_changes_rights_and_they_hold_at_once(site, pki):
     assert answer.json() == {"entries": [{"path": path, "mode": "rwx------", "metadata": "private",
                                           "users": [{"dn": DAVE, "perms": "---", "metadata": "none"}]}]}
     assert request(running.url, pki, "dave", "HEAD", path).status == 403
-    entry = running.catalog.lookup(path)
+    entry = running.catalog.namespace.lookup(path)
     assert (entry.mode, entry.metadata_mode) == (0o700, "private")
 
 
@@ -77,7 +77,7 @@ def test_others_are_refused_and_nothing_changes(site, pki):
         answer = post(running, pki, user, "/api/v1/rights", {"path": path, "mode": "rwxrwxrwx", "metadata": "public"})
         assert_problem(answer, 403, "owner and the register group only")
     assert_problem(post(running, pki, None, "/api/v1/rights", {"path": path, "mode": "rwxrwxrwx"}), 401, "required")
-    entry = running.catalog.lookup(path)
+    entry = running.catalog.namespace.lookup(path)
     assert (entry.mode, entry.metadata_mode) == (0o750, "group")
 
 
@@ -112,11 +112,11 @@ def test_a_whole_series_and_bad_requests(site, pki):
 def test_delete_by_the_register_group_only(site, pki, key_servers):
     running, series = site
     path = lfn(running, series[3])
-    entry = running.catalog.lookup(path)
+    entry = running.catalog.namespace.lookup(path)
     assert_problem(post(running, pki, "dave", "/api/v1/delete", {"paths": [path]}), 403, "may not")
     answer = post(running, pki, "alice", "/api/v1/delete", {"paths": [path]})
     assert answer.status == 200 and answer.json() == {"deleted": [path]}
-    assert running.catalog.lookup(path) is None
+    assert running.catalog.namespace.lookup(path) is None
     assert request(running.url, pki, "alice", "HEAD", path).status == 404
     from srm_dicom.errors import NotFound
     from srm_dicom.keystore.client import KeystoreClient
@@ -158,4 +158,4 @@ def test_mdm_set_right_and_del_from_the_grid_side(site, pki, tmp_path):
     assert code == 5 and "owner and the register group only" in err
     assert run_mdm(bob, "del", "-l", lfn(running, series[5]), "-v")[:2] == (0, f"removed {lfn(running, series[5])}"
                                                                                 " (the image stays in the PACS)\n")
-    assert running.catalog.lookup(lfn(running, series[5])) is None
+    assert running.catalog.namespace.lookup(lfn(running, series[5])) is None

@@ -31,7 +31,7 @@ def test_depth_1_lists_studies_series_and_entries_with_catalog_sizes(storage_ele
     listed = {href: size for href, size in entries.items() if href != series}
     assert len(listed) == 9 and any(href.endswith("/3D") for href in listed)
     for href, size in listed.items():
-        entry = running.catalog.lookup(href)
+        entry = running.catalog.namespace.lookup(href)
         if entry.kind == "slice":
             assert size == entry.size
     _, one = propfind(running, pki, "bob", next(iter(listed)), depth="0")

@@ -1,0 +1,205 @@
+"""The metadata index in SQL: the paper's Patient, Image, Medical, DICOM and Protocol
+tables and the erased header values, and metadata search compiled into one SELECT.
+
+Where each DICOM keyword of ``srm_dicom.query.ATTRIBUTES`` lives is known here only
+(``COLUMNS``); every value the user typed is a bound parameter. Search rows stream from a
+connection of the search's own, a batch at a time, so a caller that filters rows by
+rights stops reading as soon as it has enough. There is no ORDER BY: with one, SQLite
+(no statistics) picks the filter's index and sorts every match before the first row,
+1.5 s for a broad query at 10^5 images (tests/bench/bench_query.py); rows come in the
+order of the index that answers the query, the same for the same catalog.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+from mdm_catalog_sql.database import Database
+from mdm_catalog_sql.namespace import ENTRY_COLUMNS, entry_of
+from srm_dicom.catalog import AclEntry
+from srm_dicom.metadata import IMAGE_FIELDS, MEDICAL_FIELDS, PATIENT_FIELDS, ImageMetadata
+from srm_dicom.names import normalize_lfn
+from srm_dicom.query import ATTRIBUTES, Attribute, Boolean, Comparison, Expr, Match, Query
+
+DICOM_FIELDS = (
+    "study_uid", "series_uid", "sop_uid", "deid_study_uid", "deid_series_uid", "deid_sop_uid",
+    "sop_class_uid", "transfer_syntax_uid",
+)
+
+# Where each searchable keyword is kept (table alias of FROM, column); ProtocolName is many
+# rows of the protocol table per image.
+COLUMNS: dict[str, str] = {
+    "PatientName": "p.name", "PatientID": "p.patient_id", "IssuerOfPatientID": "p.issuer",
+    "PatientBirthDate": "p.birth_date", "PatientSex": "p.sex", "PatientAge": "p.age",
+    "PatientWeight": "p.weight", "PatientSize": "p.size",
+    "Rows": "i.rows", "Columns": "i.columns", "BitsAllocated": "i.bits_allocated", "BitsStored": "i.bits_stored",
+    "SamplesPerPixel": "i.samples_per_pixel", "PhotometricInterpretation": "i.photometric",
+    "NumberOfFrames": "i.number_of_frames", "PixelSpacing": "i.pixel_spacing", "SliceThickness": "i.slice_thickness",
+    "ImagePositionPatient": "i.image_position", "ImageOrientationPatient": "i.image_orientation",
+    "InstanceNumber": "i.instance_number",
+    "Modality": "m.modality", "BodyPartExamined": "m.body_part", "Manufacturer": "m.manufacturer",
+    "ManufacturerModelName": "m.model", "StudyDate": "m.study_date", "SeriesDate": "m.series_date",
+    "AcquisitionDate": "m.acquisition_date", "InstitutionName": "m.institution",
+    "ReferringPhysicianName": "m.referring_physician", "PerformingPhysicianName": "m.performing_physician",
+    "StudyDescription": "m.study_description", "SeriesDescription": "m.series_description",
+    "StudyInstanceUID": "d.deid_study_uid", "SeriesInstanceUID": "d.deid_series_uid",
+    "SOPInstanceUID": "d.deid_sop_uid", "SOPClassUID": "d.sop_class_uid",
+    "TransferSyntaxUID": "d.transfer_syntax_uid", "OriginalStudyInstanceUID": "d.study_uid",
+    "OriginalSeriesInstanceUID": "d.series_uid", "OriginalSOPInstanceUID": "d.sop_uid",
+    "ProtocolName": "pr.name",
+}
+assert COLUMNS.keys() == ATTRIBUTES.keys(), "every searchable keyword has a column"
+
+FROM = (
+    "entries e JOIN image i ON i.guid = e.guid JOIN medical m ON m.guid = e.guid"
+    " JOIN dicom d ON d.guid = e.guid LEFT JOIN patient p ON p.patient_key = i.patient_key"
+)
+_SQL_OPS = {"=": "=", "!=": "!=", "<": "<", "<=": "<=", ">": ">", ">=": ">="}
+
+
+class SqlMetadataIndex:
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    # -- writes ---------------------------------------------------------------
+
+    def add(self, guid: str, metadata: ImageMetadata) -> None:
+        patient = {"patient_key": metadata.patient_key, **metadata.patient}
+        updates = ", ".join(f"{c} = excluded.{c}" for c in metadata.patient)
+        with self._db.transaction():
+            self._db.write(
+                f"INSERT INTO patient ({', '.join(patient)}) VALUES ({', '.join('?' * len(patient))})"
+                f" ON CONFLICT (patient_key) DO UPDATE SET {updates}",
+                tuple(patient.values()),
+            )
+            for table, values in (
+                ("image", {"patient_key": metadata.patient_key, **metadata.image}),
+                ("medical", metadata.medical),
+                ("dicom", metadata.dicom),
+            ):
+                row = {"guid": guid, **values}
+                self._db.write(
+                    f"INSERT INTO {table} ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})", tuple(row.values())
+                )
+            self._db.write_many(
+                "INSERT INTO protocol (name, guid) VALUES (?, ?)", [(name, guid) for name in metadata.protocols]
+            )
+            self._db.write_many(
+                "INSERT INTO erased (guid, path, keyword, value) VALUES (?, ?, ?, ?)",
+                [(guid, *erased) for erased in metadata.erased],
+            )
+
+    def remove(self, guid: str) -> None:
+        with self._db.transaction():
+            row = self._db.row("SELECT patient_key FROM image WHERE guid = ?", (guid,))
+            for table in ("image", "medical", "dicom", "protocol", "erased"):
+                self._db.write(f"DELETE FROM {table} WHERE guid = ?", (guid,))
+            if row:
+                # The Patient table holds the most sensitive data: no row outlives its last image.
+                self._db.write(
+                    "DELETE FROM patient WHERE patient_key = ? AND NOT EXISTS"
+                    " (SELECT 1 FROM image WHERE patient_key = ?)",
+                    (row["patient_key"], row["patient_key"]),
+                )
+
+    # -- reads ----------------------------------------------------------------
+
+    def metadata(self, guid: str) -> ImageMetadata | None:
+        with self._db.reading():
+            image = self._db.row(f"SELECT patient_key, {', '.join(IMAGE_FIELDS)} FROM image WHERE guid = ?", (guid,))
+            if image is None:
+                return None
+            key = image["patient_key"]
+            patient = self._db.row(f"SELECT {', '.join(PATIENT_FIELDS)} FROM patient WHERE patient_key = ?", (key,))
+            medical = self._db.row(f"SELECT {', '.join(MEDICAL_FIELDS)} FROM medical WHERE guid = ?", (guid,))
+            dicom = self._db.row(f"SELECT {', '.join(DICOM_FIELDS)} FROM dicom WHERE guid = ?", (guid,))
+            protocols = self._db.rows("SELECT name FROM protocol WHERE guid = ? ORDER BY name", (guid,))
+            erased = self._db.rows("SELECT path, keyword, value FROM erased WHERE guid = ? ORDER BY path", (guid,))
+        return ImageMetadata(
+            patient_key=key,
+            patient={c: patient[c] for c in PATIENT_FIELDS} if patient else dict.fromkeys(PATIENT_FIELDS),
+            image={c: image[c] for c in IMAGE_FIELDS},
+            medical={c: medical[c] for c in MEDICAL_FIELDS} if medical else dict.fromkeys(MEDICAL_FIELDS),
+            dicom={c: dicom[c] for c in DICOM_FIELDS} if dicom else dict.fromkeys(DICOM_FIELDS),
+            protocols=tuple(p["name"] for p in protocols),
+            erased=tuple((e["path"], e["keyword"], e["value"]) for e in erased),
+        )
+
+    def series_images(self, directory: str) -> dict[str, dict]:
+        rows = self._db.rows(
+            f"SELECT i.guid, {', '.join(f'i.{c}' for c in IMAGE_FIELDS)} FROM entries e JOIN image i ON i.guid = e.guid"
+            " WHERE e.parent = ? AND e.kind = 'slice'",
+            (normalize_lfn(directory),),
+        )
+        return {row["guid"]: {c: row[c] for c in IMAGE_FIELDS} for row in rows}
+
+    def original_guid(self, study: str, series: str, sop: str | None) -> str | None:
+        if sop is None:
+            row = self._db.row("SELECT guid FROM dicom WHERE study_uid = ? AND series_uid = ? LIMIT 1", (study, series))
+        else:
+            row = self._db.row(
+                "SELECT guid FROM dicom WHERE sop_uid = ? AND series_uid = ? AND study_uid = ?", (sop, series, study)
+            )
+        return row["guid"] if row else None
+
+    # -- search ---------------------------------------------------------------
+
+    def column(self, attribute: Attribute) -> str:
+        if attribute.multi:
+            joined = self._db.dialect.aggregate(COLUMNS[attribute.keyword], "'\\'")
+            return f"(SELECT {joined} FROM protocol pr WHERE pr.guid = e.guid)"
+        return COLUMNS[attribute.keyword]
+
+    def where(self, node: Expr, params: list[object]) -> str:
+        if isinstance(node, Boolean):
+            return "(" + f" {node.op.upper()} ".join(self.where(t, params) for t in node.terms) + ")"
+        return self._comparison(node, params)
+
+    def _comparison(self, node: Comparison, params: list[object]) -> str:
+        column = COLUMNS[node.attribute.keyword]
+        if node.op == "like":
+            params.append(node.like_pattern())
+            test = f"{self._db.dialect.fold(column)} LIKE ? ESCAPE '\\'"
+        else:
+            params.append(node.value)
+            test = f"{column} {_SQL_OPS['=' if node.attribute.multi and node.op == '!=' else node.op]} ?"
+        if node.attribute.multi:
+            exists = "NOT EXISTS" if node.op == "!=" else "EXISTS"
+            return f"{exists} (SELECT 1 FROM protocol pr WHERE pr.guid = e.guid AND {test})"
+        return test
+
+    def search(
+        self, query: Query, attributes: Sequence[Attribute], limit: int | None = None, batch: int = 500
+    ) -> Iterator[Match]:
+        wanted = {a.keyword: a for a in (*attributes, *query.attributes)}
+        select = [f"e.{c}" for c in ENTRY_COLUMNS] + [
+            f"{self.column(a)} AS a{n}" for n, a in enumerate(wanted.values())
+        ]
+        params: list[object] = []
+        condition = self.where(query.where, params) if query.where is not None else "TRUE"
+        sql = f"SELECT {', '.join(select)} FROM {FROM} WHERE {condition}"
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(limit)
+        dialect = self._db.dialect
+        with dialect.streaming() as connection:
+            rows = dialect.stream_cursor(connection)
+            rows.execute(dialect.sql(sql), params)
+            acl_cursor = connection.cursor()
+            while chunk := rows.fetchmany(batch):
+                acls = _acls(dialect.sql, acl_cursor, [r["guid"] for r in chunk])
+                for row in chunk:
+                    values = {k: row[f"a{n}"] for n, k in enumerate(wanted)}
+                    yield Match(entry_of(row, acls.get(row["guid"], ())), values)
+
+
+def _acls(sql: Callable[[str], str], cursor: Any, guids: list[str]) -> dict[str, tuple[AclEntry, ...]]:
+    found: dict[str, list[AclEntry]] = {}
+    cursor.execute(
+        sql(f"SELECT guid, dn, perms, metadata FROM acl WHERE guid IN ({', '.join('?' * len(guids))}) ORDER BY dn"),
+        guids,
+    )
+    for row in cursor.fetchall():
+        found.setdefault(row["guid"], []).append(AclEntry(row["dn"], row["perms"], row["metadata"]))
+    return {guid: tuple(acl) for guid, acl in found.items()}
