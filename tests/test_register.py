@@ -138,7 +138,7 @@ def test_every_vendor_series_is_readable_and_named(tmp_path):
 def _slice_entry(catalog, config, ds):
     secret = config.site.secret_bytes
     uids = (ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
-    return catalog.lookup("/grid/demo/mdm/" + "/".join(deidentify_uid(secret, u) for u in uids))
+    return catalog.namespace.lookup("/grid/demo/mdm/" + "/".join(deidentify_uid(secret, u) for u in uids))
 
 
 def test_each_entry_records_its_protection_and_reprotect_reissues_it(embedded_pacs, tmp_path, key_servers):
@@ -181,7 +181,7 @@ def test_burned_in_images_are_refused_with_one_reason_or_kept_private(embedded_p
                            (screen, "ImageType SCREEN SAVE")):
             with pytest.raises(InvalidInput, match=reason):
                 registrar.register(ds, store_in_pacs=True)
-        assert catalog.count() == 0  # nothing half-registered
+        assert catalog.namespace.count() == 0  # nothing half-registered
         assert pacs.find_instances(annotated.StudyInstanceUID, annotated.SeriesInstanceUID) == []
         private = replace(config, anonymization=AnonymizationOptions(burned_in="private"))
         assert Registrar(private, catalog, pacs, keystore).register(annotated, store_in_pacs=True) == Outcome.ADDED

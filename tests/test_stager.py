@@ -467,6 +467,6 @@ def test_an_entry_protected_with_other_packaged_rules_says_how_to_reissue_it(sit
     record["rules"] = "000000000000"
     stale = replace(entry, protection=json.dumps(record))
     site.catalog.register_image(  # the same image, recorded as protected with older rules
-        replace(stale, content_version=2), site.catalog.metadata(entry.guid), site.volume)
+        replace(stale, content_version=2), site.catalog.index.metadata(entry.guid), site.volume)
     with pytest.raises(StageFailed, match="mdm register --reprotect"):
         running.fetch(site.refresh(entry), timeout=20)

@@ -17,7 +17,7 @@ from srm_dicom import __version__
 from srm_dicom.errors import MdmError
 
 COMMAND_MODULES = ("register", "namespace", "listen", "pacs", "decrypt", "serve", "demo", "keystore", "pki", "get",
-                   "site", "setright", "query", "doctor")
+                   "site", "setright", "query", "doctor", "audit")
 
 EXIT_INTERRUPTED = 130
 
