@@ -21,6 +21,7 @@ from typing import Any
 from pydicom.dataset import Dataset
 
 from srm_dicom.anonymize import DUMMY_TEXT
+from srm_dicom.frames import frame_records
 from srm_dicom.uids import deidentify_uid, patient_key
 
 Row = dict[str, Any]
@@ -55,6 +56,9 @@ IMAGE_FIELDS = {
     "rescale_slope": "RescaleSlope",
     "rescale_intercept": "RescaleIntercept",
 }
+# Every column of the Image table: the fields above, and the per-frame geometry of a
+# multi-frame image (srm_dicom/frames.py), from which its volume is planned.
+IMAGE_COLUMNS = (*IMAGE_FIELDS, "frames")
 MEDICAL_FIELDS = {
     "modality": "Modality",
     "study_date": "StudyDate",
@@ -104,6 +108,13 @@ def _value(ds: Dataset, keyword: str) -> Any:
     return str(value)
 
 
+def image_fields(ds: Dataset) -> Row:
+    """The Image row of a header (every column of IMAGE_COLUMNS)."""
+    row = {column: _value(ds, keyword) for column, keyword in IMAGE_FIELDS.items()}
+    row["frames"] = frame_records(ds)
+    return row
+
+
 # Medical columns of the anonymous level (srm_dicom/query.py), read from the served data set.
 ANONYMOUS_MEDICAL = frozenset({"modality", "body_part", "manufacturer", "model"})
 
@@ -138,7 +149,7 @@ def extract_metadata(ds: Dataset, secret: bytes, served: Dataset | None = None) 
     return ImageMetadata(
         patient_key=key,
         patient=patient,
-        image={column: _value(anonymous, kw) for column, kw in IMAGE_FIELDS.items()},
+        image=image_fields(anonymous),
         medical=medical,
         dicom=dicom,
         protocols=(protocol,) if protocol else (),

@@ -22,6 +22,7 @@ the plan — the size is known without pixels — and keeps nibabel and its imag
 
 from __future__ import annotations
 
+import json
 import math
 import struct
 from collections.abc import Iterable, Sequence
@@ -33,7 +34,7 @@ from pydicom.dataset import Dataset
 from pydicom.pixels import pixel_array
 
 from srm_dicom.errors import InvalidInput, MdmError
-from srm_dicom.metadata import IMAGE_FIELDS, _value  # the catalog's own conversion, so rows compare equal
+from srm_dicom.metadata import image_fields  # the catalog's own conversion, so rows compare equal
 
 FORMATS = ("nifti", "nrrd")
 
@@ -99,7 +100,8 @@ class VolumePlan:
 
     ``shape`` is in file order, fastest first: (columns, rows, slices[, volumes]).
     ``order`` lists indices into the planned slices in file order (volume by volume,
-    then along the normal), ``rescales`` their (slope, intercept) in the same order.
+    then along the normal), ``sources`` the (row, frame) each comes from (frame None for
+    a single-frame image), ``rescales`` their (slope, intercept), in the same order.
     ``affine`` maps (i, j, k) voxel indices to RAS millimetres. Integer voxels hold the
     stored values and ``slope``/``intercept`` the rescale; float32 voxels are rescaled.
     """
@@ -109,6 +111,7 @@ class VolumePlan:
     spacing: tuple[float, float, float]
     affine: tuple[tuple[float, float, float, float], ...]
     order: tuple[int, ...]
+    sources: tuple[tuple[int, int | None], ...]
     rescales: tuple[tuple[float, float], ...]
     slope: float = 1.0
     intercept: float = 0.0
@@ -148,8 +151,10 @@ class VolumePlan:
         return len(self.header(fmt)) + self.in_format(fmt).data_size
 
 
-def plan_volume(slices: Sequence[dict[str, Any]]) -> VolumePlan:
-    """Plan a volume from the series' Image rows (``extract_metadata(ds, secret).image``)."""
+def plan_volume(rows: Sequence[dict[str, Any]]) -> VolumePlan:
+    """Plan a volume from the series' Image rows (``extract_metadata(ds, secret).image``);
+    the frames of a multi-frame image are planned as slices."""
+    slices = _slices(rows)
     if len(slices) < 2:
         raise NotAVolume("a single slice" if slices else "no slices")
     first = slices[0]
@@ -183,6 +188,7 @@ def plan_volume(slices: Sequence[dict[str, Any]]) -> VolumePlan:
         shape += (volumes,)
     order = tuple(group[t] for t in range(volumes) for group in groups)
     rescales = tuple(_rescale(slices[index]) for index in order)
+    sources = tuple((int(slices[index]["source"]), slices[index]["frame"]) for index in order)
     voxel = _voxel_type(first, set(rescales))
     slope, intercept = rescales[0] if voxel.is_integer else (1.0, 0.0)
     return VolumePlan(
@@ -191,10 +197,89 @@ def plan_volume(slices: Sequence[dict[str, Any]]) -> VolumePlan:
         spacing=(float(column_spacing), float(row_spacing), float(np.linalg.norm(step))),
         affine=tuple((a + 0.0, b + 0.0, c + 0.0, d + 0.0) for a, b, c, d in affine.tolist()),  # + 0.0: no "-0"
         order=order,
+        sources=sources,
         rescales=rescales,
         slope=slope,
         intercept=intercept,
     )
+
+
+# A frame record's key (srm_dicom/frames.py) → the Image column it stands for, and its name.
+_FRAME_COLUMNS = {
+    "position": ("image_position", "image position (Plane Position Sequence)"),
+    "orientation": ("image_orientation", "image orientation (Plane Orientation Sequence)"),
+    "spacing": ("pixel_spacing", "pixel spacing (Pixel Measures Sequence)"),
+}
+
+
+def _slices(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows to plan, one per slice: a single-frame image's row as it is, a multi-frame
+    image's row once per frame with that frame's geometry and rescale. Each carries its
+    ``source`` (row index) and ``frame`` (index in its image, None for a single frame)."""
+    multiframe = [row.get("frames") not in (None, "") for row in rows]
+    if any(multiframe) and not all(multiframe):
+        raise NotAVolume("the series mixes single-frame and multi-frame images")
+    if not any(multiframe):
+        for row in rows:
+            frames = _frame_count(row)
+            if frames > 1:
+                raise NotAVolume(
+                    f"a multi-frame image ({frames} frames) without per-frame functional groups "
+                    "(Plane Position, Plane Orientation)"
+                )
+        return [dict(row, source=index, frame=None) for index, row in enumerate(rows)]
+    slices: list[dict[str, Any]] = []
+    keys: list[tuple[Any, ...]] = []
+    for index, row in enumerate(rows):
+        for record in _frame_records(row):
+            number = int(record["n"])
+            frame = dict(row, source=index, frame=number - 1, number_of_frames=None)
+            for key, (column, name) in _FRAME_COLUMNS.items():
+                if key not in record:
+                    raise NotAVolume(f"frame {number} of a multi-frame image has no {name}")
+                frame[column] = "\\".join(str(v) for v in record[key])
+            frame["slice_thickness"] = record.get("thickness", row.get("slice_thickness"))
+            frame["rescale_slope"] = record.get("slope", row.get("rescale_slope"))
+            frame["rescale_intercept"] = record.get("intercept", row.get("rescale_intercept"))
+            slices.append(frame)
+            # Volumes at one position follow the temporal position, then the object's
+            # InstanceNumber, then the dimension index values (b-value, gradient, …), then
+            # the frame's place in its object.
+            keys.append((
+                int(record.get("temporal") or 0), int(row.get("instance_number") or 0),
+                tuple(record.get("index") or ()), number,
+            ))
+    for rank, position in enumerate(sorted(range(len(keys)), key=keys.__getitem__), start=1):
+        slices[position]["instance_number"] = rank  # the order of frames sharing a position
+    return slices
+
+
+def _frame_count(row: dict[str, Any]) -> int:
+    value = row.get("number_of_frames")
+    if value in (None, ""):
+        return 1
+    try:
+        return int(str(value))
+    except ValueError:
+        raise NotAVolume("an image has an unreadable number of frames") from None
+
+
+def _frame_records(row: dict[str, Any]) -> list[dict[str, Any]]:
+    """A multi-frame image's frame records (srm_dicom/frames.py), or its one reason."""
+    try:
+        parsed = json.loads(str(row["frames"]))
+    except ValueError:
+        raise NotAVolume("a multi-frame image has unreadable frame records") from None
+    if not isinstance(parsed, dict):
+        raise NotAVolume("a multi-frame image has unreadable frame records")
+    if "invalid" in parsed:
+        raise NotAVolume(f"a multi-frame image is inconsistent: {parsed['invalid']}")
+    records = parsed.get("frames")
+    if not isinstance(records, list) or not all(isinstance(r, dict) and "n" in r for r in records):
+        raise NotAVolume("a multi-frame image has unreadable frame records")
+    if len(records) != _frame_count(row):
+        raise NotAVolume(f"a multi-frame image has {len(records)} frame records for {_frame_count(row)} frames")
+    return records
 
 
 def _rescale(row: dict[str, Any]) -> tuple[float, float]:
@@ -239,13 +324,13 @@ def image_row(ds: Dataset) -> dict[str, Any]:
     Same fields, same value conversion; the other four tables are not read (they took
     40 % of a 100-slice assembly).
     """
-    return {column: _value(ds, keyword) for column, keyword in IMAGE_FIELDS.items()}
+    return image_fields(ds)
 
 
 def assemble(datasets: Sequence[Dataset], fmt: str) -> bytes:
     """The series as one volume file; ``len(result) == plan_volume(rows).file_size(fmt)``."""
     plan = plan_volume([image_row(ds) for ds in datasets]).in_format(fmt)
-    return render(plan, (_stored(datasets[index], plan) for index in plan.order), fmt)
+    return render(plan, (_stored(datasets[source], frame, plan) for source, frame in plan.sources), fmt)
 
 
 def render(plan: VolumePlan, frames: Iterable[np.ndarray], fmt: str) -> bytes:
@@ -268,9 +353,10 @@ def render(plan: VolumePlan, frames: Iterable[np.ndarray], fmt: str) -> bytes:
     return out.tobytes()
 
 
-def _stored(ds: Dataset, plan: VolumePlan) -> np.ndarray:
-    """One slice's stored values: integers without their rescale, or 8-bit RGB."""
-    array = pixel_array(ds)  # not ds.pixel_array, which keeps a decoded copy on the dataset
+def _stored(ds: Dataset, frame: int | None, plan: VolumePlan) -> np.ndarray:
+    """One slice's (or frame's) stored values: integers without their rescale, or 8-bit RGB."""
+    # Not ds.pixel_array, which keeps a decoded copy on the dataset; a frame alone is decoded.
+    array = pixel_array(ds) if frame is None else pixel_array(ds, index=frame)
     expected = (plan.rows, plan.columns, 3) if plan.rgb else (plan.rows, plan.columns)
     if array.shape != expected:
         raise NotAVolume(f"a slice decodes to {array.shape} pixels where {expected} were expected")
@@ -287,9 +373,6 @@ def _check_kind(row: dict[str, Any]) -> None:
     for column in ("rows", "columns", "samples_per_pixel", "bits_allocated", "photometric"):
         if row.get(column) in (None, ""):
             raise NotAVolume(f"a slice has no {column.replace('_', ' ')}")
-    frames = row.get("number_of_frames")
-    if frames not in (None, "") and int(str(frames)) > 1:
-        raise NotAVolume(f"multiframe images ({int(str(frames))} frames) are not supported")
     samples, photometric = int(row["samples_per_pixel"]), str(row["photometric"])
     if samples == 1 and photometric in GRAYSCALE:
         return

@@ -56,8 +56,10 @@ def _values(ds: Dataset, vr: str) -> list[tuple[str, str]]:
     return found
 
 
-@pytest.mark.parametrize("options", [AnonymizationOptions(), AnonymizationOptions(retain_longitudinal_modified_dates=True)],
-                         ids=["basic", "longitudinal"])
+@pytest.mark.parametrize(
+    "options", [AnonymizationOptions(), AnonymizationOptions(retain_longitudinal_modified_dates=True)],
+    ids=["basic", "longitudinal"],
+)
 def test_text_removed_and_uid_changed(corpus, options):
     assert len(corpus) == PATIENTS * STUDIES * SLICES
     assert min(len(markers) for _, _, markers in corpus) >= 60  # attribute kinds with a marker

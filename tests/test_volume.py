@@ -360,7 +360,7 @@ def test_a_4d_series_that_instance_numbers_cannot_order_is_refused() -> None:
     [
         (lambda s: s[:1], "a single slice"),
         (lambda s: [*s[:3], _resized(s[3])], "mixed image sizes: 16×16 and 16×8"),
-        (lambda s: [_multiframe(ds) for ds in s], "multiframe images (2 frames) are not supported"),
+        (lambda s: [_multiframe(ds) for ds in s], "a multi-frame image (2 frames) without per-frame functional groups"),
         (lambda s: [_tilted(ds, i) for i, ds in enumerate(s)], "gantry tilt of about 11.3°"),
         (lambda s: [*s[:3], _without(s[3], "ImagePositionPatient")], "a slice has no image position"),
         (lambda s: [*s[:3], _palette(s[3])], "unsupported pixels: 1 sample(s) of 16 bits, PALETTE COLOR"),

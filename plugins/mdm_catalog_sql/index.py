@@ -18,7 +18,7 @@ from typing import Any
 from mdm_catalog_sql.database import Database
 from mdm_catalog_sql.namespace import ENTRY_COLUMNS, entry_of
 from srm_dicom.catalog import AclEntry
-from srm_dicom.metadata import IMAGE_FIELDS, MEDICAL_FIELDS, PATIENT_FIELDS, ImageMetadata
+from srm_dicom.metadata import IMAGE_COLUMNS, MEDICAL_FIELDS, PATIENT_FIELDS, ImageMetadata
 from srm_dicom.names import normalize_lfn
 from srm_dicom.query import ATTRIBUTES, Attribute, Boolean, Comparison, Expr, Match, Query
 
@@ -107,7 +107,7 @@ class SqlMetadataIndex:
 
     def metadata(self, guid: str) -> ImageMetadata | None:
         with self._db.reading():
-            image = self._db.row(f"SELECT patient_key, {', '.join(IMAGE_FIELDS)} FROM image WHERE guid = ?", (guid,))
+            image = self._db.row(f"SELECT patient_key, {', '.join(IMAGE_COLUMNS)} FROM image WHERE guid = ?", (guid,))
             if image is None:
                 return None
             key = image["patient_key"]
@@ -119,7 +119,7 @@ class SqlMetadataIndex:
         return ImageMetadata(
             patient_key=key,
             patient={c: patient[c] for c in PATIENT_FIELDS} if patient else dict.fromkeys(PATIENT_FIELDS),
-            image={c: image[c] for c in IMAGE_FIELDS},
+            image={c: image[c] for c in IMAGE_COLUMNS},
             medical={c: medical[c] for c in MEDICAL_FIELDS} if medical else dict.fromkeys(MEDICAL_FIELDS),
             dicom={c: dicom[c] for c in DICOM_FIELDS} if dicom else dict.fromkeys(DICOM_FIELDS),
             protocols=tuple(p["name"] for p in protocols),
@@ -128,11 +128,11 @@ class SqlMetadataIndex:
 
     def series_images(self, directory: str) -> dict[str, dict]:
         rows = self._db.rows(
-            f"SELECT i.guid, {', '.join(f'i.{c}' for c in IMAGE_FIELDS)} FROM entries e JOIN image i ON i.guid = e.guid"
-            " WHERE e.parent = ? AND e.kind = 'slice'",
+            f"SELECT i.guid, {', '.join(f'i.{c}' for c in IMAGE_COLUMNS)}"
+            " FROM entries e JOIN image i ON i.guid = e.guid WHERE e.parent = ? AND e.kind = 'slice'",
             (normalize_lfn(directory),),
         )
-        return {row["guid"]: {c: row[c] for c in IMAGE_FIELDS} for row in rows}
+        return {row["guid"]: {c: row[c] for c in IMAGE_COLUMNS} for row in rows}
 
     def original_guid(self, study: str, series: str, sop: str | None) -> str | None:
         if sop is None:

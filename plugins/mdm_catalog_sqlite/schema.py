@@ -129,7 +129,12 @@ MIGRATIONS: list[str] = [
     ALTER TABLE image ADD COLUMN rescale_slope REAL;
     ALTER TABLE image ADD COLUMN rescale_intercept REAL
     """,
-    # 7: each slice's de-identification record (options, profile, rules version), so that
+    # 7: the per-frame geometry and rescale of a multi-frame image (JSON, srm_dicom/frames.py),
+    # so its volume is planned from the rows alone like a series of single-frame images.
+    """
+    ALTER TABLE image ADD COLUMN frames TEXT
+    """,
+    # 8: each slice's de-identification record (options, profile, rules version), so that
     # restaging an entry protects it as it was registered (srm_dicom/anonymize.py).
     """
     ALTER TABLE entries ADD COLUMN protection TEXT

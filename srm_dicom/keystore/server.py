@@ -66,6 +66,8 @@ class KeystoreServerConfig:
     # Seconds a kept-alive connection may sit idle (and a request may take to arrive) before
     # the server closes it: clients reconnect transparently (README, Configuration).
     idle_timeout: float = 10.0
+    # "text" for people, "json" for log collectors (one object a line), as [log] format.
+    log_format: str = "text"
 
     @classmethod
     def load(cls, path: Path) -> KeystoreServerConfig:
@@ -85,6 +87,8 @@ class KeystoreServerConfig:
         for name, kinds in (("host", (str,)), ("port", (int,)), ("threads", (int,)), ("idle_timeout", (int, float))):
             if name in data and (not isinstance(data[name], kinds) or isinstance(data[name], bool)):
                 raise ConfigError(f"keystore config {path}: '{name}' must be a {kinds[-1].__name__}")
+        if data.get("log_format", "text") not in ("text", "json"):
+            raise ConfigError(f"keystore config {path}: 'log_format' must be \"text\" or \"json\"")
         if data.get("idle_timeout", 1) <= 0:
             raise ConfigError(f"keystore config {path}: 'idle_timeout' must be > 0 seconds")
         return cls(**data)

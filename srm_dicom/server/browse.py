@@ -48,7 +48,7 @@ class DirectoryPages:
         directories = self._fixed(path)
         entries: list[Entry] = []
         if directories is None:
-            listing = self._catalog.list_dir(path) if may_browse(identity, self._vo, path) else None
+            listing = self._catalog.namespace.list_dir(path) if may_browse(identity, self._vo, path) else None
             if listing is None:
                 return problem(start_response, HTTPStatus.NOT_FOUND, f"no such directory: {path}")
             directories = listing.directories

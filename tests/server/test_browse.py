@@ -22,19 +22,19 @@ def rows(dom: str, table: str) -> list[list[str]]:
 
 
 def series_dir(running) -> str:
-    study = running.catalog.list_dir("/grid/demo/mdm").directories[0]
-    return running.catalog.list_dir(study).directories[0]
+    study = running.catalog.namespace.list_dir("/grid/demo/mdm").directories[0]
+    return running.catalog.namespace.list_dir(study).directories[0]
 
 
 def test_a_browser_gets_a_listing_filtered_by_the_callers_rights(storage_element, pki):
     running, _ = storage_element
     directory = series_dir(running)
-    entries = running.catalog.list_dir(directory).entries
+    entries = running.catalog.namespace.list_dir(directory).entries
     slices = sorted((e for e in entries if e.kind == "slice"), key=lambda e: e.lfn)
     staged, hidden = slices[0], slices[1]
     got = request(running.url, pki, "bob", "GET", staged.lfn)  # now on disk
     assert got.status == 200 and f"{zlib.adler32(got.body):08x}" == staged.adler32
-    running.catalog.set_rights([hidden.guid], 0o700, None, [])  # owner only: bob may not list it
+    running.catalog.namespace.set_rights([hidden.guid], 0o700, None, [])  # owner only: bob may not list it
     with CertForwarder(running.url, pki, "bob") as browser:
         dom = dump_dom(f"{browser.url}{directory}/")
         width, height = screenshot(f"{browser.url}{directory}/", output_dir("browse") / "listing-bob.png")
@@ -62,7 +62,7 @@ def test_the_listing_walks_down_from_the_root(storage_element, pki):
     running, _ = storage_element
     with CertForwarder(running.url, pki, "bob") as browser:
         top = rows(dump_dom(f"{browser.url}/grid/demo/mdm/"), "listing")
-    study = running.catalog.list_dir("/grid/demo/mdm").directories[0]
+    study = running.catalog.namespace.list_dir("/grid/demo/mdm").directories[0]
     assert [row[0] for row in top] == ["..", study.rsplit("/", 1)[1] + "/"] and top[1][1] == "directory"
     root = request(running.url, pki, "bob", "GET", "/", headers=HTML)
     assert root.status == 200 and 'href="/grid/"' in root.body.decode()
@@ -73,7 +73,7 @@ def test_the_status_page_shows_the_stage_queue_cache_pacs_and_key_servers(embedd
     running = start_site(tmp_path / "site", embedded_pacs, key_servers, make_series(slices=3, size=32, seed="status"),
                          extra='\n[operations]\nnetworks = ["127.0.0.1/32"]\n')
     try:
-        entry = next(e for e in running.catalog.list_dir(series_dir(running)).entries if e.kind == "slice")
+        entry = next(e for e in running.catalog.namespace.list_dir(series_dir(running)).entries if e.kind == "slice")
         assert request(running.url, pki, "bob", "GET", entry.lfn).status == 200
         dom = dump_dom(f"{running.url}/status")
         screenshot(f"{running.url}/status", output_dir("browse") / "status.png")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
 import time
 
 import pytest
@@ -15,7 +16,8 @@ import peers
 from https import request
 from phi import make_phi_dataset
 from srm_dicom.logs import JsonFormatter, log_requests
-from storage import start_site
+from srm_dicom.synthetic import make_series
+from storage import start_site, start_storage_element
 
 
 @pytest.fixture
@@ -175,3 +177,36 @@ def test_json_logs_have_a_line_per_request_and_a_billing_record_without_phi(site
     assert billing["client"] == "127.0.0.1" and billing["status"] == 200
     text = stream.getvalue()
     assert markers and not [m for m in markers if m in text]
+
+
+def test_evictions_and_cache_use_are_counted(embedded_pacs, key_servers, tmp_path, pki):
+    registered = start_site(tmp_path / "site", embedded_pacs, key_servers, make_series(slices=2, size=32, seed="evict"))
+    directory = registered.catalog.namespace.list_dir(a_slice(registered).lfn.rsplit("/", 1)[0])
+    first, second = sorted((e for e in directory.entries if e.kind == "slice"), key=lambda e: e.lfn)
+    registered.stop()
+    config = registered.config_path
+    quota = (first.size + second.size) * 3 // 4  # room for one of them only
+    config.write_text(re.sub(r"quota_bytes = \d+", f"quota_bytes = {quota}", config.read_text()))
+    running = start_storage_element(config)
+    try:
+        for entry in (first, second):
+            assert request(running.url, pki, "bob", "GET", entry.lfn).status == 200
+        found = samples(request(running.url, pki, "alice", "GET", "/metrics").body.decode())
+        assert metric(found, "mdm_cache_evictions_total") == 1
+        assert metric(found, "mdm_cache_evicted_bytes_total") == first.size
+        assert metric(found, "mdm_cache_used_bytes") == second.size
+        assert metric(found, "mdm_cache_quota_bytes") == quota
+        assert running.stager.locality(first) == "TAPE" and running.stager.locality(second) == "DISK_AND_TAPE"
+    finally:
+        running.stop()
+
+
+def test_readyz_names_the_catalog_when_it_does_not_answer(site, pki):
+    running, _ = site
+    assert request(running.url, pki, None, "GET", "/readyz").status == 200
+    running.catalog.close()  # the real backend, gone: every query now fails
+    answer = request(running.url, pki, None, "GET", "/readyz")
+    assert answer.status == 503 and answer.headers["content-type"] == "application/problem+json"
+    body = answer.json()
+    assert body["failing"] == ["catalog"] and body["checks"]["catalog"].startswith("the catalog does not answer")
+    assert request(running.url, pki, None, "GET", "/healthz").status == 200  # alive, not ready
