@@ -102,7 +102,8 @@ def test_metadata_rows_go_to_their_tables_keyed_without_the_patient_id(config, c
     assert metadata.image["rows"] == 8 and metadata.medical["modality"] == "CT"
     assert metadata.dicom["sop_uid"] == series[0].SOPInstanceUID
     assert metadata.dicom["deid_sop_uid"] == entry.sop_uid
-    assert metadata.protocols == ("demo-phantom",)
+    assert metadata.protocols == ()  # the served file replaces the protocol name: the anonymous level has none
+    assert ("(0018,1030)", "ProtocolName", "demo-phantom") in metadata.erased  # for "all" rights
 
 
 def test_delete_removes_entry_metadata_and_patient_row_with_the_last_image(config, catalog, tmp_path):
@@ -124,9 +125,9 @@ def test_delete_removes_entry_metadata_and_patient_row_with_the_last_image(confi
 def test_a_failed_registration_leaves_no_half_entry(config, catalog):
     register_series(config, catalog, slices=1)
     broken = make_series(slices=1, size=8, seed="other")[0]
-    # A real SQLite failure in the last statement of the transaction (the Protocol table).
+    # A real SQLite failure in the last statement of the transaction (the erased values).
     db = catalog.backend.dialect._db
-    db.execute("CREATE TRIGGER fail BEFORE INSERT ON protocol BEGIN SELECT RAISE(ABORT, 'disk full'); END")
+    db.execute("CREATE TRIGGER fail BEFORE INSERT ON erased BEGIN SELECT RAISE(ABORT, 'disk full'); END")
     with pytest.raises(sqlite3.DatabaseError, match="disk full"):
         Registrar(config, catalog, None, KeystoreClient.from_config(config)).register(broken, store_in_pacs=False)
     assert catalog.namespace.count() == 2  # the first slice and its volume only
