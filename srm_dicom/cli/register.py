@@ -106,10 +106,11 @@ def _register_files(registrar: Registrar, args: argparse.Namespace, summary: Sum
         task = progress.add_task("register", total=len(files)) if progress else None
         for path in files:
             try:
-                outcome = registrar.register(read_dicom(path), store_in_pacs=True, reprotect=args.reprotect)
+                ds = read_dicom(path)
+                outcome = registrar.register(ds, store_in_pacs=True, reprotect=args.reprotect)
                 summary.add(outcome)
                 if args.verbose:
-                    print(f"{outcome.value}: {path}")
+                    print(f"{outcome.value}: {path} -> {registrar.lfn(ds)}")
             except PacsError:
                 raise
             except (NotDicom, NotAnImage) as exc:
@@ -136,7 +137,7 @@ def _register_from_pacs(
                     outcome = registrar.register(ds, store_in_pacs=False, reprotect=args.reprotect)
                     summary.add(outcome)
                     if args.verbose:
-                        print(f"{outcome.value}: {ds.get('SOPInstanceUID', '?')}")
+                        print(f"{outcome.value}: PACS image -> {registrar.lfn(ds)}")
                 except PacsError:
                     raise
                 except MdmError as exc:
