@@ -95,9 +95,13 @@ def test_qido_rs_includefield_all_shows_only_what_the_served_file_says(running, 
         for series in listing.directories:
             lfns.update({e.sop_uid: e.lfn for e in running.catalog.namespace.list_dir(series).entries})
     for instance in instances:
-        served = served_file(running, key_servers, tmp_path, lfns[instance["00080018"]["Value"][0]])
+        lfn = lfns[instance["00080018"]["Value"][0]]
+        served = served_file(running, key_servers, tmp_path, lfn)
         for tag, element in instance.items():
             if "Value" not in element:
+                continue
+            if tag == "00081190":  # RetrieveURL: where the file is (its LFN), not an attribute of it
+                assert element["Value"] == [running.url + lfn]
                 continue
             source = served.file_meta if tag == "00020010" else served
             expected = source[int(tag, 16)].value
