@@ -35,6 +35,7 @@ from srm_dicom.metadata import extract_metadata
 from srm_dicom.names import VOLUME, UidTriple, is_uid, pfn
 from srm_dicom.protect import key_acl, key_name, protect_image
 from srm_dicom.rights import parse_mode
+from srm_dicom.sidecar import has_diffusion
 from srm_dicom.uids import deidentify_uid
 from srm_dicom.volume import NotAVolume, plan_volume
 
@@ -186,11 +187,15 @@ class Registrar:
             size=self._volume_size(volume_lfn, guid, metadata.image),
             **common,
         )
+        sidecars = [
+            replace(volume, lfn=f"{volume_lfn}{suffix}", guid=str(uuid.uuid4()), sop_uid=f"{VOLUME}{suffix}", size=None)
+            for suffix in self._sidecar_suffixes(ds, volume_lfn)
+        ]
         erased = tuple((e.path, e.keyword, e.value) for e in protected.erased)
         readers = tuple(a.dn for a in known.acl if a.perms & 4) if known else ()
         self._keystore.put_key(key_name(guid, version), key, key_acl(owner, site.vo, mode, readers))
         try:
-            outcome = self._catalog.register_image(entry, replace(metadata, erased=erased), volume)
+            outcome = self._catalog.register_image(entry, replace(metadata, erased=erased), volume, sidecars)
         except BaseException:
             self._forget_key(key_name(guid, version))
             raise
@@ -209,6 +214,17 @@ class Registrar:
         except NotAVolume:
             return None
         return encrypted_size(plain)
+
+    def _sidecar_suffixes(self, ds: Dataset, volume_lfn: str) -> list[str]:
+        """Every volume has its JSON sidecar (and its gzipped copy where the site lists it);
+        a diffusion series (this image has a b-value, or an earlier one had) also its b-values
+        and vectors. Their sizes are recorded at their first assembly, as a volume's checksum is."""
+        suffixes = [".json"]
+        if self._config.volume.gzip and self._config.volume.format == "nifti":
+            suffixes.append(".nii.gz")
+        if has_diffusion(ds) or self._catalog.namespace.lookup(f"{volume_lfn}.bval") is not None:
+            suffixes += [".bval", ".bvec"]
+        return suffixes
 
     def _forget_key(self, name: str) -> None:
         """Best effort: a share left behind unlocks nothing the catalog still names."""

@@ -42,7 +42,8 @@ from srm_dicom.keystore.client import KeystoreClient
 from srm_dicom.names import Pfn, normalize_lfn, parse_pfn
 from srm_dicom.pacs.client import PacsClient
 from srm_dicom.protect import key_acl, key_name, protect_image
-from srm_dicom.volume import NotAVolume, assemble
+from srm_dicom.sidecar import series_file
+from srm_dicom.volume import NotAVolume
 
 log = logging.getLogger(__name__)
 
@@ -313,9 +314,12 @@ class Stager:
         return produced[key]
 
     def _volume(self, entry: Entry, source: Pfn) -> bytes:
+        """The series volume, or one of its sidecars (by its name), assembled and encrypted."""
         datasets = self._retrieve(source)
         try:
-            plain = assemble(datasets, self._config.volume.format)
+            plain = series_file(
+                entry.sop_uid, datasets, self._config.volume.format, self._secret, self._config.anonymization
+            )
         except NotAVolume as exc:
             raise StageFailed(f"not a volume: {exc.reason}") from None
         version, key_id = entry.content_version, uuid.UUID(entry.guid).bytes

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 
+import nibabel
 from test_frames import _drop_position, legacy_converted, synthetic_object
+from test_sidecar import dti_series
 
 from https import request
 from sites import mdm, write_site_config
@@ -13,6 +16,7 @@ from srm_dicom.crypto.container import decrypt_bytes, encrypted_size
 from srm_dicom.keystore.client import KeystoreClient
 from srm_dicom.names import UidTriple
 from srm_dicom.protect import key_name
+from srm_dicom.sidecar import series_file
 from srm_dicom.synthetic import make_series
 from srm_dicom.uids import deidentify_uid
 from srm_dicom.volume import assemble
@@ -43,8 +47,11 @@ def test_a_multiframe_object_registers_and_its_volume_is_served(embedded_pacs, k
         directory = UidTriple(deidentify_uid(secret, good.StudyInstanceUID),
                               deidentify_uid(secret, good.SeriesInstanceUID), "3D").lfn("demo").rpartition("/")[0]
         listing = running.catalog.namespace.list_dir(directory)
-        assert sorted(e.kind for e in listing.entries) == ["slice", "volume"]
-        volume = next(e for e in listing.entries if e.kind == "volume")
+        assert sorted((e.kind, e.sop_uid) for e in listing.entries if e.kind == "volume") == [
+            ("volume", "3D"), ("volume", "3D.json")
+        ]
+        assert [e.kind for e in listing.entries].count("slice") == 1  # one image, its frames inside
+        volume = next(e for e in listing.entries if e.sop_uid == "3D")
         assert volume.size == encrypted_size(len(assemble([good], "nifti")))
         answer = request(running.url, pki, "bob", path=volume.lfn)
         assert answer.status == 200 and len(answer.body) == volume.size
@@ -64,5 +71,81 @@ def test_a_multiframe_object_registers_and_its_volume_is_served(embedded_pacs, k
         cli = mdm("get", "-l", broken_lfn, str(tmp_path / "out.nii"), config=client)
         assert cli.returncode != 0 and reason in cli.stderr and "Traceback" not in cli.stderr
         assert not (tmp_path / "out.nii").exists()
+    finally:
+        running.stop()
+
+
+def test_sidecars_are_entries_staged_byte_identically_and_mdm_get_writes_them(  # type: ignore[no-untyped-def]
+    embedded_pacs, key_servers, pki, tmp_path
+):
+    config_path = write_site_config(tmp_path / "site", embedded_pacs, key_servers)
+    series = dti_series()
+    plain = make_series(slices=3, size=16, seed="sidecar plain series")
+    register(config_path, series + plain)
+    running = start_storage_element(config_path)
+    try:
+        secret = running.config.site.secret_bytes
+        volume_lfn = UidTriple(deidentify_uid(secret, series[0].StudyInstanceUID),
+                               deidentify_uid(secret, series[0].SeriesInstanceUID), "3D").lfn("demo")
+        directory = volume_lfn.rpartition("/")[0]
+        names = {e.sop_uid: e for e in running.catalog.namespace.list_dir(directory).entries if e.kind == "volume"}
+        assert sorted(names) == ["3D", "3D.bval", "3D.bvec", "3D.json"]
+        volume = names["3D"]
+        assert {(e.owner, e.mode) for e in names.values()} == {(volume.owner, volume.mode)}  # the series' rights
+        plain_dir = UidTriple(deidentify_uid(secret, plain[0].StudyInstanceUID),
+                              deidentify_uid(secret, plain[0].SeriesInstanceUID), "3D").lfn("demo").rpartition("/")[0]
+        assert sorted(e.sop_uid for e in running.catalog.namespace.list_dir(plain_dir).entries
+                      if e.kind == "volume") == ["3D", "3D.json"]
+
+        client = client_config(tmp_path / "bob.toml", running.url, key_servers, pki)
+        got = mdm("get", "-l", volume_lfn, str(tmp_path / "out.nii"), config=client)
+        assert got.returncode == 0, got.stderr
+        options = running.config.anonymization
+        for suffix in ("", ".json", ".bval", ".bvec"):
+            written = (tmp_path / f"out{suffix or '.nii'}").read_bytes()
+            assert written == series_file(f"3D{suffix}", series, "nifti", secret, options), suffix
+            entry = running.catalog.namespace.lookup(f"{volume_lfn}{suffix}")
+            assert entry is not None and entry.size is not None and entry.adler32 is not None  # recorded
+        first = {suffix: request(running.url, pki, "bob", path=f"{volume_lfn}{suffix}").body
+                 for suffix in (".json", ".bval")}
+        only = mdm("get", "--no-sidecars", "-s", ",".join(volume_lfn.split("/")[-3:]), str(tmp_path / "only.nii"),
+                   config=client)
+        assert only.returncode == 0, only.stderr
+        assert sorted(p.name for p in tmp_path.glob("only*")) == ["only.nii"]
+    finally:
+        running.stop()
+    cache = running.config.path(running.config.cache.dir)
+    for cached in cache.iterdir():
+        if cached.is_file():
+            cached.unlink()
+    again = start_storage_element(config_path)
+    try:
+        for suffix, body in first.items():  # restaged from the PACS with the key of the key servers
+            assert request(again.url, pki, "bob", path=f"{volume_lfn}{suffix}").body == body
+    finally:
+        again.stop()
+
+
+def test_with_gzip_on_the_series_also_lists_the_volume_gzipped(embedded_pacs, key_servers, pki, tmp_path):  # type: ignore[no-untyped-def]
+    config_path = write_site_config(tmp_path / "site", embedded_pacs, key_servers)
+    config_path.write_text(config_path.read_text() + '\n[volume]\nformat = "nifti"\ngzip = true\n')
+    series = make_series(slices=4, size=16, seed="gzip series")
+    register(config_path, series)
+    running = start_storage_element(config_path)
+    try:
+        secret = running.config.site.secret_bytes
+        volume_lfn = UidTriple(deidentify_uid(secret, series[0].StudyInstanceUID),
+                               deidentify_uid(secret, series[0].SeriesInstanceUID), "3D").lfn("demo")
+        listed = running.catalog.namespace.list_dir(volume_lfn.rpartition("/")[0]).entries
+        assert sorted(e.sop_uid for e in listed if e.kind == "volume") == ["3D", "3D.json", "3D.nii.gz"]
+        client = client_config(tmp_path / "bob.toml", running.url, key_servers, pki)
+        got = mdm("get", "-l", f"{volume_lfn}.nii.gz", str(tmp_path / "out.nii.gz"), config=client)
+        assert got.returncode == 0, got.stderr
+        data = (tmp_path / "out.nii.gz").read_bytes()
+        assert data[:2] == b"\x1f\x8b" and gzip.decompress(data) == assemble(series, "nifti")
+        assert nibabel.load(tmp_path / "out.nii.gz").shape == (16, 16, 4)
+        entry = running.catalog.namespace.lookup(f"{volume_lfn}.nii.gz")
+        assert entry is not None and entry.adler32 is not None
+        assert series_file("3D.nii.gz", series, "nifti", secret, running.config.anonymization) == data  # restageable
     finally:
         running.stop()
