@@ -126,11 +126,9 @@ class ServerConfig:
 
 @dataclass(frozen=True)
 class VolumeConfig:
-    """3D volumes assembled from a series: "nifti" (NIfTI-1) or "nrrd" (human-readable header);
-    with ``gzip`` (NIfTI only) each series also lists ``3D.nii.gz``."""
+    """3D volumes assembled from a series: "nifti" (NIfTI-1) or "nrrd" (human-readable header)."""
 
     format: str = "nifti"
-    gzip: bool = False
 
 
 @dataclass(frozen=True)
@@ -247,8 +245,6 @@ def _validate(config: Config) -> None:
         raise ConfigError("config: [site] uids must be 'deidentified' or 'original'")
     if config.volume.format not in ("nifti", "nrrd"):
         raise ConfigError("config: [volume] format must be 'nifti' or 'nrrd'")
-    if not isinstance(config.volume.gzip, bool):
-        raise ConfigError("config: [volume] gzip must be true or false")
     if config.log.format not in ("text", "json"):
         raise ConfigError("config: [log] format must be 'text' or 'json'")
     for network in config.operations.networks:

@@ -16,9 +16,7 @@ VOLUME = "3D"
 # Beside a series' volume (README "Volumes"): its BIDS sidecar and, for diffusion series,
 # its b-values and vectors in FSL's format, named as dcm2niix names them.
 SIDECARS = (f"{VOLUME}.json", f"{VOLUME}.bval", f"{VOLUME}.bvec")
-# The volume gzip-compressed, where the site lists it ([volume] gzip).
-GZIPPED_VOLUME = f"{VOLUME}.nii.gz"
-SERIES_FILES = (VOLUME, *SIDECARS, GZIPPED_VOLUME)
+SERIES_FILES = (VOLUME, *SIDECARS)
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 

@@ -35,7 +35,7 @@ from srm_dicom.metadata import extract_metadata
 from srm_dicom.names import VOLUME, UidTriple, is_uid, pfn
 from srm_dicom.protect import key_acl, key_name, protect_image
 from srm_dicom.rights import parse_mode
-from srm_dicom.sidecar import has_diffusion
+from srm_dicom.sidecar import BVAL, BVEC, JSON, has_diffusion, series_file_from_rows
 from srm_dicom.uids import deidentify_uid
 from srm_dicom.volume import NotAVolume, plan_volume
 
@@ -184,12 +184,15 @@ class Registrar:
             study_uid=study,
             series_uid=series,
             sop_uid=VOLUME,
-            size=self._volume_size(volume_lfn, guid, metadata.image),
+            size=None,
             **common,
         )
+        sizes = self._series_sizes(volume_lfn, guid, metadata.image)
+        volume = replace(volume, size=sizes.get(VOLUME))
         sidecars = [
-            replace(volume, lfn=f"{volume_lfn}{suffix}", guid=str(uuid.uuid4()), sop_uid=f"{VOLUME}{suffix}", size=None)
-            for suffix in self._sidecar_suffixes(ds, volume_lfn)
+            replace(volume, lfn=f"{volume_lfn}{suffix}", guid=str(uuid.uuid4()), sop_uid=f"{VOLUME}{suffix}",
+                    size=sizes.get(f"{VOLUME}{suffix}"))
+            for suffix in self._sidecar_suffixes(metadata.image, volume_lfn)
         ]
         erased = tuple((e.path, e.keyword, e.value) for e in protected.erased)
         readers = tuple(a.dn for a in known.acl if a.perms & 4) if known else ()
@@ -204,25 +207,29 @@ class Registrar:
         log.debug("%s %s", outcome.value, lfn)
         return outcome
 
-    def _volume_size(self, volume_lfn: str, guid: str, image: dict) -> int | None:
-        """The series volume's size once this slice is in: listings are true before the first
-        assembly. None when the series is not (yet) one volume: staging will say why."""
+    def _series_sizes(self, volume_lfn: str, guid: str, image: dict) -> dict[str, int]:
+        """The sizes of the series volume and its sidecars once this slice is in, from the
+        rows alone: listings are true before the first assembly. Empty when the series is
+        not (yet) one volume: staging will say why."""
         rows = self._catalog.index.series_images(posixpath.dirname(volume_lfn))
         rows[guid] = image
+        series_rows = list(rows.values())
         try:
-            plain = plan_volume(list(rows.values())).file_size(self._config.volume.format)
+            plan = plan_volume(series_rows)
+            sizes = {VOLUME: encrypted_size(plan.file_size(self._config.volume.format))}
+            sizes[JSON] = encrypted_size(len(series_file_from_rows(JSON, series_rows, plan)))
+            if any(has_diffusion(row) for row in series_rows):
+                for name in (BVAL, BVEC):
+                    sizes[name] = encrypted_size(len(series_file_from_rows(name, series_rows, plan)))
         except NotAVolume:
-            return None
-        return encrypted_size(plain)
+            return {}
+        return sizes
 
-    def _sidecar_suffixes(self, ds: Dataset, volume_lfn: str) -> list[str]:
-        """Every volume has its JSON sidecar (and its gzipped copy where the site lists it);
-        a diffusion series (this image has a b-value, or an earlier one had) also its b-values
-        and vectors. Their sizes are recorded at their first assembly, as a volume's checksum is."""
+    def _sidecar_suffixes(self, image: dict, volume_lfn: str) -> list[str]:
+        """Every volume has its JSON sidecar; a diffusion series (this image has a b-value,
+        or an earlier one had) also its b-values and vectors."""
         suffixes = [".json"]
-        if self._config.volume.gzip and self._config.volume.format == "nifti":
-            suffixes.append(".nii.gz")
-        if has_diffusion(ds) or self._catalog.namespace.lookup(f"{volume_lfn}.bval") is not None:
+        if has_diffusion(image) or self._catalog.namespace.lookup(f"{volume_lfn}.bval") is not None:
             suffixes += [".bval", ".bvec"]
         return suffixes
 

@@ -317,9 +317,7 @@ class Stager:
         """The series volume, or one of its sidecars (by its name), assembled and encrypted."""
         datasets = self._retrieve(source)
         try:
-            plain = series_file(
-                entry.sop_uid, datasets, self._config.volume.format, self._secret, self._config.anonymization
-            )
+            plain = series_file(entry.sop_uid, datasets, self._config.volume.format)
         except NotAVolume as exc:
             raise StageFailed(f"not a volume: {exc.reason}") from None
         version, key_id = entry.content_version, uuid.UUID(entry.guid).bytes

@@ -43,7 +43,8 @@ def test_each_pacs_receives_the_images_and_the_catalog_names_them(any_pacs, tmp_
     study, series = (deidentify_uid(secret, first.StudyInstanceUID), deidentify_uid(secret, first.SeriesInstanceUID))
     listing = catalog.namespace.list_dir(f"/grid/demo/mdm/{study}/{series}")
     names = sorted(e.sop_uid for e in listing.entries)
-    assert names == sorted([deidentify_uid(secret, pydicom.dcmread(f).SOPInstanceUID) for f in files] + ["3D", "3D.json"])
+    sops = [deidentify_uid(secret, pydicom.dcmread(f).SOPInstanceUID) for f in files]
+    assert names == sorted([*sops, "3D", "3D.json"])
     slice_entry = next(e for e in listing.entries if e.kind == "slice")
     assert slice_entry.pfn.startswith(f"dicom://{any_pacs.aet}@127.0.0.1:{any_pacs.port}/{first.StudyInstanceUID}/")
     assert slice_entry.owner == config.site.registrar and slice_entry.mode == 0o750

@@ -18,13 +18,15 @@ from pathlib import Path
 import nibabel
 import numpy as np
 import pytest
+from pydicom.datadict import dictionary_VR
 from pydicom.dataset import Dataset
 from pydicom.uid import MRImageStorage, generate_uid
 from test_volume import GROUND_TRUTH, vendor_series
 
 from conftest import require_program
 from sites import require_vendor_data
-from srm_dicom.anonymize import AnonymizationOptions
+from srm_dicom.acquisition import FIELDS, acquisition_record
+from srm_dicom.anonymize import AnonymizationOptions, anonymize
 from srm_dicom.names import SIDECARS
 from srm_dicom.sidecar import fsl_files, has_diffusion, series_file
 from srm_dicom.synthetic import FakePatient, make_series
@@ -92,9 +94,10 @@ def world_vectors(bvec: str, affine: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("orientation", [(0.8660254, 0.5, 0.0, -0.5, 0.8660254, 0.0), (1.0, 0, 0, 0, 0.8660254, -0.5)])
 def test_bval_equals_dcm2niix_and_bvec_is_the_same_directions(orientation: tuple[float, ...], tmp_path: Path) -> None:
     series = dti_series(orientation)
-    assert all(has_diffusion(ds) for ds in series)
-    plan = plan_volume([image_row(ds) for ds in series])
-    bval, bvec = fsl_files(series, plan)
+    rows = [image_row(ds) for ds in series]
+    assert any(has_diffusion(row) for row in rows)
+    plan = plan_volume(rows)
+    bval, bvec = fsl_files(rows, plan)
     theirs = dcm2niix(write(series, tmp_path / "dicom"), tmp_path / "nifti")
     assert bval.decode() == theirs.with_suffix(".bval").read_text()
     assert bval.decode() == "0 1000 1000 2000\n"
@@ -108,13 +111,13 @@ def test_bval_equals_dcm2niix_and_bvec_is_the_same_directions(orientation: tuple
 
 def test_a_series_without_b_values_has_no_diffusion_files() -> None:
     series = make_series(slices=4, size=16, seed="sidecar plain")
-    assert not any(has_diffusion(ds) for ds in series)
+    assert not any(has_diffusion(image_row(ds)) for ds in series)
 
 
 @pytest.mark.parametrize("series", GROUND_TRUTH)
 def test_sidecar_of_each_vendor_series_agrees_with_dcm2niix(series: str, tmp_path: Path) -> None:
     datasets = vendor_series(series)
-    ours = json.loads(series_file("3D.json", datasets, "nifti", SECRET, options()))
+    ours = json.loads(series_file("3D.json", datasets, "nifti"))
     assert ours["ConversionSoftware"] == "srm-dicom"
     assert not [key for key in ours if key.startswith(("Patient", "Institution", "Station", "Device", "Acquisition"))]
     if "jpegls" in series:  # dcm2niix reads no JPEG-LS
@@ -135,7 +138,7 @@ def test_sidecar_holds_no_patient_attribute_nor_anything_above_anonymous() -> No
     for ds in series:
         ds.InstitutionName, ds.StationName, ds.DeviceSerialNumber = "Hospital of Marker", "STATION-MARKER", "SN-777"
         ds.PatientWeight, ds.PatientAge, ds.OperatorsName = 71.5, "083Y", "OPERATOR^MARKER"
-    data = series_file("3D.json", series, "nifti", SECRET, options())
+    data = series_file("3D.json", series, "nifti")
     sidecar = json.loads(data)
     assert sidecar["EchoTime"] == 0.0895 and sidecar["RepetitionTime"] == 8 and sidecar["MagneticFieldStrength"] == 3
     for marker in (b"MARKER", b"PHI-ID", b"1938", b"SN-777", b"083Y", b"71.5", series[0].StudyInstanceUID.encode(),
@@ -148,8 +151,25 @@ def test_sidecar_holds_no_patient_attribute_nor_anything_above_anonymous() -> No
 def test_sidecars_are_deterministic_and_named_as_dcm2niix_names_them() -> None:
     series = dti_series()
     for name in SIDECARS:
-        assert series_file(name, series, "nifti", SECRET, options()) == series_file(
-            name, list(reversed(dti_series())), "nifti", SECRET, options()
-        )
+        assert series_file(name, series, "nifti") == series_file(name, list(reversed(dti_series())), "nifti")
     assert SIDECARS == ("3D.json", "3D.bval", "3D.bvec")
-    assert len(series_file("3D", series, "nifti", SECRET, options())) == len(assemble(series, "nifti"))
+    assert len(series_file("3D", series, "nifti")) == len(assemble(series, "nifti"))
+
+
+def test_the_sidecar_holds_only_what_served_slices_keep() -> None:
+    """Every acquisition attribute the sidecar reads survives anonymization unchanged."""
+    ds = dti_series()[0]
+    for _, keyword, _ in FIELDS:
+        if keyword not in ds:
+            setattr(ds, keyword, {"CS": "X", "DS": "1.5", "IS": "3", "LO": "x", "SH": "x"}.get(
+                dictionary_VR(keyword), "1"))
+    record = acquisition_record(ds)
+    assert record is not None and len(json.loads(record)) == len(FIELDS)
+    assert acquisition_record(anonymize(ds, SECRET, options()).dataset) == record
+
+
+def test_a_b_value_of_zero_alone_is_not_a_diffusion_series() -> None:
+    series = dti_series()
+    b0 = [ds for ds in series if ds.DiffusionBValue == 0]
+    assert b0 and not any(has_diffusion(image_row(ds)) for ds in b0)
+    assert all(has_diffusion(image_row(ds)) for ds in series if ds.DiffusionBValue > 0)
