@@ -32,6 +32,8 @@ PARTIAL_SUFFIX = ".part"
 class CacheError(MdmError):
     """The cache directory cannot take a file (disk full, permissions)."""
 
+    http_status = 503
+
 
 class CacheFull(CacheError):
     """No room within the quota: everything that could make room is pinned."""

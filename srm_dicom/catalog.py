@@ -20,7 +20,7 @@ from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Protocol
 
 from srm_dicom.config import Config
-from srm_dicom.errors import ConfigError, MdmError, NotFound
+from srm_dicom.errors import ConfigError, InvalidInput, MdmError, NotFound
 from srm_dicom.metadata import ImageMetadata
 from srm_dicom.names import SERIES_FILES, UidTriple, parse_lfn, parse_sop_spec
 
@@ -60,6 +60,7 @@ class Entry:
     source_digest: str | None = None
     created: float = 0.0
     modified: float = 0.0
+    sha256: str | None = None  # hex, of the served bytes like size and adler32 (None before migration 8)
     acl: tuple[AclEntry, ...] = field(default=())
 
     @property
@@ -113,6 +114,8 @@ class StageRequest:
 class CatalogConflict(MdmError):
     """Another writer changed the entry between lookup and commit: nothing was written."""
 
+    http_status = 409
+
 
 class Outcome(Enum):
     ADDED = "registered"
@@ -149,8 +152,8 @@ class Namespace(Protocol):
         keeps each entry's own) and add the per-DN entries (one for a DN already there
         replaces it). A GUID no longer in the catalog raises NotFound and nothing changes."""
 
-    def set_checksum(self, guid: str, version: int, size: int, adler32: str) -> bool:
-        """Record a volume's size and adler32 at its first assembly, only while ``version``
+    def set_checksum(self, guid: str, version: int, size: int, adler32: str, sha256: str | None = None) -> bool:
+        """Record a volume's size, adler32 and SHA-256 at its first assembly, only while ``version``
         is still its content version and none is recorded; else False and nothing written."""
 
     # -- the primitives the core's domain rules are made of (see ``Catalog``) ----------
@@ -335,6 +338,8 @@ def find_entry(catalog: Catalog, spec: list[str] | str) -> Entry:
         entry = catalog.namespace.lookup(text)
     elif guid := _GUID.match(text.lower()):
         entry = catalog.namespace.lookup_guid(guid.group(1))
+    elif text.lower().startswith(("guid:", "/guid/")):
+        raise InvalidInput(f"'{text}' is not a GUID (guid:<uuid>, e.g. guid:1b4e28ba-2fa1-41d2-883f-0016d3cca427)")
     else:
         entry = catalog.lookup_uids(parse_sop_spec(parts))
     if entry is None:

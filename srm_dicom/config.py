@@ -54,6 +54,8 @@ class PacsConfig:
     timeout: float = 30.0
     retrieve: str = "get"
     move_port: int = 11113
+    # The address the C-MOVE receiver binds: loopback unless the PACS is on another host.
+    move_host: str = "127.0.0.1"
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,8 @@ class EmbeddedPacsConfig:
     storage: str = "pacs"
     # C-MOVE destinations the embedded PACS knows: AET → "host:port".
     move_destinations: dict[str, str] = field(default_factory=dict)
+    # The calling AE titles it accepts associations from; every other one is rejected.
+    calling_aets: list[str] = field(default_factory=lambda: ["MDM"])
 
 
 @dataclass(frozen=True)
@@ -121,7 +125,19 @@ class ServerConfig:
     sitename: str = "srm-dicom"
     # How clients reach this server (used in the Tape REST discovery document); default https://host:port.
     public_url: str = ""
-    threads: int = 16
+    # Worker threads; more than max_connections_per_client, so one client cannot take them all.
+    threads: int = 64
+    # Seconds a read from a client may wait for a byte (and a kept-alive connection may idle).
+    timeout: float = 10.0
+    # Seconds for the TLS handshake, the request line and headers in all, however slowly they come.
+    header_timeout: float = 10.0
+    # Seconds for a request body in all (they are at most max_body_size).
+    body_timeout: float = 30.0
+    max_header_size: int = 65536
+    max_body_size: int = 8 << 20
+    # Connections one client address may hold at once; 0: no limit (behind HAProxy every
+    # connection comes from its address: raise this there, HAProxy limits per client itself).
+    max_connections_per_client: int = 16
 
 
 @dataclass(frozen=True)
@@ -245,6 +261,12 @@ def _validate(config: Config) -> None:
         raise ConfigError("config: [site] uids must be 'deidentified' or 'original'")
     if config.volume.format not in ("nifti", "nrrd"):
         raise ConfigError("config: [volume] format must be 'nifti' or 'nrrd'")
+    server = config.server
+    if min(server.timeout, server.header_timeout, server.body_timeout) <= 0 or server.threads < 1:
+        raise ConfigError("config: [server] timeouts and threads must be positive")
+    if min(server.max_header_size, server.max_body_size) < 1024 or server.max_connections_per_client < 0:
+        raise ConfigError("config: [server] max_header_size and max_body_size must be at least 1024, "
+                          "max_connections_per_client at least 0")
     if config.log.format not in ("text", "json"):
         raise ConfigError("config: [log] format must be 'text' or 'json'")
     for network in config.operations.networks:
@@ -291,6 +313,12 @@ def read_toml(path: Path, what: str, hint: str = "") -> dict[str, Any]:
         return tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"{what}: {path} not found{hint}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{what}: {path} is a directory; give the file, e.g. {path / 'mdm.toml'}") from None
+    except PermissionError:
+        raise ConfigError(f"{what}: {path}: permission denied") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what}: {path} is not a TOML text file") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{what}: {path}: {exc}") from None
 

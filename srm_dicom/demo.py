@@ -193,11 +193,14 @@ def _banner(
         say(f"  {directory}/  {slices} slices + 3D")
     say("")
     say("from another shell, as bob (physician; alice register, carol mia, dave VO member, eve another VO):")
-    say(f"  {curl} -O {url}{slice_lfn}")
-    say(f"  MDM_CONFIG={bob / 'client.toml'} mdm get -l {slice_lfn} slice.dcm")
-    say(f"  MDM_CONFIG={bob / 'client.toml'} mdm get -l {volume_lfn} volume.nii")
+    say(f"  {curl} -o slice.enc {url}{slice_lfn}")
+    say(f"  MDM_CONFIG={bob / 'client.toml'} mdm decrypt -f {slice_lfn} slice.enc slice.dcm")
+    say(f"  MDM_CONFIG={bob / 'client.toml'} mdm get -f -l {slice_lfn} slice.dcm")
+    say(f"  MDM_CONFIG={bob / 'client.toml'} mdm get -f -l {volume_lfn} volume.nii")
     if (workdir / "cadir").is_dir():
-        say(f"  {gfal} gfal-copy davs://127.0.0.1:{config.server.port}{volume_lfn} file:///tmp/volume.enc")
+        # A fresh destination each time: gfal-copy refuses to overwrite, so a fixed one fails when pasted twice.
+        say(f"  {gfal} gfal-copy davs://127.0.0.1:{config.server.port}{volume_lfn} "
+            "file://$(mktemp -u \"$PWD/volume-XXXXXX.enc\")")
     say(f"  rclone ls :webdav:{root} --webdav-url {url} --ca-cert {workdir / 'ca.pem'} "
         f"--client-cert {bob / 'cert.pem'} --client-key {bob / 'key.pem'}")
     say("hospital side:")

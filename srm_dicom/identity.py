@@ -47,6 +47,7 @@ class AuthenticationError(MdmError):
     """The caller's certificate or token is missing, invalid, expired or not trusted."""
 
     exit_code = 5
+    http_status = 401
 
 
 @dataclass(frozen=True)

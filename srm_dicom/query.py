@@ -30,6 +30,7 @@ and sees only the attributes their level reaches: the others are absent, not bla
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -92,6 +93,10 @@ def _attributes() -> dict[str, Attribute]:
 ATTRIBUTES: dict[str, Attribute] = _attributes()
 _BY_LOWER = {k.lower(): a for k, a in ATTRIBUTES.items()}
 OPERATORS = ("=", "!=", "<", "<=", ">", ">=", "like")
+# Comparisons in one query: SQLite refuses expressions deeper than 1000 (about 995 terms);
+# no person writes 256, and a program searching that many UIDs asks in several queries.
+MAX_TERMS = 256
+INT64 = 1 << 63
 
 
 class QuerySyntaxError(InvalidInput):
@@ -143,6 +148,23 @@ class Query:
             else:
                 stack.extend(node.terms)
         return tuple(found.values())
+
+    @property
+    def comparisons(self) -> int:
+        count, stack = 0, [self.where] if self.where else []
+        while stack:
+            node = stack.pop()
+            if isinstance(node, Comparison):
+                count += 1
+            else:
+                stack.extend(node.terms)
+        return count
+
+    def check_size(self) -> Query:
+        """The query itself, if the catalog can run it: at most MAX_TERMS comparisons."""
+        if self.comparisons > MAX_TERMS:
+            raise QuerySyntaxError(f"query: more than {MAX_TERMS} comparisons ({self.comparisons}); split it")
+        return self
 
     @property
     def level(self) -> str:
@@ -270,15 +292,20 @@ def _value(attribute: Attribute, op: str, token: _Token) -> str | int | float:
         text = re.sub(r"\\(.)", r"\1", text[1:-1])
     if not attribute.numeric or op == "like":
         return text
+    number: int | float
     try:
-        return int(text)
+        number = int(text)
     except ValueError:
         try:
-            return float(text)
+            number = float(text)
         except ValueError:
-            raise QuerySyntaxError(
-                f"query: {attribute.keyword} is a number, not {text!r} (column {token.column})"
-            ) from None
+            number = math.nan
+    if isinstance(number, int) and -INT64 <= number < INT64 or isinstance(number, float) and math.isfinite(number):
+        return number
+    raise QuerySyntaxError(
+        f"query: {attribute.keyword} is a number, not {text!r} (column {token.column}; a 64-bit integer"
+        " or a finite decimal)"
+    )
 
 
 def parse(text: str) -> Query:
@@ -292,7 +319,7 @@ def parse(text: str) -> Query:
     if rest is not None:
         hint = " (join conditions with 'and' or 'or')" if rest.kind in ("word", "string") else ""
         raise QuerySyntaxError(f"query: unexpected {rest.text!r} at column {rest.column}{hint}")
-    return Query(where, text.strip())
+    return Query(where, text.strip()).check_size()
 
 
 def equals_any(attribute: Attribute, values: Sequence[str | int | float]) -> Query:

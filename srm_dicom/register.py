@@ -138,6 +138,10 @@ class Registrar:
             return original  # type: ignore[return-value]
         return tuple(deidentify_uid(self._secret, uid) for uid in original)  # type: ignore[return-value]
 
+    def lfn(self, ds: Dataset) -> str:
+        """The LFN an image is (or would be) registered under, from its checked header."""
+        return UidTriple(*self._names(ds)).lfn(self._config.site.vo)
+
     def register(self, ds: Dataset, store_in_pacs: bool) -> Outcome:
         """Register one image. Raises MdmError with the reason if it cannot be registered;
         then nothing is cataloged and no key is left on the key servers."""
@@ -171,6 +175,7 @@ class Registrar:
             sop_uid=sop,
             size=protected.size,
             adler32=protected.adler32,
+            sha256=protected.sha256,
             content_version=version,
             source_digest=digest,
             **common,

@@ -13,6 +13,7 @@ cache and every file some request still waits for is staged again.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
@@ -54,6 +55,8 @@ CONTENT_DIFFERS = "the PACS returned different content than was registered"
 class StageFailed(MdmError):
     """Staging a file failed; ``reason`` is one line for a person (and for a 5xx body)."""
 
+    http_status = 503
+
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
@@ -61,6 +64,8 @@ class StageFailed(MdmError):
 
 class StagingPending(MdmError):
     """The file is still being staged after the caller's wait: ask again later."""
+
+    http_status = 503
 
 
 class _Abandoned(Exception):
@@ -332,7 +337,8 @@ class Stager:
                 raise StageFailed(
                     f"the assembled volume has {len(payload)} bytes, not the {entry.size} announced"
                 )
-            if not self._catalog.namespace.set_checksum(entry.guid, version, len(payload), _adler32(payload)):
+            checksums = (len(payload), _adler32(payload), hashlib.sha256(payload).hexdigest())
+            if not self._catalog.namespace.set_checksum(entry.guid, version, *checksums):
                 raise StageFailed("the series changed while its volume was assembled; stage it again")
             return payload
         produced: dict[bytes, bytes] = {}

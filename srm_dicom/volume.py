@@ -89,6 +89,8 @@ RGB24 = VoxelType("rgb24", "u1", 128, "uchar", 3)
 class NotAVolume(MdmError):
     """The slices of a series do not make one volume; the reason says why, in one line."""
 
+    http_status = 422
+
     def __init__(self, reason: str) -> None:
         super().__init__(f"not a volume: {reason}")
         self.reason = reason

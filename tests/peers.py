@@ -206,6 +206,7 @@ def start_embedded(workdir: Path, client_aet: str, client_port: int) -> Peer:
         port=port,
         storage=str(workdir / "pacs"),
         move_destinations={client_aet: f"{HOST}:{client_port}"},
+        calling_aets=[client_aet],
     )
     pacs = EmbeddedPacs(config, workdir / "pacs")
     pacs.start()

@@ -59,7 +59,7 @@ timeout = 5
 port = 0
 cert = "{key_servers.pki / "hosts" / "storage-element" / "cert.pem"}"
 key = "{key_servers.pki / "hosts" / "storage-element" / "key.pem"}"
-threads = 8
+threads = 24
 
 [identity]
 vomap = "{key_servers.pki / "vomap.toml"}"

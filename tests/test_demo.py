@@ -7,6 +7,7 @@ import subprocess
 import nibabel
 import pydicom
 
+from conftest import require_program
 from sites import mdm
 from srm_dicom.config import load_config
 from srm_dicom.synthetic import make_series
@@ -37,14 +38,26 @@ def test_demo_runs_registers_the_synthetic_series_and_stops_what_it_started(tmp_
         registered = mdm("register", str(extra), config=config_path)
         assert registered.returncode == 0 and "1 registered" in registered.stdout
         assert len(mdm("ls", config=config_path).stdout.split()) == 2
-        # The pasted commands work as bob, from another directory.
-        for line in banner.splitlines():
-            command = line.strip()
-            if " mdm get -l " in command or command.startswith("curl "):
+        # The pasted commands work as bob, from another directory, and again when pasted twice
+        # (issue 12, finding 8: no decrypt line for the curl download; gfal-copy to a fixed path).
+        pasted = [line.strip() for line in banner.splitlines()
+                  if any(k in line for k in (" mdm get ", " mdm decrypt ", "curl ", "gfal-copy "))]
+        assert any(" mdm decrypt " in command for command in pasted), banner
+        assert any("gfal-copy " in command for command in pasted) or not shutil.which("openssl"), banner
+        for _ in range(2):
+            for command in pasted:
+                if "gfal-copy " in command:
+                    require_program("gfal-copy")
                 ran = subprocess.run(command, shell=True, cwd=tmp_path, capture_output=True, text=True, timeout=120)
                 assert ran.returncode == 0, (command, ran.stderr)
-        assert pydicom.dcmread(tmp_path / "slice.dcm").PatientIdentityRemoved == "YES"
-        assert nibabel.load(tmp_path / "volume.nii").shape == (64, 64, 16)
+            decrypted = pydicom.dcmread(tmp_path / "slice.dcm")
+            assert decrypted.PatientIdentityRemoved == "YES"
+            assert nibabel.load(tmp_path / "volume.nii").shape == (64, 64, 16)
+        if any("gfal-copy " in command for command in pasted):
+            assert len(list(tmp_path.glob("volume-*.enc"))) == 2
+        help_text = mdm("demo", "--help").stdout
+        for promise in ("key servers", "embedded PACS", "push listener", "mdm decrypt", "Ctrl-C", "client.toml"):
+            assert promise in help_text, promise
     finally:
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=30)

@@ -204,7 +204,8 @@ def test_pacs_down_is_a_clear_failure_then_staging_recovers(embedded_pacs, tmp_p
         named = f"PACS {embedded_pacs.aet}@127.0.0.1:{embedded_pacs.port}: cannot connect"
         with pytest.raises(StageFailed, match=named):
             stager.fetch(site.slices[0], timeout=20)
-        settings = EmbeddedPacsConfig(aet=embedded_pacs.aet, host="127.0.0.1", port=embedded_pacs.port)
+        settings = EmbeddedPacsConfig(aet=embedded_pacs.aet, host="127.0.0.1", port=embedded_pacs.port,
+                                      calling_aets=[embedded_pacs.client_aet])
         back = EmbeddedPacs(settings, pacs_storage)
         back.start()
         try:

@@ -134,7 +134,12 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE image ADD COLUMN frames TEXT
     """,
-    # 8: each image's acquisition parameters and diffusion encoding (JSON, srm_dicom/acquisition.py),
+    # 8: the SHA-256 of what a grid client receives (hex), beside size and adler32, for the
+    # RFC 9530 Repr-Digest and the RFC 3230 Digest of HEAD and GET (README, "Digests").
+    """
+    ALTER TABLE entries ADD COLUMN sha256 TEXT
+    """,
+    # 9: each image's acquisition parameters and diffusion encoding (JSON, srm_dicom/acquisition.py),
     # so a series' sidecars (3D.json, 3D.bval, 3D.bvec) have their size known from the rows alone.
     """
     ALTER TABLE image ADD COLUMN acquisition TEXT;

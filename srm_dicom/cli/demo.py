@@ -13,11 +13,23 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "demo",
         help="run everything on loopback with a synthetic series (no setup)",
         description=(
-            "Start the embedded PACS, load a built-in synthetic series (fake patient, no real "
-            "data), register it, start the push listener and show the namespace. Stays in the "
-            "foreground until Ctrl-C, then stops everything it started. The config it runs with "
-            "is written to DIR/mdm.toml: use MDM_CONFIG=DIR/mdm.toml mdm ... from another shell."
+            "Run the whole storage element on loopback, with no setup and no real data:\n"
+            "  - a demo PKI in DIR: a CA, host certificates, the storage element's service identity\n"
+            "    and five users (alice register, bob physician, carol mia, dave VO member, eve\n"
+            "    another VO), each with users/NAME/cert.pem, key.pem and a client.toml;\n"
+            "  - three key servers (mutual TLS; any 2 of the 3 shares rebuild a file key);\n"
+            "  - the embedded PACS, holding a built-in synthetic series (fake patient);\n"
+            "  - that series registered: anonymized, encrypted, keys split over the key servers,\n"
+            "    cataloged as slices and a 3D volume;\n"
+            "  - the HTTPS storage element (WebDAV, WLCG Tape REST, metadata search, QIDO-RS),\n"
+            "    staging from the PACS on demand, and the DICOM push listener.\n"
+            "It then prints the namespace and ready-to-paste commands with real names (curl and\n"
+            "mdm decrypt, mdm get, gfal-copy, rclone, storescu), and stays in the foreground until\n"
+            "Ctrl-C, which stops everything it started. The config it runs with is DIR/mdm.toml:\n"
+            "MDM_CONFIG=DIR/mdm.toml mdm ls from another shell lists what it registered. Running it\n"
+            "again in the same DIR keeps the site secret, so the names stay the same."
         ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "--workdir", type=Path, default=Path("mdm-demo"), metavar="DIR",

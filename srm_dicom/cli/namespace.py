@@ -10,7 +10,7 @@ from dataclasses import astuple
 from srm_dicom.catalog import Catalog, Entry, find_entry, open_catalog
 from srm_dicom.client import StorageClient
 from srm_dicom.config import Config, load_config
-from srm_dicom.errors import InvalidInput, NotFound
+from srm_dicom.errors import ConfigError, InvalidInput, NotFound
 from srm_dicom.keystore.client import KeystoreClient
 from srm_dicom.names import normalize_lfn, parse_lfn, parse_sop_spec, vo_root
 from srm_dicom.protect import key_name
@@ -61,7 +61,16 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def _with_catalog(args: argparse.Namespace) -> tuple[Config, Catalog]:
+    """The site's catalog. A grid user's client.toml has none: opening one would create an
+    empty catalog.db beside it and answer "no such file" for everything."""
     config = load_config(args.config)
+    if "catalog" not in config.sections:
+        root = vo_root(config.site.vo)
+        where = f"{config.storage.url}{root}" if config.storage.url else f"https://HOST:PORT{root}"
+        raise ConfigError(
+            f"this config has no [catalog] (a grid client's config) and {args.command} reads the site's "
+            f"catalog: list with 'gfal-ls {where.replace('https://', 'davs://')}' or search with 'mdm query'"
+        )
     return config, open_catalog(config)
 
 

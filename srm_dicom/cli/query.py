@@ -76,6 +76,12 @@ def run(args: argparse.Namespace) -> int:
         if args.site is not None:
             columns.insert(0, "site")
     _print(rows, columns, args.json)
+    if not rows and not failed:
+        # Rights never say whether hidden images match (that would be an oracle of patient
+        # data), so the line names what was searched: what the caller may see.
+        hospital = "catalog" in config.sections and args.site is None
+        print("mdm query: no match" + ("" if hospital else
+              " among the images, and the attributes, your rights let you search"), file=sys.stderr)
     if len(rows) >= limit:
         print(f"mdm query: showing the first {limit} matches; --limit N shows more", file=sys.stderr)
     return 1 if failed else 0

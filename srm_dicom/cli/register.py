@@ -99,10 +99,11 @@ def _register_files(registrar: Registrar, args: argparse.Namespace, summary: Sum
         task = progress.add_task("register", total=len(files)) if progress else None
         for path in files:
             try:
-                outcome = registrar.register(read_dicom(path), store_in_pacs=True)
+                ds = read_dicom(path)
+                outcome = registrar.register(ds, store_in_pacs=True)
                 summary.add(outcome)
                 if args.verbose:
-                    print(f"{outcome.value}: {path}")
+                    print(f"{outcome.value}: {path} -> {registrar.lfn(ds)}")
             except PacsError:
                 raise
             except (NotDicom, NotAnImage) as exc:
@@ -129,7 +130,7 @@ def _register_from_pacs(
                     outcome = registrar.register(ds, store_in_pacs=False)
                     summary.add(outcome)
                     if args.verbose:
-                        print(f"{outcome.value}: {ds.get('SOPInstanceUID', '?')}")
+                        print(f"{outcome.value}: PACS image -> {registrar.lfn(ds)}")
                 except PacsError:
                     raise
                 except MdmError as exc:

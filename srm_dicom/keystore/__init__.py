@@ -31,6 +31,7 @@ class KeystoreError(MdmError):
     """Key servers failed, refused or disagreed; the message names the servers involved."""
 
     exit_code = 6
+    http_status = 502
 
 
 class KeyAccessDenied(KeystoreError):

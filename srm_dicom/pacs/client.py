@@ -15,6 +15,8 @@ a ``PacsError`` whose one line names the PACS and, for DIMSE failures, the statu
 
 from __future__ import annotations
 
+import logging
+import socket
 import threading
 import time
 from collections import deque
@@ -62,6 +64,7 @@ import srm_dicom.pacs  # noqa: F401  (TCP_NODELAY and quiet pynetdicom logging)
 from srm_dicom.config import PacsConfig
 from srm_dicom.errors import InvalidInput, NotFound, PacsError
 from srm_dicom.events import PacsCall, timed
+from srm_dicom.names import is_uid
 from srm_dicom.pacs.answers import keep_answers_for_the_caller
 
 MAX_CONTEXTS = 128
@@ -110,15 +113,41 @@ class _Plan:
         return _Plan(self.contexts | other.contexts, self.scp_roles | other.scp_roles)
 
 
+STATUS_CANNOT_UNDERSTAND = 0xC000
+_RETRIEVED_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
+
+log = logging.getLogger(__name__)
+
+
 @dataclass
 class _Inbox:
-    """Datasets a C-STORE sub-operation delivered, waiting for the caller's iteration."""
+    """Datasets a C-STORE sub-operation delivered, waiting for the caller's iteration.
+
+    Only what was asked is taken: valid UIDs of the study and series (and instance) of the
+    retrieve under way, and, for C-MOVE, only from the PACS's own address. Anything else
+    is refused (0xC000) and never reaches the stager (README, "What reading does")."""
 
     datasets: deque[Dataset] = field(default_factory=deque)
+    expected: tuple[str, str, str | None] | None = None
+    peers: frozenset[str] | None = None  # addresses allowed to send (C-MOVE); None: ours (C-GET)
 
     def on_store(self, event: evt.Event) -> int:
+        if self.peers is not None and event.assoc.requestor.address not in self.peers:
+            log.warning("C-MOVE receiver: refused an image from %s, not the PACS", event.assoc.requestor.address)
+            return STATUS_CANNOT_UNDERSTAND
         ds = event.dataset
         ds.file_meta = event.file_meta
+        try:
+            values = tuple(str(ds.get(k, "") or "").strip() for k in _RETRIEVED_UIDS)
+        except Exception:  # pydicom decodes lazily: a malformed UID element raises here
+            values = ("", "", "")
+        asked = self.expected
+        if not all(is_uid(v) for v in values) or (
+            asked is not None
+            and (values[:2] != asked[:2] or (asked[2] is not None and values[2] != asked[2]))
+        ):
+            log.warning("retrieve: refused an image that is not of the series asked for or has invalid UIDs")
+            return STATUS_CANNOT_UNDERSTAND
         self.datasets.append(ds)
         return 0x0000
 
@@ -400,6 +429,7 @@ class PacsClient:
         """
         assoc = self._association(self._get_plan(study, series, sop))
         query = self._retrieve_query(study, series, sop)
+        self._inbox.expected = (study, series, sop)
         responses = assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet)
         yield from self._collect("C-GET", responses, QR_GET_SERVICE_CLASS_STATUS)
 
@@ -408,12 +438,15 @@ class PacsClient:
         """C-MOVE to our own storage SCP (AE calling_aet on move_port), run for this call."""
         scp = AE(ae_title=self.config.calling_aet)
         scp.network_timeout = scp.acse_timeout = scp.dimse_timeout = self.config.timeout
+        # Only the PACS, calling us by our AE title, may send: not any host that finds the port.
+        scp.require_called_aet = True
+        scp.require_calling_aet = [self.config.aet]
         for cx in AllStoragePresentationContexts:
             scp.add_supported_context(str(cx.abstract_syntax), list(MOVE_SCP_SYNTAXES))
-        inbox = _Inbox()
+        inbox = _Inbox(expected=(study, series, sop), peers=self._pacs_addresses())
         try:
             server = scp.start_server(
-                ("0.0.0.0", self.config.move_port),
+                (self.config.move_host, self.config.move_port),
                 block=False,
                 evt_handlers=[(evt.EVT_C_STORE, inbox.on_store)],
             )
@@ -430,6 +463,14 @@ class PacsClient:
             yield from self._collect("C-MOVE", responses, QR_MOVE_SERVICE_CLASS_STATUS, inbox)
         finally:
             server.shutdown()
+
+    def _pacs_addresses(self) -> frozenset[str]:
+        """The IP addresses of the configured PACS host, which C-MOVE's stores come from."""
+        try:
+            found = socket.getaddrinfo(self.config.host, None, proto=socket.IPPROTO_TCP)
+        except OSError as exc:
+            raise self._error(f"cannot resolve {self.config.host}: {exc.strerror}") from None
+        return frozenset(str(info[4][0]) for info in found)
 
     def retrieve(self, study: str, series: str, sop: str | None = None) -> Iterator[Dataset]:
         """C-GET or C-MOVE, as the config's ``retrieve`` says."""

@@ -35,6 +35,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 import srm_dicom.pacs  # noqa: F401  (TCP_NODELAY)
 from srm_dicom.config import Config, EmbeddedPacsConfig
 from srm_dicom.errors import ConfigError, PacsError
+from srm_dicom.names import is_uid
 from srm_dicom.pacs.client import COMPRESSED_SYNTAXES, RETRIEVE_SYNTAXES
 
 log = logging.getLogger(__name__)
@@ -214,6 +215,9 @@ class EmbeddedPacs:
             aet: _parse_destination(aet, value)
             for aet, value in settings.move_destinations.items()
         }
+        aets = settings.calling_aets
+        if not aets or not all(isinstance(a, str) and 0 < len(a.strip()) <= 16 for a in aets):
+            raise ConfigError("config: [embedded_pacs] calling_aets must list AE titles (1 to 16 characters)")
         self._index: Index | None = None
         self._server: ThreadedAssociationServer | None = None
 
@@ -237,6 +241,8 @@ class EmbeddedPacs:
         ae = AE(ae_title=self.settings.aet)
         ae.maximum_associations = 32
         ae.require_called_aet = True
+        # Only the AE titles configured may associate (the storage element, known modalities).
+        ae.require_calling_aet = [a.strip() for a in self.settings.calling_aets]
         ae.network_timeout = ae.dimse_timeout = ae.acse_timeout = 60
         ae.add_supported_context(Verification)
         for model in (
@@ -298,11 +304,21 @@ class EmbeddedPacs:
         return self._index
 
     def _on_store(self, event: evt.Event) -> int:
-        ds = event.dataset
-        parts = (ds.get("StudyInstanceUID"), ds.get("SeriesInstanceUID"), ds.get("SOPInstanceUID"))
+        try:
+            ds = event.dataset
+            for _ in ds.iterall():
+                pass  # pydicom decodes lazily: a malformed data set raises here, not in the index
+            parts = [str(ds.get(k, "") or "").strip() for k in _UNIQUE.values() if k != "PatientID"]
+        except Exception:  # pydicom's converters raise many types on corrupt input
+            log.warning("%s: refused a C-STORE that cannot be decoded", self.name)
+            return 0xC000  # Error: cannot understand
         if not all(parts):
             return 0xA900  # Data set does not match SOP class: no UIDs to file it under
-        path = self.storage.joinpath(*(str(p) for p in parts[:2]), f"{parts[2]}.dcm")
+        if not all(is_uid(p) for p in parts):
+            # The file's path is built from its UIDs: "..", "/" or NUL would lead out of the storage.
+            log.warning("%s: refused a C-STORE whose UIDs are not valid UIDs", self.name)
+            return 0xC000
+        path = self.storage.joinpath(parts[0], parts[1], f"{parts[2]}.dcm")
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_suffix(".part")
         partial.write_bytes(event.encoded_dataset())

@@ -7,8 +7,6 @@ what its GET offers: multi-range answers, ``Digest`` from the catalog, a 503 wit
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import re
 import secrets
 from collections.abc import Iterator
@@ -19,20 +17,28 @@ from pathlib import Path
 from srm_dicom.access import may_list, may_read
 from srm_dicom.catalog import Catalog, Entry
 from srm_dicom.config import Config
+from srm_dicom.errors import NotFound, Refused
 from srm_dicom.identity import Identity
+from srm_dicom.server.digests import content_digest, digest_header, repr_digest, wanted_digests, wanted_rfc9530
 from srm_dicom.server.observe import mark_transfer
 from srm_dicom.server.problems import StartResponse, problem
 from srm_dicom.stager import StageFailed, Stager, StagingPending
 
 BLOCK = 1 << 20
-_RANGE = re.compile(r"^\s*(\d*)\s*-\s*(\d*)\s*$")
+_RANGE = re.compile(r"^\s*([0-9]{0,19})\s*-\s*([0-9]{0,19})\s*$")
+# Ranges in one answer, once coalesced (multi-stream clients ask for one range per request);
+# range specs in one header, before (a 64 KiB header holds thousands).
+MAX_RANGES = 16
+MAX_RANGE_SPECS = 256
 
 
 def parse_ranges(header: str, size: int) -> list[tuple[int, int]] | None:
-    """Byte ranges (first, last inclusive) of a Range header; None means "ignore the header"
-    (not bytes, or malformed: RFC 9110 says serve the whole file), [] means unsatisfiable."""
+    """Byte ranges (first, last inclusive) of a Range header, in order, overlapping and adjacent
+    ones coalesced; None means "ignore the header" (not bytes, malformed, or more than
+    MAX_RANGES ranges once coalesced: RFC 9110 §14.2 lets a server serve the whole file
+    then), [] means unsatisfiable. So a request never costs more than the file once."""
     unit, _, spec = header.partition("=")
-    if unit.strip().lower() != "bytes" or not spec:
+    if unit.strip().lower() != "bytes" or not spec or spec.count(",") >= MAX_RANGE_SPECS:
         return None
     ranges = []
     for part in spec.split(","):
@@ -50,28 +56,13 @@ def parse_ranges(header: str, size: int) -> list[tuple[int, int]] | None:
                 return None
             if start < size:
                 ranges.append((start, min(end, size - 1)))
-    return ranges
-
-
-def wanted_digests(header: str) -> list[str]:
-    """Algorithms of a Want-Digest header we support, in the caller's order; others are ignored."""
-    algorithms = []
-    for item in header.split(","):
-        name, _, params = item.strip().partition(";")
-        name = name.strip().lower()
-        if "q=0" in params.replace(" ", "") and not re.search(r"q=0\.\d*[1-9]", params):
-            continue
-        if name in ("adler32", "md5") and name not in algorithms:
-            algorithms.append(name)
-    return algorithms
-
-
-def _md5(path: Path) -> str:
-    digest = hashlib.md5()  # noqa: S324 - RFC 3230 md5 is asked for by clients, not used for security
-    with path.open("rb") as source:
-        while block := source.read(BLOCK):
-            digest.update(block)
-    return base64.b64encode(digest.digest()).decode()
+    coalesced: list[tuple[int, int]] = []
+    for first, last in sorted(ranges):
+        if coalesced and first <= coalesced[-1][1] + 1:
+            coalesced[-1] = (coalesced[-1][0], max(last, coalesced[-1][1]))
+        else:
+            coalesced.append((first, last))
+    return None if len(coalesced) > MAX_RANGES else coalesced
 
 
 def _read(path: Path, first: int, last: int) -> Iterator[bytes]:
@@ -93,8 +84,10 @@ class FileService:
         self._stager = stager
 
     def serve(self, environ: dict, start_response: StartResponse, entry: Entry, identity: Identity) -> Iterator[bytes]:
-        if not may_list(identity, entry) or not may_read(identity, entry):
-            return iter(problem(start_response, HTTPStatus.FORBIDDEN, f"{identity.subject} may not read {entry.lfn}"))
+        if not may_list(identity, entry):  # as if it did not exist: a 403 would tell that it does
+            raise NotFound(f"no such file: {environ.get('PATH_INFO', entry.lfn)}")
+        if not may_read(identity, entry):
+            raise Refused(f"{identity.subject} may not read {entry.lfn}")
         head = environ["REQUEST_METHOD"] == "HEAD"
         path = self._stager.cached_path(entry)
         staged = path is None
@@ -117,16 +110,9 @@ class FileService:
             ("ETag", f'"{entry.guid}-{entry.content_version}"'),
             ("Last-Modified", formatdate(entry.modified, usegmt=True)),
         ]
-        digests = []
-        for algorithm in wanted_digests(environ.get("HTTP_WANT_DIGEST", "")):
-            if algorithm == "adler32" and entry.adler32:
-                digests.append(f"adler32={entry.adler32}")
-            elif algorithm == "md5" and path is not None:
-                digests.append(f"md5={_md5(path)}")
-        if digests:
-            headers.append(("Digest", ",".join(digests)))
         size = entry.size
         ranges = parse_ranges(environ.get("HTTP_RANGE", ""), size) if environ.get("HTTP_RANGE") else None
+        headers += self._digests(environ, entry, path, ranges)
         if ranges == []:
             start_response("416 Range Not Satisfiable", [("Content-Range", f"bytes */{size}"), *headers,
                                                          ("Content-Length", "0")])
@@ -144,6 +130,21 @@ class FileService:
                                                    ("Content-Length", str(last - first + 1))])
             return _read(path, first, last)
         return self._multipart(start_response, headers, path, ranges, size)
+
+    @staticmethod
+    def _digests(environ: dict, entry: Entry, path: Path | None,
+                 ranges: list[tuple[int, int]] | None) -> list[tuple[str, str]]:
+        """Digest (RFC 3230), Repr-Digest and Content-Digest (RFC 9530), as asked (server/digests.py)."""
+        found = []
+        if value := digest_header(entry, path, wanted_digests(environ.get("HTTP_WANT_DIGEST", ""))):
+            found.append(("Digest", value))
+        if value := repr_digest(entry, path, wanted_rfc9530(environ.get("HTTP_WANT_REPR_DIGEST", ""))):
+            found.append(("Repr-Digest", value))
+        wanted = wanted_rfc9530(environ.get("HTTP_WANT_CONTENT_DIGEST", ""))
+        single = not ranges or len(ranges) == 1  # a multipart answer's content is not the file's
+        if wanted and single and (value := content_digest(entry, path, wanted, ranges[0] if ranges else None)):
+            found.append(("Content-Digest", value))
+        return found
 
     def _unavailable(self, start_response: StartResponse, detail: str) -> list[bytes]:
         """503 with Retry-After: rclone, davix and gfal2 come back later."""

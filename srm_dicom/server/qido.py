@@ -10,21 +10,28 @@ empty value only asks for the attribute (as ``includefield`` does). ``limit`` an
 
 Rights as everywhere (``srm_dicom.query``): images the caller may not list, or whose
 metadata level is ``none``, are absent; attributes above their level are absent. UIDs
-are the de-identified ones (the served files') unless the caller's level for the image
-is ``all``: then the PACS's originals. Studies and series are aggregated from the images
-that match and that the caller may see: counts and ``ModalitiesInStudy`` are theirs.
+are the namespace's, for every caller: those of the served files and of the LFNs, so an
+answer leads to a file. Each result carries ``RetrieveURL`` (0008,1190): the study, series
+or image on this storage element (its WebDAV URL). A caller with ``all`` rights also gets
+the PACS's original UIDs, apart, in ``OriginalAttributesSequence`` (0400,0561), the
+standard's place for values an attribute had before a system changed them; UID keys
+match either. Studies and series are aggregated from the images that match and that
+the caller may see: counts and ``ModalitiesInStudy`` are theirs.
 """
 
 from __future__ import annotations
 
 import json
+import posixpath
 import re
-from collections.abc import Iterable
+import sys
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from http import HTTPStatus
 from itertools import islice
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, quote
 
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 
@@ -51,6 +58,7 @@ DEFAULTS = {"study": STUDY, "series": SERIES, "instance": INSTANCE}
 # Study-level keys that stand for an attribute of the images.
 ALIASES = {"ModalitiesInStudy": "Modality"}
 IGNORED = {"fuzzymatching", "orderby"}
+MAX_OFFSET = (1 << 63) - 1  # DICOM's and SQLite's largest integer
 
 
 @dataclass(frozen=True)
@@ -85,11 +93,12 @@ def _route(path: str) -> tuple[str, dict[str, str]] | None:
 
 
 def _keyword(key: str) -> str | None:
-    """A query key as a keyword: ``PatientName``, ``00100010`` or ``0010,0010``."""
+    """A query key as a keyword: ``PatientName``, ``00100010`` or ``0010,0010``; None unless it
+    names a DICOM attribute (the catalog's own columns, like ``OriginalSOPInstanceUID``, are not)."""
     text = key.replace(",", "")
     if re.fullmatch(r"[0-9A-Fa-f]{8}", text):
         return keyword_for_tag(int(text, 16)) or None
-    return key
+    return key if key in ALIASES or tag_for_keyword(key) is not None else None
 
 
 def _matching(attribute: Attribute, value: str) -> Query:
@@ -130,8 +139,8 @@ def parse_search(path: str, query_string: str) -> Search | None:
             limit = limit_parameter(value, DEFAULT_LIMIT)
             continue
         if key == "offset":
-            if not value.isdigit():
-                raise InvalidInput(f"offset must be a whole number, not {value!r}")
+            if not re.fullmatch(r"[0-9]{1,19}", value) or int(value) > MAX_OFFSET:
+                raise InvalidInput(f"offset must be a whole number from 0 to {MAX_OFFSET}, not {value!r}")
             offset = int(value)
             continue
         keyword = _keyword(key)
@@ -155,13 +164,23 @@ def parse_search(path: str, query_string: str) -> Search | None:
 
 
 def _shown_uid(match: Visible, keyword: str) -> str:
-    """The UID a caller sees: the PACS's original with ``all`` rights, else the de-identified one."""
-    return match.values["Original" + keyword] if match.level == ALL else match.values[keyword]
+    """The UID every caller sees: the namespace's (the served file's, the LFN's)."""
+    return str(match.values[keyword])
+
+
+def _uids_match(match: Visible, uids: dict[str, set[str]]) -> bool:
+    """Each UID key names the image by the namespace's UID, or, for a caller with ``all``
+    rights, by the PACS's original."""
+    return all(
+        match.values[k] in listed or (match.level == ALL and match.values.get("Original" + k) in listed)
+        for k, listed in uids.items()
+    )
 
 
 class Qido:
-    def __init__(self, catalog: Catalog) -> None:
+    def __init__(self, catalog: Catalog, base_url: Callable[[dict], str]) -> None:
         self._catalog = catalog
+        self._base_url = base_url  # this storage element's https://HOST:PORT, for RetrieveURL
 
     def __call__(self, environ: dict, start_response: StartResponse, identity: Identity) -> list[bytes]:
         if environ["REQUEST_METHOD"] != "GET":
@@ -174,19 +193,21 @@ class Qido:
         if search is None:
             return problem(start_response, HTTPStatus.NOT_FOUND, "no such QIDO-RS resource (studies, series,"
                            " instances)")
-        results = [_dicom_json(item) for item in self._results(search, identity)]
+        base = self._base_url(environ)
+        results = [_dicom_json(item) for item in self._results(search, identity, base)]
         body = json.dumps(results).encode()
         headers = [("Content-Type", MEDIA_TYPE), ("Content-Length", str(len(body)))]
         if search.ignored:
-            names = ", ".join(sorted(set(search.ignored)))
-            headers.append(("Warning", f'299 srm-dicom "not supported, ignored: {names}"'))
+            headers.append(("Warning", _warning("not supported, ignored: " + ", ".join(sorted(set(search.ignored))))))
         start_response("200 OK", headers)
         return [body]
 
-    def _results(self, search: Search, identity: Identity) -> list[dict[str, Any]]:
+    def _results(self, search: Search, identity: Identity, base: str) -> list[dict[str, Any]]:
         uid_attributes = [ATTRIBUTES[k] for k in UID_KEYS] + [ATTRIBUTES["Original" + k] for k in UID_KEYS]
         wanted = {ATTRIBUTES[k] for k in search.fields if k in ATTRIBUTES} | set(uid_attributes)
         wanted.add(ATTRIBUTES["Modality"])
+        if any(not listed for listed in search.uids.values()):
+            return []  # a UID key given twice with nothing in common matches nothing
         query = search.query
         for keyword, listed in search.uids.items():
             prefilter = equals_any(ATTRIBUTES[keyword], sorted(listed))
@@ -195,26 +216,53 @@ class Qido:
             query = query & Query(Boolean("or", (prefilter.where, original.where)), "")
         # The UID keys match the UID the caller sees: checked below per image, so only the
         # other filters decide the level an image needs.
+        query.check_size()
         matches = visible(self._catalog.index.search(query, sorted(wanted, key=lambda a: a.keyword)), identity,
                           search.query.level, list(wanted))
-        matches = (m for m in matches if all(_shown_uid(m, k) in v for k, v in search.uids.items()))
+        matches = (m for m in matches if _uids_match(m, search.uids))
         if search.level == "instance":
-            page = islice(matches, search.offset, search.offset + search.limit)
-            return [_values(m, search.fields) for m in page]
-        return _aggregate(matches, search)[search.offset: search.offset + search.limit]
+            start = min(search.offset, sys.maxsize)  # no catalog holds 2^63 images: beyond is an empty page
+            page = islice(matches, start, min(start + search.limit, sys.maxsize))
+            return [_values(m, search.fields, "instance", base) for m in page]
+        return _aggregate(matches, search, base)[search.offset: search.offset + search.limit]
 
 
-def _values(match: Visible, fields: Iterable[str]) -> dict[str, Any]:
-    out = {}
+def _warning(text: str) -> str:
+    """A ``Warning: 299`` value (RFC 7234) quoting ``text``, which holds the caller's query keys: as
+    a JSON string, so CR, LF, quotes and non-ASCII characters are escapes, never raw bytes."""
+    return f"299 srm-dicom {json.dumps(text[:500], ensure_ascii=True)}"
+
+
+# The UIDs that name a result at each level, and how far up the image's LFN its URL is.
+LEVEL_UIDS = {"study": UID_KEYS[:1], "series": UID_KEYS[:2], "instance": UID_KEYS}
+LEVEL_UP = {"study": 2, "series": 1, "instance": 0}
+
+
+def _values(match: Visible, fields: Iterable[str], level: str, base: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
     for keyword in fields:
         if keyword in UID_KEYS:
             out[keyword] = _shown_uid(match, keyword)
         elif keyword in match.values and match.values[keyword] is not None:
             out[keyword] = match.values[keyword]
+    path = match.entry.lfn
+    for _ in range(LEVEL_UP[level]):
+        path = posixpath.dirname(path)
+    out["RetrieveURL"] = base + quote(path)
+    if match.level == ALL:
+        original = {k: match.values["Original" + k] for k in LEVEL_UIDS[level] if match.values.get("Original" + k)}
+        if original:
+            out["OriginalAttributesSequence"] = [{
+                "ModifiedAttributesSequence": [original],
+                "AttributeModificationDateTime": time.strftime("%Y%m%d%H%M%S+0000", time.gmtime(match.entry.created)),
+                "ModifyingSystem": "srm-dicom",
+                # PS3.3 C.12.1.1.9.2: COERCE, values replaced on import (here: de-identified UIDs).
+                "ReasonForTheAttributeModification": "COERCE",
+            }]
     return out
 
 
-def _aggregate(matches: Iterable[Visible], search: Search) -> list[dict[str, Any]]:
+def _aggregate(matches: Iterable[Visible], search: Search, base: str) -> list[dict[str, Any]]:
     groups: dict[tuple[str, ...], dict[str, Any]] = {}
     key: tuple[str, ...]
     series_of: dict[tuple[str, ...], set[str]] = {}
@@ -224,7 +272,7 @@ def _aggregate(matches: Iterable[Visible], search: Search) -> list[dict[str, Any
         group = groups.get(key)
         if group is None:
             group = groups[key] = _values(match, [f for f in search.fields if f != "Modality" or
-                                                  search.level == "series"])
+                                                  search.level == "series"], search.level, base)
             group["_count"], group["_modalities"] = 0, set()
             series_of[key] = set()
         group["_count"] += 1
@@ -254,7 +302,9 @@ def _dicom_json(values: dict[str, Any]) -> dict[str, Any]:
     for keyword, value in values.items():
         tag, vr = f"{tag_for_keyword(keyword):08X}", dictionary_VR(keyword)
         items = value if isinstance(value, list) else str(value).split("\\")
-        if vr == "PN":
+        if vr == "SQ":
+            items = [_dicom_json(item) for item in value]
+        elif vr == "PN":
             items = [{"Alphabetic": v} for v in items]
         elif vr in INTEGERS:
             items = [int(float(v)) for v in items]

@@ -22,12 +22,11 @@ from __future__ import annotations
 
 from http import HTTPStatus
 
-from srm_dicom.access import may_manage
+from srm_dicom.access import may_list, may_manage
 from srm_dicom.catalog import Catalog, Entry
 from srm_dicom.config import Config
-from srm_dicom.errors import InvalidInput, MdmError, NotFound
+from srm_dicom.errors import InvalidInput, NotFound, Refused
 from srm_dicom.identity import Identity
-from srm_dicom.keystore import KeystoreError
 from srm_dicom.keystore.client import KeystoreClient
 from srm_dicom.protect import key_name
 from srm_dicom.server.problems import StartResponse, json_body, problem, respond_json
@@ -35,10 +34,6 @@ from srm_dicom.setright import Rights, RightsChange, RightsSetter, select, site_
 
 RIGHTS = "/api/v1/rights"
 DELETE = "/api/v1/delete"
-
-
-class Refused(MdmError):
-    """The caller may not manage an entry."""
 
 
 def _paths(data: dict) -> list[str]:
@@ -63,19 +58,14 @@ class RightsApi:
         method, path = environ["REQUEST_METHOD"], environ.get("PATH_INFO", "").rstrip("/")
         if method != "POST":
             return problem(start_response, HTTPStatus.METHOD_NOT_ALLOWED, f"{path} takes POST", [("Allow", "POST")])
-        try:
-            data = json_body(environ)
-            entries = self._managed(_paths(data), identity)
-            if path == RIGHTS:
-                change = RightsChange.from_json(data)
-                done = self._setter.apply(entries, change)
-                answer = [{"path": e.lfn, **Rights.of(e).to_json()} for e in done]
-                return respond_json(start_response, HTTPStatus.OK, {"entries": answer})
-            return respond_json(start_response, HTTPStatus.OK, {"deleted": [self._delete(e) for e in entries]})
-        except Refused as exc:
-            return problem(start_response, HTTPStatus.FORBIDDEN, str(exc))
-        except KeystoreError as exc:
-            return problem(start_response, HTTPStatus.BAD_GATEWAY, str(exc))
+        data = json_body(environ)  # errors answer by their status: 400, 403, 404, 502 (key servers)
+        entries = self._managed(_paths(data), identity)
+        if path == RIGHTS:
+            change = RightsChange.from_json(data)
+            done = self._setter.apply(entries, change)
+            answer = [{"path": e.lfn, **Rights.of(e).to_json()} for e in done]
+            return respond_json(start_response, HTTPStatus.OK, {"entries": answer})
+        return respond_json(start_response, HTTPStatus.OK, {"deleted": [self._delete(e) for e in entries]})
 
     def _managed(self, paths: list[str], identity: Identity) -> list[Entry]:
         """Every entry the paths name, once each; refused as a whole if any may not be managed."""
@@ -83,8 +73,8 @@ class RightsApi:
         for path in paths:
             selection = select(self._catalog, self._config.site.vo, path, site_secret(self._config))
             refused = [e for e in selection.entries if not may_manage(identity, e)]
-            if refused and selection.by_original:
-                raise NotFound(f"no such study, series or image: {path}")
+            if refused and (selection.by_original or not all(may_list(identity, e) for e in refused)):
+                raise NotFound(f"no such study, series or image: {path}")  # nothing told about what exists
             if refused:
                 raise Refused(f"{identity.subject} may not change the rights of {refused[0].lfn} or delete it "
                               "(its owner and the register group only)")

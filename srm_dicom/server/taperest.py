@@ -14,7 +14,7 @@ from http import HTTPStatus
 from srm_dicom.access import may_list, may_stage
 from srm_dicom.catalog import Catalog, Entry
 from srm_dicom.config import Config
-from srm_dicom.errors import InvalidInput, NotFound
+from srm_dicom.errors import InvalidInput, NotFound, Refused
 from srm_dicom.identity import Identity
 from srm_dicom.server.problems import StartResponse, json_body, problem, respond_json
 from srm_dicom.stager import Stager
@@ -22,10 +22,8 @@ from srm_dicom.stager import Stager
 ROOT = "/api/v1/tape"
 DISCOVERY = "/.well-known/wlcg-tape-rest-api"
 PLACEHOLDER = "gfal2-placeholder-id"  # gfal-evict releases by path with this request id
-
-
-class Forbidden(Exception):
-    """The caller may not see or stage a file; the message says which."""
+MAX_DISK_LIFETIME = 365 * 24 * 3600
+_DURATION = re.compile(r"P(?:([0-9]{1,15})D)?(?:T(?:([0-9]{1,15})H)?(?:([0-9]{1,15})M)?(?:([0-9]{1,15})S)?)?")
 
 
 def _paths(data: dict) -> list[str]:
@@ -54,34 +52,31 @@ class TapeRestApi:
     def __call__(self, environ: dict, start_response: StartResponse, identity: Identity) -> list[bytes]:
         method = environ["REQUEST_METHOD"]
         parts = [p for p in environ.get("PATH_INFO", "").removeprefix(ROOT).split("/") if p]
-        try:
-            match method, parts:
-                case "POST", ["stage"]:
-                    return self._stage(environ, start_response, identity)
-                case "GET", ["stage", request_id]:
-                    return self._status(start_response, identity, request_id)
-                case "POST", ["stage", request_id, "cancel"]:
+        match method, parts:
+            case "POST", ["stage"]:
+                return self._stage(environ, start_response, identity)
+            case "GET", ["stage", request_id]:
+                return self._status(start_response, identity, request_id)
+            case "POST", ["stage", request_id, "cancel"]:
+                self._own(identity, request_id)
+                self._stager.cancel(request_id, self._lfns(_paths(json_body(environ)), identity))
+                return respond_json(start_response, HTTPStatus.OK, {})
+            case "DELETE", ["stage", request_id]:
+                self._own(identity, request_id)
+                self._stager.delete(request_id)
+                return respond_json(start_response, HTTPStatus.OK, {})
+            case "POST", ["release", request_id]:
+                lfns = self._lfns(_paths(json_body(environ)), identity)
+                if request_id == PLACEHOLDER:
+                    self._stager.release_paths(lfns)
+                else:
                     self._own(identity, request_id)
-                    self._stager.cancel(request_id, self._lfns(_paths(json_body(environ)), identity))
-                    return respond_json(start_response, HTTPStatus.OK, {})
-                case "DELETE", ["stage", request_id]:
-                    self._own(identity, request_id)
-                    self._stager.delete(request_id)
-                    return respond_json(start_response, HTTPStatus.OK, {})
-                case "POST", ["release", request_id]:
-                    lfns = self._lfns(_paths(json_body(environ)), identity)
-                    if request_id == PLACEHOLDER:
-                        self._stager.release_paths(lfns)
-                    else:
-                        self._own(identity, request_id)
-                        self._stager.release(request_id, lfns)
-                    return respond_json(start_response, HTTPStatus.OK, {})
-                case "POST", ["archiveinfo"]:
-                    return self._archiveinfo(environ, start_response, identity)
-            return problem(start_response, HTTPStatus.NOT_FOUND, f"no such Tape REST operation: {method} {ROOT}/"
-                           + "/".join(parts))
-        except Forbidden as exc:
-            return problem(start_response, HTTPStatus.FORBIDDEN, str(exc))
+                    self._stager.release(request_id, lfns)
+                return respond_json(start_response, HTTPStatus.OK, {})
+            case "POST", ["archiveinfo"]:
+                return self._archiveinfo(environ, start_response, identity)
+        return problem(start_response, HTTPStatus.NOT_FOUND, f"no such Tape REST operation: {method} {ROOT}/"
+                       + "/".join(parts))
 
     def _entry(self, path: str, identity: Identity) -> Entry:
         entry = self._resolve(path)
@@ -97,7 +92,7 @@ class TapeRestApi:
         if request is None:
             raise NotFound(f"no such stage request: {request_id}")
         if request.requester != identity.subject and identity.kind != "service" and "register" not in identity.groups:
-            raise Forbidden(f"stage request {request_id} belongs to someone else")
+            raise Refused(f"stage request {request_id} belongs to someone else")
 
     def _stage(self, environ: dict, start_response: StartResponse, identity: Identity) -> list[bytes]:
         files = json_body(environ).get("files")
@@ -109,7 +104,7 @@ class TapeRestApi:
                 raise InvalidInput("every file needs a 'path' string")
             entry = self._entry(item["path"], identity)
             if not may_stage(identity, entry):
-                raise Forbidden(f"{identity.subject} may not stage {item['path']}")
+                raise Refused(f"{identity.subject} may not stage {item['path']}")
             entries.append(entry)
             lifetime = item.get("diskLifetime")
             if lifetime is not None:
@@ -150,12 +145,17 @@ class TapeRestApi:
 
 
 def _lifetime(value: object) -> int:
-    """diskLifetime: seconds, or an ISO 8601 duration like PT1H / P1D (what gfal2 sends)."""
-    if isinstance(value, int) and value >= 0:
-        return value
-    if isinstance(value, str):
-        match = re.fullmatch(r"P(?:(\d+)D)?(?:T(?:(\d+)H)?(?:(\d+)M)?(?:(\d+)S)?)?", value)
+    """diskLifetime: seconds, or an ISO 8601 duration like PT1H / P1D (what gfal2 sends). A
+    longer one than MAX_DISK_LIFETIME is shortened to it, as SRM servers shorten a desired pin
+    lifetime (a pin of centuries would overflow the clock and hold the cache forever)."""
+    seconds = None
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        seconds = value
+    elif isinstance(value, str):
+        match = _DURATION.fullmatch(value)
         if match and any(match.groups()):
-            days, hours, minutes, seconds = (int(g or 0) for g in match.groups())
-            return ((days * 24 + hours) * 60 + minutes) * 60 + seconds
-    raise InvalidInput(f"diskLifetime must be seconds or an ISO 8601 duration, not {value!r}")
+            days, hours, minutes, secs = (int(g or 0) for g in match.groups())
+            seconds = ((days * 24 + hours) * 60 + minutes) * 60 + secs
+    if seconds is None:
+        raise InvalidInput(f"diskLifetime must be seconds or an ISO 8601 duration, not {str(value)[:80]!r}")
+    return min(seconds, MAX_DISK_LIFETIME)

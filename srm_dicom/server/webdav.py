@@ -10,6 +10,7 @@ from __future__ import annotations
 import posixpath
 
 from wsgidav.dav_provider import DAVCollection, DAVNonCollection, DAVProvider
+from wsgidav.request_resolver import RequestResolver
 from wsgidav.wsgidav_app import WsgiDAVApp
 
 from srm_dicom.access import may_browse, may_list
@@ -122,10 +123,13 @@ class CatalogProvider(DAVProvider):
 
 def webdav_app(catalog: Catalog, vo: str) -> WsgiDAVApp:
     """wsgidav for PROPFIND/OPTIONS only: no authentication of its own (done in front of it),
-    no locks, no dead properties, no HTML browser."""
+    no locks, no dead properties, no HTML browser, and no error pages: its only middleware is
+    the request resolver, so its errors (DAVError) reach the application's one mapping to
+    RFC 7807 (``problems.problem_of``)."""
     return WsgiDAVApp(
         {
             "provider_mapping": {"/": CatalogProvider(catalog, vo)},
+            "middleware_stack": [RequestResolver],
             "http_authenticator": {"domain_controller": None, "accept_basic": False, "accept_digest": False,
                                    "default_to_digest": False},
             "simple_dc": {"user_mapping": {"*": True}},

@@ -73,3 +73,34 @@ def test_del_removes_entries_but_not_the_images_in_the_pacs(site, embedded_pacs)
 
     with PacsClient(load_config(config_path).pacs) as pacs:
         assert len(pacs.find_instances(first.StudyInstanceUID, first.SeriesInstanceUID)) == 3
+
+
+def test_ls_and_stat_with_a_grid_clients_config_say_so_and_create_nothing(pki, tmp_path):
+    """Issue 12, finding 8: they silently created an empty catalog.db and answered "no such file"."""
+    import shutil
+
+    user = tmp_path / "bob"
+    shutil.copytree(pki / "users" / "bob", user)
+    shutil.copy(pki / "ca.pem", tmp_path / "ca.pem")
+    config = user / "client.toml"
+    for args in (["ls"], ["ls", "-l", "/grid/demo/mdm"], ["stat", "guid:1b4e28ba-2fa1-41d2-883f-0016d3cca427"]):
+        result = mdm(*args, config=config)
+        assert result.returncode == 2, result
+        (line,) = result.stderr.splitlines()
+        assert line.startswith(f"mdm {args[0]}: this config has no [catalog]") and "mdm query" in line
+    assert sorted(p.name for p in user.iterdir()) == sorted(p.name for p in (pki / "users" / "bob").iterdir())
+
+
+def test_config_given_as_a_directory_is_one_clear_line(tmp_path):
+    result = mdm("--config", str(tmp_path), "ls")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    expected = f"mdm ls: config: {tmp_path} is a directory; give the file, e.g. {tmp_path / 'mdm.toml'}"
+    assert result.stderr.strip() == expected
+
+
+def test_a_malformed_guid_is_called_a_bad_guid(site):
+    config_path, _ = site
+    for spec in ("guid:nonsense", "/guid/1234"):
+        result = mdm("stat", spec, config=config_path)
+        assert result.returncode == 2, result
+        assert f"'{spec}' is not a GUID (guid:<uuid>" in result.stderr and "triple" not in result.stderr

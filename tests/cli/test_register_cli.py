@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import subprocess
 import urllib.request
 from pathlib import Path
@@ -142,6 +143,10 @@ def test_a_folder_of_what_users_have_registers_its_images_and_skips_the_rest(emb
     clean = mdm("register", "-v", str(tmp_path / "scans"), config=config_path, timeout=60)
     assert clean.returncode == 0, clean.stderr
     assert clean.stderr == ""
+    # -v names the LFN each file received (issue 12, finding 8).
+    (line,) = [line for line in clean.stdout.splitlines() if line.startswith("registered: ")]
+    lfn = r"/grid/demo/mdm/2\.25\.\d+/2\.25\.\d+/2\.25\.\d+"
+    assert re.fullmatch(rf"registered: {re.escape(str(files['good']))} -> {lfn}", line), line
     assert ("1 registered, 0 updated, 0 already registered, 0 failed, 1 skipped (DICOMDIR), "
             "2 skipped (not DICOM), 1 skipped (not a regular file)") in clean.stdout
 

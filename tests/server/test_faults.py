@@ -92,7 +92,8 @@ def test_pacs_down_is_a_clean_503_naming_the_pacs_then_staging_recovers(embedded
         assert f"PACS {embedded_pacs.aet}@127.0.0.1:{embedded_pacs.port}: cannot connect" in problem["detail"]
 
         # The same PACS back on its port, with its storage: the next GET stages and serves.
-        back = EmbeddedPacs(EmbeddedPacsConfig(aet=embedded_pacs.aet, host="127.0.0.1", port=embedded_pacs.port),
+        back = EmbeddedPacs(EmbeddedPacsConfig(aet=embedded_pacs.aet, host="127.0.0.1", port=embedded_pacs.port,
+                                            calling_aets=[embedded_pacs.client_aet]),
                             embedded_pacs.storage)
         back.start()
         try:

@@ -227,10 +227,11 @@ def test_eve_of_another_vo_is_refused_by_curl_and_by_mdm_get(site, tmp_path):
     entry = site.slices[1]
     refused = clients.curl(site.url(entry), Credential.of_user(site.pki, "eve"), "-w", "\n%{http_code}")
     body, _, status = refused.stdout.rpartition("\n")
-    assert status == "403" and "eve may not read" in problem_detail(body)
+    # eve may not list it: it does not exist for her (a 403 would tell her it does)
+    assert status == "404" and "no such file" in problem_detail(body)
     out = tmp_path / "slice.dcm"
     code, stderr = run_mdm(client_config(site, "eve", tmp_path), "get", "-l", entry.lfn, str(out))
-    assert code != 0 and "access denied (403)" in stderr and len(stderr.splitlines()) == 1
+    assert code == 3 and "not found" in stderr and len(stderr.splitlines()) == 1
     assert not out.exists()
 
 

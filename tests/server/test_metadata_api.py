@@ -128,3 +128,25 @@ def test_injection_attempts_find_nothing_and_break_nothing(site, pki):
 
 def test_no_certificate_is_401(site, pki):
     assert search(site, pki, None, "Modality=CT").status == 401
+
+
+# -- hostile input (issue 12, finding 4): 400 with a problem body, never a 500 ---------------
+
+
+@pytest.mark.parametrize("q", [
+    "Rows=99999999999999999999",  # beyond SQLite's 64-bit integers
+    "Rows>-9223372036854775809",
+    "Rows=1e999",
+    "Rows=nan",
+    " or ".join(f"Rows={n}" for n in range(995)),  # SQLite's expression depth
+    " and ".join(f"Modality=CT{n}" for n in range(300)),
+])
+def test_queries_the_catalog_cannot_run_are_400(site, pki, q):
+    answer = search(site, pki, "bob", q)
+    assert answer.status == 400 and answer.headers["content-type"] == "application/problem+json", answer.body
+    assert answer.json()["status"] == 400 and answer.json()["detail"].startswith("query:")
+
+
+def test_the_largest_integers_still_search(site, pki):
+    assert results(site, pki, "bob", "Rows=9223372036854775807") == []
+    assert results(site, pki, "bob", " or ".join(f"Rows={n}" for n in range(256)))

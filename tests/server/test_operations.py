@@ -199,3 +199,14 @@ def test_evictions_and_cache_use_are_counted(embedded_pacs, key_servers, tmp_pat
         assert running.stager.locality(first) == "TAPE" and running.stager.locality(second) == "DISK_AND_TAPE"
     finally:
         running.stop()
+
+
+def test_readyz_names_the_catalog_when_it_does_not_answer(site, pki):
+    running, _ = site
+    assert request(running.url, pki, None, "GET", "/readyz").status == 200
+    running.catalog.close()  # the real backend, gone: every query now fails
+    answer = request(running.url, pki, None, "GET", "/readyz")
+    assert answer.status == 503 and answer.headers["content-type"] == "application/problem+json"
+    body = answer.json()
+    assert body["failing"] == ["catalog"] and body["checks"]["catalog"].startswith("the catalog does not answer")
+    assert request(running.url, pki, None, "GET", "/healthz").status == 200  # alive, not ready

@@ -29,23 +29,43 @@ def value(item, tag):
     return item[tag]["Value"][0] if tag in item and "Value" in item[tag] else None
 
 
-def test_a_physician_searches_studies_series_and_instances_with_original_uids(site, pki):
+def test_a_physician_gets_the_namespaces_uids_a_retrieve_url_and_the_originals_apart(site, pki, tmp_path):
+    """Issue 12, finding 9: a physician got the PACS's original UIDs, which match no LFN, and
+    no RetrieveURL."""
     bob = client(site, pki, "bob")
     doe = site.series["doe_ct"][0]
     studies = bob.search_for_studies(search_filters={"PatientName": "DOE^JOHN"})
     assert len(studies) == 1
     study = Dataset.from_json(studies[0])
-    assert study.StudyInstanceUID == doe.StudyInstanceUID  # "all" rights: the PACS's UIDs
+    assert study.StudyInstanceUID == site.deidentified(doe.StudyInstanceUID)  # the namespace's, as for all
+    (original,) = study.OriginalAttributesSequence
+    assert original.ModifiedAttributesSequence[0].StudyInstanceUID == doe.StudyInstanceUID
+    assert original.ModifyingSystem == "srm-dicom" and "SeriesInstanceUID" not in original.ModifiedAttributesSequence[0]
     assert str(study.PatientName) == "DOE^JOHN" and study.PatientID == "P-DOE" and study.StudyDate == "20240315"
     assert study.ModalitiesInStudy == ["CT", "MR"]
     assert (study.NumberOfStudyRelatedSeries, study.NumberOfStudyRelatedInstances) == (2, 5)
+    assert study.RetrieveURL == f"{site.running.url}/grid/demo/mdm/{study.StudyInstanceUID}"
 
-    series = bob.search_for_series(study_instance_uid=doe.StudyInstanceUID)
+    # The original UIDs still find the study for her, the namespace's too; both answer the same.
+    by_original = bob.search_for_series(study_instance_uid=doe.StudyInstanceUID)
+    series = bob.search_for_series(study_instance_uid=study.StudyInstanceUID)
+    assert by_original == series
     assert {value(s, MODALITY): value(s, "00201209") for s in series} == {"CT": 3, "MR": 2}
-    instances = bob.search_for_instances(study_instance_uid=doe.StudyInstanceUID,
-                                         series_instance_uid=doe.SeriesInstanceUID)
-    assert {value(i, SOP_UID) for i in instances} == {d.SOPInstanceUID for d in site.series["doe_ct"]}
-    assert all(value(i, "00280010") == 8 for i in instances)
+    ct = next(Dataset.from_json(s) for s in series if value(s, MODALITY) == "CT")
+    assert ct.SeriesInstanceUID == site.deidentified(doe.SeriesInstanceUID)
+    assert ct.RetrieveURL == f"{site.running.url}/grid/demo/mdm/{ct.StudyInstanceUID}/{ct.SeriesInstanceUID}"
+    assert ct.OriginalAttributesSequence[0].ModifiedAttributesSequence[0].SeriesInstanceUID == doe.SeriesInstanceUID
+
+    instances = [Dataset.from_json(i) for i in bob.search_for_instances(
+        study_instance_uid=doe.StudyInstanceUID, series_instance_uid=doe.SeriesInstanceUID)]
+    assert {i.SOPInstanceUID for i in instances} == {site.deidentified(d.SOPInstanceUID) for d in site.series["doe_ct"]}
+    assert all(i.Rows == 8 for i in instances)
+    # Every UID in the answer leads to the file: RetrieveURL is its LFN, which the served file names.
+    first = instances[0]
+    lfn = f"/grid/demo/mdm/{first.StudyInstanceUID}/{first.SeriesInstanceUID}/{first.SOPInstanceUID}"
+    assert first.RetrieveURL == site.running.url + lfn and lfn in site.lfns("doe_ct")
+    originals = {i.OriginalAttributesSequence[0].ModifiedAttributesSequence[0].SOPInstanceUID for i in instances}
+    assert originals == {d.SOPInstanceUID for d in site.series["doe_ct"]}
 
 
 def test_a_mia_analyst_gets_deidentified_uids_and_no_patient(site, pki):
@@ -55,6 +75,8 @@ def test_a_mia_analyst_gets_deidentified_uids_and_no_patient(site, pki):
     assert len(series) == 1
     assert value(series[0], SERIES_UID) == site.deidentified(doe.SeriesInstanceUID)
     assert value(series[0], STUDY_UID) == site.deidentified(doe.StudyInstanceUID)
+    assert "04000561" not in series[0]  # the originals only at the "all" level
+    assert value(series[0], "00081190").endswith(f"/{value(series[0], STUDY_UID)}/{value(series[0], SERIES_UID)}")
     group_mode = {site.deidentified(site.series[n][0].StudyInstanceUID) for n in ("doe_ct", "roe_ct")}
     studies = [s for s in carol.search_for_studies(fields=["PatientName", "PatientID"])
                if value(s, STUDY_UID) in group_mode]
@@ -79,7 +101,9 @@ def test_modes_anonymous_and_public_for_a_vo_member(site, pki):
     anonymous = dave.search_for_studies(search_filters={"StudyInstanceUID": site.deidentified(poe.StudyInstanceUID)})
     assert len(anonymous) == 1 and PATIENT_NAME not in anonymous[0]
     public = dave.search_for_studies(search_filters={"PatientName": "PUB^LIC"})
-    assert len(public) == 1 and value(public[0], STUDY_UID) == pub.StudyInstanceUID
+    assert len(public) == 1 and value(public[0], STUDY_UID) == site.deidentified(pub.StudyInstanceUID)
+    # Public metadata is "all" metadata: the originals come apart, the UID is the namespace's.
+    assert value(value(public[0], "04000561"), "04000550")[STUDY_UID]["Value"][0] == pub.StudyInstanceUID
 
 
 def test_matching_keys_by_tag_ranges_lists_limit_offset(site, pki):
@@ -104,3 +128,42 @@ def test_answers_are_dicom_json_and_errors_are_problems(site, pki):
     assert request(site.running.url, pki, "bob", path="/dicom-web/studies/not-a-uid/series").status == 400
     assert request(site.running.url, pki, "bob", path="/dicom-web/elsewhere").status == 404
     assert request(site.running.url, pki, None, path="/dicom-web/studies").status == 401
+
+
+# -- hostile input (issue 12, findings 1 and 4): 4xx with a problem body, never a 500 ---------
+
+
+def test_unknown_keys_cannot_inject_headers_into_the_warning(site, pki):
+    injected = request(site.running.url, pki, "bob", path="/dicom-web/instances?limit=1&x%0d%0aSet-Cookie:%20a%3Db=1"
+                       "&y%0d%0a%0d%0a<html>")
+    assert injected.status == 200, injected.body
+    assert "set-cookie" not in injected.headers and b"<html>" not in injected.body
+    warning = injected.headers["warning"]
+    assert warning.startswith('299 srm-dicom "') and "\r" not in warning and "\n" not in warning
+    assert "Set-Cookie" in warning  # named, escaped, so the caller learns what was ignored
+    unicode = request(site.running.url, pki, "bob", path="/dicom-web/instances?limit=1&%D0%BA%D0%BB%D1%8E%D1%87=1")
+    assert unicode.status == 200 and "\\u043a" in unicode.headers["warning"]
+
+
+@pytest.mark.parametrize("query", [
+    "StudyInstanceUID=1.2.3&StudyInstanceUID=4.5.6",  # two UID lists with nothing in common
+    "offset=9223372036854775807",
+    "offset=9223372036854775806&limit=10",
+])
+def test_searches_that_match_nothing_answer_an_empty_list(site, pki, query):
+    answer = request(site.running.url, pki, "bob", path=f"/dicom-web/instances?{query}")
+    assert answer.status == 200 and answer.json() == [], answer.body
+
+
+@pytest.mark.parametrize("query", ["offset=9223372036854775808", "offset=%C2%B2", "offset=-1", "limit=%C2%B2",
+                                   "StudyInstanceUID=" + "\\".join(f"1.2.{n}" for n in range(300))])
+def test_bad_paging_and_oversized_uid_lists_are_400(site, pki, query):
+    answer = request(site.running.url, pki, "bob", path=f"/dicom-web/instances?{query}")
+    assert answer.status == 400 and answer.headers["content-type"] == "application/problem+json", answer.body
+
+
+def test_catalog_columns_are_not_dicom_attributes(site, pki):
+    for query in ("includefield=OriginalSOPInstanceUID", "OriginalSOPInstanceUID=1.2.3", "includefield=all"):
+        answer = request(site.running.url, pki, "bob", path=f"/dicom-web/instances?limit=2&{query}")
+        assert answer.status == 200, (query, answer.body)
+        assert all(all(len(tag) == 8 for tag in item) for item in answer.json())

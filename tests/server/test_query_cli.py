@@ -61,6 +61,11 @@ def test_a_mia_analyst_sees_no_patient_column_values(site, key_servers, tmp_path
     assert len(rows) == 2 and all("PatientName" not in r for r in rows)
     assert mdm(carol, "query", "--json", 'PatientName="DOE^JOHN"') == 0
     assert json.loads(capsys.readouterr().out)["results"] == []
+    # Issue 12, finding 8: a query the rights reduce to nothing printed nothing at all.
+    assert mdm(carol, "query", 'PatientName="DOE^JOHN"') == 0
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == "mdm query: no match among the images, and the attributes, your rights let you search\n"
 
 
 def test_the_hospital_side_searches_its_catalog_with_full_rights(site, capsys):

@@ -104,3 +104,39 @@ def test_bad_requests_get_problems_never_a_500(storage_element, pki, method, pat
     answer = request(running.url, pki, "bob", method, path, body=body, headers={"Content-Type": "application/json"})
     assert answer.status == status
     assert answer.headers["content-type"] == "application/problem+json" and answer.json()["status"] == status
+
+
+# -- hostile bodies (issue 12, finding 4): 400/413 with a problem body, never a 500 -----------
+
+
+def raw_call(running, pki, path, body: bytes):
+    return request(running.url, pki, "bob", "POST", path, body=body, headers={"Content-Type": "application/json"})
+
+
+@pytest.mark.parametrize("path", ["/api/v1/tape/stage", "/api/v1/tape/archiveinfo", "/api/v1/tape/release/x",
+                                  "/api/v1/rights", "/api/v1/delete"])
+def test_deep_huge_and_malformed_json_bodies_are_refused(storage_element, pki, path):
+    running, _ = storage_element
+    deep = b'{"paths": ' + b"[" * 100000 + b"]" * 100000 + b"}"
+    nested = b'{"files": [' + b'{"a":' * 40 + b"1" + b"}" * 40 + b"]}"
+    huge_number = b'{"paths": [' + b"9" * 5000 + b"]}"
+    for body in (deep, nested, huge_number, b"\xff\xfe{", b"[]", b'{"paths": [1]}'):
+        answer = raw_call(running, pki, path, body)
+        assert answer.status == 400 and answer.headers["content-type"] == "application/problem+json", (
+            path, body[:40], answer.body)
+    # A body over [server] max_body_size is refused from its Content-Length, before it is sent.
+    too_big = request(running.url, pki, "bob", "POST", path, headers={"Content-Length": str(9 << 20)})
+    assert too_big.status == 413 and too_big.headers["content-type"] == "application/problem+json"
+
+
+def test_disk_lifetime_beyond_any_clock_is_shortened_not_a_500(storage_element, pki):
+    running, series = storage_element
+    lfn = slice_lfns(running, series)[0]
+    for lifetime in (10 ** 30, "P999999999D", f"PT{10 ** 12}S"):
+        answer = call(running, pki, "bob", "POST", "/api/v1/tape/stage",
+                      {"files": [{"path": lfn, "diskLifetime": lifetime}]})
+        assert answer.status == 201, (lifetime, answer.body)
+    for bad in (-1, True, 1.5, "P" + "9" * 5000 + "D", "forever"):
+        answer = call(running, pki, "bob", "POST", "/api/v1/tape/stage",
+                      {"files": [{"path": lfn, "diskLifetime": bad}]})
+        assert answer.status == 400 and answer.json()["status"] == 400, (bad, answer.body)
