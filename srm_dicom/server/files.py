@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from email.utils import formatdate
 from http import HTTPStatus
 from pathlib import Path
+from typing import BinaryIO
 
 from srm_dicom.access import may_list, may_read
 from srm_dicom.catalog import Catalog, Entry
@@ -65,16 +66,20 @@ def parse_ranges(header: str, size: int) -> list[tuple[int, int]] | None:
     return None if len(coalesced) > MAX_RANGES else coalesced
 
 
-def _read(path: Path, first: int, last: int) -> Iterator[bytes]:
-    with path.open("rb") as source:
-        source.seek(first)
-        left = last - first + 1
-        while left > 0:
-            block = source.read(min(BLOCK, left))
-            if not block:
-                return
-            left -= len(block)
-            yield block
+def _read(source: BinaryIO, first: int, last: int) -> Iterator[bytes]:
+    source.seek(first)
+    left = last - first + 1
+    while left > 0:
+        block = source.read(min(BLOCK, left))
+        if not block:
+            return
+        left -= len(block)
+        yield block
+
+
+def _read_all(source: BinaryIO, first: int, last: int) -> Iterator[bytes]:
+    with source:
+        yield from _read(source, first, last)
 
 
 class FileService:
@@ -121,15 +126,22 @@ class FileService:
             start_response("200 OK", [*headers, ("Content-Length", str(size))])
             return iter([])
         assert path is not None  # a GET staged the file above
+        try:  # opened now: once open, the cache evicting it cannot take the bytes away mid-answer
+            source = path.open("rb")
+        except FileNotFoundError:  # evicted since it was looked up: staged again (byte-identical)
+            try:
+                source = self._stager.fetch(entry, self._config.cache.wait_timeout).open("rb")
+            except (StagingPending, StageFailed, FileNotFoundError) as exc:
+                return iter(self._unavailable(start_response, f"{entry.lfn} is being staged again ({exc})"))
         if not ranges:
             start_response("200 OK", [*headers, ("Content-Length", str(size))])
-            return _read(path, 0, size - 1)
+            return _read_all(source, 0, size - 1)
         if len(ranges) == 1:
             first, last = ranges[0]
             start_response("206 Partial Content", [*headers, ("Content-Range", f"bytes {first}-{last}/{size}"),
                                                    ("Content-Length", str(last - first + 1))])
-            return _read(path, first, last)
-        return self._multipart(start_response, headers, path, ranges, size)
+            return _read_all(source, first, last)
+        return self._multipart(start_response, headers, source, ranges, size)
 
     @staticmethod
     def _digests(environ: dict, entry: Entry, path: Path | None,
@@ -151,7 +163,7 @@ class FileService:
         retry = str(self._config.cache.retry_after)
         return problem(start_response, HTTPStatus.SERVICE_UNAVAILABLE, detail, [("Retry-After", retry)])
 
-    def _multipart(self, start_response: StartResponse, headers: list, path: Path,
+    def _multipart(self, start_response: StartResponse, headers: list, source: BinaryIO,
                    ranges: list[tuple[int, int]], size: int) -> Iterator[bytes]:
         boundary = secrets.token_hex(16)
         parts = [
@@ -167,9 +179,10 @@ class FileService:
                                                ("Content-Length", str(length))])
 
         def body() -> Iterator[bytes]:
-            for index, ((first, last), part) in enumerate(zip(ranges, parts, strict=True)):
-                yield (b"\r\n" if index else b"") + part
-                yield from _read(path, first, last)
-            yield closing
+            with source:
+                for index, ((first, last), part) in enumerate(zip(ranges, parts, strict=True)):
+                    yield (b"\r\n" if index else b"") + part
+                    yield from _read(source, first, last)
+                yield closing
 
         return body()
