@@ -25,7 +25,7 @@ from srm_dicom.metadata import ImageMetadata
 from srm_dicom.names import UidTriple, parse_lfn, parse_sop_spec
 
 if TYPE_CHECKING:  # query.py builds on Entry: a runtime import would be circular
-    from collections.abc import Iterator, Sequence
+    from collections.abc import Iterator, Mapping, Sequence
 
     from srm_dicom.query import Attribute, Match, Query
 
@@ -189,6 +189,10 @@ class MetadataIndex(Protocol):
         """Image-table rows (GUID → row) of the slices in a series directory: what a volume
         plan needs, without reading any pixel."""
 
+    def sop_classes(self, guids: Sequence[str]) -> dict[str, str]:
+        """The SOP Class UID each of these slices was registered with (GUID → UID): what a
+        retrieve offers, without asking the PACS."""
+
     def original_guid(self, study: str, series: str, sop: str | None) -> str | None:
         """The GUID of the slice with these PACS (original) UIDs; with ``sop`` None, of any
         slice of that series."""
@@ -210,6 +214,10 @@ class StageStore(Protocol):
     def set_stage_state(self, guid: str, state: str, at: int, error: str | None = None) -> None:
         """Move every not yet final file of ``guid``, in every request, to ``state``
         (STARTED or a final state); COMPLETED starts each request's pin lifetime."""
+
+    def set_stage_states(self, states: Mapping[str, tuple[str, str | None]], at: int) -> None:
+        """``set_stage_state`` for many GUIDs (GUID → (state, error)) in one statement batch, in
+        one transaction: what a staging batch writes."""
 
     def cancel_stage_files(self, request_id: str, lfns: list[str], at: int) -> None:
         """CANCELLED for those of ``lfns`` not yet final; their pins are released."""

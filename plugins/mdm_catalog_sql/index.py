@@ -134,6 +134,17 @@ class SqlMetadataIndex:
         )
         return {row["guid"]: {c: row[c] for c in IMAGE_COLUMNS} for row in rows}
 
+    def sop_classes(self, guids: Sequence[str]) -> dict[str, str]:
+        found: dict[str, str] = {}
+        with self._db.reading():
+            for start in range(0, len(guids), 500):  # within every backend's bound-parameter limit
+                chunk = list(guids[start:start + 500])
+                rows = self._db.rows(
+                    f"SELECT guid, sop_class_uid FROM dicom WHERE guid IN ({', '.join('?' * len(chunk))})", chunk
+                )
+                found.update((row["guid"], row["sop_class_uid"]) for row in rows if row["sop_class_uid"])
+        return found
+
     def original_guid(self, study: str, series: str, sop: str | None) -> str | None:
         if sop is None:
             row = self._db.row("SELECT guid FROM dicom WHERE study_uid = ? AND series_uid = ? LIMIT 1", (study, series))
