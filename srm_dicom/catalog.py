@@ -19,13 +19,13 @@ from enum import Enum
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Protocol
 
-from srm_dicom.config import Config
+from srm_dicom.config import CatalogConfig, Config
 from srm_dicom.errors import ConfigError, InvalidInput, MdmError, NotFound
 from srm_dicom.metadata import ImageMetadata
 from srm_dicom.names import UidTriple, parse_lfn, parse_sop_spec
 
 if TYPE_CHECKING:  # query.py builds on Entry: a runtime import would be circular
-    from collections.abc import Iterator, Mapping, Sequence
+    from collections.abc import Callable, Iterator, Mapping, Sequence
 
     from srm_dicom.query import Attribute, Match, Query
 
@@ -246,6 +246,21 @@ class Backend(Protocol):
         """Everything the stores do inside it commits together or not at all (nesting joins
         the outer transaction)."""
 
+    @property
+    def schema_version(self) -> int: ...
+
+    @property
+    def latest_version(self) -> int:
+        """The schema version this code writes (``mdm catalog migrate`` brings a catalog to it)."""
+
+    def migrate(self) -> tuple[int, int]:
+        """Apply the migrations not yet applied: (version before, version after)."""
+
+    def table_counts(self) -> dict[str, int]: ...
+
+    def copy_to(self, target: Backend, progress: Callable[[str, int], None]) -> dict[str, int]:
+        """Every row into the empty ``target`` (another backend); the target's counts after."""
+
     def close(self) -> None: ...
 
 
@@ -315,8 +330,9 @@ class Catalog:
         self.backend.close()
 
 
-def open_catalog(config: Config) -> Catalog:
-    """Instantiate the configured backend from its entry point."""
+def open_catalog(config: Config, migrate: bool = True) -> Catalog:
+    """Instantiate the configured backend from its entry point; its schema is brought up to
+    date unless ``migrate`` is False."""
     found = entry_points(group=ENTRY_POINT_GROUP, name=config.catalog.backend)
     if not found:
         known = ", ".join(sorted(ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)))
@@ -324,7 +340,15 @@ def open_catalog(config: Config) -> Catalog:
             f"config: catalog backend '{config.catalog.backend}' is not installed (known: {known})"
         )
     backend = next(iter(found)).load()
-    return Catalog(backend.from_config(config))
+    return Catalog(backend.from_config(config, migrate))
+
+
+def catalog_config(url: str) -> CatalogConfig:
+    """The backend a catalog URL names: ``postgresql://…`` (or ``postgres://…``), else an
+    SQLite file (a path, or ``sqlite:///path``)."""
+    if url.startswith(("postgresql://", "postgres://")):
+        return CatalogConfig("postgresql", url)
+    return CatalogConfig("sqlite", url.removeprefix("sqlite://"))
 
 
 _GUID = re.compile(r"^(?:guid:|/guid/)?([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})$")

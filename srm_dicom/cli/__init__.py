@@ -41,6 +41,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "set-right": ("setright", "change who may list, get and see the metadata of images (owner or register group)"),
     "query": ("query", "find images by their metadata (patient, modality, dates, UIDs…); prints LFN and GUID"),
     "doctor": ("doctor", "check a deployment: config, file modes, certificates, PACS, key servers, database, cache"),
+    "catalog": ("catalog", "catalog maintenance: migrate a schema, copy a site from SQLite to PostgreSQL"),
 }
 
 EXIT_INTERRUPTED = 130
@@ -73,7 +74,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
             "Start with 'mdm demo' to run everything on loopback with a synthetic series. "
             "Configuration: --config FILE or $MDM_CONFIG (see conf/mdm.toml). "
             "Exit codes: 0 ok, 1 some items failed, 2 bad usage or config, 3 not found, "
-            "4 PACS error (or still staging), 5 access refused, 6 key servers, 130 interrupted."
+            "4 PACS error (or still staging), 5 access refused, 6 key servers, 7 catalog database unavailable, "
+            "130 interrupted."
         ),
     )
     parser.add_argument("--version", action="version", version=f"mdm {__version__}")
