@@ -15,8 +15,10 @@ import logging
 import os
 import posixpath
 import stat
+import struct
 import uuid
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,6 +28,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
+from pydicom.uid import UID
 
 from srm_dicom.catalog import Catalog, Entry, Outcome
 from srm_dicom.config import Config
@@ -84,6 +87,20 @@ def dataset_digest(ds: Dataset) -> str:
     return hashlib.sha256(buffer.getvalue()).hexdigest()
 
 
+# What pydicom raises when a value it read leniently is converted, re-encoded or re-typed
+# (a private element's VR from the dictionary): the file's fault, not ours.
+_VALUE_ERRORS = (ValueError, TypeError, OverflowError, NotImplementedError, struct.error)
+
+
+@contextmanager
+def _values_of_the_file(step: str) -> Iterator[None]:
+    """Turn a malformed value met while the image is processed into one reason for the file."""
+    try:
+        yield
+    except _VALUE_ERRORS as exc:
+        raise InvalidInput(f"a header value cannot be {step} ({exc.__class__.__name__})") from None
+
+
 def decode_fully(ds: Dataset) -> None:
     """Decode every element now, nested sequences included. pydicom decodes values lazily, on
     first access, and a malformed value then raises whatever its converter raises
@@ -103,6 +120,9 @@ def check_header(ds: Dataset) -> None:
     decode_fully(ds)
     if "TransferSyntaxUID" not in getattr(ds, "file_meta", Dataset()):
         raise InvalidInput("no transfer syntax in the file meta information")
+    syntax = ds.file_meta.TransferSyntaxUID
+    if not isinstance(syntax, UID) or not syntax.is_transfer_syntax:  # a mangled meta may hold a list
+        raise InvalidInput("the file meta names no known transfer syntax")
     for keyword in _REQUIRED_UIDS:
         value = str(ds.get(keyword, "") or "").strip()
         if not value:
@@ -148,16 +168,19 @@ class Registrar:
         study, series, sop = self._names(ds)
         site, pacs = self._config.site, self._config.pacs
         lfn = UidTriple(study, series, sop).lfn(site.vo)
-        digest = dataset_digest(ds)
+        with _values_of_the_file("encoded"):
+            digest = dataset_digest(ds)
         known = self._catalog.namespace.lookup(lfn)
         if known is not None and known.source_digest == digest:
             return Outcome.UNCHANGED
-        metadata = extract_metadata(ds, self._secret)
+        with _values_of_the_file("read for the metadata"):
+            metadata = extract_metadata(ds, self._secret)
         guid = known.guid if known else str(uuid.uuid4())
         version = known.content_version + 1 if known else 1
         owner, mode = (known.owner, known.mode) if known else (self._owner, self._mode)
         key = new_file_key()
-        protected = protect_image(ds, self._secret, self._config.anonymization, key, guid, version)
+        with _values_of_the_file("anonymized"):
+            protected = protect_image(ds, self._secret, self._config.anonymization, key, guid, version)
         if store_in_pacs:
             if self._pacs is None:
                 raise MdmError("no PACS connection to store the image into")
