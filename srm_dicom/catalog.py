@@ -19,13 +19,13 @@ from enum import Enum
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Protocol
 
-from srm_dicom.config import Config
+from srm_dicom.config import CatalogConfig, Config
 from srm_dicom.errors import ConfigError, InvalidInput, MdmError, NotFound
 from srm_dicom.metadata import ImageMetadata
 from srm_dicom.names import UidTriple, parse_lfn, parse_sop_spec
 
 if TYPE_CHECKING:  # query.py builds on Entry: a runtime import would be circular
-    from collections.abc import Iterator, Sequence
+    from collections.abc import Callable, Iterator, Mapping, Sequence
 
     from srm_dicom.query import Attribute, Match, Query
 
@@ -60,6 +60,7 @@ class Entry:
     source_digest: str | None = None
     created: float = 0.0
     modified: float = 0.0
+    sha256: str | None = None  # hex, of the served bytes like size and adler32 (None before migration 8)
     acl: tuple[AclEntry, ...] = field(default=())
 
     @property
@@ -151,8 +152,8 @@ class Namespace(Protocol):
         keeps each entry's own) and add the per-DN entries (one for a DN already there
         replaces it). A GUID no longer in the catalog raises NotFound and nothing changes."""
 
-    def set_checksum(self, guid: str, version: int, size: int, adler32: str) -> bool:
-        """Record a volume's size and adler32 at its first assembly, only while ``version``
+    def set_checksum(self, guid: str, version: int, size: int, adler32: str, sha256: str | None = None) -> bool:
+        """Record a volume's size, adler32 and SHA-256 at its first assembly, only while ``version``
         is still its content version and none is recorded; else False and nothing written."""
 
     # -- the primitives the core's domain rules are made of (see ``Catalog``) ----------
@@ -188,6 +189,10 @@ class MetadataIndex(Protocol):
         """Image-table rows (GUID → row) of the slices in a series directory: what a volume
         plan needs, without reading any pixel."""
 
+    def sop_classes(self, guids: Sequence[str]) -> dict[str, str]:
+        """The SOP Class UID each of these slices was registered with (GUID → UID): what a
+        retrieve offers, without asking the PACS."""
+
     def original_guid(self, study: str, series: str, sop: str | None) -> str | None:
         """The GUID of the slice with these PACS (original) UIDs; with ``sop`` None, of any
         slice of that series."""
@@ -209,6 +214,10 @@ class StageStore(Protocol):
     def set_stage_state(self, guid: str, state: str, at: int, error: str | None = None) -> None:
         """Move every not yet final file of ``guid``, in every request, to ``state``
         (STARTED or a final state); COMPLETED starts each request's pin lifetime."""
+
+    def set_stage_states(self, states: Mapping[str, tuple[str, str | None]], at: int) -> None:
+        """``set_stage_state`` for many GUIDs (GUID → (state, error)) in one statement batch, in
+        one transaction: what a staging batch writes."""
 
     def cancel_stage_files(self, request_id: str, lfns: list[str], at: int) -> None:
         """CANCELLED for those of ``lfns`` not yet final; their pins are released."""
@@ -236,6 +245,21 @@ class Backend(Protocol):
     def transaction(self) -> AbstractContextManager[None]:
         """Everything the stores do inside it commits together or not at all (nesting joins
         the outer transaction)."""
+
+    @property
+    def schema_version(self) -> int: ...
+
+    @property
+    def latest_version(self) -> int:
+        """The schema version this code writes (``mdm catalog migrate`` brings a catalog to it)."""
+
+    def migrate(self) -> tuple[int, int]:
+        """Apply the migrations not yet applied: (version before, version after)."""
+
+    def table_counts(self) -> dict[str, int]: ...
+
+    def copy_to(self, target: Backend, progress: Callable[[str, int], None]) -> dict[str, int]:
+        """Every row into the empty ``target`` (another backend); the target's counts after."""
 
     def close(self) -> None: ...
 
@@ -306,8 +330,9 @@ class Catalog:
         self.backend.close()
 
 
-def open_catalog(config: Config) -> Catalog:
-    """Instantiate the configured backend from its entry point."""
+def open_catalog(config: Config, migrate: bool = True) -> Catalog:
+    """Instantiate the configured backend from its entry point; its schema is brought up to
+    date unless ``migrate`` is False."""
     found = entry_points(group=ENTRY_POINT_GROUP, name=config.catalog.backend)
     if not found:
         known = ", ".join(sorted(ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)))
@@ -315,7 +340,15 @@ def open_catalog(config: Config) -> Catalog:
             f"config: catalog backend '{config.catalog.backend}' is not installed (known: {known})"
         )
     backend = next(iter(found)).load()
-    return Catalog(backend.from_config(config))
+    return Catalog(backend.from_config(config, migrate))
+
+
+def catalog_config(url: str) -> CatalogConfig:
+    """The backend a catalog URL names: ``postgresql://…`` (or ``postgres://…``), else an
+    SQLite file (a path, or ``sqlite:///path``)."""
+    if url.startswith(("postgresql://", "postgres://")):
+        return CatalogConfig("postgresql", url)
+    return CatalogConfig("sqlite", url.removeprefix("sqlite://"))
 
 
 _GUID = re.compile(r"^(?:guid:|/guid/)?([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})$")

@@ -61,6 +61,7 @@ host = "127.0.0.1"
 port = {pacs_port}
 calling_aet = "MDM"
 move_port = {move_port}
+engine = "pynetdicom"
 
 [listen]
 aet = "MDM_PUSH"

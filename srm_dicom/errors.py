@@ -37,6 +37,14 @@ class Refused(MdmError):
     http_status = 403
 
 
+class CatalogUnavailable(MdmError):
+    """The catalog database is down or restarting: a retry later may succeed (HTTP 503)."""
+
+    exit_code = 7
+    http_status = 503
+    http_headers = (("Retry-After", "5"),)
+
+
 class PacsError(MdmError):
     """The PACS refused, aborted, timed out or is down; the message names the PACS and the status."""
 

@@ -8,6 +8,7 @@ same bytes.
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 import zlib
 from dataclasses import dataclass
@@ -33,6 +34,10 @@ class ProtectedImage:
     @property
     def adler32(self) -> str:
         return f"{zlib.adler32(self.payload):08x}"
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.payload).hexdigest()
 
 
 def key_name(guid: str, version: int) -> str:

@@ -16,6 +16,7 @@ import os
 import posixpath
 import stat
 import struct
+import time
 import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -150,6 +151,24 @@ class Registrar:
         self._owner = owner or config.site.registrar
         self._mode = parse_mode(config.site.file_mode)
         self._secret = config.site.secret_bytes
+        # Inside ``batch``: the series volumes whose size is planned when the batch ends.
+        self._deferred: set[str] | None = None
+
+    @contextmanager
+    def batch(self) -> Iterator[None]:
+        """Register many images: each touched series volume's size is planned once, when the
+        batch ends, instead of from the whole series at every image (n²/2 catalog rows for an
+        n-image series). Meanwhile the volumes list no size, as a series not yet one volume does."""
+        if self._deferred is not None:  # already in a batch: join it
+            yield
+            return
+        self._deferred = set()
+        try:
+            yield
+        finally:
+            volumes, self._deferred = self._deferred, None
+            for volume_lfn in sorted(volumes):
+                self._catalog.namespace.bump_volume(volume_lfn, self._volume_size(volume_lfn), time.time())
 
     def _names(self, ds: Dataset) -> tuple[str, str, str]:
         original = tuple(str(ds.get(k)).strip() for k in _REQUIRED_UIDS)
@@ -197,6 +216,7 @@ class Registrar:
             sop_uid=sop,
             size=protected.size,
             adler32=protected.adler32,
+            sha256=protected.sha256,
             content_version=version,
             source_digest=digest,
             **common,
@@ -210,7 +230,7 @@ class Registrar:
             study_uid=study,
             series_uid=series,
             sop_uid=VOLUME,
-            size=self._volume_size(volume_lfn, guid, metadata.image),
+            size=self._volume_size(volume_lfn, guid, metadata.image) if self._deferred is None else None,
             **common,
         )
         erased = tuple((e.path, e.keyword, e.value) for e in protected.erased)
@@ -223,14 +243,17 @@ class Registrar:
             raise
         if known is not None:
             self._forget_key(key_name(guid, known.content_version))
+        if self._deferred is not None:
+            self._deferred.add(volume_lfn)
         log.debug("%s %s", outcome.value, lfn)
         return outcome
 
-    def _volume_size(self, volume_lfn: str, guid: str, image: dict) -> int | None:
-        """The series volume's size once this slice is in: listings are true before the first
-        assembly. None when the series is not (yet) one volume: staging will say why."""
+    def _volume_size(self, volume_lfn: str, guid: str | None = None, image: dict | None = None) -> int | None:
+        """The series volume's size once this slice (if any) is in: listings are true before the
+        first assembly. None when the series is not (yet) one volume: staging will say why."""
         rows = self._catalog.index.series_images(posixpath.dirname(volume_lfn))
-        rows[guid] = image
+        if guid is not None and image is not None:
+            rows[guid] = image
         try:
             plain = plan_volume(list(rows.values())).file_size(self._config.volume.format)
         except NotAVolume:

@@ -6,6 +6,15 @@ is checked before anything is published) and publishing them in the disk cache. 
 request for a file not yet on disk, a GET or a stage request, joins one job per GUID
 (single flight), run by a bounded pool of workers that each keep one PACS association.
 
+Like a nearline storage's bulk interface (dCache's), the workers take the queue in
+batches: the queued files of one series are fetched in one C-GET (or C-MOVE) naming
+their SOP Instance UIDs and offering the SOP classes the catalog recorded, their keys in
+one request per key server, their states in one catalog transaction. A batch holding
+the series' ``3D`` retrieves the whole series once and serves its slices from the same
+images. A PACS that refuses a request as a whole (Orthanc does when one UID of a list is
+unknown) has the batch split in halves until the refused files stand alone, each failing
+with its reason while the rest completes.
+
 Stage requests, their per-file states and their pins live in the catalog, so they
 survive a restart: on start, leftovers of interrupted staging are removed from the
 cache and every file some request still waits for is staged again.
@@ -13,21 +22,26 @@ cache and every file some request still waits for is staged again.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import logging
 import threading
 import time
 import uuid
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+
+from pydicom import Dataset
 
 from srm_dicom.cache import DiskCache
 from srm_dicom.catalog import (
     COMPLETED,
     FAILED,
     STARTED,
+    SUBMITTED,
     Catalog,
     Entry,
     StageFile,
@@ -39,8 +53,8 @@ from srm_dicom.errors import InvalidInput, MdmError, NotFound
 from srm_dicom.events import StageFinished, StageQueueChanged, emit
 from srm_dicom.keystore import KeystoreError
 from srm_dicom.keystore.client import KeystoreClient
-from srm_dicom.names import Pfn, normalize_lfn, parse_pfn
-from srm_dicom.pacs.client import PacsClient
+from srm_dicom.names import normalize_lfn, parse_pfn
+from srm_dicom.pacs.client import PacsClient, RetrieveRefused
 from srm_dicom.protect import key_acl, key_name, protect_image
 from srm_dicom.volume import NotAVolume, assemble
 
@@ -48,6 +62,8 @@ log = logging.getLogger(__name__)
 
 DISK_AND_TAPE, TAPE = "DISK_AND_TAPE", "TAPE"
 CONTENT_DIFFERS = "the PACS returned different content than was registered"
+MAX_BATCH = 1000  # files of one series a worker takes at once (the key servers' bulk limit is 2000)
+MAX_UIDS_PER_RETRIEVE = 500  # a UID list of ~32 KiB in one C-GET identifier
 
 
 class StageFailed(MdmError):
@@ -70,14 +86,24 @@ class _Abandoned(Exception):
     """The stager is stopping: leave the file's state as it is, to be resumed at the next start."""
 
 
-@dataclass
+@dataclass(eq=False)
 class _Job:
-    """One staging of one GUID, shared by everyone waiting for it."""
+    """One staging of one GUID, shared by everyone waiting for it; ``series`` (the PACS's
+    study and series UIDs) groups it with the other queued files of its series."""
 
     guid: str
+    series: tuple[str, str] | None = None
     done: threading.Event = field(default_factory=threading.Event)
     path: Path | None = None
     error: StageFailed | None = None
+
+
+@dataclass
+class _Produced:
+    """What protecting one retrieved slice with each candidate key gave (for the reason when none matches)."""
+
+    tries: int = 0
+    payloads: dict[bytes, bytes] = field(default_factory=dict)
 
 
 def _now() -> int:
@@ -99,6 +125,7 @@ class Stager:
         self._cache = DiskCache(config.path(config.cache.dir), config.cache.quota_bytes)
         self._lock = threading.Lock()
         self._jobs: dict[str, _Job] = {}
+        self._queue: list[_Job] = []  # jobs no worker has taken yet, oldest first
         self._pool: ThreadPoolExecutor | None = None
         self._stopping = threading.Event()
         self._local = threading.local()
@@ -114,8 +141,7 @@ class Stager:
         self._stopping.clear()
         self._pool = ThreadPoolExecutor(self._config.cache.workers, thread_name_prefix="stager")
         pending = self._catalog.stages.staging_guids()
-        for guid in pending:
-            self._job(guid)
+        self._enqueue([(guid, self._catalog.namespace.lookup_guid(guid)) for guid in pending])
         if pending:
             log.info("stager: resumed staging of %d files", len(pending))
 
@@ -127,7 +153,7 @@ class Stager:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
         with self._lock:
-            jobs, self._jobs = list(self._jobs.values()), {}
+            jobs, self._jobs, self._queue = list(self._jobs.values()), {}, []
             clients, self._clients = self._clients, []
         for job in jobs:
             if not job.done.is_set():
@@ -155,7 +181,7 @@ class Stager:
         path = self.cached_path(entry)
         if path is not None:
             return path
-        job = self._job(entry.guid)
+        (job,) = self._enqueue([(entry.guid, entry)])
         if not job.done.wait(timeout):
             raise StagingPending(f"{self._label(entry)} is being staged from the PACS; try again later")
         if job.error is not None:
@@ -180,17 +206,23 @@ class Stager:
                 files.append(StageFile(entry.lfn, entry.guid))
         request = StageRequest(str(uuid.uuid4()), requester, now, lifetime, tuple(files))
         self._catalog.stages.add_stage_request(request)
-        for file in files:
-            if file.state != COMPLETED:
-                self._job(file.guid)
+        by_guid = {entry.guid: entry for entry in unique}
+        self._enqueue([(f.guid, by_guid[f.guid]) for f in files if f.state != COMPLETED])
         return request.id
 
     def request(self, request_id: str) -> StageRequest | None:
-        """The request with each file's state and whether it is on disk now."""
+        """The request with each file's state and whether it is on disk now.
+
+        A file still SUBMITTED or STARTED is reported not on disk without a catalog lookup:
+        its batch publishes it before writing its state, and a client polling a request of n
+        files while the batch runs would otherwise cost n lookups a poll (1000 files: the
+        poller took the interpreter from the batch it waited for)."""
         found = self._catalog.stages.stage_request(request_id)
         if found is None:
             return None
-        return replace(found, files=tuple(replace(f, on_disk=self._on_disk(f.guid)) for f in found.files))
+        return replace(found, files=tuple(
+            replace(f, on_disk=f.state not in (SUBMITTED, STARTED) and self._on_disk(f.guid)) for f in found.files
+        ))
 
     def cancel(self, request_id: str, lfns: list[str]) -> None:
         self._known_files(request_id, lfns)
@@ -221,64 +253,138 @@ class Stager:
         entry = self._catalog.namespace.lookup_guid(guid)
         return entry is not None and self._cache.path(guid, entry.content_version, touch=False) is not None
 
-    # -- jobs ------------------------------------------------------------------------
+    # -- jobs and batches --------------------------------------------------------------
 
-    def _job(self, guid: str) -> _Job:
-        """The running job for ``guid``, or a new one queued on the pool."""
+    def _enqueue(self, files: Sequence[tuple[str, Entry | None]]) -> list[_Job]:
+        """The running or queued job of each GUID, new ones queued at once so that a worker
+        finds a request's files of one series together."""
+        jobs, new = [], 0
         with self._lock:
-            job = self._jobs.get(guid)
-            if job is not None:
-                return job
             if self._pool is None:
                 raise MdmError("the stager is not running")
-            job = self._jobs[guid] = _Job(guid)
-            self._pool.submit(self._run, job)
-            emit(StageQueueChanged(len(self._jobs)))
-            return job
+            for guid, entry in files:
+                job = self._jobs.get(guid)
+                if job is None:
+                    job = self._jobs[guid] = _Job(guid, _series_of(entry))
+                    self._queue.append(job)
+                    new += 1
+                jobs.append(job)
+            pool = self._pool
+            if new:
+                emit(StageQueueChanged(len(self._jobs)))
+        for _ in range(new):  # a task per job: a task that finds its job taken by a batch returns
+            pool.submit(self._run)
+        return jobs
 
-    def _run(self, job: _Job) -> None:
+    def _take_batch(self) -> list[_Job]:
+        """The oldest queued job and the other queued jobs of its series."""
+        with self._lock:
+            if not self._queue:
+                return []
+            first = self._queue[0]
+            if first.series is None:
+                batch = [first]
+            else:
+                batch = [job for job in self._queue if job.series == first.series][:MAX_BATCH]
+            taken = {id(job) for job in batch}
+            self._queue = [job for job in self._queue if id(job) not in taken]
+            return batch
+
+    def _run(self) -> None:
+        batch = self._take_batch()
+        if not batch:
+            return
         started = time.monotonic()
+        outcomes: dict[str, tuple[str, str | None]] = {}
         try:
-            job.path = self._stage(job.guid)
-            self._catalog.stages.set_stage_state(job.guid, COMPLETED, _now())
+            for job, result in self._stage(batch).items():
+                if isinstance(result, Path):
+                    job.path = result
+                    outcomes[job.guid] = (COMPLETED, None)
+                else:
+                    job.error = result
+                    outcomes[job.guid] = (FAILED, result.reason)
+                    log.warning("staging guid:%s failed: %s", job.guid, result.reason)
         except _Abandoned:
-            job.error = StageFailed("the storage element stopped before staging finished")
-        except MdmError as exc:
-            reason = exc.reason if isinstance(exc, StageFailed) else str(exc)
-            job.error = StageFailed(reason)
-            self._catalog.stages.set_stage_state(job.guid, FAILED, _now(), reason)
-            log.warning("staging guid:%s failed: %s", job.guid, reason)
+            for job in batch:
+                job.error = StageFailed("the storage element stopped before staging finished")
         except Exception as exc:  # a bug must fail the waiters, not hang them
             reason = f"internal error ({exc.__class__.__name__})"
-            job.error = StageFailed(reason)
-            self._catalog.stages.set_stage_state(job.guid, FAILED, _now(), reason)
-            log.error("staging guid:%s failed: %s", job.guid, reason)
+            log.exception("staging %d files failed: %s", len(batch), reason)
+            for job in batch:
+                job.error = StageFailed(reason)
+                outcomes[job.guid] = (FAILED, reason)
         finally:
-            with self._lock:
-                if self._jobs.get(job.guid) is job:
-                    del self._jobs[job.guid]
-                emit(StageQueueChanged(len(self._jobs)))
-            emit(StageFinished(time.monotonic() - started, job.error.reason if job.error else None))
-            job.done.set()
+            try:
+                if outcomes:
+                    self._catalog.stages.set_stage_states(outcomes, _now())
+            finally:
+                with self._lock:
+                    for job in batch:
+                        if self._jobs.get(job.guid) is job:
+                            del self._jobs[job.guid]
+                    emit(StageQueueChanged(len(self._jobs)))
+                for job in batch:
+                    emit(StageFinished(time.monotonic() - started, job.error.reason if job.error else None))
+                    job.done.set()
 
-    def _stage(self, guid: str) -> Path:
+    def _stage(self, batch: list[_Job]) -> dict[_Job, Path | StageFailed]:
+        """Stage one series' files; a result per job, a path or why it failed."""
         if self._stopping.is_set():
             raise _Abandoned
-        entry = self._catalog.namespace.lookup_guid(guid)
-        if entry is None:
-            raise StageFailed("the file is no longer registered")
-        path = self._cache.path(guid, entry.content_version)
-        if path is not None:
-            return path
-        self._catalog.stages.set_stage_state(guid, STARTED, _now())
+        results: dict[_Job, Path | StageFailed] = {}
+        todo: dict[_Job, Entry] = {}
+        for job in batch:
+            entry = self._catalog.namespace.lookup_guid(job.guid)
+            if entry is None:
+                results[job] = StageFailed("the file is no longer registered")
+            elif (path := self._cache.path(job.guid, entry.content_version)) is not None:
+                results[job] = path
+            else:
+                todo[job] = entry
+        if not todo:
+            return results
+        self._catalog.stages.set_stage_states({job.guid: (STARTED, None) for job in todo}, _now())
         started = time.monotonic()
-        source = parse_pfn(entry.pfn)
-        payload = self._volume(entry, source) if entry.kind == "volume" else self._slice(entry, source)
-        if self._stopping.is_set():
-            raise _Abandoned
-        path = self._cache.publish(guid, entry.content_version, payload, self._catalog.stages.pinned_guids(_now()))
-        log.info("staged %s: %d bytes in %.2f s", self._label(entry), len(payload), time.monotonic() - started)
+        volumes = [job for job, entry in todo.items() if entry.kind == "volume"]
+        slices = [job for job, entry in todo.items() if entry.kind != "volume"]
+        source = parse_pfn(next(iter(todo.values())).pfn)
+        try:
+            if volumes:
+                # The whole series once: the volume needs it, and its slices come with it.
+                datasets = self._retrieve(source.study, source.series, None, self._series_classes(todo[volumes[0]]))
+                images = {str(ds.SOPInstanceUID): ds for ds in datasets}
+                missing: dict[str, str] = {}
+            else:
+                sops = {job: parse_pfn(todo[job].pfn).sop or "" for job in slices}
+                classes = frozenset(self._catalog.index.sop_classes([job.guid for job in slices]).values())
+                images, missing = self._retrieve_instances(source.study, source.series, list(sops.values()), classes)
+        except MdmError as exc:
+            reason = StageFailed(exc.reason if isinstance(exc, StageFailed) else str(exc))
+            return {**results, **{job: reason for job in todo}}
+        for job in volumes:
+            results[job] = self._publish(todo[job], functools.partial(self._volume, todo[job], datasets))
+        if slices:
+            results.update(self._slices({job: todo[job] for job in slices}, images, missing))
+        log.info("staged %d of %d files of a series in %.2f s", sum(isinstance(r, Path) for r in results.values()),
+                 len(batch), time.monotonic() - started)
+        return results
+
+    def _publish(self, entry: Entry, produce: Callable[[], bytes]) -> Path | StageFailed:
+        try:
+            payload = produce()
+            if self._stopping.is_set():
+                raise _Abandoned
+            pinned = self._catalog.stages.pinned_guids(_now())
+            path = self._cache.publish(entry.guid, entry.content_version, payload, pinned)
+        except MdmError as exc:
+            return StageFailed(exc.reason if isinstance(exc, StageFailed) else str(exc))
+        log.info("staged %s: %d bytes", self._label(entry), len(payload))
         return path
+
+    def _series_classes(self, volume: Entry) -> frozenset[str]:
+        rows = self._catalog.index.series_images(volume.lfn.rpartition("/")[0])
+        return frozenset(self._catalog.index.sop_classes(list(rows)).values())
 
     def _label(self, entry: Entry) -> str:
         """How logs and messages name a file: never with the PACS's original UIDs."""
@@ -293,31 +399,82 @@ class Stager:
                 self._clients.append(client)
         return client
 
-    def _retrieve(self, source: Pfn) -> list:
+    def _retrieve(
+        self, study: str, series: str, sops: Sequence[str] | None, classes: frozenset[str],
+        partial: list[str] | None = None,
+    ) -> list[Dataset]:
         pacs = self._pacs()
         if self._move_lock is None:
-            return list(pacs.retrieve(source.study, source.series, source.sop))
+            return list(pacs.retrieve(study, series, sops, classes, partial))
         with self._move_lock:
-            return list(pacs.retrieve(source.study, source.series, source.sop))
+            return list(pacs.retrieve(study, series, sops, classes, partial))
 
-    def _slice(self, entry: Entry, source: Pfn) -> bytes:
-        datasets = self._retrieve(source)
-        if len(datasets) != 1:
-            raise StageFailed(f"{self._pacs().name} returned {len(datasets)} images instead of one")
-        ds = datasets[0]
-        version = entry.content_version
-        produced: dict[bytes, bytes] = {}
+    def _retrieve_instances(
+        self, study: str, series: str, sops: list[str], classes: frozenset[str]
+    ) -> tuple[dict[str, Dataset], dict[str, str]]:
+        """The images of ``sops`` by SOP Instance UID, and why each missing one is missing.
 
-        def matches(key: bytes) -> bool:
-            payload = protect_image(ds, self._secret, self._config.anonymization, key, entry.guid, version).payload
-            produced[key] = payload
+        A request the PACS refuses as a whole is split in halves until the refused UIDs
+        stand alone: k refused files of n cost about k·log2(n) more requests."""
+        images: dict[str, Dataset] = {}
+        missing: dict[str, str] = {}
+
+        def ask(part: list[str]) -> None:
+            partial: list[str] = []
+            try:
+                for ds in self._retrieve(study, series, part, classes, partial):
+                    images[str(ds.SOPInstanceUID)] = ds
+            except RetrieveRefused as exc:
+                if len(part) == 1:
+                    missing[part[0]] = str(exc)
+                    return
+                ask(part[: len(part) // 2])
+                ask(part[len(part) // 2:])
+                return
+            for sop in part:
+                if sop not in images:
+                    missing[sop] = partial[0] if partial else f"{self._pacs().name} did not send it (not in the PACS?)"
+
+        unique = list(dict.fromkeys(sops))
+        for start in range(0, len(unique), MAX_UIDS_PER_RETRIEVE):
+            ask(unique[start:start + MAX_UIDS_PER_RETRIEVE])
+        return images, missing
+
+    def _slices(
+        self, todo: dict[_Job, Entry], images: dict[str, Dataset], missing: dict[str, str]
+    ) -> dict[_Job, Path | StageFailed]:
+        """Protect each retrieved slice with its key (all keys in one round per key server),
+        check it against the catalog, publish it."""
+        results: dict[_Job, Path | StageFailed] = {}
+        names: dict[str, tuple[_Job, Entry, Dataset]] = {}
+        for job, entry in todo.items():
+            sop = parse_pfn(entry.pfn).sop or ""
+            ds = images.get(sop)
+            if ds is None:
+                results[job] = StageFailed(missing.get(sop, f"{self._pacs().name} did not send the image"))
+            else:
+                names[key_name(entry.guid, entry.content_version)] = (job, entry, ds)
+        produced = {name: _Produced() for name in names}
+
+        def matches(name: str, key: bytes) -> bool:
+            _, entry, ds = names[name]
+            payload = protect_image(ds, self._secret, self._config.anonymization, key, entry.guid,
+                                    entry.content_version).payload
+            produced[name].tries += 1
+            produced[name].payloads[key] = payload
             return len(payload) == entry.size and _adler32(payload) == entry.adler32
 
-        key = self._fetch_key(key_name(entry.guid, version), matches, produced)
-        return produced[key]
+        keys = self._keystore.fetch_keys(list(names), matches) if names else {}
+        for name, (job, entry, _) in names.items():
+            key = keys[name]
+            if isinstance(key, bytes):
+                payload = produced[name].payloads[key]
+                results[job] = self._publish(entry, functools.partial(bytes, payload))
+            else:
+                results[job] = _key_failure(key, produced[name])
+        return results
 
-    def _volume(self, entry: Entry, source: Pfn) -> bytes:
-        datasets = self._retrieve(source)
+    def _volume(self, entry: Entry, datasets: list[Dataset]) -> bytes:
         try:
             plain = assemble(datasets, self._config.volume.format)
         except NotAVolume as exc:
@@ -334,33 +491,41 @@ class Stager:
                 raise StageFailed(
                     f"the assembled volume has {len(payload)} bytes, not the {entry.size} announced"
                 )
-            if not self._catalog.namespace.set_checksum(entry.guid, version, len(payload), _adler32(payload)):
+            checksums = (len(payload), _adler32(payload), hashlib.sha256(payload).hexdigest())
+            if not self._catalog.namespace.set_checksum(entry.guid, version, *checksums):
                 raise StageFailed("the series changed while its volume was assembled; stage it again")
             return payload
-        produced: dict[bytes, bytes] = {}
+        produced = _Produced()
 
-        def matches(key: bytes) -> bool:
+        def matches(_: str, key: bytes) -> bool:
             payload = bytes(encrypt_bytes(key, key_id, version, plain))
-            produced[key] = payload
+            produced.tries += 1
+            produced.payloads[key] = payload
             return len(payload) == entry.size and _adler32(payload) == entry.adler32
 
-        return produced[self._fetch_key(name, matches, produced)]
+        found = self._keystore.fetch_keys([name], matches)[name]
+        if isinstance(found, bytes):
+            return produced.payloads[found]
+        raise _key_failure(found, produced)
 
-    def _fetch_key(self, name: str, matches: Callable[[bytes], bool], produced: dict[bytes, bytes]) -> bytes:
-        """The key whose protected bytes match the catalog; when none does, tell whether the
-        content or the key shares are to blame."""
-        tries = 0
 
-        def counted(key: bytes) -> bool:
-            nonlocal tries
-            tries += 1
-            return matches(key)
+def _series_of(entry: Entry | None) -> tuple[str, str] | None:
+    """The PACS's (study, series) of an entry: what a batch groups by."""
+    if entry is None:
+        return None
+    try:
+        source = parse_pfn(entry.pfn)
+    except MdmError:
+        return None
+    return source.study, source.series
 
-        try:
-            return self._keystore.fetch_key(name, counted)
-        except KeystoreError as exc:
-            if tries > 1 and len(produced) == 1:
-                raise StageFailed(CONTENT_DIFFERS) from None  # consistent shares, other bytes
-            if tries == 1:
-                raise StageFailed(f"{CONTENT_DIFFERS}, or a key server returned a wrong share") from None
-            raise StageFailed(f"key servers: {exc}") from None
+
+def _key_failure(error: MdmError, produced: _Produced) -> StageFailed:
+    """When no key's protected bytes match the catalog, tell whether the content or the key
+    shares are to blame."""
+    if isinstance(error, KeystoreError):
+        if produced.tries > 1 and len(set(produced.payloads.values())) == 1:
+            return StageFailed(CONTENT_DIFFERS)  # consistent shares, other bytes
+        if produced.tries == 1:
+            return StageFailed(f"{CONTENT_DIFFERS}, or a key server returned a wrong share")
+    return StageFailed(f"key servers: {error}")

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 import peers
+import postgres
 
 CLIENT_AET = "MDM_TEST"
 
@@ -92,3 +93,13 @@ def storage_element(embedded_pacs, key_servers, tmp_path):  # type: ignore[no-un
         yield running, series
     finally:
         running.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def catalog_section(request: pytest.FixtureRequest) -> Iterator[dict[str, str]]:
+    """The [catalog] section of a site, once per installed backend: the contract tests run over each."""
+    if request.param == "sqlite":
+        yield {"backend": "sqlite", "url": "catalog.db"}
+        return
+    with postgres.database() as url:
+        yield {"backend": "postgresql", "url": url}

@@ -19,7 +19,8 @@ VENDOR = DATA / "dicom2nifti"
 
 def write_site_config(workdir: Path, peer: Peer, key_servers: LocalKeyServers, uids: str = "deidentified",
                       store_to_pacs: bool = True, listen_port: int = 0, wait_timeout: float = 20.0,
-                      quota_bytes: int = 1 << 30, retrieve: str = "get", workers: int = 2) -> Path:
+                      quota_bytes: int = 1 << 30, retrieve: str = "get", workers: int = 2,
+                      engine: str = "pynetdicom") -> Path:
     """DIR/mdm.toml for a site whose PACS is ``peer`` and whose key servers are ``key_servers``
     (the demo PKI's service identity); the catalog lives in DIR."""
     workdir.mkdir(parents=True, exist_ok=True)
@@ -43,6 +44,7 @@ calling_aet = "{pacs.calling_aet}"
 move_port = {pacs.move_port}
 timeout = 10
 retrieve = "{retrieve}"
+engine = "{engine}"
 
 [listen]
 port = {listen_port}

@@ -58,8 +58,9 @@ def register(config_path: Path, datasets: list) -> None:
     try:
         with PacsClient(config.pacs) as pacs:
             registrar = Registrar(config, catalog, pacs, KeystoreClient.from_config(config))
-            for ds in datasets:
-                registrar.register(ds, store_in_pacs=True)
+            with registrar.batch():
+                for ds in datasets:
+                    registrar.register(ds, store_in_pacs=True)
     finally:
         catalog.close()
 

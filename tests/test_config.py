@@ -2,7 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from srm_dicom.config import load_config, parse_config
+from conftest import require_program
+from srm_dicom.config import GETSCU, load_config, parse_config
 from srm_dicom.errors import ConfigError
 
 SECRET = {"site": {"secret": "0123456789abcdef"}}
@@ -31,6 +32,7 @@ def test_config_is_found_through_the_environment(tmp_path, monkeypatch):
         ({**SECRET, "pcas": {}}, "unknown section \\[pcas\\]"),
         ({**SECRET, "pacs": {"port": "104"}}, "port must be a int"),
         ({**SECRET, "pacs": {"retrieve": "push"}}, "retrieve must be"),
+        ({**SECRET, "pacs": {"engine": "dcmtk-4"}}, "engine must be 'pynetdicom' or 'dcmtk'"),
         ({"site": {"secret": "0123456789abcdef", "file_mode": "rwxrwxrwz"}}, "file mode"),
         ({"site": {"secret": "0123456789abcdef", "metadata_mode": "open"}}, "metadata mode"),
     ],
@@ -61,3 +63,10 @@ def test_missing_or_broken_file_is_one_clear_line(tmp_path):
     broken.write_text("[site\n")
     with pytest.raises(ConfigError, match="broken.toml"):
         load_config(broken)
+
+
+def test_the_engine_is_dcmtk_where_getscu_is_installed_unless_the_config_says():
+    require_program(GETSCU)
+    assert parse_config({**SECRET, "pacs": {"port": 104}}, Path("/tmp")).pacs.engine == "dcmtk"
+    chosen = parse_config({**SECRET, "pacs": {"engine": "pynetdicom"}}, Path("/tmp"))
+    assert chosen.pacs.engine == "pynetdicom"

@@ -61,9 +61,9 @@ def test_selected_attributes():
 
 
 @pytest.fixture
-def catalog(tmp_path):
-    """An SQLite catalog with two patients' series registered as the registrar stores them."""
-    config = parse_config({"site": {"vo": "demo", "secret": SECRET.decode()}}, tmp_path)
+def catalog(tmp_path, catalog_section):
+    """A catalog of each backend with two patients' series registered as the registrar stores them."""
+    config = parse_config({"site": {"vo": "demo", "secret": SECRET.decode()}, "catalog": catalog_section}, tmp_path)
     catalog = open_catalog(config)
     for seed, patient, modality, protocol in (
         ("a", FakePatient("DOE^JOHN", "P1"), "CT", "head_routine"),

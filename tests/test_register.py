@@ -130,3 +130,40 @@ def test_every_vendor_series_is_readable_and_named(tmp_path):
     assert len(readable) == 70  # 12 series; the compressed variants share their 4 SOP UIDs
     assert len({ds.SeriesInstanceUID for ds in readable}) == 12
 
+
+
+def test_a_batch_plans_each_series_volume_once_with_the_size_one_by_one_gives(embedded_pacs, tmp_path, key_servers,
+                                                                              monkeypatch):
+    series = make_series(slices=6, size=16, seed="batch")
+    sizes = {}
+    for mode in ("one by one", "batch"):
+        config = load_config(write_site_config(tmp_path / mode.replace(" ", "-"), embedded_pacs, key_servers))
+        catalog = open_catalog(config)
+        reads: list[str] = []
+        original = type(catalog.index).series_images
+
+        def counted(self, directory, reads=reads, original=original):  # type: ignore[no-untyped-def]
+            reads.append(directory)
+            return original(self, directory)
+
+        monkeypatch.setattr(type(catalog.index), "series_images", counted)
+        registrar = Registrar(config, catalog, None, KeystoreClient.from_config(config))
+        if mode == "batch":
+            with registrar.batch():
+                assert [registrar.register(ds, store_in_pacs=False) for ds in series] == [Outcome.ADDED] * 6
+                volume = next(e for e in catalog.namespace.list_dir(
+                    catalog.namespace.list_dir(catalog.namespace.list_dir("/grid/demo/mdm").directories[0])
+                    .directories[0]).entries if e.kind == "volume")
+                assert volume.size is None  # planned when the batch ends
+            assert len(reads) == 1  # not once per image
+        else:
+            for ds in series:
+                registrar.register(ds, store_in_pacs=False)
+            assert len(reads) == 6
+        monkeypatch.undo()
+        namespace = catalog.namespace
+        directory = namespace.list_dir(namespace.list_dir("/grid/demo/mdm").directories[0]).directories[0]
+        (volume,) = [e for e in namespace.list_dir(directory).entries if e.kind == "volume"]
+        sizes[mode] = volume.size
+        catalog.close()
+    assert sizes["batch"] == sizes["one by one"] and sizes["batch"] is not None

@@ -5,9 +5,11 @@ store written once in SQL, over a small dialect per backend (``mdm_catalog_sqlit
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any
 
+from mdm_catalog_sql import copy
 from mdm_catalog_sql.database import Database, Dialect
 from mdm_catalog_sql.index import SqlMetadataIndex
 from mdm_catalog_sql.namespace import SqlNamespace
@@ -31,6 +33,20 @@ class SqlBackend:
     @property
     def schema_version(self) -> int:
         return self.db.schema_version
+
+    @property
+    def latest_version(self) -> int:
+        return len(self.db.dialect.migrations)
+
+    def migrate(self) -> tuple[int, int]:
+        return self.db.migrate()
+
+    def table_counts(self) -> dict[str, int]:
+        return copy.counts(self.db)
+
+    def copy_to(self, target: SqlBackend, progress: Callable[[str, int], None]) -> dict[str, int]:
+        """Every row into the empty ``target`` (any SQL backend); the target's counts after."""
+        return copy.copy(self.db, target.db, progress)
 
     def close(self) -> None:
         self.db.dialect.close()

@@ -27,6 +27,10 @@ class Dialect(ABC):
     def aggregate(self, expression: str, separator: str) -> str:
         """SQL joining the values of ``expression`` with ``separator`` (a literal)."""
 
+    def number(self, expression: str) -> str:
+        """SQL of a numeric header value as a number, for comparisons."""
+        return expression
+
     @abstractmethod
     def fold(self, expression: str) -> str:
         """SQL of ``expression`` as text in ASCII lower case (``like`` in srm_dicom.query)."""

@@ -12,10 +12,10 @@ order of the index that answers the query, the same for the same catalog.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
-from mdm_catalog_sql.database import Database
+from mdm_catalog_sql.database import Database, Row
 from mdm_catalog_sql.namespace import ENTRY_COLUMNS, entry_of
 from srm_dicom.catalog import AclEntry
 from srm_dicom.metadata import IMAGE_COLUMNS, MEDICAL_FIELDS, PATIENT_FIELDS, ImageMetadata
@@ -118,8 +118,8 @@ class SqlMetadataIndex:
             erased = self._db.rows("SELECT path, keyword, value FROM erased WHERE guid = ? ORDER BY path", (guid,))
         return ImageMetadata(
             patient_key=key,
-            patient={c: patient[c] for c in PATIENT_FIELDS} if patient else dict.fromkeys(PATIENT_FIELDS),
-            image={c: image[c] for c in IMAGE_COLUMNS},
+            patient=_numbers(patient, PATIENT_FIELDS),
+            image=_numbers(image, IMAGE_COLUMNS),
             medical={c: medical[c] for c in MEDICAL_FIELDS} if medical else dict.fromkeys(MEDICAL_FIELDS),
             dicom={c: dicom[c] for c in DICOM_FIELDS} if dicom else dict.fromkeys(DICOM_FIELDS),
             protocols=tuple(p["name"] for p in protocols),
@@ -132,7 +132,18 @@ class SqlMetadataIndex:
             " FROM entries e JOIN image i ON i.guid = e.guid WHERE e.parent = ? AND e.kind = 'slice'",
             (normalize_lfn(directory),),
         )
-        return {row["guid"]: {c: row[c] for c in IMAGE_COLUMNS} for row in rows}
+        return {row["guid"]: _numbers(row, IMAGE_COLUMNS) for row in rows}
+
+    def sop_classes(self, guids: Sequence[str]) -> dict[str, str]:
+        found: dict[str, str] = {}
+        with self._db.reading():
+            for start in range(0, len(guids), 500):  # within every backend's bound-parameter limit
+                chunk = list(guids[start:start + 500])
+                rows = self._db.rows(
+                    f"SELECT guid, sop_class_uid FROM dicom WHERE guid IN ({', '.join('?' * len(chunk))})", chunk
+                )
+                found.update((row["guid"], row["sop_class_uid"]) for row in rows if row["sop_class_uid"])
+        return found
 
     def original_guid(self, study: str, series: str, sop: str | None) -> str | None:
         if sop is None:
@@ -163,6 +174,8 @@ class SqlMetadataIndex:
             test = f"{self._db.dialect.fold(column)} LIKE ? ESCAPE '\\'"
         else:
             params.append(node.value)
+            if node.attribute.numeric:
+                column = self._db.dialect.number(column)
             test = f"{column} {_SQL_OPS['=' if node.attribute.multi and node.op == '!=' else node.op]} ?"
         if node.attribute.multi:
             exists = "NOT EXISTS" if node.op == "!=" else "EXISTS"
@@ -190,8 +203,38 @@ class SqlMetadataIndex:
             while chunk := rows.fetchmany(batch):
                 acls = _acls(dialect.sql, acl_cursor, [r["guid"] for r in chunk])
                 for row in chunk:
-                    values = {k: row[f"a{n}"] for n, k in enumerate(wanted)}
+                    values = {
+                        k: as_number(row[f"a{n}"]) if a.numeric else row[f"a{n}"]
+                        for n, (k, a) in enumerate(wanted.items())
+                    }
                     yield Match(entry_of(row, acls.get(row["guid"], ())), values)
+
+
+# Header values kept as numbers: a backend may store them as text (PostgreSQL keeps DS and IS
+# as TEXT, so that a value breaking its VR is kept, as SQLite keeps it); they read back as
+# numbers where they are numbers, as the text that was written otherwise.
+NUMERIC_FIELDS = frozenset({
+    "weight", "size", "rows", "columns", "bits_allocated", "bits_stored", "samples_per_pixel", "slice_thickness",
+    "instance_number", "pixel_representation", "rescale_slope", "rescale_intercept",
+})
+
+
+def as_number(value: object) -> object:
+    if not isinstance(value, str):
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        try:
+            return float(value)
+        except ValueError:
+            return value
+
+
+def _numbers(row: Row | None, fields: Iterable[str]) -> dict[str, Any]:
+    if row is None:
+        return dict.fromkeys(fields)
+    return {c: as_number(row[c]) if c in NUMERIC_FIELDS else row[c] for c in fields}
 
 
 def _acls(sql: Callable[[str], str], cursor: Any, guids: list[str]) -> dict[str, tuple[AclEntry, ...]]:

@@ -17,7 +17,7 @@ from srm_dicom.names import UidTriple, normalize_lfn
 
 ENTRY_COLUMNS = (
     "lfn", "guid", "pfn", "kind", "study_uid", "series_uid", "sop_uid", "owner", "vo", "mode",
-    "metadata_mode", "size", "adler32", "content_version", "source_digest", "created", "modified",
+    "metadata_mode", "size", "adler32", "content_version", "source_digest", "created", "modified", "sha256",
 )
 _SELECT = f"SELECT {', '.join(ENTRY_COLUMNS)} FROM entries"
 _UPSERT_ACL = (
@@ -105,16 +105,17 @@ class SqlNamespace:
 
     def replace_content(self, entry: Entry, now: float) -> None:
         self._db.write(
-            "UPDATE entries SET pfn = ?, size = ?, adler32 = ?, source_digest = ?, content_version = ?, modified = ?"
-            " WHERE lfn = ?",
-            (entry.pfn, entry.size, entry.adler32, entry.source_digest, entry.content_version, now,
+            "UPDATE entries SET pfn = ?, size = ?, adler32 = ?, sha256 = ?, source_digest = ?, content_version = ?,"
+            " modified = ? WHERE lfn = ?",
+            (entry.pfn, entry.size, entry.adler32, entry.sha256, entry.source_digest, entry.content_version, now,
              normalize_lfn(entry.lfn)),
         )
 
     def bump_volume(self, lfn: str, size: int | None, now: float) -> bool:
         return bool(
             self._db.write(
-                "UPDATE entries SET content_version = content_version + 1, size = ?, adler32 = NULL, modified = ?"
+                "UPDATE entries SET content_version = content_version + 1, size = ?, adler32 = NULL, sha256 = NULL,"
+                " modified = ?"
                 " WHERE lfn = ?",
                 (size, now, normalize_lfn(lfn)),
             )
@@ -148,10 +149,11 @@ class SqlNamespace:
                     raise NotFound(f"guid:{guid} is no longer in the catalog; rights not changed")
                 self._db.write_many(_UPSERT_ACL, [(guid, a.dn, a.perms, a.metadata) for a in acl_entries])
 
-    def set_checksum(self, guid: str, version: int, size: int, adler32: str) -> bool:
+    def set_checksum(self, guid: str, version: int, size: int, adler32: str, sha256: str | None = None) -> bool:
         return bool(
             self._db.write(
-                "UPDATE entries SET size = ?, adler32 = ? WHERE guid = ? AND content_version = ? AND adler32 IS NULL",
-                (size, adler32, guid, version),
+                "UPDATE entries SET size = ?, adler32 = ?, sha256 = ? WHERE guid = ? AND content_version = ?"
+                " AND adler32 IS NULL",
+                (size, adler32, sha256, guid, version),
             )
         )

@@ -3,6 +3,8 @@ per-file states and pins."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from mdm_catalog_sql.database import Database
 from srm_dicom.catalog import COMPLETED, FINAL_STATES, StageFile, StageRequest
 from srm_dicom.names import normalize_lfn
@@ -55,15 +57,20 @@ class SqlStageStore:
         )
 
     def set_stage_state(self, guid: str, state: str, at: int, error: str | None = None) -> None:
-        final = state in FINAL_STATES
-        self._db.write(
+        self.set_stage_states({guid: (state, error)}, at)
+
+    def set_stage_states(self, states: Mapping[str, tuple[str, str | None]], at: int) -> None:
+        self._db.write_many(
             "UPDATE stage_files SET state = ?, error = ?,"
             " started_at = coalesce(started_at, ?),"
             " finished_at = CASE WHEN ? THEN ? END,"
             " pin_expires = CASE WHEN ? THEN ? + (SELECT pin_lifetime FROM stage_requests"
             "   WHERE id = request_id) END"
             " WHERE guid = ? AND state IN ('SUBMITTED', 'STARTED')",
-            (state, error, at, final, at, state == COMPLETED, at, guid),
+            [
+                (state, error, at, state in FINAL_STATES, at, state == COMPLETED, at, guid)
+                for guid, (state, error) in states.items()
+            ],
         )
 
     def cancel_stage_files(self, request_id: str, lfns: list[str], at: int) -> None:

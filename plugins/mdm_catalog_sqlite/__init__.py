@@ -14,7 +14,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from mdm_catalog_sql import Dialect, SqlBackend
-
 from mdm_catalog_sqlite.schema import MIGRATIONS
 from srm_dicom.config import Config
 
@@ -76,10 +75,10 @@ class SQLiteDialect(Dialect):
 
 
 class SQLiteCatalog(SqlBackend):
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, migrate: bool = True) -> None:
         self.dialect = SQLiteDialect(path)
-        super().__init__(self.dialect)
+        super().__init__(self.dialect, migrate)
 
     @classmethod
-    def from_config(cls, config: Config) -> SQLiteCatalog:
-        return cls(config.path(config.catalog.url))
+    def from_config(cls, config: Config, migrate: bool = True) -> SQLiteCatalog:
+        return cls(config.path(config.catalog.url), migrate)

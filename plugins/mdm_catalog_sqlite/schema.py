@@ -134,4 +134,9 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE image ADD COLUMN frames TEXT
     """,
+    # 8: the SHA-256 of what a grid client receives (hex), beside size and adler32, for the
+    # RFC 9530 Repr-Digest and the RFC 3230 Digest of HEAD and GET (README, "Digests").
+    """
+    ALTER TABLE entries ADD COLUMN sha256 TEXT
+    """,
 ]

@@ -77,10 +77,11 @@ def run(args: argparse.Namespace) -> int:
         keystore = KeystoreClient.from_config(config)
         with PacsClient(config.pacs) as pacs:
             registrar = Registrar(config, catalog, pacs, keystore, owner=args.owner)
-            if args.from_pacs:
-                _register_from_pacs(registrar, pacs, args, summary)
-            else:
-                _register_files(registrar, args, summary)
+            with registrar.batch():
+                if args.from_pacs:
+                    _register_from_pacs(registrar, pacs, args, summary)
+                else:
+                    _register_files(registrar, args, summary)
     except PacsError as exc:
         print(summary.line(), file=sys.stderr)
         raise exc

@@ -27,7 +27,7 @@ from urllib.parse import quote, urlsplit
 
 from srm_dicom.config import Config
 from srm_dicom.crypto.shares import Share, combine_key, split_key
-from srm_dicom.errors import ConfigError, InvalidInput, NotFound
+from srm_dicom.errors import ConfigError, InvalidInput, MdmError, NotFound
 from srm_dicom.events import Arg, KeyServerCall, timed
 from srm_dicom.keystore import Acl, KeyAccessDenied, KeystoreError, check_key_id
 
@@ -135,7 +135,8 @@ class KeystoreClient:
         pool = ThreadPoolExecutor(max_workers=self.n)
         try:
             pending: dict[Future, str] = {
-                pool.submit(self._request, "GET", url, key_id, "", None): url for url in self.urls
+                pool.submit(self._request, "GET", url, f"/keys/{quote(key_id, safe='')}", None): url
+                for url in self.urls
             }
             while pending:
                 done, _ = wait(pending, timeout=max(0.0, deadline - time.monotonic()), return_when=FIRST_COMPLETED)
@@ -171,6 +172,87 @@ class KeystoreClient:
             failures,
         )
 
+    def put_keys(self, keys: Sequence[tuple[str, bytes, Acl]]) -> None:
+        """``put_key`` for many keys in one request per server (``/bulk/put``): every server
+        stores all of its shares or none; if any server fails, the others' are deleted."""
+        if not keys:
+            return
+        for key_id, _, _ in keys:
+            check_key_id(key_id)
+        splits = [split_key(key, self.k, self.n) for _, key, _ in keys]
+        bodies = [
+            {"shares": [
+                {"key_id": key_id, "index": shares[server].index,
+                 "share": base64.b64encode(shares[server].data).decode(), "acl": acl.to_json()}
+                for (key_id, _, acl), shares in zip(keys, splits, strict=True)
+            ]}
+            for server in range(self.n)
+        ]
+        results = self._on_all_paths("POST", "/bulk/put", bodies)
+        failures = [r for r in results.values() if isinstance(r, ServerFailure)]
+        if not failures:
+            return
+        stored = [url for url, r in results.items() if not isinstance(r, ServerFailure)]
+        key_ids = [key_id for key_id, _, _ in keys]
+        undo = self._on_all_paths("POST", "/bulk/delete", [{"key_ids": key_ids}] * self.n, only=stored)
+        left = [r for r in undo.values() if isinstance(r, ServerFailure)]
+        rollback = f"; rollback failed on {_summary(left)}" if left else ", rolled back"
+        raise _error(f"storing {len(keys)} keys failed: {_summary(failures)}{rollback}", failures)
+
+    def fetch_keys(self, key_ids: Sequence[str], check: Callable[[str, bytes], bool]) -> dict[str, bytes | MdmError]:
+        """``fetch_key`` for many keys in one request per server (``/bulk/fetch``): each key
+        the first k-subset of its shares that passes ``check(key_id, key)``, or the error
+        ``fetch_key`` would have raised for it alone."""
+        unique = list(dict.fromkeys(check_key_id(k) for k in key_ids))
+        if not unique:
+            return {}
+        results = self._on_all_paths("POST", "/bulk/fetch", [{"key_ids": unique}] * self.n)
+        shares: dict[str, list[Share]] = {key_id: [] for key_id in unique}
+        failures: dict[str, list[ServerFailure]] = {key_id: [] for key_id in unique}
+        for url, answer in results.items():
+            if isinstance(answer, ServerFailure):
+                for key_id in unique:
+                    failures[key_id].append(answer)
+                continue
+            items = answer.get("shares") if isinstance(answer, dict) else None
+            by_id = {i.get("key_id"): i for i in items if isinstance(i, dict)} if isinstance(items, list) else {}
+            for key_id in unique:
+                item = by_id.get(key_id)
+                if item is None:
+                    failures[key_id].append(ServerFailure(url, "answered without this key"))
+                elif "status" in item:
+                    status = item["status"] if isinstance(item["status"], int) else None
+                    failures[key_id].append(ServerFailure(url, f"answered {status}: {item.get('detail')}", status))
+                else:
+                    try:
+                        shares[key_id].append(_share_from(url, item))
+                    except ServerFailure as failure:
+                        failures[key_id].append(failure)
+        found: dict[str, bytes | MdmError] = {}
+        for key_id in unique:
+            try:
+                found[key_id] = self._combine(key_id, shares[key_id], failures[key_id],
+                                              lambda key, key_id=key_id: check(key_id, key))  # type: ignore[misc]
+            except MdmError as exc:
+                found[key_id] = exc
+        return found
+
+    def _combine(self, key_id: str, shares: list[Share], failures: list[ServerFailure],
+                 check: Callable[[bytes], bool]) -> bytes:
+        """The first k-subset of ``shares`` whose key passes ``check``; else the reason, naming servers."""
+        for subset in itertools.combinations(shares, self.k):
+            key = combine_key(list(subset))
+            if check(key):
+                return key
+        if len(shares) >= self.k:
+            raise KeystoreError(
+                f"key {key_id}: no {self.k} of the {len(shares)} shares received match the "
+                "file's key commitment (a key server returned a wrong share)"
+                + (f"; {_summary(failures)}" if failures else "")
+            )
+        if failures and all(f.status == 404 for f in failures):
+            raise NotFound(f"key {key_id} is on none of the key servers")
+        raise _error(f"key {key_id}: got {len(shares)} of the {self.k} shares needed: {_summary(failures)}", failures)
     def ping(self) -> dict[str, str | None]:
         """Which servers answer (None) and why the others do not, asking each for a key that
         never exists: the answer proves the server up and our certificate accepted."""
@@ -202,11 +284,20 @@ class KeystoreClient:
         only: Sequence[str] | None = None,
     ) -> dict[str, Any]:
         """One request per server in parallel (body i to server i); a result or a failure each."""
+        return self._on_all_paths(method, f"/keys/{quote(key_id, safe='')}{suffix}", bodies, only)
+
+    def _on_all_paths(
+        self,
+        method: str,
+        path: str,
+        bodies: Sequence[Any],
+        only: Sequence[str] | None = None,
+    ) -> dict[str, Any]:
         targets = [(u, b) for u, b in zip(self.urls, bodies, strict=True) if only is None or u in only]
         results: dict[str, Any] = {}
         pool = ThreadPoolExecutor(max_workers=max(1, len(targets)))
         try:
-            futures = {pool.submit(self._request, method, u, key_id, suffix, b): u for u, b in targets}
+            futures = {pool.submit(self._request, method, u, path, b): u for u, b in targets}
             done, late = wait(futures, timeout=self.timeout)
         finally:
             # A hanging server must not hold the caller past the timeout: leave its thread.
@@ -232,10 +323,10 @@ class KeystoreClient:
                                            timeout=self.timeout)
 
     @timed(KeyServerCall, url=Arg("url"), operation=Arg("method"), answered=_answer)
-    def _request(self, method: str, url: str, key_id: str, suffix: str, body: Any) -> Any:
+    def _request(self, method: str, url: str, resource: str, body: Any) -> Any:
         payload = None if body is None else json.dumps(body).encode()
         headers = {"Content-Type": "application/json"} if payload is not None else {}
-        path = f"{urlsplit(url).path}/keys/{quote(key_id, safe='')}{suffix}"
+        path = f"{urlsplit(url).path}{resource}"
         for attempt in (1, 2):
             connection = self._connection(url)
             reused = connection.sock is not None
@@ -248,7 +339,7 @@ class KeystoreClient:
                 # A kept-alive connection the server closed meanwhile (its idle timeout) fails on
                 # first use as a TLS EOF, a reset or an empty answer: all mean "open a new one".
                 # ssl.SSLError is an OSError, so it is retried too; every request here is
-                # idempotent (GET, PUT, DELETE of one key), so sending it again is safe.
+                # idempotent (GET, PUT, DELETE of one key; the bulk POSTs), so sending it again is safe.
                 if reused and attempt == 1 and not isinstance(exc, socket.timeout):
                     continue
                 raise _connection_failure(url, exc) from None

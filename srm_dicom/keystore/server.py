@@ -10,6 +10,14 @@ API (JSON bodies, RFC 7807 problem bodies on every error):
     GET    /keys/{key_id}      → {"key_id", "index", "share"}       ACL read
     PUT    /keys/{key_id}/acl  ACL                                  owner, service, register
     DELETE /keys/{key_id}                                           owner, service, register
+
+Bulk, so that registering or staging a series costs one request per server, not one per
+image (at most MAX_BULK keys a request):
+    POST   /bulk/put    {"shares": [{"key_id", "index", "share", "acl"}, ...]}  service or register;
+                        all stored in one transaction, or none (400 names the bad item)
+    POST   /bulk/fetch  {"key_ids": [...]} → {"shares": [{"key_id", "index", "share"}
+                        | {"key_id", "status": 403|404, "detail"}, ...]}   each by its own ACL
+    POST   /bulk/delete {"key_ids": [...]} → {"results": [{"key_id", "status": 204|403|404}]}
 """
 
 from __future__ import annotations
@@ -43,6 +51,8 @@ from srm_dicom.keystore import Acl, check_key_id
 log = logging.getLogger(__name__)
 
 MAX_BODY = 64 * 1024
+MAX_BULK = 2000  # keys per bulk request: a series of up to 2000 images in one round trip
+MAX_BULK_BODY = MAX_BULK * 1024
 
 
 class Forbidden(Exception):
@@ -127,6 +137,32 @@ class ShareStore:
             )
         return existed is None
 
+    def get_many(self, key_ids: list[str]) -> dict[str, tuple[int, bytes, Acl]]:
+        """The shares of those ``key_ids`` this server has (absent ones are left out)."""
+        found: dict[str, tuple[int, bytes, Acl]] = {}
+        with self._connect() as db:
+            for start in range(0, len(key_ids), 500):  # SQLite's bound-parameter limit
+                chunk = key_ids[start:start + 500]
+                rows = db.execute(
+                    f"SELECT key_id, idx, share, acl FROM shares WHERE key_id IN ({', '.join('?' * len(chunk))})",
+                    chunk,
+                )
+                for key_id, index, share, acl in rows:
+                    found[key_id] = (index, share, Acl.from_json(json.loads(acl)))
+        return found
+
+    def put_many(self, items: list[tuple[str, int, bytes, Acl]]) -> None:
+        """Store every share in one transaction: all or nothing."""
+        with self._connect() as db:
+            db.executemany(
+                "INSERT OR REPLACE INTO shares (key_id, idx, share, acl) VALUES (?, ?, ?, ?)",
+                [(key_id, index, share, json.dumps(acl.to_json())) for key_id, index, share, acl in items],
+            )
+
+    def delete_many(self, key_ids: list[str]) -> None:
+        with self._connect() as db:
+            db.executemany("DELETE FROM shares WHERE key_id = ?", [(key_id,) for key_id in key_ids])
+
     def set_acl(self, key_id: str, acl: Acl) -> None:
         with self._connect() as db:
             db.execute("UPDATE shares SET acl = ? WHERE key_id = ?", (json.dumps(acl.to_json()), key_id))
@@ -174,6 +210,13 @@ class KeystoreApp:
 
     def _route(self, method: str, path: str, identity: Identity, environ: dict) -> Response:
         parts = path.strip("/").split("/")
+        if parts[0] == "bulk":
+            bulk = {"put": self._bulk_put, "fetch": self._bulk_fetch, "delete": self._bulk_delete}
+            if len(parts) != 2 or parts[1] not in bulk:
+                raise NotFound(f"no such resource {path}")
+            if method != "POST":
+                return _problem(HTTPStatus.METHOD_NOT_ALLOWED, f"{method} not allowed on {path}")
+            return bulk[parts[1]](identity, environ)
         if len(parts) not in (2, 3) or parts[0] != "keys" or parts[2:] not in ([], ["acl"]):
             raise NotFound(f"no such resource {path}")
         key_id = check_key_id(parts[1])
@@ -199,22 +242,61 @@ class KeystoreApp:
         }
 
     def _put(self, key_id: str, identity: Identity, environ: dict) -> Response:
-        if identity.kind != "service" and "register" not in identity.groups:
-            raise Forbidden(f"{identity.subject} may not store keys (service or register only)")
-        body = _json_body(environ)
-        if not isinstance(body, dict) or set(body) != {"index", "share", "acl"}:
-            raise InvalidInput('body must be {"index", "share", "acl"}')
-        index = body["index"]
-        if not isinstance(index, int) or isinstance(index, bool) or not 1 <= index <= 255:
-            raise InvalidInput("index must be an integer 1..255")
-        try:
-            share = base64.b64decode(body["share"], validate=True)
-        except (binascii.Error, TypeError):
-            raise InvalidInput("share must be base64") from None
-        if len(share) != KEY_SIZE:
-            raise InvalidInput(f"share must be {KEY_SIZE} bytes")
-        created = self.store.put(key_id, index, share, Acl.from_json(body["acl"]))
+        _may_store(identity)
+        index, share, acl = _share_body(_json_body(environ))
+        created = self.store.put(key_id, index, share, acl)
         return (HTTPStatus.CREATED if created else HTTPStatus.OK), {"key_id": key_id}
+
+    def _bulk_put(self, identity: Identity, environ: dict) -> Response:
+        _may_store(identity)
+        body = _json_body(environ, MAX_BULK_BODY)
+        if not isinstance(body, dict) or set(body) != {"shares"} or not isinstance(body["shares"], list):
+            raise InvalidInput('body must be {"shares": [{"key_id", "index", "share", "acl"}, ...]}')
+        items = []
+        for number, item in enumerate(_bulk_list(body["shares"]), 1):
+            if not isinstance(item, dict) or "key_id" not in item:
+                raise InvalidInput(f"share {number}: an object with key_id, index, share, acl is required")
+            fields_ = dict(item)
+            key_id = fields_.pop("key_id")
+            if not isinstance(key_id, str):
+                raise InvalidInput(f"share {number}: key_id must be a string")
+            try:
+                items.append((check_key_id(key_id), *_share_body(fields_)))
+            except InvalidInput as exc:
+                raise InvalidInput(f"share {number} ({key_id}): {exc}") from None
+        self.store.put_many(items)
+        return HTTPStatus.OK, {"stored": len(items)}
+
+    def _bulk_fetch(self, identity: Identity, environ: dict) -> Response:
+        key_ids = _bulk_key_ids(_json_body(environ, MAX_BULK_BODY))
+        found = self.store.get_many(key_ids)
+        answers: list[dict[str, Any]] = []
+        for key_id in key_ids:
+            if key_id not in found:
+                answers.append({"key_id": key_id, "status": 404, "detail": f"no key {key_id}"})
+                continue
+            index, share, acl = found[key_id]
+            if not acl.may_read(identity):
+                answers.append({"key_id": key_id, "status": 403,
+                                "detail": f"{identity.subject} may not read key {key_id}"})
+                continue
+            answers.append({"key_id": key_id, "index": index, "share": base64.b64encode(share).decode()})
+        return HTTPStatus.OK, {"shares": answers}
+
+    def _bulk_delete(self, identity: Identity, environ: dict) -> Response:
+        key_ids = _bulk_key_ids(_json_body(environ, MAX_BULK_BODY))
+        found = self.store.get_many(key_ids)
+        results, doomed = [], []
+        for key_id in key_ids:
+            if key_id not in found:
+                results.append({"key_id": key_id, "status": 404})
+            elif not found[key_id][2].may_manage(identity):
+                results.append({"key_id": key_id, "status": 403})
+            else:
+                doomed.append(key_id)
+                results.append({"key_id": key_id, "status": 204})
+        self.store.delete_many(doomed)
+        return HTTPStatus.OK, {"results": results}
 
     def _put_acl(self, key_id: str, identity: Identity, environ: dict) -> Response:
         acl = Acl.from_json(_json_body(environ))
@@ -232,17 +314,53 @@ class KeystoreApp:
         return HTTPStatus.NO_CONTENT, None
 
 
+def _may_store(identity: Identity) -> None:
+    if identity.kind != "service" and "register" not in identity.groups:
+        raise Forbidden(f"{identity.subject} may not store keys (service or register only)")
+
+
+def _share_body(body: Any) -> tuple[int, bytes, Acl]:
+    """A share to store: ``{"index", "share", "acl"}``, checked field by field."""
+    if not isinstance(body, dict) or set(body) != {"index", "share", "acl"}:
+        raise InvalidInput('body must be {"index", "share", "acl"}')
+    index = body["index"]
+    if not isinstance(index, int) or isinstance(index, bool) or not 1 <= index <= 255:
+        raise InvalidInput("index must be an integer 1..255")
+    try:
+        share = base64.b64decode(body["share"], validate=True)
+    except (binascii.Error, TypeError):
+        raise InvalidInput("share must be base64") from None
+    if len(share) != KEY_SIZE:
+        raise InvalidInput(f"share must be {KEY_SIZE} bytes")
+    return index, share, Acl.from_json(body["acl"])
+
+
+def _bulk_list(items: list[Any]) -> list[Any]:
+    if not 0 < len(items) <= MAX_BULK:
+        raise InvalidInput(f"a bulk request names 1 to {MAX_BULK} keys, not {len(items)}")
+    return items
+
+
+def _bulk_key_ids(body: Any) -> list[str]:
+    if not isinstance(body, dict) or set(body) != {"key_ids"} or not isinstance(body["key_ids"], list):
+        raise InvalidInput('body must be {"key_ids": [...]}')
+    key_ids = _bulk_list(body["key_ids"])
+    if not all(isinstance(k, str) for k in key_ids):
+        raise InvalidInput("key_ids must be strings")
+    return list(dict.fromkeys(check_key_id(k) for k in key_ids))
+
+
 def _problem(status: HTTPStatus, detail: str) -> Response:
     return status, {"status": status.value, "title": status.phrase, "detail": detail}
 
 
-def _json_body(environ: dict) -> Any:
+def _json_body(environ: dict, limit: int = MAX_BODY) -> Any:
     try:
         length = int(environ.get("CONTENT_LENGTH") or 0)
     except ValueError:
         raise InvalidInput("bad Content-Length") from None
-    if not 0 < length <= MAX_BODY:
-        raise InvalidInput(f"a JSON body of at most {MAX_BODY} bytes is required")
+    if not 0 < length <= limit:
+        raise InvalidInput(f"a JSON body of at most {limit} bytes is required")
     try:
         return json.loads(environ["wsgi.input"].read(length))
     except (json.JSONDecodeError, UnicodeDecodeError):

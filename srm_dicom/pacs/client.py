@@ -20,7 +20,7 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,7 +45,7 @@ from pynetdicom import (
     evt,
 )
 from pynetdicom.association import Association
-from pynetdicom.sop_class import (
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # generated at import, unseen by mypy
     PatientRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
@@ -66,7 +66,13 @@ from srm_dicom.errors import InvalidInput, NotFound, PacsError
 from srm_dicom.events import PacsCall, timed
 from srm_dicom.names import is_uid
 from srm_dicom.pacs.answers import keep_answers_for_the_caller
+from srm_dicom.pacs.dcmtk import GetscuIncomplete, getscu_get
 
+log = logging.getLogger(__name__)
+
+# The dcmtk engine takes a series or a batch of at least this many images; fewer go over the
+# kept association: starting getscu costs more than receiving a few images in process.
+DCMTK_FROM = 8
 MAX_CONTEXTS = 128
 LEVELS = ("PATIENT", "STUDY", "SERIES", "IMAGE")
 
@@ -128,7 +134,7 @@ class _Inbox:
     is refused (0xC000) and never reaches the stager (README, "What reading does")."""
 
     datasets: deque[Dataset] = field(default_factory=deque)
-    expected: tuple[str, str, str | None] | None = None
+    expected: tuple[str, str, frozenset[str] | None] | None = None  # study, series, SOPs (None: any)
     peers: frozenset[str] | None = None  # addresses allowed to send (C-MOVE); None: ours (C-GET)
 
     def on_store(self, event: evt.Event) -> int:
@@ -137,6 +143,13 @@ class _Inbox:
             return STATUS_CANNOT_UNDERSTAND
         ds = event.dataset
         ds.file_meta = event.file_meta
+        if not self.accepts(ds):
+            return STATUS_CANNOT_UNDERSTAND
+        self.datasets.append(ds)
+        return 0x0000
+
+    def accepts(self, ds: Dataset) -> bool:
+        """Whether ``ds`` is one of the images asked for, with valid UIDs (else logged)."""
         try:
             values = tuple(str(ds.get(k, "") or "").strip() for k in _RETRIEVED_UIDS)
         except Exception:  # pydicom decodes lazily: a malformed UID element raises here
@@ -144,16 +157,22 @@ class _Inbox:
         asked = self.expected
         if not all(is_uid(v) for v in values) or (
             asked is not None
-            and (values[:2] != asked[:2] or (asked[2] is not None and values[2] != asked[2]))
+            and (values[:2] != asked[:2] or (asked[2] is not None and values[2] not in asked[2]))
         ):
             log.warning("retrieve: refused an image that is not of the series asked for or has invalid UIDs")
-            return STATUS_CANNOT_UNDERSTAND
-        self.datasets.append(ds)
-        return 0x0000
+            return False
+        return True
 
     def drain(self) -> Iterator[Dataset]:
         while self.datasets:
             yield self.datasets.popleft()
+
+
+def _sop_set(sops: Instances) -> frozenset[str] | None:
+    """The SOP Instance UIDs a retrieve names; None for a whole series."""
+    if not sops:
+        return None
+    return frozenset([sops] if isinstance(sops, str) else sops)
 
 
 def _transfer_syntax(ds: Dataset) -> str:
@@ -193,6 +212,15 @@ BASE_PLAN = _Plan(
 )
 
 
+class RetrieveRefused(PacsError):
+    """The PACS answered a retrieve with a failure status: it refused the request as a whole
+    (Orthanc does when one SOP Instance UID of a list is unknown), as opposed to being down."""
+
+
+# What a retrieve names: one instance, several of one series (a UID list), or the whole series.
+Instances = str | Sequence[str] | None
+
+
 class PacsClient:
     """The site's PACS, as one kept association. Use as a context manager."""
 
@@ -205,6 +233,9 @@ class PacsClient:
         self._assoc: Association | None = None
         self._plan = _Plan()
         self._inbox = _Inbox()
+        # Whether this PACS's C-FIND returns SOP Class UID (dcmqrscp does not): asked once,
+        # by the first retrieve that knows its SOP classes.
+        self._finds_sop_classes: bool | None = None
 
     def __enter__(self) -> PacsClient:
         return self
@@ -245,7 +276,7 @@ class PacsClient:
 
     def _open(self, plan: _Plan) -> Association:
         contexts = [build_context(abstract, list(ts)) for abstract, ts in sorted(plan.contexts)]
-        roles = [build_role(uid, scu_role=True, scp_role=True) for uid in sorted(plan.scp_roles)]
+        roles: list[Any] = [build_role(uid, scu_role=True, scp_role=True) for uid in sorted(plan.scp_roles)]
         connected = threading.Event()
         started = time.monotonic()
         assoc = self._ae.associate(
@@ -387,54 +418,98 @@ class PacsClient:
             "IMAGE", "SOPInstanceUID", StudyInstanceUID=study_uid, SeriesInstanceUID=series_uid
         )
 
-    def _retrieve_query(self, study: str, series: str, sop: str | None) -> Dataset:
+    def _retrieve_query(self, study: str, series: str, sops: Instances) -> Dataset:
         query = Dataset()
-        query.QueryRetrieveLevel = "IMAGE" if sop else "SERIES"
+        query.QueryRetrieveLevel = "IMAGE" if sops else "SERIES"
         query.StudyInstanceUID = study
         query.SeriesInstanceUID = series
-        if sop:
-            query.SOPInstanceUID = sop
+        if sops:
+            # A list of UIDs matches any of them (PS3.4 C.2.2.2.2): one request for a batch.
+            query.SOPInstanceUID = sops if isinstance(sops, str) else list(sops)
         return query
 
-    def _get_plan(self, study: str, series: str, sop: str | None) -> _Plan:
-        """Storage contexts for the SOP classes a C-GET will bring, found by C-FIND.
+    def _catch_all_plan(self, known: frozenset[str] = frozenset()) -> _Plan:
+        """The ``known`` classes and the common storage classes, each one context listing every
+        syntax: the PACS picks."""
+        room = MAX_CONTEXTS - len(BASE_PLAN.contexts)
+        common = (str(cx.abstract_syntax) for cx in StoragePresentationContexts)
+        classes = set(list(dict.fromkeys([*sorted(known), *common]))[:room])
+        return _Plan(frozenset((uid, RETRIEVE_SYNTAXES) for uid in classes), frozenset(classes))
 
-        Known classes get one context per transfer syntax, so the PACS sends each image
-        as it holds it. A PACS that does not return SOP Class UID (dcmqrscp) gets the
-        common storage classes, each one context listing every syntax: the PACS picks.
+    def _get_plan(self, study: str, series: str, sops: Instances, sop_classes: frozenset[str]) -> _Plan:
+        """Storage contexts for the SOP classes a C-GET will bring.
+
+        Known classes (the catalog records them) spare the C-FIND that would find them, and
+        get one context per transfer syntax, so the PACS sends each image as it holds it. A
+        PACS that does not return SOP Class UID (dcmqrscp) gets the catch-all contexts of
+        ``_catch_all_plan``: one C-FIND, the first time, tells which kind of PACS this is.
         """
+        if sop_classes:
+            if self._finds_sop_classes is None:
+                self._finds_sop_classes = self._probe_sop_classes(study, series, sops)
+            if self._finds_sop_classes is False:
+                return self._catch_all_plan(sop_classes)
+            contexts = frozenset((uid, (ts,)) for uid in sop_classes for ts in RETRIEVE_SYNTAXES)
+            return _Plan(contexts, sop_classes)
+        query = self._class_query(study, series, sops)
+        found = self.find("IMAGE", query)
+        if not found:
+            what = "series" if not sops else "instance" if isinstance(sops, str) else "instances"
+            raise NotFound(f"{self.name}: no such {what}")
+        classes = {str(ds.get("SOPClassUID", "")) for ds in found} - {""}
+        if not classes:
+            return self._catch_all_plan()
+        return _Plan(frozenset((uid, (ts,)) for uid in classes for ts in RETRIEVE_SYNTAXES), frozenset(classes))
+
+    def _class_query(self, study: str, series: str, sops: Instances) -> Dataset:
         query = Dataset()
         query.StudyInstanceUID = study
         query.SeriesInstanceUID = series
-        query.SOPInstanceUID = sop or ""
+        query.SOPInstanceUID = (sops if isinstance(sops, str) else list(sops)) if sops else ""
         query.SOPClassUID = ""
-        found = self.find("IMAGE", query)
+        return query
+
+    def _probe_sop_classes(self, study: str, series: str, sops: Instances) -> bool | None:
+        """Whether this PACS's C-FIND answers carry SOP Class UID; None when nothing matched
+        (ask again next time). One instance is enough to tell."""
+        first = sops if isinstance(sops, str) or not sops else sops[0]
+        found = self.find("IMAGE", self._class_query(study, series, first))
         if not found:
-            raise NotFound(f"{self.name}: no such {'instance' if sop else 'series'}")
-        classes = {str(ds.get("SOPClassUID", "")) for ds in found} - {""}
-        if classes:
-            contexts: set[tuple[str, tuple[str, ...]]] = {(uid, (ts,)) for uid in classes for ts in RETRIEVE_SYNTAXES}
-        else:
-            room = MAX_CONTEXTS - len(BASE_PLAN.contexts)
-            classes = {str(cx.abstract_syntax) for cx in StoragePresentationContexts[:room]}
-            contexts = {(uid, RETRIEVE_SYNTAXES) for uid in classes}
-        return _Plan(frozenset(contexts), frozenset(classes))
+            return None
+        return any(ds.get("SOPClassUID") for ds in found)
 
     @timed(PacsCall, operation="C-GET")
-    def get(self, study: str, series: str, sop: str | None = None) -> Iterator[Dataset]:
-        """C-GET one instance, or a whole series, over one association.
+    def get(
+        self, study: str, series: str, sops: Instances = None, sop_classes: frozenset[str] = frozenset(),
+        partial: list[str] | None = None,
+    ) -> Iterator[Dataset]:
+        """C-GET one instance, several of a series, or a whole series, over one association.
 
         Datasets are yielded as they arrive, with ``file_meta`` carrying the transfer
-        syntax they were sent in.
+        syntax they were sent in. ``sop_classes``, when the caller knows them, spare the
+        C-FIND that would find them. With ``partial``, failed sub-operations are appended
+        there as one line instead of raising: the caller tells which images are missing.
+        ``[pacs] engine = "dcmtk"`` has DCMTK's getscu receive a series or a batch of at least
+        ``DCMTK_FROM`` images (``pacs/dcmtk.py``), and pynetdicom again when getscu complains.
         """
-        assoc = self._association(self._get_plan(study, series, sop))
-        query = self._retrieve_query(study, series, sop)
-        self._inbox.expected = (study, series, sop)
+        self._inbox.expected = (study, series, _sop_set(sops))
+        if self.config.engine == "dcmtk" and (not sops or (not isinstance(sops, str) and len(sops) >= DCMTK_FROM)):
+            try:
+                received = list(getscu_get(self.config, self.name, study, series, sops))
+            except GetscuIncomplete as exc:
+                log.info("%s; asking again with pynetdicom", exc)
+            else:
+                yield from (ds for ds in received if self._inbox.accepts(ds))
+                return
+        assoc = self._association(self._get_plan(study, series, sops, sop_classes))
+        query = self._retrieve_query(study, series, sops)
         responses = assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet)
-        yield from self._collect("C-GET", responses, QR_GET_SERVICE_CLASS_STATUS)
+        yield from self._collect("C-GET", responses, QR_GET_SERVICE_CLASS_STATUS, partial=partial)
 
     @timed(PacsCall, operation="C-MOVE")
-    def move(self, study: str, series: str, sop: str | None = None) -> Iterator[Dataset]:
+    def move(
+        self, study: str, series: str, sops: Instances = None, partial: list[str] | None = None
+    ) -> Iterator[Dataset]:
         """C-MOVE to our own storage SCP (AE calling_aet on move_port), run for this call."""
         scp = AE(ae_title=self.config.calling_aet)
         scp.network_timeout = scp.acse_timeout = scp.dimse_timeout = self.config.timeout
@@ -443,7 +518,7 @@ class PacsClient:
         scp.require_calling_aet = [self.config.aet]
         for cx in AllStoragePresentationContexts:
             scp.add_supported_context(str(cx.abstract_syntax), list(MOVE_SCP_SYNTAXES))
-        inbox = _Inbox(expected=(study, series, sop), peers=self._pacs_addresses())
+        inbox = _Inbox(expected=(study, series, _sop_set(sops)), peers=self._pacs_addresses())
         try:
             server = scp.start_server(
                 (self.config.move_host, self.config.move_port),
@@ -455,12 +530,13 @@ class PacsClient:
             raise self._error(
                 f"C-MOVE: cannot listen on port {self.config.move_port} ({exc.strerror})"
             ) from None
+        assert server is not None  # start_server(block=False) returns the running server
         try:
             model = StudyRootQueryRetrieveInformationModelMove
             assoc = self._association(self._single(model))
-            query = self._retrieve_query(study, series, sop)
+            query = self._retrieve_query(study, series, sops)
             responses = assoc.send_c_move(query, self.config.calling_aet, model)
-            yield from self._collect("C-MOVE", responses, QR_MOVE_SERVICE_CLASS_STATUS, inbox)
+            yield from self._collect("C-MOVE", responses, QR_MOVE_SERVICE_CLASS_STATUS, inbox, partial)
         finally:
             server.shutdown()
 
@@ -472,11 +548,14 @@ class PacsClient:
             raise self._error(f"cannot resolve {self.config.host}: {exc.strerror}") from None
         return frozenset(str(info[4][0]) for info in found)
 
-    def retrieve(self, study: str, series: str, sop: str | None = None) -> Iterator[Dataset]:
-        """C-GET or C-MOVE, as the config's ``retrieve`` says."""
+    def retrieve(
+        self, study: str, series: str, sops: Instances = None, sop_classes: frozenset[str] = frozenset(),
+        partial: list[str] | None = None,
+    ) -> Iterator[Dataset]:
+        """C-GET or C-MOVE, as the config's ``retrieve`` says (see ``get``)."""
         if self.config.retrieve == "move":
-            return self.move(study, series, sop)
-        return self.get(study, series, sop)
+            return self.move(study, series, sops, partial)
+        return self.get(study, series, sops, sop_classes, partial)
 
     def _collect(
         self,
@@ -484,11 +563,13 @@ class PacsClient:
         responses: Iterable[tuple[Dataset, Any]],
         table: dict[int, tuple[str, str]],
         inbox: _Inbox | None = None,
+        partial: list[str] | None = None,
     ) -> Iterator[Dataset]:
         """Yield what sub-operations delivered while reading a retrieve's responses.
 
         Stopping the iteration early aborts the association: the PACS would otherwise
-        keep sending into an association the next call wants to use.
+        keep sending into an association the next call wants to use. A failure status
+        raises ``RetrieveRefused``; failed sub-operations go to ``partial`` when given.
         """
         inbox = inbox or self._inbox
         inbox.datasets.clear()
@@ -502,12 +583,15 @@ class PacsClient:
                 if category == "Pending":
                     continue
                 failed = int(status.get("NumberOfFailedSuboperations", 0) or 0)
+                detail = f", {failed} sub-operations failed" if failed else ""
+                line = f"{self.name}: {service} failed: {_status_text(status.Status, table)}{detail}"
+                if category not in ("Success", "Warning"):
+                    raise RetrieveRefused(line)
                 # 0xB000 says some sub-operations failed even when the optional count is absent.
-                if category not in ("Success", "Warning") or failed or status.Status == 0xB000:
-                    detail = f", {failed} sub-operations failed" if failed else ""
-                    raise self._error(
-                        f"{service} failed: {_status_text(status.Status, table)}{detail}"
-                    )
+                if failed or status.Status == 0xB000:
+                    if partial is None:
+                        raise RetrieveRefused(line)
+                    partial.append(line)
             yield from inbox.drain()
             finished = True
         finally:

@@ -7,9 +7,11 @@ PROPFIND/OPTIONS through wsgidav, and a refusal for every write: the grid side o
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable, Iterator
 from http import HTTPStatus
+from importlib import resources
 from urllib.parse import unquote_to_bytes
 
 from cryptography import x509
@@ -42,6 +44,7 @@ from srm_dicom.server.webdav import IDENTITY, webdav_app
 from srm_dicom.stager import Stager
 
 READ_METHODS = ("GET", "HEAD", "OPTIONS", "PROPFIND")
+OPENAPI = "/api/v1/openapi.json"
 _HEADER_VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]*")  # RFC 9110 field-value: no CR, LF, NUL or controls
 ALLOW = ", ".join(READ_METHODS)
 
@@ -133,6 +136,8 @@ class StorageElement:
             raise InvalidInput("the path is not valid UTF-8") from None
         if path.rstrip("/") == DISCOVERY and method == "GET":
             return self._tape.discovery(start_response, self._base_url(environ))
+        if path == OPENAPI and method == "GET":  # what client authors read: no credentials needed
+            return _openapi(start_response)
         if self._operations.handles(path):
             return self._operations(environ, start_response, self._caller(environ))
         identity = self._identify(environ)
@@ -165,6 +170,18 @@ class StorageElement:
             raise InvalidInput("Depth must be 0 or 1")
         environ["wsgidav.auth.user_name"] = identity.subject
         return self._dav(environ, start_response)
+
+
+@functools.cache
+def _openapi_document() -> bytes:
+    return (resources.files("srm_dicom") / "data" / "openapi.json").read_bytes()
+
+
+def _openapi(start_response: StartResponse) -> list[bytes]:
+    """The OpenAPI 3 document of the JSON APIs (``srm_dicom/data/openapi.json``)."""
+    body = _openapi_document()
+    start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+    return [body]
 
 
 def _printable(path: str) -> str:

@@ -7,20 +7,20 @@ what its GET offers: multi-range answers, ``Digest`` from the catalog, a 503 wit
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import re
 import secrets
 from collections.abc import Iterator
 from email.utils import formatdate
 from http import HTTPStatus
 from pathlib import Path
+from typing import BinaryIO
 
 from srm_dicom.access import may_list, may_read
 from srm_dicom.catalog import Catalog, Entry
 from srm_dicom.config import Config
 from srm_dicom.errors import NotFound, Refused
 from srm_dicom.identity import Identity
+from srm_dicom.server.digests import content_digest, digest_header, repr_digest, wanted_digests, wanted_rfc9530
 from srm_dicom.server.observe import mark_transfer
 from srm_dicom.server.problems import StartResponse, problem
 from srm_dicom.stager import StageFailed, Stager, StagingPending
@@ -66,37 +66,20 @@ def parse_ranges(header: str, size: int) -> list[tuple[int, int]] | None:
     return None if len(coalesced) > MAX_RANGES else coalesced
 
 
-def wanted_digests(header: str) -> list[str]:
-    """Algorithms of a Want-Digest header we support, in the caller's order; others are ignored."""
-    algorithms = []
-    for item in header.split(","):
-        name, _, params = item.strip().partition(";")
-        name = name.strip().lower()
-        if "q=0" in params.replace(" ", "") and not re.search(r"q=0\.\d*[1-9]", params):
-            continue
-        if name in ("adler32", "md5") and name not in algorithms:
-            algorithms.append(name)
-    return algorithms
+def _read(source: BinaryIO, first: int, last: int) -> Iterator[bytes]:
+    source.seek(first)
+    left = last - first + 1
+    while left > 0:
+        block = source.read(min(BLOCK, left))
+        if not block:
+            return
+        left -= len(block)
+        yield block
 
 
-def _md5(path: Path) -> str:
-    digest = hashlib.md5()  # noqa: S324 - RFC 3230 md5 is asked for by clients, not used for security
-    with path.open("rb") as source:
-        while block := source.read(BLOCK):
-            digest.update(block)
-    return base64.b64encode(digest.digest()).decode()
-
-
-def _read(path: Path, first: int, last: int) -> Iterator[bytes]:
-    with path.open("rb") as source:
-        source.seek(first)
-        left = last - first + 1
-        while left > 0:
-            block = source.read(min(BLOCK, left))
-            if not block:
-                return
-            left -= len(block)
-            yield block
+def _read_all(source: BinaryIO, first: int, last: int) -> Iterator[bytes]:
+    with source:
+        yield from _read(source, first, last)
 
 
 class FileService:
@@ -132,16 +115,9 @@ class FileService:
             ("ETag", f'"{entry.guid}-{entry.content_version}"'),
             ("Last-Modified", formatdate(entry.modified, usegmt=True)),
         ]
-        digests = []
-        for algorithm in wanted_digests(environ.get("HTTP_WANT_DIGEST", "")):
-            if algorithm == "adler32" and entry.adler32:
-                digests.append(f"adler32={entry.adler32}")
-            elif algorithm == "md5" and path is not None:
-                digests.append(f"md5={_md5(path)}")
-        if digests:
-            headers.append(("Digest", ",".join(digests)))
         size = entry.size
         ranges = parse_ranges(environ.get("HTTP_RANGE", ""), size) if environ.get("HTTP_RANGE") else None
+        headers += self._digests(environ, entry, path, ranges)
         if ranges == []:
             start_response("416 Range Not Satisfiable", [("Content-Range", f"bytes */{size}"), *headers,
                                                          ("Content-Length", "0")])
@@ -150,22 +126,44 @@ class FileService:
             start_response("200 OK", [*headers, ("Content-Length", str(size))])
             return iter([])
         assert path is not None  # a GET staged the file above
+        try:  # opened now: once open, the cache evicting it cannot take the bytes away mid-answer
+            source = path.open("rb")
+        except FileNotFoundError:  # evicted since it was looked up: staged again (byte-identical)
+            try:
+                source = self._stager.fetch(entry, self._config.cache.wait_timeout).open("rb")
+            except (StagingPending, StageFailed, FileNotFoundError) as exc:
+                return iter(self._unavailable(start_response, f"{entry.lfn} is being staged again ({exc})"))
         if not ranges:
             start_response("200 OK", [*headers, ("Content-Length", str(size))])
-            return _read(path, 0, size - 1)
+            return _read_all(source, 0, size - 1)
         if len(ranges) == 1:
             first, last = ranges[0]
             start_response("206 Partial Content", [*headers, ("Content-Range", f"bytes {first}-{last}/{size}"),
                                                    ("Content-Length", str(last - first + 1))])
-            return _read(path, first, last)
-        return self._multipart(start_response, headers, path, ranges, size)
+            return _read_all(source, first, last)
+        return self._multipart(start_response, headers, source, ranges, size)
+
+    @staticmethod
+    def _digests(environ: dict, entry: Entry, path: Path | None,
+                 ranges: list[tuple[int, int]] | None) -> list[tuple[str, str]]:
+        """Digest (RFC 3230), Repr-Digest and Content-Digest (RFC 9530), as asked (server/digests.py)."""
+        found = []
+        if value := digest_header(entry, path, wanted_digests(environ.get("HTTP_WANT_DIGEST", ""))):
+            found.append(("Digest", value))
+        if value := repr_digest(entry, path, wanted_rfc9530(environ.get("HTTP_WANT_REPR_DIGEST", ""))):
+            found.append(("Repr-Digest", value))
+        wanted = wanted_rfc9530(environ.get("HTTP_WANT_CONTENT_DIGEST", ""))
+        single = not ranges or len(ranges) == 1  # a multipart answer's content is not the file's
+        if wanted and single and (value := content_digest(entry, path, wanted, ranges[0] if ranges else None)):
+            found.append(("Content-Digest", value))
+        return found
 
     def _unavailable(self, start_response: StartResponse, detail: str) -> list[bytes]:
         """503 with Retry-After: rclone, davix and gfal2 come back later."""
         retry = str(self._config.cache.retry_after)
         return problem(start_response, HTTPStatus.SERVICE_UNAVAILABLE, detail, [("Retry-After", retry)])
 
-    def _multipart(self, start_response: StartResponse, headers: list, path: Path,
+    def _multipart(self, start_response: StartResponse, headers: list, source: BinaryIO,
                    ranges: list[tuple[int, int]], size: int) -> Iterator[bytes]:
         boundary = secrets.token_hex(16)
         parts = [
@@ -181,9 +179,10 @@ class FileService:
                                                ("Content-Length", str(length))])
 
         def body() -> Iterator[bytes]:
-            for index, ((first, last), part) in enumerate(zip(ranges, parts, strict=True)):
-                yield (b"\r\n" if index else b"") + part
-                yield from _read(path, first, last)
-            yield closing
+            with source:
+                for index, ((first, last), part) in enumerate(zip(ranges, parts, strict=True)):
+                    yield (b"\r\n" if index else b"") + part
+                    yield from _read(source, first, last)
+                yield closing
 
         return body()

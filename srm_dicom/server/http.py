@@ -24,13 +24,13 @@ import contextlib
 import logging
 import socket
 import ssl
+import sys
 import threading
 import time
 from collections import Counter
 from http import HTTPStatus
 from typing import Any
 
-from cheroot import errors as cheroot_errors
 from cheroot import server as cheroot_server
 from cheroot import wsgi
 from cheroot.makefile import MakeFile, StreamReader
@@ -112,11 +112,8 @@ class _Request(cheroot_server.HTTPRequest):
         except ValueError:
             answer = HTTPStatus.BAD_REQUEST
         self.close_connection = True
-        try:
+        with contextlib.suppress(OSError):  # the client is gone: nothing to answer, nothing to log
             self.conn.wfile.write(_problem_bytes(self.server.protocol, answer, detail or answer.description))
-        except OSError as exc:
-            if exc.args[0] not in cheroot_errors.socket_errors_to_ignore:
-                raise
 
 
 class _Connection(cheroot_server.HTTPConnection):
@@ -216,7 +213,11 @@ class LimitedServer(wsgi.Server):
                 del self._per_client[client]
 
     def error_log(self, msg: str = "", level: int = 20, traceback: bool = False) -> None:
-        """cheroot's messages go to the logging tree; a traceback only for a fault of ours."""
+        """cheroot's messages go to the logging tree; a traceback only for a fault of ours, not
+        for a client that went away mid-request (a socket or TLS error)."""
+        if traceback and isinstance(sys.exc_info()[1], OSError):
+            log.info("%s (%s)", msg, sys.exc_info()[1])
+            return
         log.log(level, "%s", msg, exc_info=traceback)
 
 

@@ -26,6 +26,8 @@ per-item figure is the one that must stay flat.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import hashlib
 import posixpath
 import random
@@ -47,7 +49,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "plugins")]
 
 import srm_dicom  # noqa: E402
 from srm_dicom.catalog import Catalog, Entry, open_catalog  # noqa: E402
-from srm_dicom.config import Config, parse_config  # noqa: E402
+from srm_dicom.config import CatalogConfig, Config, parse_config  # noqa: E402
 from srm_dicom.metadata import ImageMetadata  # noqa: E402
 from srm_dicom.names import VOLUME, UidTriple, pfn, vo_root  # noqa: E402
 from srm_dicom.rights import parse_mode  # noqa: E402
@@ -177,7 +179,11 @@ class BulkWriter:
 
     def __init__(self, db: sqlite3.Connection) -> None:
         self.db = db
-        self.entry_columns = [row[1] for row in db.execute("PRAGMA table_info(entries)")]
+        self.columns = {
+            table: [row[1] for row in db.execute(f"PRAGMA table_info({table})")]
+            for table in ("entries", "image", "medical", "dicom")
+        }
+        self.entry_columns = self.columns["entries"]
         self.rows: dict[str, list[tuple[object, ...]]] = {}
         self.directories: set[str] = set()
         self.patients: dict[str, tuple[object, ...]] = {}  # register_image replaces a patient's row per image
@@ -200,9 +206,11 @@ class BulkWriter:
             self._entry(image.volume, now, SLICES)
         meta, guid = image.metadata, image.entry.guid
         self.patients[meta.patient_key] = (meta.patient_key, *meta.patient.values())
-        self._add("image", (guid, meta.patient_key, *meta.image.values()))
-        self._add("medical", (guid, *meta.medical.values()))
-        self._add("dicom", (guid, *meta.dicom.values()))
+        for table, values in (
+            ("image", {"patient_key": meta.patient_key, **meta.image}), ("medical", meta.medical), ("dicom", meta.dicom)
+        ):
+            row = {"guid": guid, **values}  # by column name: the schema grows by migrations
+            self._add(table, tuple(row.get(c) for c in self.columns[table]))
         for protocol in meta.protocols:
             self._add("protocol", (protocol, guid))
 
@@ -256,7 +264,7 @@ def series_rows(path: Path, study_uid: str, series_uid: str) -> dict[str, list[t
                 where, params = "patient_key IN (SELECT patient_key FROM image WHERE guid IN (" + marks + "))", guids
             elif table == "directories":
                 where, params = "path IN (SELECT parent FROM entries WHERE guid IN (" + marks + "))", guids
-            elif table == "schema_version":
+            elif table in ("schema_version", "stage_requests"):
                 where, params = "1", []
             else:
                 raise SystemExit(f"bench does not know which rows of table {table} belong to a series: update it")
@@ -355,6 +363,34 @@ def report(small: dict[str, Timing], large: dict[str, Timing], small_n: int, lar
         )
 
 
+@contextlib.contextmanager
+def copied_to_postgres(config: Config, server: str, name: str) -> Iterator[Config]:
+    """The SQLite catalog of ``config`` copied into a new PostgreSQL database (dropped after)."""
+    import psycopg
+
+    database = f"mdm_bench_{name}_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(server, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{database}"')
+        try:
+            target = dataclasses.replace(
+                config, catalog=CatalogConfig("postgresql", f"{server.rsplit('/', 1)[0]}/{database}")
+            )
+            source, copy = open_catalog(config), open_catalog(target)
+            start = time.perf_counter()
+            counts = source.backend.copy_to(copy.backend, lambda table, rows: None)
+            if counts != source.backend.table_counts():
+                raise SystemExit(f"{name}: copy to PostgreSQL lost rows: {counts}")
+            with copy.backend.transaction() as connection:  # fresh statistics, as autovacuum would gather
+                connection.execute("ANALYZE")
+            seconds = time.perf_counter() - start
+            print(f"{name}: copied to PostgreSQL in {seconds:.1f} s ({sum(counts.values()):,} rows)")
+            source.close()
+            copy.close()
+            yield target
+        finally:
+            admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--studies", type=int, default=10_000, help=f"large catalog: studies of {SERIES}x{SLICES}")
@@ -363,6 +399,11 @@ def main() -> None:
     parser.add_argument("--lookups", type=int, default=10_000, help="random lookups per operation")
     parser.add_argument("--root-lookups", type=int, default=20, help="listings of the VO root")
     parser.add_argument("--budget", type=float, default=30.0, help="seconds at most per operation and catalog")
+    parser.add_argument("--backend", choices=("sqlite", "postgresql"), default="sqlite",
+                        help="catalog timed: postgresql fills SQLite in bulk, then copies it as 'mdm catalog copy'"
+                             " does into a database of its own on --postgres (dropped after)")
+    parser.add_argument("--postgres", default="postgresql://postgres@127.0.0.1:5432/postgres",
+                        help="PostgreSQL server (a database with admin rights to create and drop others)")
     args = parser.parse_args()
     per_study = SERIES * SLICES
     print(f"code under test: {Path(srm_dicom.__file__).parent}")
@@ -378,6 +419,7 @@ def main() -> None:
               f" {count / seconds:,.0f} slices/s")
 
         timings = {}
+        stack = contextlib.ExitStack()
         for name, studies in (("small", args.small_studies), ("large", args.studies)):
             config = make_config(directory, name)
             open_catalog(config).close()  # the backend makes the schema
@@ -389,6 +431,8 @@ def main() -> None:
             if name == "large":
                 check_bulk_matches(directory, images, path)
                 print("large: one series' rows equal register_image's (all tables, timestamps aside)")
+            if args.backend == "postgresql":
+                config = stack.enter_context(copied_to_postgres(config, args.postgres, name))
             catalog = open_catalog(config)
             if catalog.namespace.count() != slices + studies * SERIES:
                 raise SystemExit(f"{name}: {catalog.namespace.count()} entries, expected {slices + studies * SERIES}")
@@ -396,6 +440,8 @@ def main() -> None:
             timings[name] = lookups(catalog, images, studies, args.lookups, args.root_lookups, args.budget)
             catalog.close()
             print(f"{name}: lookups in {time.perf_counter() - start:.1f} s")
+        stack.close()
+        print(f"backend: {args.backend}")
         report(timings["small"], timings["large"], args.small_studies * per_study, args.studies * per_study)
 
 

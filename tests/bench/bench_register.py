@@ -226,7 +226,8 @@ def run_registrar(peer: peers.Peer, files: FileSet, workdir: Path, keys: KeyServ
         with PacsClient(config.pacs) as pacs:
             registrar = Registrar(config, catalog, pacs, KeystoreClient.from_config(config))
             start = time.perf_counter()
-            outcomes = [registrar.register(read_dicom(path), store_in_pacs=True) for path in files.files]
+            with registrar.batch():  # as mdm register does
+                outcomes = [registrar.register(read_dicom(path), store_in_pacs=True) for path in files.files]
             elapsed = time.perf_counter() - start
     finally:
         catalog.close()

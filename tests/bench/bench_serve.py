@@ -1,6 +1,6 @@
 """Staging and serving by the storage element (``mdm serve``) next to the PACS and nginx doing the same work.
 
-Run: python tests/bench/bench_serve.py [--pacs orthanc embedded] [--rounds 3] [--gets 5]
+Run: python tests/bench/bench_serve.py [--pacs orthanc embedded dcmqrscp] [--rounds 3] [--gets 5]
 
 Part 1, cold staging of a synthetic CT series (100 slices of 256², one PACS at a time). Each
 storage element figure starts a new ``mdm serve`` process over the same catalog with an
@@ -19,8 +19,10 @@ Next to them, the same PACS doing the transfer alone, from this process:
   of the 3D GET and the cheapest way to move the images.
 - PacsClient.get per SOP: 100 C-GETs of one image each over one association: the floor of
   staging slice by slice (the storage element asks the PACS image by image).
-- getscu series: DCMTK's /usr/bin/getscu, one C-GET of the series, ``--ignore`` (received,
-  not written), TCP_NODELAY=1.
+- getscu series: DCMTK's /usr/bin/getscu, one C-GET of the series written into a
+  directory, TCP_NODELAY=1; the files are counted after the clock stops.
+- getscu + dcm2niix (3D): the same, then dcm2niix of the directory into one NIfTI file
+  (checked): the peers' cold 3D GET.
 - key fetch ×100: ``KeystoreClient.fetch_key`` of each slice's key from the three key
   servers, as the stager does once per slice (no content check): what slice-by-slice staging
   pays on top of the PACS.
@@ -74,7 +76,7 @@ import peers  # noqa: E402
 import srm_dicom  # noqa: E402
 from sites import write_site_config  # noqa: E402
 from srm_dicom.catalog import Entry, UidTriple, open_catalog  # noqa: E402
-from srm_dicom.config import CacheConfig, ServerConfig, load_config  # noqa: E402
+from srm_dicom.config import CacheConfig, ServerConfig, default_engine, load_config  # noqa: E402
 from srm_dicom.errors import MdmError  # noqa: E402
 from srm_dicom.keystore.client import KeystoreClient  # noqa: E402
 from srm_dicom.pacs.client import PacsClient  # noqa: E402
@@ -83,6 +85,7 @@ from srm_dicom.synthetic import make_series  # noqa: E402
 from storage import register  # noqa: E402
 
 GETSCU = "/usr/bin/getscu"
+DCM2NIIX = "/usr/bin/dcm2niix"
 NGINX = "/usr/sbin/nginx"
 CURL = "/usr/bin/curl"
 CLIENT_AET = "MDM_BENCH"
@@ -152,6 +155,7 @@ def start_embedded_process(workdir: Path, client_aet: str, client_port: int) -> 
 STARTERS: dict[str, Callable[[Path, str, int], peers.Peer]] = {
     "orthanc": peers.start_orthanc,
     "embedded": start_embedded_process,
+    "dcmqrscp": peers.start_dcmqrscp,
 }
 
 
@@ -173,8 +177,10 @@ class Served:
 class Site:
     """A catalog over one PACS; every ``serve()`` is a new storage element with an empty cache."""
 
-    def __init__(self, workdir: Path, peer: peers.Peer, keys: KeyServers, workers: int, threads: int) -> None:
-        base = write_site_config(workdir, peer, keys, wait_timeout=600, quota_bytes=16 << 30)  # type: ignore[arg-type]
+    def __init__(self, workdir: Path, peer: peers.Peer, keys: KeyServers, workers: int, threads: int,
+                 engine: str) -> None:
+        base = write_site_config(workdir, peer, keys, wait_timeout=600, quota_bytes=16 << 30,  # type: ignore[arg-type]
+                                 engine=engine)
         self.workdir, self.peer, self.pki = workdir, peer, keys.pki
         self._text = (base.read_text().replace("workers = 2", f"workers = {workers}")
                       .replace("threads = 8", f"threads = {threads}"))
@@ -276,13 +282,26 @@ class Series:
         return self.datasets[0].SeriesInstanceUID
 
 
-def cold(site: Site, work: Callable[[Https], None]) -> float:
+PEAK_RSS: dict[str, list[float]] = {}  # what a method's `mdm serve` peaked at (VmHWM, MiB), by method
+
+
+def peak_rss_mib(pid: int) -> float:
+    """VmHWM of a process: the most resident memory it ever held."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise SystemExit(f"no VmHWM for process {pid}")
+
+
+def cold(site: Site, work: Callable[[Https], None], method: str = "") -> float:
     served = site.serve()
     client = Https(served.url, site.pki)
     try:
         start = time.perf_counter()
         work(client)
-        return time.perf_counter() - start
+        elapsed = time.perf_counter() - start
+        PEAK_RSS.setdefault(method, []).append(peak_rss_mib(served.process.pid))
+        return elapsed
     finally:
         client.close()
         served.stop()
@@ -304,7 +323,7 @@ def tape_stage(site: Site, series: Series, poll: float) -> float:
                 return
             time.sleep(poll)
 
-    return cold(site, work)
+    return cold(site, work, "tape")
 
 
 def sequential_gets(site: Site, series: Series) -> float:
@@ -314,7 +333,7 @@ def sequential_gets(site: Site, series: Series) -> float:
         if received != expected:
             raise SystemExit(f"100 GETs: {received} bytes, the catalog says {expected}")
 
-    return cold(site, work)
+    return cold(site, work, "gets")
 
 
 def volume_get(site: Site, series: Series) -> float:
@@ -324,7 +343,7 @@ def volume_get(site: Site, series: Series) -> float:
         if received != expected:
             raise SystemExit(f"3D GET: {received} bytes, the catalog says {expected}")
 
-    return cold(site, work)
+    return cold(site, work, "3d")
 
 
 def pacs_series(site: Site, series: Series) -> float:
@@ -353,25 +372,45 @@ def getscu_command(peer: peers.Peer, series: Series, *output: str) -> list[str]:
             *output, peer.host, str(peer.port)]
 
 
-def check_getscu(site: Site, series: Series) -> None:
-    """One run that writes the files, to see getscu really gets the whole series."""
-    out = site.workdir / "getscu-check"
-    out.mkdir(exist_ok=True)
-    done = subprocess.run(getscu_command(site.peer, series, "-od", str(out)), capture_output=True, text=True,
-                          env=peers.peer_env())
-    received = len(list(out.iterdir()))
-    shutil.rmtree(out)
-    if done.returncode != 0 or received != len(series.datasets):
-        raise SystemExit(f"getscu: exit {done.returncode}, {received} files: {done.stderr[-1000:]}")
-
-
 def getscu(site: Site, series: Series) -> float:
-    start = time.perf_counter()
-    done = subprocess.run(getscu_command(site.peer, series, "--ignore"), capture_output=True, text=True,
-                          env=peers.peer_env())
-    elapsed = time.perf_counter() - start
-    if done.returncode != 0:
-        raise SystemExit(f"getscu failed ({done.returncode}): {done.stderr[-1000:]}")
+    """getscu writing the series into a directory (as the storage element writes its cache),
+    the files counted after the clock stops: a run that moved less does not count."""
+    out = Path(tempfile.mkdtemp(dir=site.workdir, prefix="getscu-"))
+    try:
+        start = time.perf_counter()
+        done = subprocess.run(getscu_command(site.peer, series, "-od", str(out)), capture_output=True, text=True,
+                              env=peers.peer_env())
+        elapsed = time.perf_counter() - start
+        received = len(list(out.iterdir()))
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    if done.returncode != 0 or received != len(series.datasets):
+        raise SystemExit(f"getscu: exit {done.returncode}, {received} of {len(series.datasets)} files: "
+                         f"{done.stderr[-1000:]}")
+    return elapsed
+
+
+def getscu_dcm2niix(site: Site, series: Series) -> float:
+    """The peers' 3D: getscu into a directory, then dcm2niix of it into one NIfTI volume
+    (checked: one .nii of at least the voxels' size)."""
+    work = Path(tempfile.mkdtemp(dir=site.workdir, prefix="dcm2niix-"))
+    dicom, nifti = work / "dicom", work / "nifti"
+    dicom.mkdir()
+    nifti.mkdir()
+    try:
+        start = time.perf_counter()
+        fetched = subprocess.run(getscu_command(site.peer, series, "-od", str(dicom)), capture_output=True,
+                                 text=True, env=peers.peer_env())
+        converted = subprocess.run([DCM2NIIX, "-z", "n", "-b", "n", "-f", "volume", "-o", str(nifti), str(dicom)],
+                                   capture_output=True, text=True)
+        elapsed = time.perf_counter() - start
+        volumes = list(nifti.glob("*.nii"))
+        voxels = len(series.datasets) * series.datasets[0].Rows * series.datasets[0].Columns * 2
+        if fetched.returncode or converted.returncode or len(volumes) != 1 or volumes[0].stat().st_size < voxels:
+            raise SystemExit(f"getscu + dcm2niix: {fetched.returncode}/{converted.returncode}, {volumes}: "
+                             f"{converted.stdout[-500:]}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     return elapsed
 
 
@@ -383,13 +422,13 @@ def key_fetches(site: Site, series: Series) -> float:
     return time.perf_counter() - start
 
 
-REFERENCE, DCMTK = "PacsClient.get series", "getscu series"
+REFERENCE, DCMTK, PEERS_3D = "PacsClient.get series", "getscu series", "getscu + dcm2niix (3D)"
 
 
 def prepare_site(kind: str, workdir: Path, keys: KeyServers, slices: int, size: int, args: argparse.Namespace,
                  seed: str) -> tuple[Site, Series]:
     peer = STARTERS[kind](workdir / "pacs", CLIENT_AET, peers.free_port())
-    site = Site(workdir / "site", peer, keys, args.workers, args.threads)
+    site = Site(workdir / "site", peer, keys, args.workers, args.threads, args.engine)
     datasets = make_series(slices=slices, size=size, seed=seed)
     start = time.perf_counter()
     register(site.config, datasets)
@@ -420,7 +459,6 @@ def part1(kind: str, workdir: Path, keys: KeyServers, args: argparse.Namespace) 
         served, first = first_assembly(site, series)
         served.stop()
         shutil.rmtree(served.cache, ignore_errors=True)
-        check_getscu(site, series)
         methods: dict[str, Callable[[Site, Series], float]] = {
             f"SE Tape REST stage ({len(series.slices)})": lambda s, ser: tape_stage(s, ser, args.poll),
             f"SE {len(series.slices)} sequential GETs": sequential_gets,
@@ -428,8 +466,13 @@ def part1(kind: str, workdir: Path, keys: KeyServers, args: argparse.Namespace) 
             REFERENCE: pacs_series,
             "PacsClient.get per SOP": pacs_per_sop,
             DCMTK: getscu,
+            PEERS_3D: getscu_dcm2niix,
             f"key fetch x{len(series.slices)}": key_fetches,
         }
+        if args.skip_methods:
+            methods = {name: run for name, run in methods.items()
+                       if name in (REFERENCE, DCMTK, PEERS_3D, "SE 3D GET")
+                       or not any(word in name for word in args.skip_methods)}
         times: dict[str, list[float]] = {name: [] for name in methods}
         failures: list[str] = []
         for round_ in range(args.rounds):
@@ -452,6 +495,11 @@ def part1(kind: str, workdir: Path, keys: KeyServers, args: argparse.Namespace) 
         median = statistics.median(runs)
         spread = f"{median:7.2f} [{min(runs):.2f}-{max(runs):.2f}]"
         print(f"{name:28s} {spread:>21s} {count / median:9.1f} {median / reference:8.2f} {median / dcmtk:9.2f}")
+    peers_3d = statistics.median(times[PEERS_3D])
+    print(f"  SE 3D GET / (getscu + dcm2niix): {statistics.median(times['SE 3D GET']) / peers_3d:.2f}")
+    print("  peak RSS of mdm serve (VmHWM, MiB, max over rounds): "
+          + ", ".join(f"{method} {max(values):.0f}" for method, values in PEAK_RSS.items()))
+    PEAK_RSS.clear()
     for failure in failures:
         print(f"  FAILED (not in the medians): {failure}")
 
@@ -627,13 +675,19 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=CacheConfig().workers, help="[cache] workers")
     parser.add_argument("--threads", type=int, default=ServerConfig().threads, help="[server] threads")
     parser.add_argument("--skip", choices=["part1", "part2"], help="leave one part out")
+    parser.add_argument("--skip-methods", nargs="+", default=[], metavar="WORD",
+                        help="part 1: leave out the methods whose name has WORD (e.g. 'sequential' 'per SOP' at "
+                             "1000 slices); the references and the 3D GET always run")
+    parser.add_argument("--engine", choices=["pynetdicom", "dcmtk"], default=default_engine(),
+                        help="[pacs] engine of the storage element (default: as a site config without one)")
     args = parser.parse_args()
-    needed = (GETSCU, CURL, peers.ORTHANC) + (() if args.skip == "part2" else (NGINX,))
+    needed = (GETSCU, DCM2NIIX, CURL, peers.ORTHANC) + (() if args.skip == "part2" else (NGINX,))
     for program in needed:
         if not os.access(program, os.X_OK):
             raise SystemExit(f"missing program: {program}")
     print(f"code under test: {Path(srm_dicom.__file__).parent}")
-    print(f"storage element: [cache] workers = {args.workers}, [server] threads = {args.threads}; "
+    print(f"storage element: [pacs] engine = {args.engine}, [cache] workers = {args.workers}, "
+          f"[server] threads = {args.threads}; "
           f"client certificate of {USER}; {os.cpu_count()} CPUs")
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         workdir = Path(tmp)

@@ -382,6 +382,73 @@ def test_client_from_a_users_client_toml(pki, servers):
     assert client_from.fetch_key("guid:from-config", exact(key)) == key
 
 
+def test_bulk_put_and_fetch_many_keys_each_by_its_own_acl(pki, servers):
+    urls = urls_of(servers)
+    keys = {f"guid:bulk-{i}": os.urandom(32) for i in range(300)}
+    private = Acl(ALICE)  # bob may not read this one
+    acls = {key_id: private if key_id == "guid:bulk-7" else physician_acl() for key_id in keys}
+    client(pki, "alice", urls).put_keys([(key_id, key, acls[key_id]) for key_id, key in keys.items()])
+    for database in (s.database for s in servers):
+        with sqlite3.connect(database) as db:
+            (count,) = db.execute("SELECT count(*) FROM shares WHERE key_id LIKE 'guid:bulk-%'").fetchone()
+        assert count == 300
+    checked: list[str] = []
+
+    def check(key_id: str, candidate: bytes) -> bool:
+        checked.append(key_id)
+        return candidate == keys[key_id]
+
+    got = client(pki, "bob", urls).fetch_keys([*keys, "guid:bulk-missing"], check)
+    readable = {k: v for k, v in keys.items() if k != "guid:bulk-7"}
+    assert {k: v for k, v in got.items() if isinstance(v, bytes)} == readable
+    assert isinstance(got["guid:bulk-7"], KeyAccessDenied)
+    assert isinstance(got["guid:bulk-missing"], NotFound)
+    assert sorted(checked) == sorted(k for k in keys if k != "guid:bulk-7")  # one check per key: consistent shares
+
+
+def test_bulk_fetch_with_one_server_down_still_gives_every_key(pki, servers):
+    keys = {f"guid:bulk-down-{i}": os.urandom(32) for i in range(5)}
+    client(pki, "alice", urls_of(servers)).put_keys([(k, v, physician_acl()) for k, v in keys.items()])
+    urls = urls_of(servers)
+    urls[1] = dead_url()
+    got = client(pki, "bob", urls, timeout=3).fetch_keys(list(keys), lambda key_id, key: key == keys[key_id])
+    assert got == keys
+
+
+def test_failed_bulk_write_is_rolled_back_everywhere(pki, servers):
+    urls = urls_of(servers)
+    urls[2] = dead = dead_url()
+    with pytest.raises(KeystoreError) as failed:
+        client(pki, "alice", urls).put_keys([(f"guid:bulk-rb-{i}", os.urandom(32), physician_acl()) for i in range(4)])
+    assert f"storing 4 keys failed: {dead} unreachable" in str(failed.value) and "rolled back" in str(failed.value)
+    for server in servers:
+        with sqlite3.connect(server.database) as db:
+            assert db.execute("SELECT 1 FROM shares WHERE key_id LIKE 'guid:bulk-rb-%'").fetchone() is None
+
+
+def test_bulk_put_is_refused_to_a_plain_user_and_stores_nothing(pki, servers):
+    with pytest.raises(KeyAccessDenied):
+        client(pki, "bob", urls_of(servers)).put_keys([("guid:bulk-bob", os.urandom(32), physician_acl())])
+    for server in servers:
+        with sqlite3.connect(server.database) as db:
+            assert db.execute("SELECT 1 FROM shares WHERE key_id = 'guid:bulk-bob'").fetchone() is None
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status"),
+    [
+        ("/bulk/fetch", b'{"key_ids": []}', 400),
+        ("/bulk/fetch", b'{"key_ids": "guid:x"}', 400),
+        ("/bulk/fetch", b'{"key_ids": ["bad id"]}', 400),
+        ("/bulk/put", b'{"shares": [{"key_id": "guid:x", "index": 1}]}', 400),
+        ("/bulk/put", json.dumps({"shares": [{"key_id": f"guid:{i}"} for i in range(2001)]}).encode(), 400),
+        ("/bulk/elsewhere", b"{}", 404),
+    ],
+)
+def test_bad_bulk_requests_get_rfc7807_problems(pki, servers, path, body, status):
+    got, content_type, payload = _raw(pki, servers[0], "POST", path, body)
+    assert got == status and content_type == "application/problem+json"
+    assert json.loads(payload)["detail"]
 # The servers close a kept-alive connection after this long idle (cheroot's timeout; 10 s by
 # default): short here so that the idle gap of a real pause takes a second, not ten.
 SHORT_IDLE = 0.5

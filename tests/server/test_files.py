@@ -180,3 +180,45 @@ def test_many_and_overlapping_ranges_cost_the_file_once_at_most(storage_element,
     assert whole.status == 200 and whole.body == full
     huge = request(running.url, pki, "bob", path=lfn, headers={"Range": "bytes=99999999999999999999999-"})
     assert huge.status == 200 and huge.body == full  # malformed (beyond 19 digits): ignored
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def test_rfc_3230_and_9530_digests_on_head_and_get_from_the_catalog(storage_element, pki):
+    running, series = storage_element
+    lfn = lfn_of(running, series[7])
+    entry = running.catalog.namespace.lookup(lfn)
+    want = {"Want-Digest": "sha-256", "Want-Repr-Digest": "sha-512=3, sha-256=9, adler=1, md5=5",
+            "Want-Content-Digest": "sha-256=1"}
+    head = request(running.url, pki, "bob", "HEAD", lfn, headers=want)  # not staged: what the catalog knows
+    assert running.stager.locality(entry) == "TAPE"
+    got = request(running.url, pki, "bob", path=lfn, headers=want)
+    body = got.body
+    sha256, adler = hashlib.sha256(body).digest(), zlib.adler32(body).to_bytes(4, "big")
+    assert entry.sha256 == sha256.hex()  # recorded at registration
+    assert head.headers["digest"] == got.headers["digest"] == f"sha-256={b64(sha256)}"
+    assert head.headers["repr-digest"] == f"sha-256=:{b64(sha256)}:, adler=:{b64(adler)}:"
+    assert head.headers["content-digest"] == f"sha-256=:{b64(sha256)}:"
+    sha512 = hashlib.sha512(body).digest()
+    assert got.headers["repr-digest"] == f"sha-256=:{b64(sha256)}:, sha-512=:{b64(sha512)}:, adler=:{b64(adler)}:"
+    part = request(running.url, pki, "bob", path=lfn, headers={**want, "Range": "bytes=10-99"})
+    assert part.status == 206 and part.body == body[10:100]
+    assert part.headers["content-digest"] == f"sha-256=:{b64(hashlib.sha256(body[10:100]).digest())}:"
+    assert part.headers["repr-digest"] == got.headers["repr-digest"]  # the file's, not the range's
+    alone = request(running.url, pki, "bob", "HEAD", lfn, headers={"Want-Digest": "adler32"})
+    assert alone.headers["digest"] == f"adler32={zlib.adler32(body):08x}" and "repr-digest" not in alone.headers
+    nothing = request(running.url, pki, "bob", "HEAD", lfn, headers={"Want-Repr-Digest": "sha-256=0, crc32c=5, ;;="})
+    assert nothing.status == 200 and "repr-digest" not in nothing.headers
+
+
+def test_a_volume_records_its_sha256_at_first_assembly(storage_element, pki):
+    running, series = storage_element
+    volume = lfn_of(running, series[0], sop="3D")
+    assert running.catalog.namespace.lookup(volume).sha256 is None
+    got = request(running.url, pki, "bob", path=volume, headers={"Want-Repr-Digest": "sha-256=1"})
+    assert got.status == 200, got.body
+    sha256 = hashlib.sha256(got.body).digest()
+    assert running.catalog.namespace.lookup(volume).sha256 == sha256.hex()
+    assert got.headers["repr-digest"] == f"sha-256=:{b64(sha256)}:"

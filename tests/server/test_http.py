@@ -255,3 +255,13 @@ def _names(site, pki, path: str) -> list[str]:  # noqa: ANN001
     answer = request(site.url, pki, "bob", "PROPFIND", path, headers={"Depth": "1"})
     assert answer.status == 207
     return [href.decode().rstrip("/") for href in re.findall(rb"<[^>]*href>([^<]+)</", answer.body)]
+
+
+def test_the_openapi_document_is_served_without_credentials(site, pki):
+    answer = request(site.url, pki, None, path="/api/v1/openapi.json")
+    assert answer.status == 200 and answer.headers["content-type"] == "application/json"
+    document = answer.json()
+    assert document["openapi"].startswith("3.")
+    for path in ("/api/v1/tape/stage", "/api/v1/tape/archiveinfo", "/api/v1/metadata", "/api/v1/rights",
+                 "/api/v1/delete", "/dicom-web/studies"):
+        assert path in document["paths"], path

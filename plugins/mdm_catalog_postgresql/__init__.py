@@ -1,0 +1,115 @@
+"""PostgreSQL catalog backend on the SQL core: several front ends share one database.
+
+psycopg 3 with a psycopg_pool connection pool. A database that is down or restarting
+raises ``CatalogUnavailable`` (the HTTP front ends answer 503 with Retry-After); the pool
+reconnects by itself, so the service recovers without a restart.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+from uuid import uuid4
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from mdm_catalog_postgresql.schema import MIGRATIONS
+from mdm_catalog_sql import Dialect, SqlBackend
+from srm_dicom.catalog import CatalogConflict
+from srm_dicom.config import Config
+from srm_dicom.errors import CatalogUnavailable, ConfigError
+
+# Seconds a caller waits for a connection before the catalog counts as unavailable.
+CONNECT_TIMEOUT = 5.0
+
+
+@functools.lru_cache(maxsize=1024)
+def _paramstyle(text: str) -> str:
+    return text.replace("%", "%%").replace("?", "%s")
+
+
+class PostgresDialect(Dialect):
+    name = "postgresql"
+    migrations = MIGRATIONS
+
+    def __init__(self, url: str, max_connections: int = 16) -> None:
+        if not url.startswith(("postgresql://", "postgres://")):
+            raise ConfigError(f"config: [catalog] url must be postgresql://USER@HOST:PORT/DB, not {url!r}")
+        self.url = url
+        self.pool = ConnectionPool(
+            url, min_size=1, max_size=max_connections, timeout=CONNECT_TIMEOUT, open=False,
+            # Autocommit: a read is one round trip (no COMMIT after it); writes and streamed
+            # reads open a transaction of their own (``_connection(transaction=True)``).
+            kwargs={"row_factory": dict_row, "connect_timeout": int(CONNECT_TIMEOUT), "autocommit": True},
+            name="mdm-catalog",
+        )
+        self.pool.open(wait=False)
+
+    def sql(self, text: str) -> str:
+        return _paramstyle(text)
+
+    def aggregate(self, expression: str, separator: str) -> str:
+        return f"string_agg({expression}, {separator})"
+
+    def fold(self, expression: str) -> str:
+        return f'lower(CAST({expression} AS TEXT) COLLATE "C")'  # the C collation folds ASCII only
+
+    def number(self, expression: str) -> str:
+        return f"mdm_number(CAST({expression} AS TEXT))"
+
+    @contextmanager
+    def _connection(self, transaction: bool) -> Iterator[Any]:
+        try:
+            with self.pool.connection() as connection:
+                if transaction:
+                    with connection.transaction():
+                        yield connection
+                else:
+                    yield connection
+        except PoolTimeout:
+            raise unavailable(self.url) from None
+        except psycopg.errors.UniqueViolation as exc:
+            raise CatalogConflict(f"another writer got there first ({exc.diag.constraint_name}); try again") from None
+        except psycopg.OperationalError:
+            raise unavailable(self.url) from None
+
+    def transaction(self) -> Any:
+        return self._connection(transaction=True)
+
+    def reading(self) -> Any:
+        return self._connection(transaction=False)
+
+    def streaming(self) -> Any:
+        return self._connection(transaction=True)  # a named (server-side) cursor lives in a transaction
+
+    def stream_cursor(self, connection: Any) -> Any:
+        return connection.cursor(name=f"mdm_search_{uuid4().hex}")
+
+    def lock_schema(self, connection: Any) -> None:
+        connection.execute("SELECT pg_advisory_xact_lock(hashtext('srm-dicom catalog schema'))")
+
+    def close(self) -> None:
+        self.pool.close()
+
+
+def unavailable(url: str) -> CatalogUnavailable:
+    where = url.split("@")[-1]  # no user name in messages
+    return CatalogUnavailable(f"the catalog database at {where} does not answer; try again shortly")
+
+
+class PostgresCatalog(SqlBackend):
+    def __init__(self, url: str, migrate: bool = True) -> None:
+        self.dialect = PostgresDialect(url)
+        try:
+            super().__init__(self.dialect, migrate)
+        except BaseException:
+            self.dialect.close()
+            raise
+
+    @classmethod
+    def from_config(cls, config: Config, migrate: bool = True) -> PostgresCatalog:
+        return cls(config.catalog.url, migrate)

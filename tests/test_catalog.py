@@ -1,0 +1,217 @@
+"""The catalog's contract (srm_dicom/catalog.py), run over every installed backend: the
+core's domain rules and each store, with real registrations (real key servers)."""
+
+import io
+
+import pytest
+from pydicom import dcmread
+
+from sites import keystore_section
+from srm_dicom.catalog import (
+    COMPLETED,
+    FAILED,
+    STARTED,
+    SUBMITTED,
+    AclEntry,
+    Outcome,
+    StageFile,
+    StageRequest,
+    find_entry,
+    open_catalog,
+)
+from srm_dicom.config import parse_config
+from srm_dicom.crypto.container import encrypted_size
+from srm_dicom.errors import NotFound
+from srm_dicom.keystore.client import KeystoreClient
+from srm_dicom.query import ATTRIBUTES, parse
+from srm_dicom.register import Registrar
+from srm_dicom.synthetic import FakePatient, make_series
+from srm_dicom.volume import plan_volume
+
+
+@pytest.fixture
+def config(tmp_path, key_servers, catalog_section):
+    sections = {
+        "site": {"secret": "catalog test secret"}, "keystore": keystore_section(key_servers),
+        "catalog": catalog_section,
+    }
+    return parse_config(sections, tmp_path)
+
+
+@pytest.fixture
+def catalog(config):
+    catalog = open_catalog(config)
+    yield catalog
+    catalog.close()
+
+
+def register_series(config, catalog, slices=4, seed="s"):
+    series = make_series(slices=slices, size=8, seed=seed)
+    registrar = Registrar(config, catalog, None, KeystoreClient.from_config(config))
+    return series, [registrar.register(ds, store_in_pacs=False) for ds in series]
+
+
+def original_spec(ds):
+    return f"{ds.StudyInstanceUID},{ds.SeriesInstanceUID},{ds.SOPInstanceUID}"
+
+
+def series_dir(catalog, vo="demo"):
+    (study,) = catalog.namespace.list_dir(f"/grid/{vo}/mdm").directories
+    (series,) = catalog.namespace.list_dir(study).directories
+    return series
+
+
+def test_the_configured_backend_is_the_one_opened(config, catalog):
+    assert type(catalog.backend).__module__ == f"mdm_catalog_{config.catalog.backend}"
+    assert catalog.backend.schema_version == len(catalog.backend.dialect.migrations)
+
+
+def test_series_registers_slices_and_one_volume_with_directories(config, catalog):
+    _, outcomes = register_series(config, catalog)
+    assert outcomes == [Outcome.ADDED] * 4
+    listing = catalog.namespace.list_dir(series_dir(catalog))
+    kinds = sorted(e.kind for e in listing.entries)
+    assert kinds == ["slice"] * 4 + ["volume"]
+    volume = next(e for e in listing.entries if e.kind == "volume")
+    assert volume.lfn.endswith("/3D") and volume.adler32 is None
+    plain = plan_volume(list(catalog.index.series_images(series_dir(catalog)).values())).file_size("nifti")
+    assert volume.size == encrypted_size(plain)  # known before the first assembly
+    assert catalog.namespace.count() == 5
+
+
+def test_registering_again_adds_nothing_and_a_change_bumps_the_version(config, catalog):
+    series, _ = register_series(config, catalog)
+    registrar = Registrar(config, catalog, None, KeystoreClient.from_config(config))
+    assert [registrar.register(ds, store_in_pacs=False) for ds in series] == [Outcome.UNCHANGED] * 4
+    assert catalog.namespace.count() == 5
+    series[1].SeriesDescription = "re-reconstructed"
+    assert registrar.register(series[1], store_in_pacs=False) is Outcome.UPDATED
+    entry = find_entry(catalog, original_spec(series[1]))
+    assert entry.content_version == 2
+    assert catalog.index.metadata(entry.guid).medical["series_description"] == "re-reconstructed"
+    volume = catalog.namespace.lookup(entry.lfn.rsplit("/", 1)[0] + "/3D")
+    assert volume.content_version == 5  # created with the first slice, bumped by 3 more and one change
+
+
+def test_lookup_by_lfn_guid_names_uids_and_original_uids(config, catalog):
+    series, _ = register_series(config, catalog)
+    ds = series[2]
+    by_original = find_entry(catalog, f"/{ds.StudyInstanceUID}/{ds.SeriesInstanceUID}/{ds.SOPInstanceUID}")
+    assert find_entry(catalog, by_original.lfn) == by_original
+    assert find_entry(catalog, f"guid:{by_original.guid}") == by_original
+    assert find_entry(catalog, f"/guid/{by_original.guid}") == by_original
+    assert find_entry(catalog, [by_original.study_uid, by_original.series_uid, by_original.sop_uid]) == by_original
+    volume = find_entry(catalog, f"{ds.StudyInstanceUID},{ds.SeriesInstanceUID},3D")
+    assert volume.kind == "volume" and volume.study_uid == by_original.study_uid
+    with pytest.raises(NotFound):
+        find_entry(catalog, "1.2.3,1.2.4,1.2.5")
+
+
+def test_metadata_rows_go_to_their_tables_keyed_without_the_patient_id(config, catalog):
+    series, _ = register_series(config, catalog)
+    entry = find_entry(catalog, original_spec(series[0]))
+    metadata = catalog.index.metadata(entry.guid)
+    assert metadata.patient["name"] == FakePatient().name
+    assert FakePatient().patient_id not in metadata.patient_key
+    assert metadata.image["rows"] == 8 and metadata.medical["modality"] == "CT"
+    assert metadata.dicom["sop_uid"] == series[0].SOPInstanceUID
+    assert metadata.dicom["deid_sop_uid"] == entry.sop_uid
+    assert metadata.protocols == ("demo-phantom",)
+
+
+def test_a_header_value_that_breaks_its_vr_is_kept_as_text_not_a_crash(config, catalog):
+    ds = make_series(slices=1, size=8)[0]
+    ds.PatientWeight = "71.25"
+    raw = io.BytesIO()
+    ds.save_as(raw, enforce_file_format=True)
+    ds = dcmread(io.BytesIO(raw.getvalue().replace(b"71.25 ", b"heavy ")))
+    registrar = Registrar(config, catalog, None, KeystoreClient.from_config(config))
+    assert registrar.register(ds, store_in_pacs=False) is Outcome.ADDED
+    entry = next(e for e in catalog.namespace.list_dir(series_dir(catalog)).entries if e.kind == "slice")
+    assert catalog.index.metadata(entry.guid).patient["weight"] == "heavy"
+
+
+def test_delete_bumps_the_volume_and_removes_it_with_the_last_slice(config, catalog):
+    register_series(config, catalog, slices=2)
+    directory = series_dir(catalog)
+    slices = [e for e in catalog.namespace.list_dir(directory).entries if e.kind == "slice"]
+    assert catalog.delete(slices[0].lfn) == slices[0]
+    assert catalog.namespace.lookup(slices[0].lfn) is None and catalog.index.metadata(slices[0].guid) is None
+    volume = catalog.namespace.lookup(directory + "/3D")
+    assert volume.content_version == 3 and volume.size is None  # unknown until the next assembly
+    assert catalog.delete(slices[0].lfn) is None  # already gone: nothing to do
+    catalog.delete(slices[1].lfn)
+    assert catalog.namespace.lookup(directory + "/3D") is None
+    assert catalog.namespace.count() == 0
+    assert catalog.namespace.list_dir("/grid/demo/mdm") is None  # directories go with their last entry
+
+
+def test_rights_change_all_guids_or_none(config, catalog):
+    register_series(config, catalog, slices=2)
+    entries = [e for e in catalog.namespace.list_dir(series_dir(catalog)).entries if e.kind == "slice"]
+    guids = [e.guid for e in entries]
+    dn = AclEntry("/CN=bob", 0o5, "all")
+    with pytest.raises(NotFound):
+        catalog.namespace.set_rights([*guids, "00000000-0000-4000-8000-000000000000"], 0o700, "private", [dn])
+    assert [catalog.namespace.lookup_guid(g).mode for g in guids] == [e.mode for e in entries]
+    catalog.namespace.set_rights(guids, 0o700, None, [dn])
+    catalog.namespace.set_rights(guids[:1], None, "public", [AclEntry("/CN=bob", 0o4, "none")])
+    first, second = (catalog.namespace.lookup_guid(g) for g in guids)
+    assert (first.mode, first.metadata_mode, first.acl) == (0o700, "public", (AclEntry("/CN=bob", 0o4, "none"),))
+    assert (second.mode, second.metadata_mode, second.acl) == (0o700, entries[1].metadata_mode, (dn,))
+
+
+def test_a_volume_checksum_is_recorded_once_per_content_version(config, catalog):
+    register_series(config, catalog, slices=2)
+    volume = catalog.namespace.lookup(series_dir(catalog) + "/3D")
+    assert not catalog.namespace.set_checksum(volume.guid, volume.content_version - 1, 10, "00000001")
+    assert catalog.namespace.set_checksum(volume.guid, volume.content_version, 10, "00000001")
+    assert not catalog.namespace.set_checksum(volume.guid, volume.content_version, 11, "00000002")
+    assert (catalog.namespace.lookup(volume.lfn).size, catalog.namespace.lookup(volume.lfn).adler32) == (10, "00000001")
+
+
+def test_search_like_ignores_ascii_case_and_numbers_compare_as_numbers(config, catalog):
+    register_series(config, catalog, slices=3)
+    name = ATTRIBUTES["PatientName"]
+
+    def found(text):
+        return [m.values["PatientName"] for m in catalog.index.search(parse(text), [name])]
+
+    assert found("PatientName like 'demo^*'") == [FakePatient().name] * 3
+    assert found("PatientName like 'DEMO?synth*'") == [FakePatient().name] * 3
+    assert found("PatientName = 'demo^synthetic'") == []  # = is exact
+    assert len(found("InstanceNumber >= 2")) == 2 and len(found("InstanceNumber > 10")) == 0
+    assert len(found("ProtocolName like 'DEMO-*'")) == 3 and found("ProtocolName != 'demo-phantom'") == []
+    assert len(list(catalog.index.search(parse(""), [name], limit=2))) == 2
+
+
+def request_of(request_id, entries, created_at, lifetime=60):
+    files = tuple(StageFile(e.lfn, e.guid) for e in entries)
+    return StageRequest(request_id, "/CN=bob", created_at, lifetime, files)
+
+
+def test_stage_requests_states_pins_and_release(config, catalog):
+    register_series(config, catalog, slices=3)
+    a, b, c = (e for e in catalog.namespace.list_dir(series_dir(catalog)).entries if e.kind == "slice")
+    stages = catalog.stages
+    stages.add_stage_request(request_of("r1", [a, b], 100))
+    stages.add_stage_request(request_of("r2", [c, a], 200))
+    assert stages.stage_request("nope") is None
+    assert stages.staging_guids() == [a.guid, b.guid, c.guid]  # oldest request first
+    stages.set_stage_state(a.guid, STARTED, 300)
+    stages.set_stage_state(a.guid, COMPLETED, 310)  # in both requests
+    stages.set_stage_state(b.guid, FAILED, 320, "PACS said no")
+    r1 = stages.stage_request("r1")
+    assert [(f.state, f.error) for f in r1.files] == [(COMPLETED, None), (FAILED, "PACS said no")]
+    assert r1.files[0].started_at == 300 and r1.files[0].pin_expires == 370 and r1.completed_at == 320
+    assert stages.staging_guids() == [c.guid]
+    assert stages.pinned_guids(now=369) == {a.guid} and stages.pinned_guids(now=371) == set()
+    stages.cancel_stage_files("r2", [c.lfn], 330)
+    assert [f.state for f in stages.stage_request("r2").files] == ["CANCELLED", COMPLETED]
+    stages.release_stage_files("r1", [a.lfn])
+    assert stages.pinned_guids(now=330) == {a.guid}  # still pinned by r2
+    stages.release_stage_files(None, [a.lfn])
+    assert stages.pinned_guids(now=330) == set()
+    assert stages.delete_stage_request("r1") and not stages.delete_stage_request("r1")
+    assert stages.stage_request("r1") is None and [f.state for f in stages.stage_request("r2").files][1] == COMPLETED
+    assert SUBMITTED not in {f.state for f in stages.stage_request("r2").files}
