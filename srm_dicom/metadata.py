@@ -13,6 +13,7 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 
+from srm_dicom.acquisition import acquisition_record, diffusion_record
 from srm_dicom.frames import frame_records
 from srm_dicom.uids import deidentify_uid, patient_key
 
@@ -48,9 +49,10 @@ IMAGE_FIELDS = {
     "rescale_slope": "RescaleSlope",
     "rescale_intercept": "RescaleIntercept",
 }
-# Every column of the Image table: the fields above, and the per-frame geometry of a
-# multi-frame image (srm_dicom/frames.py), from which its volume is planned.
-IMAGE_COLUMNS = (*IMAGE_FIELDS, "frames")
+# Every column of the Image table: the fields above, the per-frame geometry of a
+# multi-frame image (srm_dicom/frames.py), from which its volume is planned, and the
+# acquisition and diffusion records its series' sidecars are built from (acquisition.py).
+IMAGE_COLUMNS = (*IMAGE_FIELDS, "frames", "acquisition", "diffusion")
 MEDICAL_FIELDS = {
     "modality": "Modality",
     "study_date": "StudyDate",
@@ -104,6 +106,8 @@ def image_fields(ds: Dataset) -> Row:
     """The Image row of a header (every column of IMAGE_COLUMNS)."""
     row = {column: _value(ds, keyword) for column, keyword in IMAGE_FIELDS.items()}
     row["frames"] = frame_records(ds)
+    row["acquisition"] = acquisition_record(ds)
+    row["diffusion"] = diffusion_record(ds)
     return row
 
 

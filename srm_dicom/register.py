@@ -36,9 +36,10 @@ from srm_dicom.config import Config
 from srm_dicom.crypto.container import encrypted_size, new_file_key
 from srm_dicom.errors import InvalidInput, MdmError
 from srm_dicom.metadata import extract_metadata
-from srm_dicom.names import VOLUME, UidTriple, is_uid, pfn
+from srm_dicom.names import SERIES_FILES, VOLUME, UidTriple, is_uid, pfn
 from srm_dicom.protect import key_acl, key_name, protect_image
 from srm_dicom.rights import parse_mode
+from srm_dicom.sidecar import BVAL, BVEC, JSON, has_diffusion, series_file_from_rows
 from srm_dicom.uids import deidentify_uid
 from srm_dicom.volume import NotAVolume, plan_volume
 
@@ -168,7 +169,10 @@ class Registrar:
         finally:
             volumes, self._deferred = self._deferred, None
             for volume_lfn in sorted(volumes):
-                self._catalog.namespace.bump_volume(volume_lfn, self._volume_size(volume_lfn), time.time())
+                sizes = self._series_sizes(volume_lfn)
+                directory = posixpath.dirname(volume_lfn)
+                for name in SERIES_FILES:  # a sidecar the series does not have is not bumped
+                    self._catalog.namespace.bump_volume(posixpath.join(directory, name), sizes.get(name), time.time())
 
     def _names(self, ds: Dataset) -> tuple[str, str, str]:
         original = tuple(str(ds.get(k)).strip() for k in _REQUIRED_UIDS)
@@ -230,14 +234,22 @@ class Registrar:
             study_uid=study,
             series_uid=series,
             sop_uid=VOLUME,
-            size=self._volume_size(volume_lfn, guid, metadata.image) if self._deferred is None else None,
+            size=None,
             **common,
         )
+        # Inside a batch, the sizes are planned when it ends.
+        sizes = self._series_sizes(volume_lfn, guid, metadata.image) if self._deferred is None else {}
+        volume = replace(volume, size=sizes.get(VOLUME))
+        sidecars = [
+            replace(volume, lfn=f"{volume_lfn}{suffix}", guid=str(uuid.uuid4()), sop_uid=f"{VOLUME}{suffix}",
+                    size=sizes.get(f"{VOLUME}{suffix}"))
+            for suffix in self._sidecar_suffixes(metadata.image, volume_lfn)
+        ]
         erased = tuple((e.path, e.keyword, e.value) for e in protected.erased)
         readers = tuple(a.dn for a in known.acl if a.perms & 4) if known else ()
         self._keystore.put_key(key_name(guid, version), key, key_acl(owner, site.vo, mode, readers))
         try:
-            outcome = self._catalog.register_image(entry, replace(metadata, erased=erased), volume)
+            outcome = self._catalog.register_image(entry, replace(metadata, erased=erased), volume, sidecars)
         except BaseException:
             self._forget_key(key_name(guid, version))
             raise
@@ -248,17 +260,32 @@ class Registrar:
         log.debug("%s %s", outcome.value, lfn)
         return outcome
 
-    def _volume_size(self, volume_lfn: str, guid: str | None = None, image: dict | None = None) -> int | None:
-        """The series volume's size once this slice (if any) is in: listings are true before the
-        first assembly. None when the series is not (yet) one volume: staging will say why."""
+    def _series_sizes(self, volume_lfn: str, guid: str | None = None, image: dict | None = None) -> dict[str, int]:
+        """The sizes of the series volume and its sidecars once this slice (if any) is in, from
+        the rows alone: listings are true before the first assembly. Empty when the series is
+        not (yet) one volume: staging will say why."""
         rows = self._catalog.index.series_images(posixpath.dirname(volume_lfn))
         if guid is not None and image is not None:
             rows[guid] = image
+        series_rows = list(rows.values())
         try:
-            plain = plan_volume(list(rows.values())).file_size(self._config.volume.format)
+            plan = plan_volume(series_rows)
+            sizes = {VOLUME: encrypted_size(plan.file_size(self._config.volume.format))}
+            sizes[JSON] = encrypted_size(len(series_file_from_rows(JSON, series_rows, plan)))
+            if any(has_diffusion(row) for row in series_rows):
+                for name in (BVAL, BVEC):
+                    sizes[name] = encrypted_size(len(series_file_from_rows(name, series_rows, plan)))
         except NotAVolume:
-            return None
-        return encrypted_size(plain)
+            return {}
+        return sizes
+
+    def _sidecar_suffixes(self, image: dict, volume_lfn: str) -> list[str]:
+        """Every volume has its JSON sidecar; a diffusion series (this image has a b-value,
+        or an earlier one had) also its b-values and vectors."""
+        suffixes = [".json"]
+        if has_diffusion(image) or self._catalog.namespace.lookup(f"{volume_lfn}.bval") is not None:
+            suffixes += [".bval", ".bvec"]
+        return suffixes
 
     def _forget_key(self, name: str) -> None:
         """Best effort: a share left behind unlocks nothing the catalog still names."""

@@ -56,7 +56,8 @@ from srm_dicom.keystore.client import KeystoreClient
 from srm_dicom.names import normalize_lfn, parse_pfn
 from srm_dicom.pacs.client import PacsClient, RetrieveRefused
 from srm_dicom.protect import key_acl, key_name, protect_image
-from srm_dicom.volume import NotAVolume, assemble
+from srm_dicom.sidecar import series_file
+from srm_dicom.volume import NotAVolume
 
 log = logging.getLogger(__name__)
 
@@ -475,8 +476,9 @@ class Stager:
         return results
 
     def _volume(self, entry: Entry, datasets: list[Dataset]) -> bytes:
+        """The series volume, or one of its sidecars (by its name), assembled and encrypted."""
         try:
-            plain = assemble(datasets, self._config.volume.format)
+            plain = series_file(entry.sop_uid, datasets, self._config.volume.format)
         except NotAVolume as exc:
             raise StageFailed(f"not a volume: {exc.reason}") from None
         version, key_id = entry.content_version, uuid.UUID(entry.guid).bytes

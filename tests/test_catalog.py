@@ -71,19 +71,19 @@ def test_series_registers_slices_and_one_volume_with_directories(config, catalog
     assert outcomes == [Outcome.ADDED] * 4
     listing = catalog.namespace.list_dir(series_dir(catalog))
     kinds = sorted(e.kind for e in listing.entries)
-    assert kinds == ["slice"] * 4 + ["volume"]
-    volume = next(e for e in listing.entries if e.kind == "volume")
+    assert kinds == ["slice"] * 4 + ["volume"] * 2  # 3D and its sidecar 3D.json
+    volume = next(e for e in listing.entries if e.sop_uid == "3D")
     assert volume.lfn.endswith("/3D") and volume.adler32 is None
     plain = plan_volume(list(catalog.index.series_images(series_dir(catalog)).values())).file_size("nifti")
     assert volume.size == encrypted_size(plain)  # known before the first assembly
-    assert catalog.namespace.count() == 5
+    assert catalog.namespace.count() == 6
 
 
 def test_registering_again_adds_nothing_and_a_change_bumps_the_version(config, catalog):
     series, _ = register_series(config, catalog)
     registrar = Registrar(config, catalog, None, KeystoreClient.from_config(config))
     assert [registrar.register(ds, store_in_pacs=False) for ds in series] == [Outcome.UNCHANGED] * 4
-    assert catalog.namespace.count() == 5
+    assert catalog.namespace.count() == 6
     series[1].SeriesDescription = "re-reconstructed"
     assert registrar.register(series[1], store_in_pacs=False) is Outcome.UPDATED
     entry = find_entry(catalog, original_spec(series[1]))

@@ -139,4 +139,10 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE entries ADD COLUMN sha256 TEXT
     """,
+    # 9: each image's acquisition parameters and diffusion encoding (JSON, srm_dicom/acquisition.py),
+    # so a series' sidecars (3D.json, 3D.bval, 3D.bvec) have their size known from the rows alone.
+    """
+    ALTER TABLE image ADD COLUMN acquisition TEXT;
+    ALTER TABLE image ADD COLUMN diffusion TEXT
+    """,
 ]

@@ -46,7 +46,7 @@ def test_vendor_tree_registers_into_orthanc_with_a_3d_per_series(orthanc, tmp_pa
     assert len(directories) == 12
     for directory in directories:
         kinds = [e.kind for e in catalog.namespace.list_dir(directory).entries]
-        assert kinds.count("volume") == 1 and kinds.count("slice") >= 2
+        assert kinds.count("volume") == 2 and kinds.count("slice") >= 2  # 3D and 3D.json
     catalog.close()
 
     again = mdm("register", str(vendor / "siemens"), config=config_path)
