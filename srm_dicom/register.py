@@ -15,6 +15,7 @@ import logging
 import os
 import posixpath
 import stat
+import struct
 import time
 import uuid
 from collections.abc import Iterable, Iterator
@@ -28,6 +29,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
+from pydicom.uid import UID
 
 from srm_dicom.anonymize import burned_in_reason, protection_record
 from srm_dicom.catalog import Catalog, Entry, Outcome
@@ -88,6 +90,20 @@ def dataset_digest(ds: Dataset) -> str:
     return hashlib.sha256(buffer.getvalue()).hexdigest()
 
 
+# What pydicom raises when a value it read leniently is converted, re-encoded or re-typed
+# (a private element's VR from the dictionary): the file's fault, not ours.
+_VALUE_ERRORS = (ValueError, TypeError, OverflowError, NotImplementedError, struct.error)
+
+
+@contextmanager
+def _values_of_the_file(step: str) -> Iterator[None]:
+    """Turn a malformed value met while the image is processed into one reason for the file."""
+    try:
+        yield
+    except _VALUE_ERRORS as exc:
+        raise InvalidInput(f"a header value cannot be {step} ({exc.__class__.__name__})") from None
+
+
 def decode_fully(ds: Dataset) -> None:
     """Decode every element now, nested sequences included. pydicom decodes values lazily, on
     first access, and a malformed value then raises whatever its converter raises
@@ -107,6 +123,9 @@ def check_header(ds: Dataset) -> None:
     decode_fully(ds)
     if "TransferSyntaxUID" not in getattr(ds, "file_meta", Dataset()):
         raise InvalidInput("no transfer syntax in the file meta information")
+    syntax = ds.file_meta.TransferSyntaxUID
+    if not isinstance(syntax, UID) or not syntax.is_transfer_syntax:  # a mangled meta may hold a list
+        raise InvalidInput("the file meta names no known transfer syntax")
     for keyword in _REQUIRED_UIDS:
         value = str(ds.get(keyword, "") or "").strip()
         if not value:
@@ -179,7 +198,8 @@ class Registrar:
         study, series, sop = self._names(ds)
         site, pacs = self._config.site, self._config.pacs
         lfn = UidTriple(study, series, sop).lfn(site.vo)
-        digest = dataset_digest(ds)
+        with _values_of_the_file("encoded"):
+            digest = dataset_digest(ds)
         record = protection_record(options)
         known = self._catalog.namespace.lookup(lfn)
         if known is not None and known.source_digest == digest and (not reprotect or known.protection == record):
@@ -191,8 +211,10 @@ class Registrar:
         if burned_in:  # burned_in = "private": the owner and the register group only
             mode, metadata_mode = mode & 0o700, "private"
         key = new_file_key()
-        protected = protect_image(ds, self._secret, options, key, guid, version)
-        metadata = extract_metadata(ds, self._secret, served=protected.served)
+        with _values_of_the_file("anonymized"):
+            protected = protect_image(ds, self._secret, options, key, guid, version)
+        with _values_of_the_file("read for the metadata"):
+            metadata = extract_metadata(ds, self._secret, served=protected.served)
         if store_in_pacs:
             if self._pacs is None:
                 raise MdmError("no PACS connection to store the image into")
