@@ -89,7 +89,7 @@ _SAFE_PRIVATE_FILE = "safe_private.toml"
 PROFILE_NAME = "PS3.15 E.1-1 Basic Application Level Confidentiality Profile"
 BURNED_IN_POLICIES = ("refuse", "private")
 
-_DUMMY_TEXT = "ANONYMIZED"
+DUMMY_TEXT = "ANONYMIZED"
 _DUMMY: dict[str, object] = {
     "AS": "000Y",
     "DA": "19000101",
@@ -461,7 +461,7 @@ class _Anonymizer:
             return self.patient_key
         if vr in _BINARY_VRS:
             return b"\0\0"
-        return _DUMMY.get(vr, _DUMMY_TEXT)
+        return _DUMMY.get(vr, DUMMY_TEXT)
 
     def _uids(self, elem: DataElement, path: str) -> DataElement:
         values = list(elem.value) if isinstance(elem.value, MultiValue) else [elem.value]
@@ -523,6 +523,42 @@ def _transfer_syntax(src: Dataset) -> str:
     if implicit:
         return ImplicitVRLittleEndian
     return ExplicitVRBigEndian if little is False else ExplicitVRLittleEndian
+
+
+# SOP classes whose pixels commonly show text (PS3.15 E.3.1: "burned in" annotation):
+# secondary and screen captures, ultrasound, and dose reports stored as images.
+_BURNED_IN_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.7": "a secondary capture",
+    "1.2.840.10008.5.1.4.1.1.7.1": "a secondary capture",
+    "1.2.840.10008.5.1.4.1.1.7.2": "a secondary capture",
+    "1.2.840.10008.5.1.4.1.1.7.3": "a secondary capture",
+    "1.2.840.10008.5.1.4.1.1.7.4": "a secondary capture",
+    "1.2.840.10008.5.1.4.1.1.6.1": "an ultrasound image",
+    "1.2.840.10008.5.1.4.1.1.6.2": "an ultrasound image",
+    "1.2.840.10008.5.1.4.1.1.3.1": "an ultrasound image",
+    "1.2.840.10008.5.1.4.1.1.88.67": "a dose report",
+    "1.2.840.10008.5.1.4.1.1.88.68": "a dose report",
+    "1.2.840.10008.5.1.4.1.1.77.1.1": "a video endoscopic image",
+}
+_BURNED_IN_IMAGE_TYPES = ("SCREEN SAVE", "SCREENSHOT", "DOSE INFO", "DOSE REPORT", "DOSE_REPORT")
+
+
+def burned_in_reason(ds: Dataset) -> str | None:
+    """Why the pixels may show text (a name, a date) that no header rule can remove; None if
+    nothing says so. Pixels are never read: the header says what the image is."""
+    if str(ds.get("BurnedInAnnotation", "")).strip().upper() == "YES":
+        return "BurnedInAnnotation is YES: the pixels show text"
+    kind = _BURNED_IN_CLASSES.get(str(ds.get("SOPClassUID", "")).strip())
+    if kind is None and str(ds.get("Modality", "")).strip().upper() == "US":
+        kind = "an ultrasound image"
+    if kind is not None:
+        return f"{kind} commonly shows text burned into its pixels"
+    image_type = ds.get("ImageType") or []
+    values = [str(v).upper() for v in (image_type if isinstance(image_type, MultiValue | list) else [image_type])]
+    for value in values:
+        if value in _BURNED_IN_IMAGE_TYPES:
+            return f"ImageType {value}: a screen capture commonly shows text burned into its pixels"
+    return None
 
 
 def deidentification_method() -> str:

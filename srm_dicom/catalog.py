@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Protocol
 from srm_dicom.config import CatalogConfig, Config
 from srm_dicom.errors import ConfigError, InvalidInput, MdmError, NotFound
 from srm_dicom.metadata import ImageMetadata
-from srm_dicom.names import UidTriple, parse_lfn, parse_sop_spec
+from srm_dicom.names import SERIES_FILES, UidTriple, parse_lfn, parse_sop_spec
 
 if TYPE_CHECKING:  # query.py builds on Entry: a runtime import would be circular
     from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -62,6 +62,9 @@ class Entry:
     modified: float = 0.0
     sha256: str | None = None  # hex, of the served bytes like size and adler32 (None before migration 8)
     acl: tuple[AclEntry, ...] = field(default=())
+    # How a slice was de-identified (srm_dicom.anonymize.protection_record): restaging uses
+    # it, whatever [anonymization] says by then. None for volumes and for older entries.
+    protection: str | None = None
 
     @property
     def triple(self) -> UidTriple:
@@ -274,15 +277,19 @@ class Catalog:
         self.index = backend.index
         self.stages = backend.stages
 
-    def register_image(self, entry: Entry, metadata: ImageMetadata, volume: Entry) -> Outcome:
-        """Add or update a slice with its metadata and create or bump its series volume.
+    def register_image(
+        self, entry: Entry, metadata: ImageMetadata, volume: Entry, sidecars: Sequence[Entry] = ()
+    ) -> Outcome:
+        """Add or update a slice with its metadata and create or bump its series volume (and
+        the volume's sidecars: their content follows the series too).
 
         One transaction: either the entry, its metadata and the volume change are all
-        stored, or nothing is. Same source digest as the stored entry: nothing changes.
+        stored, or nothing is. Same source digest and protection record as the stored entry:
+        nothing changes.
         """
         with self.backend.transaction():
             old = self.namespace.lookup(entry.lfn)
-            if old and old.source_digest == entry.source_digest:
+            if old and (old.source_digest, old.protection) == (entry.source_digest, entry.protection):
                 return Outcome.UNCHANGED
             now = time.time()
             if old:
@@ -293,8 +300,9 @@ class Catalog:
             else:
                 self.namespace.insert(entry, now)
             self.index.add(entry.guid, metadata)
-            if not self.namespace.bump_volume(volume.lfn, volume.size, now):
-                self.namespace.insert(volume, now)
+            for series_file in (volume, *sidecars):
+                if not self.namespace.bump_volume(series_file.lfn, series_file.size, now):
+                    self.namespace.insert(series_file, now)
             return Outcome.UPDATED if old else Outcome.ADDED
 
     def delete(self, lfn: str) -> Entry | None:
@@ -308,11 +316,13 @@ class Catalog:
             self.namespace.remove(entry.guid)
             if entry.kind == "slice":
                 directory = posixpath.dirname(entry.lfn)
-                volume_lfn = posixpath.join(directory, "3D")
-                if self.namespace.has_slices(directory):
-                    self.namespace.bump_volume(volume_lfn, None, time.time())
-                elif volume := self.namespace.lookup(volume_lfn):
-                    self.namespace.remove(volume.guid)
+                slices_left = self.namespace.has_slices(directory)
+                for name in SERIES_FILES:
+                    series_lfn = posixpath.join(directory, name)
+                    if slices_left:
+                        self.namespace.bump_volume(series_lfn, None, time.time())
+                    elif series_file := self.namespace.lookup(series_lfn):
+                        self.namespace.remove(series_file.guid)
             return entry
 
     def lookup_uids(self, triple: UidTriple) -> Entry | None:
@@ -324,7 +334,7 @@ class Catalog:
         image = self.namespace.lookup_guid(guid) if guid else None
         if image is None or not triple.is_volume:
             return image
-        return self.namespace.lookup(posixpath.join(posixpath.dirname(image.lfn), "3D"))
+        return self.namespace.lookup(posixpath.join(posixpath.dirname(image.lfn), triple.sop))
 
     def close(self) -> None:
         self.backend.close()

@@ -15,7 +15,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from srm_dicom.anonymize import AnonymizationOptions
+from srm_dicom.anonymize import BURNED_IN_POLICIES, AnonymizationOptions
 from srm_dicom.errors import ConfigError
 from srm_dicom.rights import parse_metadata_mode, parse_mode
 
@@ -283,6 +283,8 @@ def _validate(config: Config) -> None:
         raise ConfigError("config: [volume] format must be 'nifti' or 'nrrd'")
     if config.tokens.macaroon_max_lifetime <= 0:
         raise ConfigError("config: [tokens] macaroon_max_lifetime must be a positive number of seconds")
+    if config.anonymization.burned_in not in BURNED_IN_POLICIES:
+        raise ConfigError("config: [anonymization] burned_in must be 'refuse' or 'private'")
     server = config.server
     if min(server.timeout, server.header_timeout, server.body_timeout) <= 0 or server.threads < 1:
         raise ConfigError("config: [server] timeouts and threads must be positive")

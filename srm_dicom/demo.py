@@ -31,6 +31,7 @@ from srm_dicom.names import vo_root
 from srm_dicom.pacs.client import PacsClient
 from srm_dicom.pacs.server import EmbeddedPacs
 from srm_dicom.pki import USERS, client_toml, hashed_ca_dir, init_pki, init_voms
+from srm_dicom.private_files import write_private
 from srm_dicom.register import Registrar, Summary
 from srm_dicom.server.app import StorageElement, make_server
 from srm_dicom.shutdown import stop_on_signals
@@ -115,8 +116,7 @@ def write_config(workdir: Path, keystore_urls: list[str]) -> Path:
     server_port, issuer_port = _free_port(), _free_port()
     issuer = DemoIssuer.create(workdir / "issuer", f"http://127.0.0.1:{issuer_port}",
                                f"https://127.0.0.1:{server_port}", "/grid/demo")
-    path.write_text(
-        _CONFIG.format(
+    write_private(path, _CONFIG.format(
             secret=found.group(1) if found else secrets.token_hex(32),
             pacs_port=_free_port(),
             move_port=_free_port(),
@@ -125,7 +125,7 @@ def write_config(workdir: Path, keystore_urls: list[str]) -> Path:
             keystore_urls=", ".join(f'"{url}"' for url in keystore_urls),
             issuer=issuer.iss,
             audience=issuer.audience,
-        )
+        ).encode()
     )
     storage_url = f"https://127.0.0.1:{server_port}"
     for user in USERS:

@@ -18,7 +18,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from srm_dicom.catalog import Catalog
 from srm_dicom.config import Config
-from srm_dicom.errors import MdmError, PacsError
+from srm_dicom.errors import ConfigError, MdmError, PacsError
 from srm_dicom.keystore.client import KeystoreClient
 from srm_dicom.pacs import nodelay
 from srm_dicom.pacs.client import PacsClient
@@ -57,9 +57,12 @@ class PushListener:
 
     def start(self) -> None:
         listen = self._config.listen
-        self._server = self._ae.start_server(
-            (listen.host, listen.port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._on_store)]
-        )
+        try:
+            self._server = self._ae.start_server(
+                (listen.host, listen.port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._on_store)]
+            )
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on {listen.host}:{listen.port}: {exc.strerror}") from None
 
     def stop(self) -> None:
         if self._server is not None:

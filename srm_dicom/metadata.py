@@ -4,6 +4,13 @@ Patient (nominative, indexed by an irreversible patient key), Image (technical, 
 Medical (acquisition), DICOM (original and de-identified identifiers) and Protocol
 (protocol name → GUIDs). The catalog backends store these rows next to the entry, in the
 same transaction.
+
+What the "anonymous" metadata level shows (srm_dicom/query.py: the Image table, modality,
+body part, manufacturer and model, protocol names) is read from the served, anonymized data
+set, never from the original header: an MIA caller then sees exactly what the file they may
+download says, and nothing the anonymizer replaced or removed (a patient name typed into a
+protocol name, for instance). The other columns, readable with "all" rights only, come from
+the original header.
 """
 
 from __future__ import annotations
@@ -13,6 +20,8 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 
+from srm_dicom.acquisition import acquisition_record, diffusion_record
+from srm_dicom.anonymize import DUMMY_TEXT
 from srm_dicom.frames import frame_records
 from srm_dicom.uids import deidentify_uid, patient_key
 
@@ -48,9 +57,10 @@ IMAGE_FIELDS = {
     "rescale_slope": "RescaleSlope",
     "rescale_intercept": "RescaleIntercept",
 }
-# Every column of the Image table: the fields above, and the per-frame geometry of a
-# multi-frame image (srm_dicom/frames.py), from which its volume is planned.
-IMAGE_COLUMNS = (*IMAGE_FIELDS, "frames")
+# Every column of the Image table: the fields above, the per-frame geometry of a
+# multi-frame image (srm_dicom/frames.py), from which its volume is planned, and the
+# acquisition and diffusion records its series' sidecars are built from (acquisition.py).
+IMAGE_COLUMNS = (*IMAGE_FIELDS, "frames", "acquisition", "diffusion")
 MEDICAL_FIELDS = {
     "modality": "Modality",
     "study_date": "StudyDate",
@@ -104,11 +114,21 @@ def image_fields(ds: Dataset) -> Row:
     """The Image row of a header (every column of IMAGE_COLUMNS)."""
     row = {column: _value(ds, keyword) for column, keyword in IMAGE_FIELDS.items()}
     row["frames"] = frame_records(ds)
+    row["acquisition"] = acquisition_record(ds)
+    row["diffusion"] = diffusion_record(ds)
     return row
 
 
-def extract_metadata(ds: Dataset, secret: bytes) -> ImageMetadata:
-    """Read the five tables' rows from a header; the patient key is keyed by the site secret."""
+# Medical columns of the anonymous level (srm_dicom/query.py), read from the served data set.
+ANONYMOUS_MEDICAL = frozenset({"modality", "body_part", "manufacturer", "model"})
+
+
+def extract_metadata(ds: Dataset, secret: bytes, served: Dataset | None = None) -> ImageMetadata:
+    """Read the five tables' rows from a header; the patient key is keyed by the site secret.
+
+    ``served`` is the anonymized data set grid clients receive: the anonymous-level values
+    are read from it (registration always gives it; without it they come from ``ds``)."""
+    anonymous = ds if served is None else served
     study, series, sop = (str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID))
     patient = {column: _value(ds, kw) for column, kw in PATIENT_FIELDS.items()}
     key = patient_key(secret, str(patient["patient_id"] or patient["name"] or ""), str(patient["issuer"] or ""))
@@ -124,12 +144,17 @@ def extract_metadata(ds: Dataset, secret: bytes) -> ImageMetadata:
         "sop_class_uid": str(sop_class),
         "transfer_syntax_uid": str(transfer_syntax),
     }
-    protocol = _value(ds, "ProtocolName")
+    protocol = _value(anonymous, "ProtocolName")
+    if protocol == DUMMY_TEXT:
+        protocol = None  # replaced in the served file: the original is among the erased values
+    medical = {
+        column: _value(anonymous if column in ANONYMOUS_MEDICAL else ds, kw) for column, kw in MEDICAL_FIELDS.items()
+    }
     return ImageMetadata(
         patient_key=key,
         patient=patient,
-        image=image_fields(ds),
-        medical={column: _value(ds, kw) for column, kw in MEDICAL_FIELDS.items()},
+        image=image_fields(anonymous),
+        medical=medical,
         dicom=dicom,
         protocols=(protocol,) if protocol else (),
     )

@@ -13,6 +13,10 @@ from dataclasses import dataclass
 from srm_dicom.errors import InvalidInput
 
 VOLUME = "3D"
+# Beside a series' volume (README "Volumes"): its BIDS sidecar and, for diffusion series,
+# its b-values and vectors in FSL's format, named as dcm2niix names them.
+SIDECARS = (f"{VOLUME}.json", f"{VOLUME}.bval", f"{VOLUME}.bvec")
+SERIES_FILES = (VOLUME, *SIDECARS)
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 
@@ -34,7 +38,8 @@ class UidTriple:
 
     @property
     def is_volume(self) -> bool:
-        return self.sop == VOLUME
+        """The series volume or one of its sidecars: a file of the series, not of an image."""
+        return self.sop in SERIES_FILES
 
     def lfn(self, vo: str) -> str:
         return f"{vo_root(vo)}/{self.study}/{self.series}/{self.sop}"
@@ -50,7 +55,7 @@ def parse_sop_spec(parts: list[str] | str) -> UidTriple:
             "with 3D in place of the SOP for a volume)"
         )
     study, series, sop = fields
-    for uid in (study, series) + (() if sop == VOLUME else (sop,)):
+    for uid in (study, series) + (() if sop in SERIES_FILES else (sop,)):
         if not is_uid(uid):
             raise InvalidInput(f"'{uid}' is not a DICOM UID (digits and dots, at most 64)")
     return UidTriple(study, series, sop)

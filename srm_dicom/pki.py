@@ -22,6 +22,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from srm_dicom.errors import InvalidInput
 from srm_dicom.identity import slash_dn as slash
+from srm_dicom.private_files import write_private
 
 DN_BASE = (("C", "XX"), ("O", "srm-dicom"))
 SERVICE_NAME = "storage element"
@@ -73,15 +74,12 @@ def _now() -> dt.datetime:
 
 
 def _write_key(path: Path, key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     pem = key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as out:
-        out.write(pem)
+    write_private(path, pem)
 
 
 def _write_cert(path: Path, cert: x509.Certificate) -> None:

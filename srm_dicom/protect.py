@@ -26,6 +26,7 @@ OWNER_READ, VO_READ, OTHERS_READ = 0o400, 0o040, 0o004
 class ProtectedImage:
     payload: bytes  # what a grid client receives: the encrypted, anonymized Part-10 file
     erased: list[ErasedValue]  # what anonymization removed, for the metadata store only
+    served: Dataset  # the anonymized data set in the payload: the anonymous metadata's source
 
     @property
     def size(self) -> int:
@@ -51,7 +52,7 @@ def protect_image(
 ) -> ProtectedImage:
     result = anonymize(ds, secret, options)
     payload = encrypt_bytes(key, uuid.UUID(guid).bytes, version, to_bytes(result))
-    return ProtectedImage(bytes(payload), result.erased)
+    return ProtectedImage(bytes(payload), result.erased, result.dataset)
 
 
 def key_acl(owner: str, vo: str, mode: int, readers: tuple[str, ...] = ()) -> Acl:

@@ -15,6 +15,7 @@ import logging
 import os
 import posixpath
 import stat
+import struct
 import time
 import uuid
 from collections.abc import Iterable, Iterator
@@ -28,15 +29,18 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
+from pydicom.uid import UID
 
+from srm_dicom.anonymize import burned_in_reason, protection_record
 from srm_dicom.catalog import Catalog, Entry, Outcome
 from srm_dicom.config import Config
 from srm_dicom.crypto.container import encrypted_size, new_file_key
 from srm_dicom.errors import InvalidInput, MdmError
 from srm_dicom.metadata import extract_metadata
-from srm_dicom.names import VOLUME, UidTriple, is_uid, pfn
+from srm_dicom.names import SERIES_FILES, VOLUME, UidTriple, is_uid, pfn
 from srm_dicom.protect import key_acl, key_name, protect_image
 from srm_dicom.rights import parse_mode
+from srm_dicom.sidecar import BVAL, BVEC, JSON, has_diffusion, series_file_from_rows
 from srm_dicom.uids import deidentify_uid
 from srm_dicom.volume import NotAVolume, plan_volume
 
@@ -86,6 +90,20 @@ def dataset_digest(ds: Dataset) -> str:
     return hashlib.sha256(buffer.getvalue()).hexdigest()
 
 
+# What pydicom raises when a value it read leniently is converted, re-encoded or re-typed
+# (a private element's VR from the dictionary): the file's fault, not ours.
+_VALUE_ERRORS = (ValueError, TypeError, OverflowError, NotImplementedError, struct.error)
+
+
+@contextmanager
+def _values_of_the_file(step: str) -> Iterator[None]:
+    """Turn a malformed value met while the image is processed into one reason for the file."""
+    try:
+        yield
+    except _VALUE_ERRORS as exc:
+        raise InvalidInput(f"a header value cannot be {step} ({exc.__class__.__name__})") from None
+
+
 def decode_fully(ds: Dataset) -> None:
     """Decode every element now, nested sequences included. pydicom decodes values lazily, on
     first access, and a malformed value then raises whatever its converter raises
@@ -105,6 +123,9 @@ def check_header(ds: Dataset) -> None:
     decode_fully(ds)
     if "TransferSyntaxUID" not in getattr(ds, "file_meta", Dataset()):
         raise InvalidInput("no transfer syntax in the file meta information")
+    syntax = ds.file_meta.TransferSyntaxUID
+    if not isinstance(syntax, UID) or not syntax.is_transfer_syntax:  # a mangled meta may hold a list
+        raise InvalidInput("the file meta names no known transfer syntax")
     for keyword in _REQUIRED_UIDS:
         value = str(ds.get(keyword, "") or "").strip()
         if not value:
@@ -149,7 +170,10 @@ class Registrar:
         finally:
             volumes, self._deferred = self._deferred, None
             for volume_lfn in sorted(volumes):
-                self._catalog.namespace.bump_volume(volume_lfn, self._volume_size(volume_lfn), time.time())
+                sizes = self._series_sizes(volume_lfn)
+                directory = posixpath.dirname(volume_lfn)
+                for name in SERIES_FILES:  # a sidecar the series does not have is not bumped
+                    self._catalog.namespace.bump_volume(posixpath.join(directory, name), sizes.get(name), time.time())
 
     def _names(self, ds: Dataset) -> tuple[str, str, str]:
         original = tuple(str(ds.get(k)).strip() for k in _REQUIRED_UIDS)
@@ -161,29 +185,42 @@ class Registrar:
         """The LFN an image is (or would be) registered under, from its checked header."""
         return UidTriple(*self._names(ds)).lfn(self._config.site.vo)
 
-    def register(self, ds: Dataset, store_in_pacs: bool) -> Outcome:
+    def register(self, ds: Dataset, store_in_pacs: bool, reprotect: bool = False) -> Outcome:
         """Register one image. Raises MdmError with the reason if it cannot be registered;
-        then nothing is cataloged and no key is left on the key servers."""
+        then nothing is cataloged and no key is left on the key servers. ``reprotect``: an
+        unchanged image protected with other options than [anonymization] now says gets a
+        new content version protected with the current ones."""
         check_header(ds)
+        options = self._config.anonymization
+        burned_in = burned_in_reason(ds)
+        if burned_in and options.burned_in == "refuse":
+            raise InvalidInput(f"refused: {burned_in} ([anonymization] burned_in = \"refuse\")")
         study, series, sop = self._names(ds)
         site, pacs = self._config.site, self._config.pacs
         lfn = UidTriple(study, series, sop).lfn(site.vo)
-        digest = dataset_digest(ds)
+        with _values_of_the_file("encoded"):
+            digest = dataset_digest(ds)
+        record = protection_record(options)
         known = self._catalog.namespace.lookup(lfn)
-        if known is not None and known.source_digest == digest:
+        if known is not None and known.source_digest == digest and (not reprotect or known.protection == record):
             return Outcome.UNCHANGED
-        metadata = extract_metadata(ds, self._secret)
         guid = known.guid if known else str(uuid.uuid4())
         version = known.content_version + 1 if known else 1
         owner, mode = (known.owner, known.mode) if known else (self._owner, self._mode)
+        metadata_mode = site.metadata_mode
+        if burned_in:  # burned_in = "private": the owner and the register group only
+            mode, metadata_mode = mode & 0o700, "private"
         key = new_file_key()
-        protected = protect_image(ds, self._secret, self._config.anonymization, key, guid, version)
+        with _values_of_the_file("anonymized"):
+            protected = protect_image(ds, self._secret, options, key, guid, version)
+        with _values_of_the_file("read for the metadata"):
+            metadata = extract_metadata(ds, self._secret, served=protected.served)
         if store_in_pacs:
             if self._pacs is None:
                 raise MdmError("no PACS connection to store the image into")
             self._pacs.store(ds)
         original = metadata.dicom
-        common: dict[str, Any] = dict(owner=owner, vo=site.vo, mode=mode, metadata_mode=site.metadata_mode)
+        common: dict[str, Any] = dict(owner=owner, vo=site.vo, mode=mode, metadata_mode=metadata_mode)
         entry = Entry(
             lfn=lfn,
             guid=guid,
@@ -197,6 +234,7 @@ class Registrar:
             sha256=protected.sha256,
             content_version=version,
             source_digest=digest,
+            protection=record,
             **common,
         )
         volume_lfn = UidTriple(study, series, VOLUME).lfn(site.vo)
@@ -208,14 +246,22 @@ class Registrar:
             study_uid=study,
             series_uid=series,
             sop_uid=VOLUME,
-            size=self._volume_size(volume_lfn, guid, metadata.image) if self._deferred is None else None,
+            size=None,
             **common,
         )
+        # Inside a batch, the sizes are planned when it ends.
+        sizes = self._series_sizes(volume_lfn, guid, metadata.image) if self._deferred is None else {}
+        volume = replace(volume, size=sizes.get(VOLUME))
+        sidecars = [
+            replace(volume, lfn=f"{volume_lfn}{suffix}", guid=str(uuid.uuid4()), sop_uid=f"{VOLUME}{suffix}",
+                    size=sizes.get(f"{VOLUME}{suffix}"))
+            for suffix in self._sidecar_suffixes(metadata.image, volume_lfn)
+        ]
         erased = tuple((e.path, e.keyword, e.value) for e in protected.erased)
         readers = tuple(a.dn for a in known.acl if a.perms & 4) if known else ()
         self._keystore.put_key(key_name(guid, version), key, key_acl(owner, site.vo, mode, readers))
         try:
-            outcome = self._catalog.register_image(entry, replace(metadata, erased=erased), volume)
+            outcome = self._catalog.register_image(entry, replace(metadata, erased=erased), volume, sidecars)
         except BaseException:
             self._forget_key(key_name(guid, version))
             raise
@@ -226,17 +272,32 @@ class Registrar:
         log.debug("%s %s", outcome.value, lfn)
         return outcome
 
-    def _volume_size(self, volume_lfn: str, guid: str | None = None, image: dict | None = None) -> int | None:
-        """The series volume's size once this slice (if any) is in: listings are true before the
-        first assembly. None when the series is not (yet) one volume: staging will say why."""
+    def _series_sizes(self, volume_lfn: str, guid: str | None = None, image: dict | None = None) -> dict[str, int]:
+        """The sizes of the series volume and its sidecars once this slice (if any) is in, from
+        the rows alone: listings are true before the first assembly. Empty when the series is
+        not (yet) one volume: staging will say why."""
         rows = self._catalog.index.series_images(posixpath.dirname(volume_lfn))
         if guid is not None and image is not None:
             rows[guid] = image
+        series_rows = list(rows.values())
         try:
-            plain = plan_volume(list(rows.values())).file_size(self._config.volume.format)
+            plan = plan_volume(series_rows)
+            sizes = {VOLUME: encrypted_size(plan.file_size(self._config.volume.format))}
+            sizes[JSON] = encrypted_size(len(series_file_from_rows(JSON, series_rows, plan)))
+            if any(has_diffusion(row) for row in series_rows):
+                for name in (BVAL, BVEC):
+                    sizes[name] = encrypted_size(len(series_file_from_rows(name, series_rows, plan)))
         except NotAVolume:
-            return None
-        return encrypted_size(plain)
+            return {}
+        return sizes
+
+    def _sidecar_suffixes(self, image: dict, volume_lfn: str) -> list[str]:
+        """Every volume has its JSON sidecar; a diffusion series (this image has a b-value,
+        or an earlier one had) also its b-values and vectors."""
+        suffixes = [".json"]
+        if has_diffusion(image) or self._catalog.namespace.lookup(f"{volume_lfn}.bval") is not None:
+            suffixes += [".bval", ".bvec"]
+        return suffixes
 
     def _forget_key(self, name: str) -> None:
         """Best effort: a share left behind unlocks nothing the catalog still names."""

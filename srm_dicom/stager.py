@@ -36,6 +36,7 @@ from pathlib import Path
 
 from pydicom import Dataset
 
+from srm_dicom.anonymize import AnonymizationOptions, recorded_options, rules_version
 from srm_dicom.cache import DiskCache
 from srm_dicom.catalog import (
     COMPLETED,
@@ -56,7 +57,8 @@ from srm_dicom.keystore.client import KeystoreClient
 from srm_dicom.names import normalize_lfn, parse_pfn
 from srm_dicom.pacs.client import PacsClient, RetrieveRefused
 from srm_dicom.protect import key_acl, key_name, protect_image
-from srm_dicom.volume import NotAVolume, assemble
+from srm_dicom.sidecar import series_file
+from srm_dicom.volume import NotAVolume
 
 log = logging.getLogger(__name__)
 
@@ -447,19 +449,24 @@ class Stager:
         check it against the catalog, publish it."""
         results: dict[_Job, Path | StageFailed] = {}
         names: dict[str, tuple[_Job, Entry, Dataset]] = {}
+        options: dict[str, AnonymizationOptions] = {}  # each entry's own, as registered
         for job, entry in todo.items():
             sop = parse_pfn(entry.pfn).sop or ""
             ds = images.get(sop)
             if ds is None:
                 results[job] = StageFailed(missing.get(sop, f"{self._pacs().name} did not send the image"))
             else:
+                try:
+                    options[key_name(entry.guid, entry.content_version)] = self._options(entry)
+                except StageFailed as exc:
+                    results[job] = exc
+                    continue
                 names[key_name(entry.guid, entry.content_version)] = (job, entry, ds)
         produced = {name: _Produced() for name in names}
 
         def matches(name: str, key: bytes) -> bool:
             _, entry, ds = names[name]
-            payload = protect_image(ds, self._secret, self._config.anonymization, key, entry.guid,
-                                    entry.content_version).payload
+            payload = protect_image(ds, self._secret, options[name], key, entry.guid, entry.content_version).payload
             produced[name].tries += 1
             produced[name].payloads[key] = payload
             return len(payload) == entry.size and _adler32(payload) == entry.adler32
@@ -474,9 +481,23 @@ class Stager:
                 results[job] = _key_failure(key, produced[name])
         return results
 
+    def _options(self, entry: Entry) -> AnonymizationOptions:
+        """The options the entry was registered with: a changed [anonymization] applies to new
+        registrations only. Packaged rules that changed since cannot give the same bytes."""
+        if entry.protection is None:
+            return self._config.anonymization  # registered before protection records existed
+        options, rules = recorded_options(entry.protection)
+        if rules != rules_version():
+            raise StageFailed(
+                f"protected with anonymization rules {rules}, this storage element has {rules_version()}:"
+                " re-issue it with 'mdm register --reprotect'"
+            )
+        return options
+
     def _volume(self, entry: Entry, datasets: list[Dataset]) -> bytes:
+        """The series volume, or one of its sidecars (by its name), assembled and encrypted."""
         try:
-            plain = assemble(datasets, self._config.volume.format)
+            plain = series_file(entry.sop_uid, datasets, self._config.volume.format)
         except NotAVolume as exc:
             raise StageFailed(f"not a volume: {exc.reason}") from None
         version, key_id = entry.content_version, uuid.UUID(entry.guid).bytes

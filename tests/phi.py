@@ -8,6 +8,7 @@ blocks, file meta, overlays, curves, and the instance UIDs themselves.
 """
 
 import hashlib
+from datetime import date, timedelta
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -30,14 +31,15 @@ def _digits(marker_prefix: str) -> int:
     return int.from_bytes(hashlib.sha256(marker_prefix.encode()).digest()[:6], "big")
 
 
-def series_uids(marker_prefix: str) -> tuple[str, str]:
-    """The (Study, Series) Instance UIDs every slice made with this prefix shares."""
-    root = f"1.2.826.0.1.3680043.9.7{_digits(marker_prefix)}"
+def series_uids(marker_prefix: str, study: int = 1) -> tuple[str, str]:
+    """The (Study, Series) Instance UIDs every slice made with this prefix (and study) shares."""
+    root = f"1.2.826.0.1.3680043.9.7{_digits(marker_prefix)}" + ("" if study == 1 else f".{study}")
     return f"{root}.11", f"{root}.22"
 
 
-def make_phi_dataset(marker_prefix: str, instance: int = 1) -> tuple[Dataset, list[str]]:
-    """One slice of a series (same prefix, same study and series); the markers it carries.
+def make_phi_dataset(marker_prefix: str, instance: int = 1, study: int = 1) -> tuple[Dataset, list[str]]:
+    """One slice of a series (same prefix and study: same patient, study and series; another
+    study of the same patient is 30 days later per study number); the markers it carries.
 
     Keep `marker_prefix` to 8 characters or fewer: markers go into 16-character (SH, AE)
     attributes.
@@ -54,10 +56,11 @@ def make_phi_dataset(marker_prefix: str, instance: int = 1) -> tuple[Dataset, li
         return value
 
     digits = _digits(p)
-    study_uid, series_uid = series_uids(p)
+    study_uid, series_uid = series_uids(p, study)
     root = study_uid.rsplit(".", 1)[0]
     birth = f"{1930 + digits % 60}{1 + digits % 12:02d}{1 + digits % 28:02d}"
-    study_date = f"{2001 + digits % 20}{1 + digits % 11:02d}{2 + digits % 27:02d}"
+    first_study = date(2001 + digits % 20, 1 + digits % 11, 2 + digits % 27)
+    study_date = (first_study + timedelta(days=30 * (study - 1))).strftime("%Y%m%d")
     markers += [birth, study_date]
 
     ds = Dataset()

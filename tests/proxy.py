@@ -31,6 +31,7 @@ class FaultyProxy:
     accepted: int = 0
     _listener: socket.socket = field(init=False)
     _stopped: threading.Event = field(default_factory=threading.Event, init=False)
+    _open: list[socket.socket] = field(default_factory=list, init=False)
 
     def __post_init__(self) -> None:
         self._listener = socket.create_server(("127.0.0.1", 0))
@@ -44,6 +45,15 @@ class FaultyProxy:
     def stop(self) -> None:
         self._stopped.set()
         self._listener.close()
+        self.cut()
+
+    def cut(self) -> None:
+        """Close every connection open now, as an idle timeout on the way does (new ones go through)."""
+        while self._open:
+            sock = self._open.pop()
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
 
     def __enter__(self) -> FaultyProxy:
         return self
@@ -68,6 +78,7 @@ class FaultyProxy:
             except OSError:
                 client.close()
                 continue
+            self._open += [client, server]
             for sock in (client, server):
                 sock.settimeout(None)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -83,8 +94,10 @@ class FaultyProxy:
                     time.sleep(delay)
                 if abort_after is not None and sent + len(data) > abort_after:
                     sink.sendall(data[: max(0, abort_after - sent)])
-                    for sock in (sink, source):  # RST, not FIN: the peer died
+                    for sock in (sink, source):  # the peer died: both ends reset, the other pipe woken
                         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                        with contextlib.suppress(OSError):
+                            sock.shutdown(socket.SHUT_RDWR)
                         sock.close()
                     return
                 sink.sendall(data)

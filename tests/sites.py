@@ -75,6 +75,7 @@ retry_after = 1
 workers = {workers}
 """
     )
+    path.chmod(0o600)  # it holds the site secret: mdm serve and mdm listen refuse it readable
     return path
 
 

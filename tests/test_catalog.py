@@ -2,11 +2,13 @@
 core's domain rules and each store, with real registrations (real key servers)."""
 
 import io
+from dataclasses import replace
 
 import pytest
 from pydicom import dcmread
 
 from sites import keystore_section
+from srm_dicom.anonymize import AnonymizationOptions
 from srm_dicom.catalog import (
     COMPLETED,
     FAILED,
@@ -71,19 +73,19 @@ def test_series_registers_slices_and_one_volume_with_directories(config, catalog
     assert outcomes == [Outcome.ADDED] * 4
     listing = catalog.namespace.list_dir(series_dir(catalog))
     kinds = sorted(e.kind for e in listing.entries)
-    assert kinds == ["slice"] * 4 + ["volume"]
-    volume = next(e for e in listing.entries if e.kind == "volume")
+    assert kinds == ["slice"] * 4 + ["volume"] * 2  # 3D and its sidecar 3D.json
+    volume = next(e for e in listing.entries if e.sop_uid == "3D")
     assert volume.lfn.endswith("/3D") and volume.adler32 is None
     plain = plan_volume(list(catalog.index.series_images(series_dir(catalog)).values())).file_size("nifti")
     assert volume.size == encrypted_size(plain)  # known before the first assembly
-    assert catalog.namespace.count() == 5
+    assert catalog.namespace.count() == 6
 
 
 def test_registering_again_adds_nothing_and_a_change_bumps_the_version(config, catalog):
     series, _ = register_series(config, catalog)
     registrar = Registrar(config, catalog, None, KeystoreClient.from_config(config))
     assert [registrar.register(ds, store_in_pacs=False) for ds in series] == [Outcome.UNCHANGED] * 4
-    assert catalog.namespace.count() == 5
+    assert catalog.namespace.count() == 6
     series[1].SeriesDescription = "re-reconstructed"
     assert registrar.register(series[1], store_in_pacs=False) is Outcome.UPDATED
     entry = find_entry(catalog, original_spec(series[1]))
@@ -116,7 +118,8 @@ def test_metadata_rows_go_to_their_tables_keyed_without_the_patient_id(config, c
     assert metadata.image["rows"] == 8 and metadata.medical["modality"] == "CT"
     assert metadata.dicom["sop_uid"] == series[0].SOPInstanceUID
     assert metadata.dicom["deid_sop_uid"] == entry.sop_uid
-    assert metadata.protocols == ("demo-phantom",)
+    assert metadata.protocols == ()  # the served file replaces the protocol name: the anonymous level has none
+    assert ("(0018,1030)", "ProtocolName", "demo-phantom") in metadata.erased  # for "all" rights
 
 
 def test_a_header_value_that_breaks_its_vr_is_kept_as_text_not_a_crash(config, catalog):
@@ -171,7 +174,8 @@ def test_a_volume_checksum_is_recorded_once_per_content_version(config, catalog)
 
 
 def test_search_like_ignores_ascii_case_and_numbers_compare_as_numbers(config, catalog):
-    register_series(config, catalog, slices=3)
+    # clean_descriptors keeps the protocol name, minus the words of the patient's name ("DEMO").
+    register_series(replace(config, anonymization=AnonymizationOptions(clean_descriptors=True)), catalog, slices=3)
     name = ATTRIBUTES["PatientName"]
 
     def found(text):
@@ -181,7 +185,7 @@ def test_search_like_ignores_ascii_case_and_numbers_compare_as_numbers(config, c
     assert found("PatientName like 'DEMO?synth*'") == [FakePatient().name] * 3
     assert found("PatientName = 'demo^synthetic'") == []  # = is exact
     assert len(found("InstanceNumber >= 2")) == 2 and len(found("InstanceNumber > 10")) == 0
-    assert len(found("ProtocolName like 'DEMO-*'")) == 3 and found("ProtocolName != 'demo-phantom'") == []
+    assert len(found("ProtocolName like '-PHANT*'")) == 3 and found("ProtocolName != '-phantom'") == []
     assert len(list(catalog.index.search(parse(""), [name], limit=2))) == 2
 
 

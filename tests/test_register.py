@@ -1,11 +1,14 @@
 import os
 import zlib
+from dataclasses import replace
 from pathlib import Path
 
 import pydicom
 import pytest
+from pydicom.uid import SecondaryCaptureImageStorage
 
 from sites import require_vendor_data, write_site_config
+from srm_dicom.anonymize import AnonymizationOptions, recorded_options, rules_version
 from srm_dicom.catalog import Outcome, open_catalog
 from srm_dicom.config import load_config
 from srm_dicom.crypto.container import check_key, read_header
@@ -43,7 +46,8 @@ def test_each_pacs_receives_the_images_and_the_catalog_names_them(any_pacs, tmp_
     study, series = (deidentify_uid(secret, first.StudyInstanceUID), deidentify_uid(secret, first.SeriesInstanceUID))
     listing = catalog.namespace.list_dir(f"/grid/demo/mdm/{study}/{series}")
     names = sorted(e.sop_uid for e in listing.entries)
-    assert names == sorted([deidentify_uid(secret, pydicom.dcmread(f).SOPInstanceUID) for f in files] + ["3D"])
+    sops = [deidentify_uid(secret, pydicom.dcmread(f).SOPInstanceUID) for f in files]
+    assert names == sorted([*sops, "3D", "3D.json"])
     slice_entry = next(e for e in listing.entries if e.kind == "slice")
     assert slice_entry.pfn.startswith(f"dicom://{any_pacs.aet}@127.0.0.1:{any_pacs.port}/{first.StudyInstanceUID}/")
     assert slice_entry.owner == config.site.registrar and slice_entry.mode == 0o750
@@ -132,6 +136,61 @@ def test_every_vendor_series_is_readable_and_named(tmp_path):
 
 
 
+def _slice_entry(catalog, config, ds):
+    secret = config.site.secret_bytes
+    uids = (ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+    return catalog.namespace.lookup("/grid/demo/mdm/" + "/".join(deidentify_uid(secret, u) for u in uids))
+
+
+def test_each_entry_records_its_protection_and_reprotect_reissues_it(embedded_pacs, tmp_path, key_servers):
+    config = load_config(write_site_config(tmp_path / "site", embedded_pacs, key_servers))
+    ds = make_series(slices=1, size=8)[0]
+    catalog = open_catalog(config)
+    keystore = KeystoreClient.from_config(config)
+    changed = replace(config, anonymization=AnonymizationOptions(retain_patient_characteristics=True))
+    with PacsClient(config.pacs) as pacs:
+        assert Registrar(config, catalog, pacs, keystore).register(ds, store_in_pacs=True) == Outcome.ADDED
+        first = _slice_entry(catalog, config, ds)
+        assert recorded_options(first.protection) == (config.anonymization, rules_version())
+        registrar = Registrar(changed, catalog, pacs, keystore)
+        assert registrar.register(ds, store_in_pacs=False) == Outcome.UNCHANGED  # new config: new images only
+        assert registrar.register(ds, store_in_pacs=False, reprotect=True) == Outcome.UPDATED
+        assert registrar.register(ds, store_in_pacs=False, reprotect=True) == Outcome.UNCHANGED
+    again = _slice_entry(catalog, config, ds)
+    assert again.guid == first.guid and again.content_version == 2
+    assert recorded_options(again.protection)[0] == changed.anonymization
+    key = keystore.fetch_key(key_name(again.guid, 2), lambda k: len(k) == 32)
+    served = protect_image(ds, config.site.secret_bytes, changed.anonymization, key, again.guid, 2)
+    assert (served.size, served.adler32) == (again.size, again.adler32)
+    codes = [item.CodeValue for item in served.served.DeidentificationMethodCodeSequence]
+    assert codes == ["113100", "113108"] and served.served.PatientIdentityRemoved == "YES"
+    assert rules_version() in served.served.DeidentificationMethod
+    catalog.close()
+
+
+def test_burned_in_images_are_refused_with_one_reason_or_kept_private(embedded_pacs, tmp_path, key_servers):
+    config = load_config(write_site_config(tmp_path / "site", embedded_pacs, key_servers))
+    annotated, capture, screen = make_series(slices=3, size=8, seed="burned")
+    annotated.BurnedInAnnotation = "YES"
+    capture.SOPClassUID = capture.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    screen.ImageType = ["DERIVED", "SECONDARY", "SCREEN SAVE"]
+    catalog = open_catalog(config)
+    keystore = KeystoreClient.from_config(config)
+    with PacsClient(config.pacs) as pacs:
+        registrar = Registrar(config, catalog, pacs, keystore)
+        for ds, reason in ((annotated, "BurnedInAnnotation is YES"), (capture, "a secondary capture"),
+                           (screen, "ImageType SCREEN SAVE")):
+            with pytest.raises(InvalidInput, match=reason):
+                registrar.register(ds, store_in_pacs=True)
+        assert catalog.namespace.count() == 0  # nothing half-registered
+        assert pacs.find_instances(annotated.StudyInstanceUID, annotated.SeriesInstanceUID) == []
+        private = replace(config, anonymization=AnonymizationOptions(burned_in="private"))
+        assert Registrar(private, catalog, pacs, keystore).register(annotated, store_in_pacs=True) == Outcome.ADDED
+    entry = _slice_entry(catalog, config, annotated)
+    assert (entry.mode, entry.metadata_mode) == (0o700, "private")
+    catalog.close()
+
+
 def test_a_batch_plans_each_series_volume_once_with_the_size_one_by_one_gives(embedded_pacs, tmp_path, key_servers,
                                                                               monkeypatch):
     series = make_series(slices=6, size=16, seed="batch")
@@ -153,7 +212,7 @@ def test_a_batch_plans_each_series_volume_once_with_the_size_one_by_one_gives(em
                 assert [registrar.register(ds, store_in_pacs=False) for ds in series] == [Outcome.ADDED] * 6
                 volume = next(e for e in catalog.namespace.list_dir(
                     catalog.namespace.list_dir(catalog.namespace.list_dir("/grid/demo/mdm").directories[0])
-                    .directories[0]).entries if e.kind == "volume")
+                    .directories[0]).entries if e.sop_uid == "3D")
                 assert volume.size is None  # planned when the batch ends
             assert len(reads) == 1  # not once per image
         else:
@@ -163,7 +222,8 @@ def test_a_batch_plans_each_series_volume_once_with_the_size_one_by_one_gives(em
         monkeypatch.undo()
         namespace = catalog.namespace
         directory = namespace.list_dir(namespace.list_dir("/grid/demo/mdm").directories[0]).directories[0]
-        (volume,) = [e for e in namespace.list_dir(directory).entries if e.kind == "volume"]
-        sizes[mode] = volume.size
+        series_files = {e.sop_uid: e.size for e in namespace.list_dir(directory).entries if e.kind == "volume"}
+        sizes[mode] = series_files  # the volume and its sidecar 3D.json
         catalog.close()
-    assert sizes["batch"] == sizes["one by one"] and sizes["batch"] is not None
+    assert sizes["batch"] == sizes["one by one"] and None not in sizes["batch"].values()
+    assert sorted(sizes["batch"]) == ["3D", "3D.json"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import subprocess
@@ -20,6 +21,7 @@ import pytest
 
 from sites import write_site_config
 from srm_dicom import stager as stager_module
+from srm_dicom.anonymize import AnonymizationOptions
 from srm_dicom.catalog import Catalog, Entry, open_catalog
 from srm_dicom.config import Config, EmbeddedPacsConfig, load_config
 from srm_dicom.crypto.container import check_key, decrypt_bytes, read_header
@@ -450,6 +452,30 @@ def test_a_server_killed_while_staging_serves_no_partial_file_and_resumes(embedd
     finally:
         stager.stop()
         site.catalog.close()
+
+
+def test_a_changed_anonymization_config_leaves_older_entries_restaging_byte_identical(site):
+    changed = replace(site.config, anonymization=AnonymizationOptions(
+        retain_longitudinal_modified_dates=True, retain_patient_characteristics=True, clean_descriptors=True))
+    stager = Stager(changed, site.catalog, site.keystore)
+    stager.start()
+    try:
+        for entry in site.slices:
+            data = stager.fetch(entry, timeout=20).read_bytes()
+            assert len(data) == entry.size and f"{zlib.adler32(data):08x}" == entry.adler32
+    finally:
+        stager.stop()
+
+
+def test_an_entry_protected_with_other_packaged_rules_says_how_to_reissue_it(site, running):
+    entry = site.slices[0]
+    record = json.loads(entry.protection)
+    record["rules"] = "000000000000"
+    stale = replace(entry, protection=json.dumps(record))
+    site.catalog.register_image(  # the same image, recorded as protected with older rules
+        replace(stale, content_version=2), site.catalog.index.metadata(entry.guid), site.volume)
+    with pytest.raises(StageFailed, match="mdm register --reprotect"):
+        running.fetch(site.refresh(entry), timeout=20)
 
 
 class CountingPacs(PacsClient):

@@ -123,4 +123,14 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE entries ADD COLUMN sha256 TEXT
     """,
+    # 4: each image's acquisition parameters and diffusion encoding (JSON, srm_dicom/acquisition.py),
+    # so a series' sidecars have their size known from the rows alone (SQLite's 9).
+    """
+    ALTER TABLE image ADD COLUMN acquisition TEXT;
+    ALTER TABLE image ADD COLUMN diffusion TEXT
+    """,
+    # 5: each slice's de-identification record (SQLite's 10; srm_dicom/anonymize.py).
+    """
+    ALTER TABLE entries ADD COLUMN protection TEXT
+    """,
 ]

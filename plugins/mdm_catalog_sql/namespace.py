@@ -18,6 +18,7 @@ from srm_dicom.names import UidTriple, normalize_lfn
 ENTRY_COLUMNS = (
     "lfn", "guid", "pfn", "kind", "study_uid", "series_uid", "sop_uid", "owner", "vo", "mode",
     "metadata_mode", "size", "adler32", "content_version", "source_digest", "created", "modified", "sha256",
+    "protection",
 )
 _SELECT = f"SELECT {', '.join(ENTRY_COLUMNS)} FROM entries"
 _UPSERT_ACL = (
@@ -106,9 +107,9 @@ class SqlNamespace:
     def replace_content(self, entry: Entry, now: float) -> None:
         self._db.write(
             "UPDATE entries SET pfn = ?, size = ?, adler32 = ?, sha256 = ?, source_digest = ?, content_version = ?,"
-            " modified = ? WHERE lfn = ?",
-            (entry.pfn, entry.size, entry.adler32, entry.sha256, entry.source_digest, entry.content_version, now,
-             normalize_lfn(entry.lfn)),
+            " protection = ?, modified = ? WHERE lfn = ?",
+            (entry.pfn, entry.size, entry.adler32, entry.sha256, entry.source_digest, entry.content_version,
+             entry.protection, now, normalize_lfn(entry.lfn)),
         )
 
     def bump_volume(self, lfn: str, size: int | None, now: float) -> bool:

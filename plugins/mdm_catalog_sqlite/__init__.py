@@ -16,6 +16,7 @@ from pathlib import Path
 from mdm_catalog_sql import Dialect, SqlBackend
 from mdm_catalog_sqlite.schema import MIGRATIONS
 from srm_dicom.config import Config
+from srm_dicom.private_files import private_file
 
 
 class SQLiteDialect(Dialect):
@@ -23,8 +24,7 @@ class SQLiteDialect(Dialect):
     migrations = MIGRATIONS
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.path = path
+        self.path = private_file(path)  # metadata and erased values: PHI
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")

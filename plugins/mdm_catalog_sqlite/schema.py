@@ -139,4 +139,15 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE entries ADD COLUMN sha256 TEXT
     """,
+    # 9: each image's acquisition parameters and diffusion encoding (JSON, srm_dicom/acquisition.py),
+    # so a series' sidecars (3D.json, 3D.bval, 3D.bvec) have their size known from the rows alone.
+    """
+    ALTER TABLE image ADD COLUMN acquisition TEXT;
+    ALTER TABLE image ADD COLUMN diffusion TEXT
+    """,
+    # 10: each slice's de-identification record (options, profile, rules version), so that
+    # restaging an entry protects it as it was registered (srm_dicom/anonymize.py).
+    """
+    ALTER TABLE entries ADD COLUMN protection TEXT
+    """,
 ]

@@ -43,6 +43,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "doctor": ("doctor", "check a deployment: config, file modes, certificates, PACS, key servers, database, cache"),
     "catalog": ("catalog", "catalog maintenance: migrate a schema, copy a site from SQLite to PostgreSQL"),
     "token": ("token", "mint a demo WLCG bearer token (the demo's issuer, issuer/ beside the config)"),
+    "audit": ("audit", "show how an entry was de-identified: rules, options, removed attributes (hospital side)"),
 }
 
 EXIT_INTERRUPTED = 130

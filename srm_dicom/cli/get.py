@@ -15,9 +15,9 @@ from srm_dicom import sites
 from srm_dicom.client import Progress as ProgressCallback
 from srm_dicom.client import guid_path, lfn_path
 from srm_dicom.config import load_config
-from srm_dicom.errors import InvalidInput, MdmError
+from srm_dicom.errors import InvalidInput, MdmError, NotFound
 from srm_dicom.keystore.client import KeystoreClient
-from srm_dicom.names import parse_sop_spec
+from srm_dicom.names import SIDECARS, VOLUME, parse_sop_spec
 
 # Below this size a download is over before a bar would be worth drawing.
 PROGRESS_MIN_BYTES = 8 * 1024 * 1024
@@ -47,6 +47,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
             "  mdm get [-l] /grid/VO/mdm/STUDY/SERIES/SOP DEST\n"
             "  mdm get [-g] guid:UUID DEST\n"
             "The UIDs are those of the names (de-identified unless the site serves the PACS's own).\n"
+            "Like dcm2niix, getting a 3D volume (by LFN or S,SE,3D) as out.nii also writes out.json\n"
+            "and, for a diffusion series, out.bval and out.bvec (--no-sidecars: DEST only).\n"
             "Exit codes: 1 download failed or damaged, 2 bad usage or DEST exists, 3 not found,\n"
             "4 still staging past --timeout, 5 refused by the storage element, 6 key servers\n"
             "failed or refused."
@@ -67,6 +69,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                         help="how long to wait while the file is staged (default: [storage] timeout)")
     parser.add_argument("--site", metavar="NAME",
                         help="download from this site of your config (default: the site that has the file)")
+    parser.add_argument("--no-sidecars", action="store_true",
+                        help="for a 3D volume, write DEST only: not its BIDS sidecar DEST.json (nor, for a "
+                             "diffusion series, DEST.bval and DEST.bvec), which are written beside it by default")
     parser.set_defaults(handler=run)
 
 
@@ -86,6 +91,19 @@ def url_path(args: argparse.Namespace, vo: str) -> str:
         if parts[0].startswith("/grid/"):
             return lfn_path(parts[0])
     return parse_sop_spec(parts).lfn(vo)
+
+
+def sidecar_destinations(path: str, destination: Path) -> list[tuple[str, Path]]:
+    """(URL path, destination) of each sidecar a volume may have, named as dcm2niix names
+    them: ``out.nii`` (or ``out.nii.gz``, ``out.nrrd``) → ``out.json``, ``out.bval``, ``out.bvec``."""
+    if not path.endswith(f"/{VOLUME}"):
+        return []
+    stem = destination.name
+    for extension in (".nii.gz", ".nii", ".nrrd"):
+        if stem.endswith(extension) and len(stem) > len(extension):
+            stem = stem[: -len(extension)]
+            break
+    return [(f"{path}{name[len(VOLUME):]}", destination.with_name(stem + name[len(VOLUME):])) for name in SIDECARS]
 
 
 def _is_uuid(text: str) -> bool:
@@ -133,15 +151,24 @@ def run(args: argparse.Namespace) -> int:
     path = url_path(args, config.site.vo)
     destination = Path(args.items[-1])
     _may_write(destination, args)
+    sidecars = [] if args.no_sidecars else sidecar_destinations(path, destination)
+    for _, sidecar in sidecars:
+        _may_write(sidecar, args)
     # Both clients before the download, so a config mistake shows before any byte moves.
     storage = sites.download_client(config, path, args.site, args.timeout)
     keystore = KeystoreClient.from_config(config)
     with _progress_bar() as progress:
-        download = storage.get(path, destination, keystore, progress)
+        downloads = [(storage.get(path, destination, keystore, progress), destination)]
+    for sidecar_path, sidecar in sidecars:
+        try:
+            downloads.append((storage.get(sidecar_path, sidecar, keystore), sidecar))
+        except NotFound:  # b-values only for diffusion series; series registered before sidecars
+            continue
     if args.verbose:
-        print(
-            f"guid:{download.guid} -> {destination}: {download.size} bytes "
-            f"({download.encrypted_size} encrypted) in {download.seconds:.2f} s, "
-            f"{download.attempts} request(s)"
-        )
+        for download, written in downloads:
+            print(
+                f"guid:{download.guid} -> {written}: {download.size} bytes "
+                f"({download.encrypted_size} encrypted) in {download.seconds:.2f} s, "
+                f"{download.attempts} request(s)"
+            )
     return 0

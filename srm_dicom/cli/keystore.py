@@ -10,6 +10,7 @@ from pathlib import Path
 
 from srm_dicom.keystore.server import KeystoreServerConfig, make_server
 from srm_dicom.logs import configure as configure_logs
+from srm_dicom.private_files import check_private
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def _serve(args: argparse.Namespace) -> int:
     config = KeystoreServerConfig.load(args.keystore_config)
+    check_private(config.database, "the key share database")
+    check_private(config.key, "the private key")
     configure_logs(config.log_format, args.verbose)
     server = make_server(config)
     try:

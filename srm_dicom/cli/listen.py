@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 
 from srm_dicom.catalog import open_catalog
-from srm_dicom.config import load_config
+from srm_dicom.config import config_file, load_config
 from srm_dicom.listen import PushListener
 from srm_dicom.logs import configure as configure_logs
+from srm_dicom.private_files import check_site
 from srm_dicom.shutdown import stop_on_signals
 
 
@@ -29,6 +30,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
+    check_site(config, config_file(args.config))
     configure_logs(config.log.format, args.verbose)
     catalog = open_catalog(config)
     stop = stop_on_signals()

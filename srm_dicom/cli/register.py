@@ -36,6 +36,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
             "  mdm register -v a.dcm b.dcm             # two files, one line each\n"
             "  mdm register --from-pacs --study 1.2.3  # index a study already in the PACS\n"
             "  mdm register --from-pacs --all\n"
+            "  mdm register --from-pacs --study 1.2.3 --reprotect  # re-issue under today's [anonymization]\n"
             "In a directory, files that are not DICOM images (README, NIfTI, DICOMDIR, FIFOs) are\n"
             "counted as skipped; a file named on the command line that is not one fails.\n"
             "exit codes: 0 all registered or already there, 1 some files failed, 4 PACS error"
@@ -45,6 +46,12 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("paths", nargs="*", type=Path, metavar="PATH", help="DICOM files or directories")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="-v: one line per image; -vv: debug")
     parser.add_argument("--owner", metavar="DN", help="owner of the new entries (default: [site] registrar)")
+    parser.add_argument(
+        "--reprotect", action="store_true",
+        help="re-issue already registered images protected with other [anonymization] options than the "
+             "current ones: a new content version under the current options (entries keep the options they "
+             "were registered with otherwise)",
+    )
     source = parser.add_argument_group("indexing images already in the PACS")
     source.add_argument("--from-pacs", action="store_true", help="index images of the PACS instead of files")
     which = source.add_mutually_exclusive_group()
@@ -101,7 +108,7 @@ def _register_files(registrar: Registrar, args: argparse.Namespace, summary: Sum
         for path in files:
             try:
                 ds = read_dicom(path)
-                outcome = registrar.register(ds, store_in_pacs=True)
+                outcome = registrar.register(ds, store_in_pacs=True, reprotect=args.reprotect)
                 summary.add(outcome)
                 if args.verbose:
                     print(f"{outcome.value}: {path} -> {registrar.lfn(ds)}")
@@ -128,7 +135,7 @@ def _register_from_pacs(
         for series in pacs.find_series(study):
             for ds in pacs.retrieve(study, series):
                 try:
-                    outcome = registrar.register(ds, store_in_pacs=False)
+                    outcome = registrar.register(ds, store_in_pacs=False, reprotect=args.reprotect)
                     summary.add(outcome)
                     if args.verbose:
                         print(f"{outcome.value}: PACS image -> {registrar.lfn(ds)}")

@@ -6,10 +6,12 @@ import argparse
 import threading
 
 from srm_dicom.catalog import open_catalog
-from srm_dicom.config import load_config
+from srm_dicom.config import config_file, load_config
+from srm_dicom.errors import ConfigError
 from srm_dicom.keystore.client import KeystoreClient
 from srm_dicom.logs import configure as configure_logs
 from srm_dicom.logs import log_requests
+from srm_dicom.private_files import check_site
 from srm_dicom.server.app import StorageElement, make_server
 from srm_dicom.shutdown import stop_on_signals
 from srm_dicom.stager import Stager
@@ -34,6 +36,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
+    check_site(config, config_file(args.config))
     configure_logs(config.log.format, args.verbose)
     stop_logging = log_requests()
     catalog = open_catalog(config)
@@ -43,7 +46,11 @@ def run(args: argparse.Namespace) -> int:
     stop = stop_on_signals()
     stager.start()
     try:
-        server.prepare()
+        try:
+            server.prepare()
+        except OSError as exc:  # cheroot wraps the bind error: "No socket could be created -- (...)"
+            reason = "address already in use" if "in use" in str(exc) else str(exc)
+            raise ConfigError(f"cannot listen on {config.server.host}:{config.server.port}: {reason}") from None
         host, port = server.bind_addr[:2]
         print(f"serving https://{host}:{port}", flush=True)
         thread = threading.Thread(target=server.serve, name="https", daemon=True)

@@ -14,6 +14,7 @@ from cheroot import wsgi
 
 from srm_dicom.keystore.server import KeystoreServerConfig, make_server
 from srm_dicom.pki import SERVICE_DN
+from srm_dicom.private_files import private_dir
 
 HOST = "127.0.0.1"
 
@@ -22,7 +23,7 @@ class LocalKeyServers:
     """``n`` key servers using the demo PKI in ``pki``, keeping their shares under ``state``."""
 
     def __init__(self, pki: Path, state: Path, n: int = 3, idle_timeout: float = 10.0) -> None:
-        state.mkdir(parents=True, exist_ok=True)
+        private_dir(state)
         self.pki = pki
         self._servers: list[wsgi.Server] = []
         self._threads: list[threading.Thread] = []

@@ -47,6 +47,7 @@ from srm_dicom.identity import (
     identity_from_cert_chain,
 )
 from srm_dicom.keystore import Acl, check_key_id
+from srm_dicom.private_files import private_file
 
 log = logging.getLogger(__name__)
 
@@ -107,8 +108,7 @@ class ShareStore:
     """The server's SQLite table: one share and one ACL per key id."""
 
     def __init__(self, path: Path):
-        self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = private_file(path)  # one share of every key
         with self._connect() as db:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute(

@@ -21,10 +21,11 @@ def test_ls_walks_studies_series_and_entries(site):
     assert study.startswith("2.25.") and study.endswith("/")
     (series,) = mdm("ls", f"/grid/demo/mdm/{study}", config=config_path).stdout.split()
     entries = mdm("ls", f"/grid/demo/mdm/{study}{series}", config=config_path).stdout.split()
-    assert len(entries) == 4 and "3D" in entries and all(e.startswith("2.25.") for e in entries if e != "3D")
+    assert len(entries) == 5 and {"3D", "3D.json"} <= set(entries)
+    assert all(e.startswith("2.25.") for e in entries if not e.startswith("3D"))
     long = mdm("ls", "-l", f"/grid/demo/mdm/{study}{series}", config=config_path).stdout.splitlines()
     assert all(line.startswith("-rwxr-x---") for line in long)
-    assert sum("/C=XX/O=srm-dicom/CN=registration service" in line for line in long) == 4
+    assert sum("/C=XX/O=srm-dicom/CN=registration service" in line for line in long) == 5
     missing = mdm("ls", "/grid/demo/mdm/2.25.1", config=config_path)
     assert missing.returncode == 3 and "no such file or directory" in missing.stderr
 

@@ -47,6 +47,7 @@ class Stats:
     rss_mib: list[tuple[float, float]] = field(default_factory=list)
     slow_connections: int = 0
     retries: int = 0  # 503 answers with Retry-After, retried as rclone, davix and mdm get do
+    reconnects: int = 0  # kept-alive connections found closed by the server, reopened once
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def record(self, kind: str, seconds: float, error: str | None) -> None:
@@ -70,6 +71,7 @@ class Stats:
         failed = sum(map(len, self.errors.values()))
         lines.append(f"all: {len(every)} requests, {failed} errors, p99 {1000 * p99:.1f} ms; 503 + Retry-After"
                      f" retried: {self.retries}; slow-header connections opened: {self.slow_connections}")
+        lines.append(f"stale kept-alive connections reopened: {self.reconnects}")
         lines.append("RSS (MiB) every 30 s: " + ", ".join(f"{t:.0f}s {mib:.0f}" for t, mib in self.rss_mib))
         for kind, errors in self.errors.items():
             for error in errors[:5]:
@@ -139,6 +141,20 @@ class Client:
 
     def _once(self, method: str, path: str, body: bytes | None,
               headers: dict[str, str] | None) -> tuple[int, bytes, str | None]:
+        """One exchange; a kept-alive connection the server closed meanwhile (idle past [server]
+        timeout, while this client waited out a Retry-After) is reopened once, as urllib3 does."""
+        reused = self._connection is not None
+        try:
+            return self._exchange(method, path, body, headers)
+        except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+            if not reused:
+                raise
+            with self._stats.lock:
+                self._stats.reconnects += 1
+            return self._exchange(method, path, body, headers)
+
+    def _exchange(self, method: str, path: str, body: bytes | None,
+                  headers: dict[str, str] | None) -> tuple[int, bytes, str | None]:
         if self._connection is None:
             self._connection = http.client.HTTPSConnection(self._demo.host, self._demo.port, context=self._context,
                                                            timeout=120, source_address=(self._address, 0))
@@ -214,15 +230,13 @@ def slow_client(demo: Demo, stop: threading.Event, stats: Stats) -> None:
 def rss_mib(pid: int) -> float:
     """Resident memory of the demo and its children (the storage element runs in it)."""
     total = 0
-    pids = [pid] + [int(p) for p in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True,
-                                                     text=True).stdout.split()]
-    for each in pids:
+    for status in Path("/proc").glob("[0-9]*/status"):
         try:
-            for line in Path(f"/proc/{each}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1])
-        except FileNotFoundError:
+            fields = dict(line.split(":", 1) for line in status.read_text().splitlines() if ":" in line)
+        except OSError:  # the process ended meanwhile
             continue
+        if int(fields.get("Pid", "0")) == pid or int(fields.get("PPid", "0")) == pid:
+            total += int(fields.get("VmRSS", "0 kB").split()[0])
     return total / 1024
 
 

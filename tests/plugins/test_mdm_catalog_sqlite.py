@@ -66,12 +66,12 @@ def test_delete_removes_entry_metadata_and_patient_row_with_the_last_image(confi
 def test_a_failed_registration_leaves_no_half_entry(config, catalog):
     register_series(config, catalog, slices=1)
     broken = make_series(slices=1, size=8, seed="other")[0]
-    # A real SQLite failure in the last statement of the transaction (the Protocol table).
+    # A real SQLite failure in the last statement of the transaction (the erased values).
     db = catalog.backend.dialect._db
-    db.execute("CREATE TRIGGER fail BEFORE INSERT ON protocol BEGIN SELECT RAISE(ABORT, 'disk full'); END")
+    db.execute("CREATE TRIGGER fail BEFORE INSERT ON erased BEGIN SELECT RAISE(ABORT, 'disk full'); END")
     with pytest.raises(sqlite3.DatabaseError, match="disk full"):
         Registrar(config, catalog, None, KeystoreClient.from_config(config)).register(broken, store_in_pacs=False)
-    assert catalog.namespace.count() == 2  # the first slice and its volume only
+    assert catalog.namespace.count() == 3  # the first slice, its volume and the volume's sidecar only
     for table in ("image", "medical", "dicom", "patient"):
         assert db.execute(f"SELECT count(*) FROM {table}").fetchone()[0] == 1, table
     assert db.execute("SELECT count(*) FROM directories").fetchone()[0] == 5  # /grid … series
@@ -100,5 +100,5 @@ def test_reopening_an_existing_catalog_keeps_data_and_schema(config, catalog):
     register_series(config, catalog, slices=1)
     catalog.close()
     again = SQLiteCatalog(Path(config.path(config.catalog.url)))
-    assert again.namespace.count() == 2 and again.schema_version == len(MIGRATIONS)
+    assert again.namespace.count() == 3 and again.schema_version == len(MIGRATIONS)
     again.close()

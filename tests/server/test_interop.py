@@ -242,7 +242,7 @@ def test_davix_ls_and_get(site, tmp_path):
     bob = Credential.of_user(site.pki, "bob")
     listing = clients.davix_ls(site.se.url + site.series_dir, bob)
     assert listing.returncode == 0, listing.stderr
-    assert set(listing.stdout.split()) == {e.lfn.rsplit("/", 1)[1] for e in site.slices} | {"3D"}
+    assert set(listing.stdout.split()) == {e.lfn.rsplit("/", 1)[1] for e in site.slices} | {"3D", "3D.json"}
     entry, out = site.slices[2], tmp_path / "slice.enc"
     got = clients.davix_get(site.url(entry), out, bob)
     assert got.returncode == 0, got.stderr
@@ -259,7 +259,7 @@ def test_gfal_ls_status_bringonline_archivepoll_copy_sum_and_evict(site, tmp_pat
     url = site.url(entry)
     listing = clients.gfal("ls", site.se.url + site.series_dir, cred=bob)
     assert listing.returncode == 0, listing.stderr
-    assert {e.lfn.rsplit("/", 1)[1] for e in site.slices} | {"3D"} == set(listing.stdout.split())
+    assert {e.lfn.rsplit("/", 1)[1] for e in site.slices} | {"3D", "3D.json"} == set(listing.stdout.split())
 
     # The PACS is the tape: TAPE is what gfal2 shows as NEARLINE, DISK_AND_TAPE as ONLINE_AND_NEARLINE.
     status = clients.gfal("xattr", url, "user.status", cred=bob)
@@ -351,5 +351,8 @@ def test_listings_give_the_volume_size_before_its_first_assembly(fresh_site):
     listing = clients.rclone("ls", f"mdm:{site.series_dir}", url=site.se.url, cred=bob)
     assert listing.returncode == 0, listing.stderr
     sizes = {name: int(size) for size, name in (line.split() for line in listing.stdout.splitlines())}
-    assert sizes == {**{e.lfn.rsplit("/", 1)[1]: e.size for e in site.slices}, "3D": sizes["3D"]}
+    assert sizes == {**{e.lfn.rsplit("/", 1)[1]: e.size for e in site.slices}, "3D": sizes["3D"],
+                     "3D.json": sizes["3D.json"]}
     assert site.volume.size is not None and sizes["3D"] == site.volume.size, listing.stdout
+    sidecar = site.se.catalog.namespace.lookup(site.volume.lfn + ".json")
+    assert sidecar is not None and sizes["3D.json"] == sidecar.size, listing.stdout

@@ -29,7 +29,7 @@ def test_depth_1_lists_studies_series_and_entries_with_catalog_sizes(storage_ele
     (series,) = [href for href in studies if href != study]
     _, entries = propfind(running, pki, "bob", series + "/")
     listed = {href: size for href, size in entries.items() if href != series}
-    assert len(listed) == 9 and any(href.endswith("/3D") for href in listed)
+    assert len(listed) == 10 and any(href.endswith("/3D") for href in listed)  # 8 slices, 3D, 3D.json
     for href, size in listed.items():
         entry = running.catalog.namespace.lookup(href)
         if entry.kind == "slice":
