@@ -268,6 +268,7 @@ def init_voms(root: Path, vo: str, host: str) -> Path:
     folder = root / "voms"
     if not (folder / "cert.pem").exists() or not (folder / "key.pem").exists():
         key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        folder.mkdir(parents=True, exist_ok=True)
         _write_key(folder / "key.pem", key)
         _write_cert(folder / "cert.pem", ca.issue(f"voms {vo}", key, server=True))
     cert = x509.load_pem_x509_certificate((folder / "cert.pem").read_bytes())
