@@ -92,7 +92,10 @@ def dataset_digest(ds: Dataset) -> str:
 
 # What pydicom raises when a value it read leniently is converted, re-encoded or re-typed
 # (a private element's VR from the dictionary): the file's fault, not ours.
-_VALUE_ERRORS = (ValueError, TypeError, OverflowError, NotImplementedError, struct.error)
+# What a value that breaks its VR raises on its way through the anonymizer and pydicom's writer:
+# the converters' errors, pydicom's OSError wrapping a struct.error on write, and AttributeError
+# where a value of another type (a PersonName in a UI element) stands where a string was expected.
+_VALUE_ERRORS = (ValueError, TypeError, OverflowError, NotImplementedError, struct.error, OSError, AttributeError)
 
 
 @contextmanager
