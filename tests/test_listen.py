@@ -63,7 +63,7 @@ def test_pushed_images_are_registered_and_stored_into_the_pacs_when_asked(
     assert "3 registered, 0 updated, 0 already registered, 0 failed" in out
     config = load_config(config_path)
     catalog = open_catalog(config)
-    assert catalog.namespace.count() == 4
+    assert catalog.namespace.count() == 5  # three slices, 3D and 3D.json
     catalog.close()
     first = make_series(slices=1, size=16, seed="push")[0]
     with PacsClient(config.pacs) as pacs:

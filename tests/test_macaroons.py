@@ -99,3 +99,10 @@ def test_request_bodies_are_checked():
         with pytest.raises(InvalidInput):
             MacaroonRequest.from_json(body, 3600)
     assert MacaroonRequest.from_json({}, 600).validity == 600
+
+
+@pytest.mark.parametrize("garbage", ["", "AA", "AgE", "MDAxY2xvY2F0aW9u", "AgEAAAAA", "=" * 8, "AgEHZXhhbXBsZQIDAAA"])
+def test_a_truncated_or_random_bearer_string_is_an_invalid_token_not_a_crash(authority, garbage):
+    """Found by the HTTP fuzz run: pymacaroons raised IndexError and struct.error on these."""
+    with pytest.raises(InvalidToken):
+        authority.identify(garbage, None, NOW)

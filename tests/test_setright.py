@@ -109,7 +109,7 @@ def test_success_changes_catalog_key_acls_and_metadata_mode_together(site):
     finally:
         catalog.close()
     expected = Rights(0o700, "private", (AclEntry(EVE, 5, "anonymous"),))
-    assert len(after) == 4  # three slices and the series' 3D
+    assert len(after) == 5  # three slices, the series' 3D and its 3D.json sidecar
     assert all(Rights.of(e) == expected for e in site.entries())
     for entry in slices(after):
         assert all(acl == expected.key_acl(entry) for acl in key_acls(site, entry))
@@ -215,13 +215,13 @@ def test_cli_on_the_hospital_side_with_every_form_of_the_seeds(site, tmp_path):
     site.series[1].save_as(local, enforce_file_format=True)
     assert run_cli("--config", config, "set-right", "-f", str(local), "-u", DAVE, "---", "none")[0] == 0
     code, out = run_cli("--config", config, "set-right", "-l", site.series_lfn, "anonymous", "-v")
-    assert code == 0 and len(out.splitlines()) == 4
+    assert code == 0 and len(out.splitlines()) == 5  # three slices, 3D and 3D.json
     by_lfn = {e.lfn: e for e in site.entries()}
     assert by_lfn[one].mode == 0o740 and by_lfn[one].metadata_mode == "anonymous"
     dave_denied = [e for e in by_lfn.values() if e.acl == (AclEntry(DAVE, 0, "none"),)]
     assert len(dave_denied) == 1 and dave_denied[0].mode == 0o750
     code, out = run_cli("--config", config, "set-right", "-s", ds.StudyInstanceUID, "rwxr-xr-x", "public", "-v")
-    assert code == 0 and out.count("rwxr-xr-x public") == 4
+    assert code == 0 and out.count("rwxr-xr-x public") == 5
     assert run_cli("--config", config, "set-right", "-s", "1.2.3,4.5.6", "private") == (3, "")
     assert run_cli("--config", config, "set-right", "-l", site.series_lfn, "-u", DAVE, "rwz", "all")[0] == 2
 

@@ -44,7 +44,7 @@ def test_copy_moves_a_sqlite_site_to_postgresql_and_checks_counts(tmp_path, key_
     with postgres.database() as url:
         copied = mdm("catalog", "copy", "--from", source, "--to", url)
         assert copied.returncode == 0, copied.stderr
-        assert "entries                    4 ok" in copied.stdout and "counts equal" in copied.stdout
+        assert "entries                    5 ok" in copied.stdout and "counts equal" in copied.stdout
         moved = open_catalog(parse_config({"catalog": {"backend": "postgresql", "url": url}}, tmp_path))
         try:
             assert moved.backend.__class__.__name__ == "PostgresCatalog"

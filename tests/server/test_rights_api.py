@@ -103,7 +103,7 @@ def test_a_whole_series_and_bad_requests(site, pki):
     answer = post(running, pki, "alice", "/api/v1/rights/", {"paths": [directory], "users": [
         {"dn": "/C=XX/O=srm-dicom/CN=eve", "perms": "r-x", "metadata": "anonymous"}]})
     assert answer.status == 200
-    assert len(answer.json()["entries"]) == len(series) + 1  # every slice and the 3D
+    assert len(answer.json()["entries"]) == len(series) + 2  # every slice, the 3D and 3D.json
     assert_problem(post(running, pki, "bob", "/api/v1/rights", {"path": directory, "mode": "rwxrwxrw"}), 400,
                    "rwxr-x---")
     assert_problem(post(running, pki, "bob", "/api/v1/rights", {"path": directory}), 400, "nothing to change")
