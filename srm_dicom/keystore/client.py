@@ -159,18 +159,7 @@ class KeystoreClient:
                         return key
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
-        if len(shares) >= self.k:
-            raise KeystoreError(
-                f"key {key_id}: no {self.k} of the {len(shares)} shares received match the "
-                "file's key commitment (a key server returned a wrong share)"
-                + (f"; {_summary(failures)}" if failures else "")
-            )
-        if failures and all(f.status == 404 for f in failures):
-            raise NotFound(f"key {key_id} is on none of the key servers")
-        raise _error(
-            f"key {key_id}: got {len(shares)} of the {self.k} shares needed: {_summary(failures)}",
-            failures,
-        )
+        raise self._no_key(key_id, shares, failures)
 
     def put_keys(self, keys: Sequence[tuple[str, bytes, Acl]]) -> None:
         """``put_key`` for many keys in one request per server (``/bulk/put``): every server
@@ -244,15 +233,20 @@ class KeystoreClient:
             key = combine_key(list(subset))
             if check(key):
                 return key
+        raise self._no_key(key_id, shares, failures)
+
+    def _no_key(self, key_id: str, shares: list[Share], failures: list[ServerFailure]) -> Exception:
+        """Why no key came out of ``shares``: wrong shares, a key on no server, or too few answers."""
         if len(shares) >= self.k:
-            raise KeystoreError(
+            return KeystoreError(
                 f"key {key_id}: no {self.k} of the {len(shares)} shares received match the "
                 "file's key commitment (a key server returned a wrong share)"
                 + (f"; {_summary(failures)}" if failures else "")
             )
         if failures and all(f.status == 404 for f in failures):
-            raise NotFound(f"key {key_id} is on none of the key servers")
-        raise _error(f"key {key_id}: got {len(shares)} of the {self.k} shares needed: {_summary(failures)}", failures)
+            return NotFound(f"key {key_id} is on none of the key servers")
+        return _error(f"key {key_id}: got {len(shares)} of the {self.k} shares needed: {_summary(failures)}", failures)
+
     def ping(self) -> dict[str, str | None]:
         """Which servers answer (None) and why the others do not, asking each for a key that
         never exists: the answer proves the server up and our certificate accepted."""
