@@ -7,6 +7,7 @@ from dataclasses import replace
 import pytest
 from pydicom import dcmread
 
+from catalogs import original_spec, register_series, series_dir
 from sites import keystore_section
 from srm_dicom.anonymize import AnonymizationOptions
 from srm_dicom.catalog import (
@@ -45,22 +46,6 @@ def catalog(config):
     catalog = open_catalog(config)
     yield catalog
     catalog.close()
-
-
-def register_series(config, catalog, slices=4, seed="s"):
-    series = make_series(slices=slices, size=8, seed=seed)
-    registrar = Registrar(config, catalog, None, KeystoreClient.from_config(config))
-    return series, [registrar.register(ds, store_in_pacs=False) for ds in series]
-
-
-def original_spec(ds):
-    return f"{ds.StudyInstanceUID},{ds.SeriesInstanceUID},{ds.SOPInstanceUID}"
-
-
-def series_dir(catalog, vo="demo"):
-    (study,) = catalog.namespace.list_dir(f"/grid/{vo}/mdm").directories
-    (series,) = catalog.namespace.list_dir(study).directories
-    return series
 
 
 def test_the_configured_backend_is_the_one_opened(config, catalog):

@@ -3,6 +3,7 @@ from pathlib import Path
 
 import pytest
 
+from catalogs import register_series, series_dir
 from mdm_catalog_sqlite import SQLiteCatalog
 from mdm_catalog_sqlite.schema import MIGRATIONS
 from sites import keystore_section
@@ -24,22 +25,6 @@ def catalog(config):
     catalog = open_catalog(config)
     yield catalog
     catalog.close()
-
-
-def register_series(config, catalog, slices=4, seed="s"):
-    series = make_series(slices=slices, size=8, seed=seed)
-    registrar = Registrar(config, catalog, None, KeystoreClient.from_config(config))
-    return series, [registrar.register(ds, store_in_pacs=False) for ds in series]
-
-
-def original_spec(ds):
-    return f"{ds.StudyInstanceUID},{ds.SeriesInstanceUID},{ds.SOPInstanceUID}"
-
-
-def series_dir(catalog, vo="demo"):
-    (study,) = catalog.namespace.list_dir(f"/grid/{vo}/mdm").directories
-    (series,) = catalog.namespace.list_dir(study).directories
-    return series
 
 
 def test_backend_is_found_through_its_entry_point(catalog):
