@@ -30,6 +30,9 @@ if TYPE_CHECKING:  # query.py builds on Entry: a runtime import would be circula
     from srm_dicom.query import Attribute, Match, Query
 
 ENTRY_POINT_GROUP = "srm_dicom.catalog"
+# Names per query of a bulk lookup: within every backend's bound-parameter limit (SQLite's
+# default is 32766 since 3.32, 999 before), and few enough round trips for 10^4 names.
+LOOKUP_CHUNK = 500
 
 
 @dataclass(frozen=True)
@@ -156,6 +159,11 @@ class Namespace(Protocol):
     and the directories above them (made with their first entry, removed with their last)."""
 
     def lookup(self, lfn: str) -> Entry | None: ...
+
+    def lookup_many(self, lfns: Sequence[str]) -> dict[str, Entry]:
+        """The entries of those ``lfns`` that exist, by normalized LFN (``names.normalize_lfn``),
+        in a few queries (one per chunk of ``LOOKUP_CHUNK`` names) rather than one per name: a Tape
+        REST request names 10^4 files (README, "Tape REST at 10^4 paths")."""
 
     def lookup_guid(self, guid: str) -> Entry | None: ...
 

@@ -43,6 +43,9 @@ class SiteConfig:
 class CatalogConfig:
     backend: str = "sqlite"
     url: str = "catalog.db"
+    # Seconds a write waits for another process's SQLite write lock (``mdm register`` beside
+    # ``mdm serve``) before the one line "the catalog database is locked" (a 503 for HTTP).
+    busy_timeout: float = 30.0
 
 
 @dataclass(frozen=True)
