@@ -143,10 +143,11 @@ MIGRATIONS: list[str] = [
         holder TEXT,
         lease_expires DOUBLE PRECISION,
         error TEXT,
-        queued_at DOUBLE PRECISION NOT NULL,
+        seq BIGINT NOT NULL,
         finished_at DOUBLE PRECISION
     );
-    CREATE INDEX stage_jobs_queue ON stage_jobs (state, queued_at);
+    CREATE INDEX stage_jobs_queue ON stage_jobs (state, seq);
+    CREATE INDEX stage_jobs_seq ON stage_jobs (seq);
     CREATE INDEX stage_jobs_batch ON stage_jobs (batch, state)
     """,
 ]

@@ -137,14 +137,15 @@ class SqlStageStore:
     def enqueue_jobs(self, batches: Mapping[str, str]) -> dict[str, int]:
         if not batches:
             return {}
-        clock = self._db.dialect.clock
+        # seq: the queue's order, one more than the last (two PostgreSQL transactions queueing
+        # at the same instant may tie: then the GUID decides, fair enough for an order of work).
+        seq = "(SELECT coalesce(max(seq), 0) + 1 FROM stage_jobs)"
         with self._db.transaction():
             self._db.write_many(
-                "INSERT INTO stage_jobs (guid, batch, attempt, state, queued_at)"
-                f" VALUES (?, ?, 1, 'SUBMITTED', {clock})"
+                f"INSERT INTO stage_jobs (guid, batch, attempt, state, seq) VALUES (?, ?, 1, 'SUBMITTED', {seq})"
                 " ON CONFLICT (guid) DO UPDATE SET batch = excluded.batch, attempt = stage_jobs.attempt + 1,"
                 " state = 'SUBMITTED', holder = NULL, lease_expires = NULL, error = NULL,"
-                " queued_at = excluded.queued_at, finished_at = NULL"
+                " seq = excluded.seq, finished_at = NULL"
                 " WHERE stage_jobs.state IN ('COMPLETED', 'FAILED')",
                 list(batches.items()),
             )
@@ -157,12 +158,12 @@ class SqlStageStore:
             return []
         with self._db.transaction():
             first = self._db.row(
-                f"SELECT batch FROM stage_jobs WHERE {claimable} ORDER BY queued_at, guid LIMIT 1{lock}"
+                f"SELECT batch FROM stage_jobs WHERE {claimable} ORDER BY seq, guid LIMIT 1{lock}"
             )
             if first is None:
                 return []
             rows = self._db.rows(
-                f"SELECT guid FROM stage_jobs WHERE batch = ? AND {claimable} ORDER BY queued_at, guid LIMIT ?{lock}",
+                f"SELECT guid FROM stage_jobs WHERE batch = ? AND {claimable} ORDER BY seq, guid LIMIT ?{lock}",
                 (first["batch"], limit),
             )
             guids = [r["guid"] for r in rows]

@@ -162,10 +162,11 @@ MIGRATIONS: list[str] = [
         holder TEXT,
         lease_expires REAL,
         error TEXT,
-        queued_at REAL NOT NULL,
+        seq INTEGER NOT NULL,
         finished_at REAL
     );
-    CREATE INDEX stage_jobs_queue ON stage_jobs (state, queued_at);
+    CREATE INDEX stage_jobs_queue ON stage_jobs (state, seq);
+    CREATE INDEX stage_jobs_seq ON stage_jobs (seq);
     CREATE INDEX stage_jobs_batch ON stage_jobs (batch, state)
     """,
 ]
