@@ -22,6 +22,7 @@ from srm_dicom.private_files import private_file
 class SQLiteDialect(Dialect):
     name = "sqlite"
     migrations = MIGRATIONS
+    clock = "((julianday('now') - 2440587.5) * 86400.0)"
 
     def __init__(self, path: Path, busy_timeout: float = 30.0) -> None:
         self.path = private_file(path)  # metadata and erased values: PHI
