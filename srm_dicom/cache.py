@@ -5,8 +5,17 @@ be served with the old bytes; publishing a version retires the older ones. Files
 written under a temporary name, fsynced and published by an atomic rename, so a crash
 leaves only a temporary file, which ``open`` removes and no lookup ever returns.
 
+A cached file is checked against the catalog (size, then adler32) before it is served
+(``intact``): a disk that flipped a bit, or a hand that truncated a file, must not reach a
+grid client, which could only tell later, if at all (curl does not decrypt).
+
 The quota is kept by evicting the least recently used files that nobody has pinned.
 Recency is the file's mtime, touched on every use, so the order survives a restart.
+
+Several front ends may share one cache directory (README, "Several front ends"): a file
+another one published is found on disk and adopted, and a temporary file is named after
+its writer (host and process), so that a front end starting removes only the leftovers of
+writers that are gone, never a file another live front end is writing.
 """
 
 from __future__ import annotations
@@ -15,10 +24,13 @@ import logging
 import os
 import re
 import secrets
+import socket
 import threading
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from srm_dicom.errors import MdmError
 from srm_dicom.events import CacheEvicted, CacheUsage, emit
@@ -27,6 +39,31 @@ log = logging.getLogger(__name__)
 
 _PUBLISHED = re.compile(r"^([0-9a-f-]{36})\.([0-9]+)$")
 PARTIAL_SUFFIX = ".part"
+# .GUID.VERSION.WRITER.RANDOM.part, WRITER being HOST-PID
+_PARTIAL = re.compile(r"^\.[0-9a-f-]{36}\.[0-9]+\.(?P<host>[^.]+)-(?P<pid>[0-9]+)\.[0-9a-f]+\.part$")
+# A temporary file is written and renamed within seconds: one of another host this old is a leftover.
+FOREIGN_LEFTOVER_AGE = 3600.0
+
+
+def _host() -> str:
+    return socket.gethostname().split(".")[0].replace("-", "_") or "host"
+
+
+def _writer_gone(name: str, mtime: float) -> bool:
+    """Whether the temporary file ``name`` is a leftover: its writer process no longer runs."""
+    found = _PARTIAL.match(name)
+    if found is None:
+        return True  # not named after a writer: an older version's, or no writer's at all
+    if found["host"] != _host():
+        return time.time() - mtime > FOREIGN_LEFTOVER_AGE
+    try:
+        os.kill(int(found["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # a process of another user: alive
+        return False
+    return False
+_BLOCK = 1 << 20
 
 
 class CacheError(MdmError):
@@ -37,6 +74,28 @@ class CacheError(MdmError):
 
 class CacheFull(CacheError):
     """No room within the quota: everything that could make room is pinned."""
+
+
+def intact(source: BinaryIO, size: int, adler32: str | None) -> bool:
+    """Whether an open cached file still holds the bytes the catalog recorded: its size (one
+    fstat), then its adler32 (zlib's, about a millisecond a megabyte). Leaves the file at 0."""
+    if os.fstat(source.fileno()).st_size != size:
+        return False
+    if adler32 is None:
+        return True
+    value = 1
+    source.seek(0)
+    while block := source.read(_BLOCK):
+        value = zlib.adler32(block, value)
+    source.seek(0)
+    return f"{value:08x}" == adler32
+
+
+def discard(path: Path) -> None:
+    """Remove a cached file found corrupt; the cache forgets it at its next lookup, so the
+    next fetch stages it again from the PACS."""
+    log.warning("cache: %s differs from the catalog (size or adler32); removed, to be staged again", path.name)
+    path.unlink(missing_ok=True)
 
 
 @dataclass
@@ -69,7 +128,7 @@ class DiskCache:
             if found and path.is_file():
                 stat = path.stat()
                 files[(found.group(1), int(found.group(2)))] = _Cached(stat.st_size, stat.st_mtime)
-            elif path.name.endswith(PARTIAL_SUFFIX):
+            elif path.name.endswith(PARTIAL_SUFFIX) and _writer_gone(path.name, path.stat().st_mtime):
                 path.unlink(missing_ok=True)
                 removed += 1
         with self._lock:
@@ -87,7 +146,7 @@ class DiskCache:
     def path(self, guid: str, version: int, touch: bool = True) -> Path | None:
         """The published file of this version, marked recently used; None if not cached."""
         with self._lock:
-            cached = self._files.get((guid, version))
+            cached = self._files.get((guid, version)) or self._adopt(guid, version)
             if cached is None:
                 return None
             path = self.directory / self.name(guid, version)
@@ -100,6 +159,15 @@ class DiskCache:
                     return None
             return path
 
+    def _adopt(self, guid: str, version: int) -> _Cached | None:
+        """A file another front end on this directory published: indexed here too (under the lock)."""
+        try:
+            stat = (self.directory / self.name(guid, version)).stat()
+        except OSError:
+            return None
+        cached = self._files[(guid, version)] = _Cached(stat.st_size, stat.st_mtime)
+        return cached
+
     def publish(self, guid: str, version: int, data: bytes | bytearray, pinned: set[str]) -> Path:
         """Store ``data`` as this version: make room, write, fsync, rename; retire older versions.
 
@@ -111,7 +179,8 @@ class DiskCache:
             # Reserved at once so that concurrent publishers do not count the same room.
             self._writing[key] = len(data)
         final = self.directory / self.name(guid, version)
-        partial = self.directory / f".{self.name(guid, version)}.{secrets.token_hex(4)}{PARTIAL_SUFFIX}"
+        writer = f"{_host()}-{os.getpid()}.{secrets.token_hex(4)}"
+        partial = self.directory / f".{self.name(guid, version)}.{writer}{PARTIAL_SUFFIX}"
         try:
             with open(partial, "wb") as out:
                 out.write(data)

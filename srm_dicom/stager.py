@@ -18,6 +18,14 @@ with its reason while the rest completes.
 Stage requests, their per-file states and their pins live in the catalog, so they
 survive a restart: on start, leftovers of interrupted staging are removed from the
 cache and every file some request still waits for is staged again.
+
+The jobs live in the catalog too, one per GUID for the whole site, so that several front
+ends on one catalog and one cache directory retrieve each file once (README, "Several
+front ends"). A worker claims a batch there under a lease ([cache] lease, renewed every
+third of it while the batch runs); a front end that dies leaves its batches to the others
+once their leases lapse. A front end waiting for a job another one runs learns of its end
+by polling the catalog every [cache] poll_interval (on PostgreSQL too: one query a poll for
+all the jobs it waits for, no connection held open per waiter).
 """
 
 from __future__ import annotations
@@ -25,6 +33,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import os
+import socket
 import threading
 import time
 import uuid
@@ -46,6 +56,7 @@ from srm_dicom.catalog import (
     Catalog,
     Entry,
     StageFile,
+    StageJob,
     StageRequest,
 )
 from srm_dicom.config import Config
@@ -85,16 +96,16 @@ class StagingPending(MdmError):
 
 
 class _Abandoned(Exception):
-    """The stager is stopping: leave the file's state as it is, to be resumed at the next start."""
+    """The stager is stopping: its claim goes back to the queue, for another front end or the next start."""
 
 
 @dataclass(eq=False)
 class _Job:
-    """One staging of one GUID, shared by everyone waiting for it; ``series`` (the PACS's
-    study and series UIDs) groups it with the other queued files of its series."""
+    """One staging of one GUID, shared by everyone here waiting for it; ``attempt`` is the
+    catalog job's run it waits for (None until the catalog said)."""
 
     guid: str
-    series: tuple[str, str] | None = None
+    attempt: int | None = None
     done: threading.Event = field(default_factory=threading.Event)
     path: Path | None = None
     error: StageFailed | None = None
@@ -126,8 +137,11 @@ class Stager:
         self._secret = config.site.secret_bytes
         self._cache = DiskCache(config.path(config.cache.dir), config.cache.quota_bytes)
         self._lock = threading.Lock()
-        self._jobs: dict[str, _Job] = {}
-        self._queue: list[_Job] = []  # jobs no worker has taken yet, oldest first
+        self._jobs: dict[str, _Job] = {}  # GUIDs someone here waits for
+        self._held: set[str] = set()  # GUIDs whose catalog jobs this front end's workers hold
+        # Who holds a claim, in the catalog: the host and process, for a person reading it.
+        self._holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._wake = threading.Event()  # set when a job was queued here: an idle worker looks at once
         self._pool: ThreadPoolExecutor | None = None
         self._stopping = threading.Event()
         self._local = threading.local()
@@ -141,21 +155,27 @@ class Stager:
         """Clean the cache of interrupted staging, start the workers, resume pending requests."""
         self._cache.open()
         self._stopping.clear()
-        self._pool = ThreadPoolExecutor(self._config.cache.workers, thread_name_prefix="stager")
         pending = self._catalog.stages.staging_guids()
-        self._enqueue([(guid, self._catalog.namespace.lookup_guid(guid)) for guid in pending])
+        self._catalog.stages.enqueue_jobs({guid: _batch_of(guid, self._catalog.namespace.lookup_guid(guid))
+                                           for guid in pending})
         if pending:
             log.info("stager: resumed staging of %d files", len(pending))
+        workers = self._config.cache.workers
+        self._pool = ThreadPoolExecutor(workers + 1, thread_name_prefix="stager")
+        for _ in range(workers):
+            self._pool.submit(self._work)
+        self._pool.submit(self._tend)
 
     def stop(self) -> None:
         """Finish the retrievals under way without publishing them; queued ones stay queued
         in the catalog for the next start."""
         self._stopping.set()
+        self._wake.set()
         pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
         with self._lock:
-            jobs, self._jobs, self._queue = list(self._jobs.values()), {}, []
+            jobs, self._jobs = list(self._jobs.values()), {}
             clients, self._clients = self._clients, []
         for job in jobs:
             if not job.done.is_set():
@@ -180,16 +200,19 @@ class Stager:
 
     def fetch(self, entry: Entry, timeout: float) -> Path:
         """The cached file, staging it first if needed and waiting up to ``timeout`` seconds."""
-        path = self.cached_path(entry)
-        if path is not None:
-            return path
-        (job,) = self._enqueue([(entry.guid, entry)])
-        if not job.done.wait(timeout):
-            raise StagingPending(f"{self._label(entry)} is being staged from the PACS; try again later")
-        if job.error is not None:
-            raise job.error
-        assert job.path is not None
-        return job.path
+        deadline = time.monotonic() + timeout
+        while True:
+            path = self.cached_path(entry)
+            if path is not None:
+                return path
+            (job,) = self._enqueue([(entry.guid, entry)])
+            if not job.done.wait(max(0.0, deadline - time.monotonic())):
+                raise StagingPending(f"{self._label(entry)} is being staged from the PACS; try again later")
+            if job.error is not None:
+                raise job.error
+            if job.path is not None:
+                return job.path
+            # Staged by another front end, but evicted or replaced by a new version since: again.
 
     # -- stage requests --------------------------------------------------------------
 
@@ -258,9 +281,10 @@ class Stager:
     # -- jobs and batches --------------------------------------------------------------
 
     def _enqueue(self, files: Sequence[tuple[str, Entry | None]]) -> list[_Job]:
-        """The running or queued job of each GUID, new ones queued at once so that a worker
-        finds a request's files of one series together (with a series' 3D, its 3D.nii.gz)."""
-        jobs, new = [], 0
+        """The job each GUID's waiters here share, queued in the catalog (in one transaction, so
+        that a worker finds a request's files of one series together, with a series' 3D its
+        3D.nii.gz) unless already there."""
+        jobs, new = [], {}
         companions = self._compressed_companions(files)
         with self._lock:
             if self._pool is None:
@@ -268,15 +292,22 @@ class Stager:
             for guid, entry in [*files, *companions]:
                 job = self._jobs.get(guid)
                 if job is None:
-                    job = self._jobs[guid] = _Job(guid, _series_of(entry))
-                    self._queue.append(job)
-                    new += 1
+                    job = self._jobs[guid] = _Job(guid)
+                    new[guid] = _batch_of(guid, entry)
                 jobs.append(job)
-            pool = self._pool
-            if new:
-                emit(StageQueueChanged(len(self._jobs)))
-        for _ in range(new):  # a task per job: a task that finds its job taken by a batch returns
-            pool.submit(self._run)
+        if not new:
+            return jobs[: len(files)]
+        try:
+            attempts = self._catalog.stages.enqueue_jobs(new)
+        except BaseException:
+            self._forget([job for job in jobs if job.guid in new])
+            raise
+        with self._lock:
+            for job in jobs:
+                if job.guid in attempts and job.attempt is None:
+                    job.attempt = attempts[job.guid]
+            emit(StageQueueChanged(len(self._jobs)))
+        self._wake.set()
         return jobs[: len(files)]
 
     def _compressed_companions(self, files: Sequence[tuple[str, Entry | None]]) -> list[tuple[str, Entry]]:
@@ -295,24 +326,70 @@ class Stager:
                 companions.append((compressed.guid, compressed))
         return companions
 
-    def _take_batch(self) -> list[_Job]:
-        """The oldest queued job and the other queued jobs of its series."""
+    def _forget(self, jobs: Sequence[_Job]) -> None:
         with self._lock:
-            if not self._queue:
-                return []
-            first = self._queue[0]
-            if first.series is None:
-                batch = [first]
-            else:
-                batch = [job for job in self._queue if job.series == first.series][:MAX_BATCH]
-            taken = {id(job) for job in batch}
-            self._queue = [job for job in self._queue if id(job) not in taken]
-            return batch
+            for job in jobs:
+                if self._jobs.get(job.guid) is job:
+                    del self._jobs[job.guid]
+            emit(StageQueueChanged(len(self._jobs)))
 
-    def _run(self) -> None:
-        batch = self._take_batch()
-        if not batch:
+    def _work(self) -> None:
+        """A worker: claim a batch in the catalog, stage it; when there is none, wait to be woken
+        by a job queued here or for the next look (jobs queued by other front ends, lapsed leases)."""
+        while not self._stopping.is_set():
+            try:
+                claimed = self._catalog.stages.claim_jobs(self._holder, self._config.cache.lease, MAX_BATCH)
+            except Exception as exc:  # the catalog down: look again later, never lose the worker
+                log.warning("stager: cannot claim staging jobs: %s", exc)
+                claimed = []
+            if claimed:
+                self._run(claimed)
+            else:
+                self._wake.wait(self._config.cache.poll_interval)
+                self._wake.clear()
+
+    def _tend(self) -> None:
+        """Renew the leases of the batches under way; settle the jobs waited for here that other
+        front ends (or an earlier run) finished."""
+        lease = self._config.cache.lease
+        renewed = time.monotonic()
+        while not self._stopping.wait(self._config.cache.poll_interval):
+            with self._lock:
+                held = list(self._held)
+                waiting = {g: j for g, j in self._jobs.items() if g not in self._held and j.attempt is not None}
+            try:
+                if held and time.monotonic() - renewed >= lease / 3:
+                    self._catalog.stages.renew_jobs(self._holder, held, lease)
+                    renewed = time.monotonic()
+                if waiting:
+                    found = self._catalog.stages.jobs(list(waiting))
+                    for guid, job in waiting.items():
+                        self._settle(job, found.get(guid))
+            except Exception as exc:  # the catalog down: try again at the next tick
+                log.warning("stager: cannot look at staging jobs: %s", exc)
+
+    def _settle(self, job: _Job, found: StageJob | None) -> None:
+        """Wake the waiters of ``job`` if the run they wait for has ended (here or elsewhere)."""
+        assert job.attempt is not None
+        if found is None:
             return
+        if found.attempt == job.attempt and found.state not in (COMPLETED, FAILED):
+            return
+        if found.attempt == job.attempt and found.state == FAILED:
+            job.error = StageFailed(found.error or "staging failed on another front end")
+        else:
+            entry = self._catalog.namespace.lookup_guid(job.guid)
+            job.path = None if entry is None else self.cached_path(entry)
+            if job.path is None and found.attempt > job.attempt and found.state not in (COMPLETED, FAILED):
+                job.attempt = found.attempt  # ended, not on disk, queued again: wait for that run
+                return
+        self._forget([job])
+        job.done.set()
+
+    def _run(self, claimed: list[StageJob]) -> None:
+        with self._lock:
+            batch = [self._jobs.get(c.guid) or _Job(c.guid, c.attempt) for c in claimed]
+            self._held.update(c.guid for c in claimed)
         started = time.monotonic()
         outcomes: dict[str, tuple[str, str | None]] = {}
         try:
@@ -336,13 +413,15 @@ class Stager:
         finally:
             try:
                 if outcomes:
-                    self._catalog.stages.set_stage_states(outcomes, _now())
+                    self._catalog.stages.finish_jobs(self._holder, outcomes, _now())
+                else:
+                    self._catalog.stages.release_jobs(self._holder, [job.guid for job in batch])
             finally:
+                # Not renewed any longer: if the catalog missed the end, the lease lapses and
+                # whoever takes the job over finds the files on disk.
                 with self._lock:
-                    for job in batch:
-                        if self._jobs.get(job.guid) is job:
-                            del self._jobs[job.guid]
-                    emit(StageQueueChanged(len(self._jobs)))
+                    self._held.difference_update(job.guid for job in batch)
+                self._forget(batch)
                 for job in batch:
                     emit(StageFinished(time.monotonic() - started, job.error.reason if job.error else None))
                     job.done.set()
@@ -550,15 +629,15 @@ class Stager:
         raise _key_failure(found, produced)
 
 
-def _series_of(entry: Entry | None) -> tuple[str, str] | None:
-    """The PACS's (study, series) of an entry: what a batch groups by."""
+def _batch_of(guid: str, entry: Entry | None) -> str:
+    """What a batch groups by: the PACS's study and series of an entry (a GUID alone if unknown)."""
     if entry is None:
-        return None
+        return guid
     try:
         source = parse_pfn(entry.pfn)
     except MdmError:
-        return None
-    return source.study, source.series
+        return guid
+    return f"{source.study}/{source.series}"
 
 
 def _key_failure(error: MdmError, produced: _Produced) -> StageFailed:
