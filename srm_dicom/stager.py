@@ -74,7 +74,7 @@ from srm_dicom.errors import InvalidInput, MdmError, NotFound
 from srm_dicom.events import StageFinished, StageQueueChanged, emit
 from srm_dicom.keystore import KeystoreError
 from srm_dicom.keystore.client import KeystoreClient
-from srm_dicom.names import normalize_lfn, parse_pfn
+from srm_dicom.names import COMPRESSED_VOLUME, VOLUME, normalize_lfn, parse_pfn
 from srm_dicom.pacs.client import PacsClient, RetrieveRefused
 from srm_dicom.protect import key_acl, key_name, protect_image
 from srm_dicom.sidecar import series_file
@@ -323,19 +323,21 @@ class Stager:
 
     def _enqueue(self, files: Sequence[tuple[str, Entry | None]]) -> list[_Job]:
         """The job each GUID's waiters here share, queued in the catalog (in one transaction, so
-        that a worker finds a request's files of one series together) unless already there."""
+        that a worker finds a request's files of one series together, with a series' 3D its
+        3D.nii.gz) unless already there."""
         jobs, new = [], {}
+        companions = self._compressed_companions(files)
         with self._lock:
             if self._pool is None:
                 raise MdmError("the stager is not running")
-            for guid, entry in files:
+            for guid, entry in [*files, *companions]:
                 job = self._jobs.get(guid)
                 if job is None:
                     job = self._jobs[guid] = _Job(guid)
                     new[guid] = _batch_of(guid, entry)
                 jobs.append(job)
         if not new:
-            return jobs
+            return jobs[: len(files)]
         try:
             attempts = self._catalog.stages.enqueue_jobs(new)
         except BaseException:
@@ -347,7 +349,23 @@ class Stager:
                     job.attempt = attempts[job.guid]
             emit(StageQueueChanged(len(self._jobs)))
         self._wake.set()
-        return jobs
+        return jobs[: len(files)]
+
+    def _compressed_companions(self, files: Sequence[tuple[str, Entry | None]]) -> list[tuple[str, Entry]]:
+        """With [volume] gzip, the 3D.nii.gz of each series whose 3D is to be staged and whose
+        compressed volume is not on disk: staged in the same batch (one retrieval), so that its
+        size and adler32 are in the catalog from the volume's first assembly on (README "Volumes")."""
+        if not self._config.volume.gzip:
+            return []
+        asked = {guid for guid, _ in files}
+        companions = []
+        for _, entry in files:
+            if entry is None or entry.kind != "volume" or entry.sop_uid != VOLUME:
+                continue
+            compressed = self._catalog.namespace.lookup(f"{entry.lfn}{COMPRESSED_VOLUME[len(VOLUME):]}")
+            if compressed is not None and compressed.guid not in asked and not self._on_disk(compressed.guid):
+                companions.append((compressed.guid, compressed))
+        return companions
 
     def _forget(self, jobs: Sequence[_Job]) -> None:
         with self._lock:
@@ -746,7 +764,10 @@ class Stager:
     def _volume(self, entry: Entry, datasets: list[Dataset]) -> bytes:
         """The series volume, or one of its sidecars (by its name), assembled and encrypted."""
         try:
-            plain = series_file(entry.sop_uid, datasets, self._config.volume.format)
+            rows = None  # a sidecar from the catalog's rows: what the served slices keep
+            if entry.sop_uid not in (VOLUME, COMPRESSED_VOLUME):
+                rows = list(self._catalog.index.series_images(entry.lfn.rpartition("/")[0]).values())
+            plain = series_file(entry.sop_uid, datasets, self._config.volume.format, rows)
         except NotAVolume as exc:
             raise StageFailed(f"not a volume: {exc.reason}") from None
         version, key_id = entry.content_version, uuid.UUID(entry.guid).bytes
