@@ -11,13 +11,13 @@ VO's tree, issued by the storage element to bob, to alice and to eve's VOMS phys
 (below): each acts as its issuer, alice's without the register group (so as a plain VO
 member), eve's as the VOMS identity, and none manages anything nor opens a key server.
 Three VOMS proxies made by Debian's real ``voms-proxy-fake``, used as TLS client
-credentials like curl uses them: eve's (of VO
-"other") whose AC says /demo/physician (a physician of demo; her own per-DN entry still
-wins where there is one), eve's whose AC says /demo/register but is signed by a rogue VOMS
-server (eve, no groups), and dave's limited proxy whose AC says /demo/register (reads as the
-register group, manages nothing). The images' owner is the site's registration service,
-none of them. Operations go through the real
-storage element (HTTPS, WebDAV, Tape REST, metadata and rights APIs) and the real key servers.
+credentials as curl uses them: eve's (of VO "other") whose AC says /demo/physician (a
+physician of demo; her own per-DN entry still wins where there is one), eve's whose AC says
+/demo/register but is signed by a rogue VOMS server (eve, no groups), and dave's limited
+proxy whose AC says /demo/register (reads as the register group, manages nothing). The
+images' owner is the site's registration service, none of them. Operations go through the
+real storage element (HTTPS, WebDAV, Tape REST, metadata and rights APIs) and the real key
+servers.
 """
 
 from __future__ import annotations
