@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from srm_dicom import access
-from srm_dicom.catalog import Catalog, Entry, StageRequest, find_entry
+from srm_dicom.catalog import Catalog, Entry, Group, StageRequest, find_entry
 from srm_dicom.config import Config
 from srm_dicom.errors import InvalidInput, NotFound, Refused
 from srm_dicom.identity import Identity, normalize_path
@@ -22,7 +22,7 @@ from srm_dicom.keystore.client import KeystoreClient
 from srm_dicom.macaroons import MacaroonAuthority, MacaroonRequest
 from srm_dicom.names import normalize_lfn
 from srm_dicom.protect import key_name
-from srm_dicom.query import Attribute, Query, Visible, visible
+from srm_dicom.query import Attribute, Query, Visible, level_of, reaches, seen_as, visible
 from srm_dicom.setright import RightsChange, RightsSetter, select, site_secret
 from srm_dicom.stager import Stager
 
@@ -69,16 +69,29 @@ class StorageService:
             return self.catalog.namespace.lookup(path)
         return None
 
+    def resolve_many(self, paths: Sequence[str]) -> list[Entry | None]:
+        """``resolve`` of each path, the LFNs in one bulk lookup (a few catalog queries for a
+        Tape REST request of 10^4 paths, not one per path)."""
+        cleaned = [normalize_lfn(path.split("?", 1)[0]) for path in paths]
+        found = self.catalog.namespace.lookup_many([p for p in cleaned if p.startswith("/grid/")])
+        return [found.get(p) if p.startswith("/grid/") else self.resolve(p) for p in cleaned]
+
     def visible(self, identity: Identity, path: str) -> Entry | None:
         """The entry ``path`` names if the caller may list it; None otherwise (as if absent)."""
         entry = self.resolve(path)
         return entry if entry is not None and access.may_list(identity, entry) else None
 
     def _listed(self, identity: Identity, path: str) -> Entry:
-        entry = self.visible(identity, path)
-        if entry is None:
-            raise NotFound(f"no such file: {path}")
-        return entry
+        return self._all_listed(identity, [path])[0]
+
+    def _all_listed(self, identity: Identity, paths: Sequence[str]) -> list[Entry]:
+        """The entry of each path; NotFound naming the first the caller does not see."""
+        entries = []
+        for path, entry in zip(paths, self.resolve_many(paths), strict=True):
+            if entry is None or not access.may_list(identity, entry):
+                raise NotFound(f"no such file: {path}")
+            entries.append(entry)
+        return entries
 
     def may_browse(self, identity: Identity, path: str) -> bool:
         return access.may_browse(identity, self.vo, path)
@@ -112,14 +125,11 @@ class StorageService:
 
     def stage(self, identity: Identity, files: Sequence[tuple[str, int | None]]) -> str:
         """Submit a stage request for (path, pin lifetime) pairs; its id."""
-        entries, lifetimes = [], []
-        for path, lifetime in files:
-            entry = self._listed(identity, path)
+        entries = self._all_listed(identity, [path for path, _ in files])
+        for (path, _), entry in zip(files, entries, strict=True):
             if not access.may_stage(identity, entry):
                 raise Refused(f"{identity.subject} may not stage {path}")
-            entries.append(entry)
-            if lifetime is not None:
-                lifetimes.append(lifetime)
+        lifetimes = [lifetime for _, lifetime in files if lifetime is not None]
         return self.stager.submit(entries, max(lifetimes) if lifetimes else None, identity.principal)
 
     def stage_request(self, identity: Identity, request_id: str) -> StageRequest:
@@ -146,8 +156,9 @@ class StorageService:
             self.stage_request(identity, request_id)
         lfns = self._lfns(identity, paths)
         if request_id is None:
+            found = self.catalog.namespace.lookup_many(lfns)
             for lfn in lfns:
-                entry = self.catalog.namespace.lookup(lfn)
+                entry = found.get(lfn)
                 if entry is None or not access.may_stage(identity, entry):
                     raise Refused(f"{identity.subject} may not release {lfn}")
             self.stager.release_paths(lfns)
@@ -155,15 +166,15 @@ class StorageService:
             self.stager.release(request_id, lfns)
 
     def _lfns(self, identity: Identity, paths: Iterable[str]) -> list[str]:
-        return [self._listed(identity, path).lfn for path in paths]
+        return [entry.lfn for entry in self._all_listed(identity, list(paths))]
 
     def archiveinfo(self, identity: Identity, paths: Iterable[str]) -> list[tuple[str, str | None]]:
         """(path, locality) per path; locality None where the caller sees no such file."""
-        answer: list[tuple[str, str | None]] = []
-        for path in paths:
-            entry = self.visible(identity, path)
-            answer.append((path, None if entry is None else self.stager.locality(entry)))
-        return answer
+        wanted = list(paths)
+        return [
+            (path, self.stager.locality(entry) if entry is not None and access.may_list(identity, entry) else None)
+            for path, entry in zip(wanted, self.resolve_many(wanted), strict=True)
+        ]
 
     # -- metadata ----------------------------------------------------------------------
 
@@ -173,6 +184,33 @@ class StorageService:
         attributes their metadata level reaches (``needed``: the level the filters need)."""
         matches = self.catalog.index.search(query, attributes)
         return visible(matches, identity, query.level if needed is None else needed, attributes)
+
+    def aggregate(self, identity: Identity, query: Query, needed: str, flags: Sequence[Query] = (),
+                  attributes: Sequence[Attribute] = ()) -> list[Group]:
+        """The matching slices the caller may see (at a level reaching ``needed``), counted per
+        series directory by the catalog, each group with its level and its sample's values of
+        ``attributes`` (those the level reaches). Every decision is still ``access``'s, asked
+        once per rights class (``access.reads``) of one entry of the class, not once per image."""
+        levels: dict[tuple[object, ...], str | None] = {}
+        found = []
+        for group in self.catalog.index.aggregate(query, access.reads(identity), flags, attributes):
+            if group.rights not in levels:
+                entry = self.catalog.namespace.lookup_guid(group.sample)
+                levels[group.rights] = None if entry is None else level_of(identity, entry, needed)
+            level = levels[group.rights]
+            if level is not None:
+                values = {a.keyword: group.values.get(a.keyword) for a in attributes if reaches(level, a.level)}
+                found.append(Group(group.directory, group.rights, group.flags, group.count, group.sample, values,
+                                   level))
+        return found
+
+    def samples(self, groups: Iterable[Group], attributes: Sequence[Attribute]) -> dict[str, Visible]:
+        """The sample slice of each group (GUID → what the caller sees of it at the group's level);
+        one deleted meanwhile is absent."""
+        wanted = list(groups)
+        found = self.catalog.index.matches([g.sample for g in wanted], attributes)
+        return {g.sample: seen_as(found[g.sample], g.level, attributes)
+                for g in wanted if g.sample in found and g.level is not None}
 
     def erased(self, identity: Identity, path: str) -> tuple[Entry, list[tuple[str, str, str]]]:
         """The header values anonymization erased from one image: "all" metadata rights only."""
