@@ -30,6 +30,9 @@ if TYPE_CHECKING:  # query.py builds on Entry: a runtime import would be circula
     from srm_dicom.query import Attribute, Match, Query
 
 ENTRY_POINT_GROUP = "srm_dicom.catalog"
+# Names per query of a bulk lookup: within every backend's bound-parameter limit (SQLite's
+# default is 32766 since 3.32, 999 before), and few enough round trips for 10^4 names.
+LOOKUP_CHUNK = 500
 
 
 @dataclass(frozen=True)
@@ -114,6 +117,25 @@ class StageRequest:
         return max((f.finished_at or self.created_at) for f in self.files)
 
 
+@dataclass(frozen=True)
+class StageJob:
+    """The site-wide staging of one GUID, shared by every front end on the catalog.
+
+    ``state`` is SUBMITTED (queued), STARTED (claimed by ``holder`` until ``lease_expires``,
+    epoch seconds of the database's clock, unless renewed), COMPLETED or FAILED (``error``).
+    ``attempt`` grows each time a finished job is queued again, so that a waiter tells the end
+    of the run it waits for from an earlier one's. ``batch`` groups the jobs one PACS call
+    fetches (the PACS's study and series)."""
+
+    guid: str
+    batch: str
+    attempt: int
+    state: str
+    holder: str | None = None
+    lease_expires: float | None = None
+    error: str | None = None
+
+
 class CatalogConflict(MdmError):
     """Another writer changed the entry between lookup and commit: nothing was written."""
 
@@ -137,6 +159,11 @@ class Namespace(Protocol):
     and the directories above them (made with their first entry, removed with their last)."""
 
     def lookup(self, lfn: str) -> Entry | None: ...
+
+    def lookup_many(self, lfns: Sequence[str]) -> dict[str, Entry]:
+        """The entries of those ``lfns`` that exist, by normalized LFN (``names.normalize_lfn``),
+        in a few queries (one per chunk of ``LOOKUP_CHUNK`` names) rather than one per name: a Tape
+        REST request names 10^4 files (README, "Tape REST at 10^4 paths")."""
 
     def lookup_guid(self, guid: str) -> Entry | None: ...
 
@@ -235,6 +262,32 @@ class StageStore(Protocol):
 
     def pinned_guids(self, now: int) -> set[str]:
         """GUIDs with a COMPLETED, unreleased file whose pin has not expired at ``now``."""
+
+    # -- staging jobs: one per GUID for the whole site, claimed by one front end at a time
+    # (README, "Several front ends"). Leases are measured by the database's clock, so front
+    # ends whose clocks differ still agree on when one lapses.
+
+    def enqueue_jobs(self, batches: Mapping[str, str]) -> dict[str, int]:
+        """Queue a job for each GUID (GUID → its batch) unless one is queued or running already;
+        the attempt each caller waits for."""
+
+    def claim_jobs(self, holder: str, lease: float, limit: int) -> list[StageJob]:
+        """Claim for ``holder``, for ``lease`` seconds, the oldest claimable job (queued, or
+        running under a lapsed lease) and up to ``limit`` claimable jobs of its batch, none of
+        which any other holder can claim at the same time; [] if there are none."""
+
+    def renew_jobs(self, holder: str, guids: Sequence[str], lease: float) -> int:
+        """Extend ``holder``'s leases on ``guids`` by ``lease`` seconds from now; how many it still held."""
+
+    def finish_jobs(self, holder: str, outcomes: Mapping[str, tuple[str, str | None]], at: int) -> None:
+        """End ``holder``'s jobs (GUID → (COMPLETED or FAILED, error)) and set the files of every
+        request waiting for them (``set_stage_states``), in one transaction."""
+
+    def release_jobs(self, holder: str, guids: Sequence[str]) -> None:
+        """Give ``holder``'s claims on ``guids`` back to the queue, for any front end to take now."""
+
+    def jobs(self, guids: Sequence[str]) -> dict[str, StageJob]:
+        """The jobs of these GUIDs (GUIDs never queued are absent)."""
 
 
 class Backend(Protocol):

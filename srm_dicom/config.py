@@ -43,6 +43,9 @@ class SiteConfig:
 class CatalogConfig:
     backend: str = "sqlite"
     url: str = "catalog.db"
+    # Seconds a write waits for another process's SQLite write lock (``mdm register`` beside
+    # ``mdm serve``) before the one line "the catalog database is locked" (a 503 for HTTP).
+    busy_timeout: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -121,6 +124,12 @@ class CacheConfig:
     wait_timeout: float = 30.0
     # Retry-After (seconds) sent with that 503.
     retry_after: int = 10
+    # Seconds a front end's claim on a staging job lasts unless renewed (it renews every third
+    # of it): the jobs of a front end that dies are taken over by the others once it lapses.
+    lease: float = 20.0
+    # Seconds between two looks at the catalog for jobs to take and for the ends of those
+    # other front ends run (README, "Several front ends").
+    poll_interval: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -291,6 +300,8 @@ def _validate(config: Config) -> None:
     if min(server.max_header_size, server.max_body_size) < 1024 or server.max_connections_per_client < 0:
         raise ConfigError("config: [server] max_header_size and max_body_size must be at least 1024, "
                           "max_connections_per_client at least 0")
+    if min(config.cache.lease, config.cache.poll_interval) <= 0:
+        raise ConfigError("config: [cache] lease and poll_interval must be positive numbers of seconds")
     if config.log.format not in ("text", "json"):
         raise ConfigError("config: [log] format must be 'text' or 'json'")
     for network in config.operations.networks:

@@ -225,9 +225,11 @@ def _banner(
         f"--client-cert {bob / 'cert.pem'} --client-key {bob / 'key.pem'}")
     if (workdir / "cadir").is_dir():
         eve = workdir / "users" / "eve"
-        say(f"  voms-proxy-fake -rfc -certdir {workdir / 'cadir'} -cert {eve / 'cert.pem'} -key {eve / 'key.pem'} "
+        # The proxy file holds the proxy certificate, its key and eve's certificate: curl's --cert and --key.
+        say(f"  voms-proxy-fake -q -rfc -certdir {workdir / 'cadir'} -cert {eve / 'cert.pem'} -key {eve / 'key.pem'} "
             f"-hostcert {workdir / 'voms' / 'cert.pem'} -hostkey {workdir / 'voms' / 'key.pem'} -voms demo "
-            f"-uri {VOMS_HOST}:15000 -fqan /demo/physician -out /tmp/x509up_eve   # eve, a physician of demo")
+            f"-uri {VOMS_HOST}:15000 -fqan /demo/physician -out eve.proxy && curl -f --cacert {workdir / 'ca.pem'} "
+            f"--cert eve.proxy --key eve.proxy -o eve-slice.enc {url}{slice_lfn}   # eve (VO other), a demo physician")
     say("hospital side:")
     say(f"  export MDM_CONFIG={config_path}")
     say(f"  mdm ls {root}; mdm stat LFN; mdm register PATH...")

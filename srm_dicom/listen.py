@@ -8,8 +8,10 @@ into the PACS, so a modality can send to the storage element alone.
 from __future__ import annotations
 
 import logging
+import sqlite3
 import threading
 
+from pydicom import Dataset
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.events import Event
 from pynetdicom.presentation import build_context
@@ -18,7 +20,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from srm_dicom.catalog import Catalog
 from srm_dicom.config import Config
-from srm_dicom.errors import ConfigError, MdmError, PacsError
+from srm_dicom.errors import ConfigError, InvalidInput, MdmError, PacsError, catalog_unavailable
 from srm_dicom.keystore.client import KeystoreClient
 from srm_dicom.pacs import nodelay
 from srm_dicom.pacs.client import PacsClient
@@ -79,20 +81,41 @@ class PushListener:
         self.stop()
 
     def _on_store(self, event: Event) -> int:
-        ds = event.dataset
-        ds.file_meta = event.file_meta
+        try:
+            ds = _received(event)
+        except InvalidInput as exc:
+            return self._refuse(event, exc, STATUS_CANNOT_UNDERSTAND)
         with self._lock:
             try:
                 outcome = self._registrar.register(ds, store_in_pacs=self._pacs is not None)
             except PacsError as exc:
-                log.error("push from %s refused: %s", event.assoc.requestor.ae_title, exc)
-                self.summary.fail("push", str(exc))
-                return STATUS_OUT_OF_RESOURCES
+                return self._refuse(event, exc, STATUS_OUT_OF_RESOURCES)
             except MdmError as exc:
-                log.warning("push from %s refused: %s", event.assoc.requestor.ae_title, exc)
-                self.summary.fail("push", str(exc))
-                return STATUS_CANNOT_UNDERSTAND
+                return self._refuse(event, exc, STATUS_CANNOT_UNDERSTAND)
+            except sqlite3.OperationalError as exc:  # the catalog locked: the modality sends again later
+                if (unavailable := catalog_unavailable(exc)) is None:
+                    raise
+                return self._refuse(event, unavailable, STATUS_OUT_OF_RESOURCES)
             self.summary.add(outcome)
             log.info("push from %s: %s", event.assoc.requestor.ae_title, outcome.value)
         return STATUS_SUCCESS
+
+    def _refuse(self, event: Event, error: MdmError, status: int) -> int:
+        """One reason line in the log and the summary, and the C-STORE status the sender gets."""
+        level = logging.WARNING if status == STATUS_CANNOT_UNDERSTAND else logging.ERROR
+        log.log(level, "push from %s refused: %s", event.assoc.requestor.ae_title, error)
+        self.summary.fail("push", str(error))
+        return status
+
+
+def _received(event: Event) -> Dataset:
+    """The pushed data set with its file meta. pynetdicom decodes it on first access (inflating a
+    deflated one), and a corrupt one then raises whatever pydicom or zlib raise: here, at the
+    boundary, that is one reason, as ``register.read_dicom`` makes of a corrupt file."""
+    try:
+        ds = event.dataset
+    except Exception as exc:  # pydicom and zlib raise many types on corrupt input
+        raise InvalidInput(f"corrupt or truncated DICOM data set ({exc.__class__.__name__})") from None
+    ds.file_meta = event.file_meta
+    return ds
 

@@ -2,7 +2,12 @@
 
 A real site uses its grid CA (IGTF) and VOMS; the demo needs the same shapes on loopback
 so that every TLS path (mutual TLS to the key servers, proxies, DNs in the VO map) is the
-real one. Keys are EC P-256: fast to make and accepted by OpenSSL and grid tools alike.
+real one. End-entity keys are EC P-256: fast to make and accepted by OpenSSL and grid tools
+alike. The CA's key is RSA, as IGTF grid CAs' are: VOMS's tools (voms-proxy-fake 2.1) sign a
+proxy and an attribute certificate with the digest of the issuing CA's signature, but find
+that digest only for RSA signatures (sha256WithRSAEncryption); under an ECDSA CA they fall
+back to SHA-1, which OpenSSL 3 refuses in a TLS handshake ("ca md too weak"). So no
+certificate of the demo is signed with SHA-1 and no TLS setting is lowered (README, "VOMS").
 Re-running keeps what exists, so a demo's certificates survive a restart.
 """
 
@@ -87,17 +92,17 @@ def _write_cert(path: Path, cert: x509.Certificate) -> None:
     path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
 
 
-def load_key(path: Path) -> ec.EllipticCurvePrivateKey:
+def load_key(path: Path) -> ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey:
     key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-    if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise InvalidInput(f"{path}: not an EC private key")
+    if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
+        raise InvalidInput(f"{path}: not an EC or RSA private key")
     return key
 
 
 @dataclass(frozen=True)
 class CertificateAuthority:
     cert: x509.Certificate
-    key: ec.EllipticCurvePrivateKey
+    key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey  # RSA for new PKIs; an older demo's EC key still loads
 
     def issue(
         self,
@@ -153,7 +158,7 @@ def _end_entity_key_usage() -> x509.KeyUsage:
 
 
 def _create_ca() -> CertificateAuthority:
-    key = ec.generate_private_key(ec.SECP256R1())
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)  # module docstring: why RSA
     name = _name("srm-dicom demo CA")
     cert = (
         x509.CertificateBuilder()

@@ -40,9 +40,11 @@ VOMS_AC_OID = x509.ObjectIdentifier("1.3.6.1.4.1.8005.100.100.5")
 FQAN_OID = "1.3.6.1.4.1.8005.100.100.4"
 CERTSEQ_OID = "1.3.6.1.4.1.8005.100.100.10"
 SEEDS_GROUPS = ("register", "physician", "mia")
-# AC signature algorithms → (hash, padding or None for ECDSA).
+# AC signature algorithms → their hash. No SHA-1: OpenSSL 3 refuses it in the certificates
+# of a TLS chain, and an AC vouches for more than a certificate does. voms-proxy-fake signs
+# with the digest of the VOMS server certificate's signature (SHA-256 under the demo's RSA
+# CA; it falls back to SHA-1 only under an ECDSA CA: README, "VOMS").
 _SIGNATURES: dict[str, hashes.HashAlgorithm] = {
-    "1.2.840.113549.1.1.5": hashes.SHA1(),  # sha1WithRSAEncryption: what voms-proxy-fake signs with
     "1.2.840.113549.1.1.11": hashes.SHA256(),
     "1.2.840.113549.1.1.12": hashes.SHA384(),
     "1.2.840.113549.1.1.13": hashes.SHA512(),

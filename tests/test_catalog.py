@@ -13,6 +13,7 @@ from srm_dicom.anonymize import AnonymizationOptions
 from srm_dicom.catalog import (
     COMPLETED,
     FAILED,
+    LOOKUP_CHUNK,
     STARTED,
     SUBMITTED,
     AclEntry,
@@ -92,6 +93,20 @@ def test_lookup_by_lfn_guid_names_uids_and_original_uids(config, catalog):
     assert volume.kind == "volume" and volume.study_uid == by_original.study_uid
     with pytest.raises(NotFound):
         find_entry(catalog, "1.2.3,1.2.4,1.2.5")
+
+
+def test_bulk_lookup_finds_every_existing_name_across_chunks_with_its_rights(config, catalog):
+    register_series(config, catalog, slices=3)
+    entries = catalog.namespace.list_dir(series_dir(catalog)).entries
+    catalog.namespace.set_rights([entries[0].guid], None, None, [AclEntry("/CN=bob", 0o5, "all")])
+    missing = [f"/grid/demo/mdm/1.2.3/1.2.4/{n}" for n in range(2 * LOOKUP_CHUNK + 10)]
+    # Existing names in every chunk, one unnormalized and one repeated: each found once, by its LFN.
+    names = [*missing[:5], entries[0].lfn, *missing[5:LOOKUP_CHUNK + 5], "/" + entries[1].lfn + "/",
+             *missing[LOOKUP_CHUNK + 5:], *(e.lfn for e in entries), entries[2].lfn]
+    found = catalog.namespace.lookup_many(names)
+    assert found == {e.lfn: catalog.namespace.lookup(e.lfn) for e in entries}
+    assert found[entries[0].lfn].acl == (AclEntry("/CN=bob", 0o5, "all"),)
+    assert catalog.namespace.lookup_many(missing) == {} and catalog.namespace.lookup_many([]) == {}
 
 
 def test_metadata_rows_go_to_their_tables_keyed_without_the_patient_id(config, catalog):

@@ -3,30 +3,32 @@ vomsdir and the CA vouch for its server, and nothing when they do not."""
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
-import subprocess
 from pathlib import Path
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
+from cryptography.x509.oid import NameOID
+from pyasn1.codec.der import decoder
 
-from conftest import require_program
 from srm_dicom.access import may_manage, may_read, metadata_level
 from srm_dicom.catalog import Entry
 from srm_dicom.identity import VoMap, identity_from_cert_chain
-from srm_dicom.pki import hashed_ca_dir, init_pki, init_voms, make_proxy
-from srm_dicom.voms import VomsTrust
-
-VOMS_HOST = "voms.demo.test"
+from srm_dicom.pki import init_pki, init_voms, make_proxy
+from srm_dicom.private_files import write_private
+from srm_dicom.voms import _ACS, VOMS_AC_OID, VomsTrust
+from vomsfake import VOMS_HOST, chain_of, fake_proxy, trust_voms
 
 
 @pytest.fixture(scope="module")
 def grid(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("voms-pki")
     init_pki(root)
-    init_voms(root, "demo", VOMS_HOST)
-    hashed_ca_dir(root / "ca.pem", root / "cadir")
+    trust_voms(root)
     return root
 
 
@@ -34,22 +36,9 @@ def trust(root: Path, roles: dict[str, str] | None = None) -> VomsTrust:
     return VomsTrust.from_config(root / "vomsdir", root / "ca.pem", roles or {})
 
 
-def fake_proxy(root: Path, user: str, out: Path, *args: str, voms: Path | None = None) -> list[bytes]:
-    """voms-proxy-fake's proxy for a demo user, its AC signed by ``voms`` (default the demo's).
-    1024-bit proxy keys: these proxies are read, never used for TLS, and 2048-bit ones cost
-    seconds each to make."""
-    program = require_program("voms-proxy-fake")
-    server = voms or root / "voms"
-    folder = root / "users" / user
-    done = subprocess.run(
-        [program, "-q", "-rfc", "-bits", "1024", "-certdir", str(root / "cadir"), "-cert", str(folder / "cert.pem"),
-         "-key", str(folder / "key.pem"), "-hostcert", str(server / "cert.pem"), "-hostkey", str(server / "key.pem"),
-         "-voms", "demo", "-uri", f"{VOMS_HOST}:15000", "-out", str(out), *args],
-        capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
-        env={"HOME": str(root), "PATH": "/usr/bin"},  # it wants a writable $HOME/.rnd
-    )
-    assert done.returncode == 0 and out.exists(), done.stdout + done.stderr
-    return [c.public_bytes(Encoding.DER) for c in x509.load_pem_x509_certificates(out.read_bytes())]
+def fake_chain(root: Path, user: str, out: Path, *args: str, voms: Path | None = None) -> list[bytes]:
+    """voms-proxy-fake's proxy for a demo user as a chain; 1024-bit keys: these are only read."""
+    return chain_of(fake_proxy(root, user, out, *args, voms=voms, bits=1024))
 
 
 def entry(mode: int = 0o750, metadata: str = "group") -> Entry:
@@ -58,7 +47,7 @@ def entry(mode: int = 0o750, metadata: str = "group") -> Entry:
 
 
 def test_a_user_of_another_vo_becomes_a_physician_of_the_demo_vo(grid, tmp_path):
-    chain = fake_proxy(grid, "eve", tmp_path / "eve.pem", "-fqan", "/demo/physician")
+    chain = fake_chain(grid, "eve", tmp_path / "eve.pem", "-fqan", "/demo/physician")
     vomap = VoMap.load(grid / "vomap.toml")
     assert identity_from_cert_chain(chain, vomap).vo == "other"  # without VOMS: eve is of another VO
     eve = identity_from_cert_chain(chain, vomap, voms=trust(grid))
@@ -66,12 +55,51 @@ def test_a_user_of_another_vo_becomes_a_physician_of_the_demo_vo(grid, tmp_path)
     assert may_read(eve, entry()) and metadata_level(eve, entry()) == "all"
 
 
+def signature_oids(proxy: Path) -> tuple[str, str]:
+    """The signature algorithms of the proxy certificate and of the AC inside it."""
+    cert = x509.load_pem_x509_certificates(proxy.read_bytes())[0]
+    raw = cert.extensions.get_extension_for_oid(VOMS_AC_OID).value.value  # type: ignore[attr-defined]
+    acs, _ = decoder.decode(raw, asn1Spec=_ACS)
+    return cert.signature_algorithm_oid.dotted_string, str(acs[0][0]["signatureAlgorithm"]["algorithm"])
+
+
+def test_the_real_tool_signs_proxy_and_ac_with_sha256_under_the_demo_ca(grid, tmp_path):
+    """What makes its proxies usable over TLS as they come out of the tool (README, "VOMS")."""
+    proxy = fake_proxy(grid, "eve", tmp_path / "eve.pem", "-fqan", "/demo/physician", bits=1024)
+    assert signature_oids(proxy) == ("1.2.840.10045.4.3.2", "1.2.840.113549.1.1.11")  # ecdsa-/sha256WithRSA
+
+
+def test_under_an_ecdsa_ca_the_tool_falls_back_to_sha1_and_its_ac_is_refused(tmp_path, caplog):
+    """voms-proxy-fake finds no digest for an ECDSA CA's signature and signs with SHA-1: an AC
+    this site refuses, as OpenSSL 3 refuses such a proxy in TLS."""
+    root = tmp_path / "ecdsa-pki"
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "ECDSA demo CA")])
+    now = dt.datetime.now(dt.UTC)
+    ca = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+          .serial_number(1).not_valid_before(now - dt.timedelta(days=1)).not_valid_after(now + dt.timedelta(days=30))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+          .sign(key, hashes.SHA256()))
+    (root / "ca").mkdir(parents=True)
+    (root / "ca.pem").write_bytes(ca.public_bytes(Encoding.PEM))
+    write_private(root / "ca" / "key.pem", key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()))
+    init_pki(root)  # the users and the VOMS server under that CA
+    trust_voms(root)
+    proxy = fake_proxy(root, "eve", tmp_path / "eve.pem", "-fqan", "/demo/physician", bits=1024)
+    assert signature_oids(proxy) == ("1.2.840.10045.4.1", "1.2.840.113549.1.1.5")  # ecdsa-/sha1WithRSA
+    with caplog.at_level(logging.WARNING, logger="srm_dicom.voms"):
+        eve = identity_from_cert_chain(chain_of(proxy), VoMap(), voms=trust(root))
+    assert eve.kind == "x509" and eve.groups == frozenset()
+    assert "signature algorithm 1.2.840.113549.1.1.5 is not accepted" in caplog.text
+
+
 def test_fqans_and_roles_map_to_groups(grid, tmp_path):
-    chain = fake_proxy(grid, "dave", tmp_path / "dave.pem", "-fqan", "/demo/Role=doctor/Capability=NULL",
+    chain = fake_chain(grid, "dave", tmp_path / "dave.pem", "-fqan", "/demo/Role=doctor/Capability=NULL",
                        "-fqan", "/demo/mia", "-fqan", "/other/physician")
     dave = identity_from_cert_chain(chain, VoMap(), voms=trust(grid, {"doctor": "physician"}))
     assert dave.vo == "demo" and dave.groups == {"physician", "mia"}
-    member = identity_from_cert_chain(fake_proxy(grid, "dave", tmp_path / "m.pem", "-fqan", "/demo"), VoMap(),
+    member = identity_from_cert_chain(fake_chain(grid, "dave", tmp_path / "m.pem", "-fqan", "/demo"), VoMap(),
                                       voms=trust(grid))
     assert member.vo == "demo" and member.groups == frozenset() and metadata_level(member, entry()) == "none"
 
@@ -80,7 +108,7 @@ def test_an_ac_of_an_unknown_voms_server_gives_no_groups_and_says_so(grid, tmp_p
     rogue = tmp_path / "rogue"
     init_pki(rogue)
     init_voms(rogue, "demo", VOMS_HOST)  # another CA's "VOMS server", not the one the vomsdir names
-    chain = fake_proxy(grid, "eve", tmp_path / "rogue.pem", "-fqan", "/demo/register", voms=rogue / "voms")
+    chain = fake_chain(grid, "eve", tmp_path / "rogue.pem", "-fqan", "/demo/register", voms=rogue / "voms")
     with caplog.at_level(logging.WARNING, logger="srm_dicom.voms"):
         eve = identity_from_cert_chain(chain, VoMap.load(grid / "vomap.toml"), voms=trust(grid))
     assert (eve.kind, eve.vo, eve.groups) == ("x509", "other", frozenset())
@@ -88,7 +116,7 @@ def test_an_ac_of_an_unknown_voms_server_gives_no_groups_and_says_so(grid, tmp_p
 
 
 def test_an_expired_ac_gives_no_groups_and_says_so(grid, tmp_path, caplog):
-    chain = fake_proxy(grid, "eve", tmp_path / "old.pem", "-fqan", "/demo/physician", "-vomslife", "1",
+    chain = fake_chain(grid, "eve", tmp_path / "old.pem", "-fqan", "/demo/physician", "-vomslife", "1",
                        "-pastac", "3:00")
     with caplog.at_level(logging.WARNING, logger="srm_dicom.voms"):
         eve = identity_from_cert_chain(chain, VoMap(), voms=trust(grid))
@@ -97,7 +125,7 @@ def test_an_expired_ac_gives_no_groups_and_says_so(grid, tmp_path, caplog):
 
 
 def test_a_limited_proxy_reads_but_never_manages(grid, tmp_path):
-    chain = fake_proxy(grid, "alice", tmp_path / "limited.pem", "-limited", "-fqan", "/demo/register")
+    chain = fake_chain(grid, "alice", tmp_path / "limited.pem", "-limited", "-fqan", "/demo/register")
     alice = identity_from_cert_chain(chain, VoMap(), voms=trust(grid))
     assert alice.limited and alice.groups == {"register"}
     assert may_read(alice, entry(0o700, "private")) and not may_manage(alice, entry())

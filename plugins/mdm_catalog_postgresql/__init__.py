@@ -35,6 +35,8 @@ def _paramstyle(text: str) -> str:
 class PostgresDialect(Dialect):
     name = "postgresql"
     migrations = MIGRATIONS
+    clock = "CAST(extract(epoch FROM clock_timestamp()) AS DOUBLE PRECISION)"
+    skip_locked = " FOR UPDATE SKIP LOCKED"
 
     def __init__(self, url: str, max_connections: int = 16) -> None:
         if not url.startswith(("postgresql://", "postgres://")):

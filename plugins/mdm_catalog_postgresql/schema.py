@@ -133,4 +133,21 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE entries ADD COLUMN protection TEXT
     """,
+    # 6: staging jobs and their leases (SQLite's 11; README, "Several front ends").
+    """
+    CREATE TABLE stage_jobs (
+        guid TEXT PRIMARY KEY,
+        batch TEXT NOT NULL,
+        attempt INTEGER NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('SUBMITTED', 'STARTED', 'COMPLETED', 'FAILED')),
+        holder TEXT,
+        lease_expires DOUBLE PRECISION,
+        error TEXT,
+        seq BIGINT NOT NULL,
+        finished_at DOUBLE PRECISION
+    );
+    CREATE INDEX stage_jobs_queue ON stage_jobs (state, seq);
+    CREATE INDEX stage_jobs_seq ON stage_jobs (seq);
+    CREATE INDEX stage_jobs_batch ON stage_jobs (batch, state)
+    """,
 ]

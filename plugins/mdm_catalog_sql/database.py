@@ -18,6 +18,13 @@ class Dialect(ABC):
 
     name: str
     migrations: Sequence[str]
+    # SQL of the database's clock in epoch seconds: staging leases are measured by one clock
+    # for every front end on the catalog.
+    clock: str
+    # What ends a SELECT that locks the rows it returns and passes over those another
+    # transaction holds: PostgreSQL's FOR UPDATE SKIP LOCKED; SQLite needs nothing (a write
+    # transaction, BEGIN IMMEDIATE, already holds its one write lock).
+    skip_locked: str = ""
 
     def sql(self, text: str) -> str:
         """The core's SQL (``?`` placeholders) in this backend's paramstyle."""

@@ -12,12 +12,11 @@ order of the index that answers the query, the same for the same catalog.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from mdm_catalog_sql.database import Database, Row
-from mdm_catalog_sql.namespace import ENTRY_COLUMNS, entry_of
-from srm_dicom.catalog import AclEntry
+from mdm_catalog_sql.namespace import ENTRY_COLUMNS, acls_of, entry_of
 from srm_dicom.metadata import IMAGE_COLUMNS, MEDICAL_FIELDS, PATIENT_FIELDS, ImageMetadata
 from srm_dicom.names import normalize_lfn
 from srm_dicom.query import ATTRIBUTES, Attribute, Boolean, Comparison, Expr, Match, Query
@@ -201,7 +200,7 @@ class SqlMetadataIndex:
             rows.execute(dialect.sql(sql), params)
             acl_cursor = connection.cursor()
             while chunk := rows.fetchmany(batch):
-                acls = _acls(dialect.sql, acl_cursor, [r["guid"] for r in chunk])
+                acls = acls_of(dialect.sql, acl_cursor, [r["guid"] for r in chunk])
                 for row in chunk:
                     values = {
                         k: as_number(row[f"a{n}"]) if a.numeric else row[f"a{n}"]
@@ -235,14 +234,3 @@ def _numbers(row: Row | None, fields: Iterable[str]) -> dict[str, Any]:
     if row is None:
         return dict.fromkeys(fields)
     return {c: as_number(row[c]) if c in NUMERIC_FIELDS else row[c] for c in fields}
-
-
-def _acls(sql: Callable[[str], str], cursor: Any, guids: list[str]) -> dict[str, tuple[AclEntry, ...]]:
-    found: dict[str, list[AclEntry]] = {}
-    cursor.execute(
-        sql(f"SELECT guid, dn, perms, metadata FROM acl WHERE guid IN ({', '.join('?' * len(guids))}) ORDER BY dn"),
-        guids,
-    )
-    for row in cursor.fetchall():
-        found.setdefault(row["guid"], []).append(AclEntry(row["dn"], row["perms"], row["metadata"]))
-    return {guid: tuple(acl) for guid, acl in found.items()}

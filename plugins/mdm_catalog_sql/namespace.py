@@ -8,10 +8,11 @@ is added and removed with the last one, so listing a directory never scans entri
 from __future__ import annotations
 
 import posixpath
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from mdm_catalog_sql.database import Database, Row
-from srm_dicom.catalog import AclEntry, Entry, Listing
+from srm_dicom.catalog import LOOKUP_CHUNK, AclEntry, Entry, Listing
 from srm_dicom.errors import NotFound
 from srm_dicom.names import UidTriple, normalize_lfn
 
@@ -29,6 +30,20 @@ _UPSERT_ACL = (
 
 def entry_of(row: Row, acl: tuple[AclEntry, ...]) -> Entry:
     return Entry(**{c: row[c] for c in ENTRY_COLUMNS}, acl=acl)
+
+
+def acls_of(sql: Callable[[str], str], cursor: Any, guids: list[str]) -> dict[str, tuple[AclEntry, ...]]:
+    """The per-DN rights of many entries (GUID → entries in DN order), in one query on ``cursor``."""
+    if not guids:
+        return {}
+    found: dict[str, list[AclEntry]] = {}
+    cursor.execute(
+        sql(f"SELECT guid, dn, perms, metadata FROM acl WHERE guid IN ({', '.join('?' * len(guids))}) ORDER BY dn"),
+        guids,
+    )
+    for row in cursor.fetchall():
+        found.setdefault(row["guid"], []).append(AclEntry(row["dn"], row["perms"], row["metadata"]))
+    return {guid: tuple(acl) for guid, acl in found.items()}
 
 
 class SqlNamespace:
@@ -51,6 +66,18 @@ class SqlNamespace:
 
     def lookup(self, lfn: str) -> Entry | None:
         return self._entry_where("lfn = ?", normalize_lfn(lfn))
+
+    def lookup_many(self, lfns: Sequence[str]) -> dict[str, Entry]:
+        wanted = list(dict.fromkeys(normalize_lfn(lfn) for lfn in lfns))
+        found: dict[str, Entry] = {}
+        with self._db.reading() as connection:  # one connection for every chunk
+            cursor = connection.cursor()
+            for start in range(0, len(wanted), LOOKUP_CHUNK):
+                chunk = wanted[start:start + LOOKUP_CHUNK]
+                rows = self._db.rows(f"{_SELECT} WHERE lfn IN ({', '.join('?' * len(chunk))})", chunk)
+                acls = acls_of(self._db.dialect.sql, cursor, [r["guid"] for r in rows])
+                found.update((r["lfn"], entry_of(r, acls.get(r["guid"], ()))) for r in rows)
+        return found
 
     def lookup_guid(self, guid: str) -> Entry | None:
         return self._entry_where("guid = ?", guid.removeprefix("guid:"))

@@ -1,13 +1,31 @@
 """The stage store in SQL: stage requests (SRM prepareToGet / WLCG Tape REST), their
-per-file states and pins."""
+per-file states and pins, and the site's staging jobs.
+
+A job is claimed in one write transaction: the oldest claimable row and the claimable rows
+of its batch are selected with the dialect's row locks (PostgreSQL: FOR UPDATE SKIP LOCKED,
+so two front ends claiming at once take different batches and never the same row; SQLite:
+the transaction already holds the database's one write lock), then marked with the
+holder and its lease. Only a lapsed lease makes a running job claimable again.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
-from mdm_catalog_sql.database import Database
-from srm_dicom.catalog import COMPLETED, FINAL_STATES, StageFile, StageRequest
+from mdm_catalog_sql.database import Database, Row
+from srm_dicom.catalog import COMPLETED, FINAL_STATES, StageFile, StageJob, StageRequest
 from srm_dicom.names import normalize_lfn
+
+_JOB_COLUMNS = "guid, batch, attempt, state, holder, lease_expires, error"
+
+
+def _job(row: Row) -> StageJob:
+    return StageJob(row["guid"], row["batch"], row["attempt"], row["state"], row["holder"], row["lease_expires"],
+                    row["error"])
+
+
+def _marks(values: Sequence[object]) -> str:
+    return ", ".join("?" * len(values))
 
 
 class SqlStageStore:
@@ -110,3 +128,84 @@ class SqlStageStore:
             (now,),
         )
         return {r["guid"] for r in rows}
+
+    # -- staging jobs ---------------------------------------------------------------
+
+    def _claimable(self) -> str:
+        return f"(state = 'SUBMITTED' OR (state = 'STARTED' AND lease_expires < {self._db.dialect.clock}))"
+
+    def enqueue_jobs(self, batches: Mapping[str, str]) -> dict[str, int]:
+        if not batches:
+            return {}
+        # seq: the queue's order, one more than the last (two PostgreSQL transactions queueing
+        # at the same instant may tie: then the GUID decides, fair enough for an order of work).
+        seq = "(SELECT coalesce(max(seq), 0) + 1 FROM stage_jobs)"
+        with self._db.transaction():
+            self._db.write_many(
+                f"INSERT INTO stage_jobs (guid, batch, attempt, state, seq) VALUES (?, ?, 1, 'SUBMITTED', {seq})"
+                " ON CONFLICT (guid) DO UPDATE SET batch = excluded.batch, attempt = stage_jobs.attempt + 1,"
+                " state = 'SUBMITTED', holder = NULL, lease_expires = NULL, error = NULL,"
+                " seq = excluded.seq, finished_at = NULL"
+                " WHERE stage_jobs.state IN ('COMPLETED', 'FAILED')",
+                list(batches.items()),
+            )
+            return {job.guid: job.attempt for job in self.jobs(list(batches)).values()}
+
+    def claim_jobs(self, holder: str, lease: float, limit: int) -> list[StageJob]:
+        claimable, lock = self._claimable(), self._db.dialect.skip_locked
+        # A look first, outside any write transaction: idle front ends poll this.
+        if self._db.row(f"SELECT 1 AS found FROM stage_jobs WHERE {claimable} LIMIT 1") is None:
+            return []
+        with self._db.transaction():
+            first = self._db.row(
+                f"SELECT batch FROM stage_jobs WHERE {claimable} ORDER BY seq, guid LIMIT 1{lock}"
+            )
+            if first is None:
+                return []
+            rows = self._db.rows(
+                f"SELECT guid FROM stage_jobs WHERE batch = ? AND {claimable} ORDER BY seq, guid LIMIT ?{lock}",
+                (first["batch"], limit),
+            )
+            guids = [r["guid"] for r in rows]
+            self._db.write(
+                f"UPDATE stage_jobs SET state = 'STARTED', holder = ?, lease_expires = {self._db.dialect.clock} + ?"
+                f" WHERE guid IN ({_marks(guids)})",
+                (holder, lease, *guids),
+            )
+            found = self.jobs(guids)
+            return [found[guid] for guid in guids]
+
+    def renew_jobs(self, holder: str, guids: Sequence[str], lease: float) -> int:
+        if not guids:
+            return 0
+        return self._db.write(
+            f"UPDATE stage_jobs SET lease_expires = {self._db.dialect.clock} + ?"
+            f" WHERE holder = ? AND state = 'STARTED' AND guid IN ({_marks(guids)})",
+            (lease, holder, *guids),
+        )
+
+    def finish_jobs(self, holder: str, outcomes: Mapping[str, tuple[str, str | None]], at: int) -> None:
+        with self._db.transaction():
+            self.set_stage_states(outcomes, at)
+            self._db.write_many(
+                f"UPDATE stage_jobs SET state = ?, error = ?, holder = NULL, lease_expires = NULL,"
+                f" finished_at = {self._db.dialect.clock} WHERE guid = ? AND holder = ? AND state = 'STARTED'",
+                [(state, error, guid, holder) for guid, (state, error) in outcomes.items()],
+            )
+
+    def release_jobs(self, holder: str, guids: Sequence[str]) -> None:
+        if guids:
+            self._db.write(
+                "UPDATE stage_jobs SET state = 'SUBMITTED', holder = NULL, lease_expires = NULL"
+                f" WHERE holder = ? AND state = 'STARTED' AND guid IN ({_marks(guids)})",
+                (holder, *guids),
+            )
+
+    def jobs(self, guids: Sequence[str]) -> dict[str, StageJob]:
+        found: dict[str, StageJob] = {}
+        unique = list(dict.fromkeys(guids))
+        for start in range(0, len(unique), 500):  # a waiter may watch thousands: statements of 500
+            part = unique[start:start + 500]
+            for row in self._db.rows(f"SELECT {_JOB_COLUMNS} FROM stage_jobs WHERE guid IN ({_marks(part)})", part):
+                found[row["guid"]] = _job(row)
+        return found

@@ -22,10 +22,11 @@ from srm_dicom.private_files import private_file
 class SQLiteDialect(Dialect):
     name = "sqlite"
     migrations = MIGRATIONS
+    clock = "((julianday('now') - 2440587.5) * 86400.0)"
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, busy_timeout: float = 30.0) -> None:
         self.path = private_file(path)  # metadata and erased values: PHI
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=busy_timeout)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA foreign_keys=ON")
@@ -75,10 +76,10 @@ class SQLiteDialect(Dialect):
 
 
 class SQLiteCatalog(SqlBackend):
-    def __init__(self, path: Path, migrate: bool = True) -> None:
-        self.dialect = SQLiteDialect(path)
+    def __init__(self, path: Path, migrate: bool = True, busy_timeout: float = 30.0) -> None:
+        self.dialect = SQLiteDialect(path, busy_timeout)
         super().__init__(self.dialect, migrate)
 
     @classmethod
     def from_config(cls, config: Config, migrate: bool = True) -> SQLiteCatalog:
-        return cls(config.path(config.catalog.url), migrate)
+        return cls(config.path(config.catalog.url), migrate, config.catalog.busy_timeout)

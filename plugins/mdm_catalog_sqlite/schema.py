@@ -150,4 +150,23 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE entries ADD COLUMN protection TEXT
     """,
+    # 11: staging jobs, one per GUID for the site: which front end holds each (its lease, on
+    # the database's clock) and how it ended, so that several front ends on one catalog
+    # retrieve each file once and finish what a dead one left (README, "Several front ends").
+    """
+    CREATE TABLE stage_jobs (
+        guid TEXT PRIMARY KEY,
+        batch TEXT NOT NULL,
+        attempt INTEGER NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('SUBMITTED', 'STARTED', 'COMPLETED', 'FAILED')),
+        holder TEXT,
+        lease_expires REAL,
+        error TEXT,
+        seq INTEGER NOT NULL,
+        finished_at REAL
+    );
+    CREATE INDEX stage_jobs_queue ON stage_jobs (state, seq);
+    CREATE INDEX stage_jobs_seq ON stage_jobs (seq);
+    CREATE INDEX stage_jobs_batch ON stage_jobs (batch, state)
+    """,
 ]

@@ -17,11 +17,12 @@ import argparse
 import importlib
 import logging
 import os
+import sqlite3
 import sys
 from collections.abc import Sequence
 
 from srm_dicom import __version__
-from srm_dicom.errors import MdmError
+from srm_dicom.errors import MdmError, catalog_unavailable
 
 # command → (module of srm_dicom.cli, one-line help), in the order ``mdm --help`` lists them.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -106,6 +107,12 @@ def main(argv: list[str] | None = None) -> int:
     except MdmError as exc:
         print(f"mdm {args.command}: {exc}", file=sys.stderr)
         return exc.exit_code
+    except sqlite3.OperationalError as exc:  # the backend's own error: one line if it is not a bug
+        mapped = catalog_unavailable(exc)
+        if mapped is None:
+            raise
+        print(f"mdm {args.command}: {mapped}", file=sys.stderr)
+        return mapped.exit_code
     except BrokenPipeError:  # output piped into head & co: stop quietly, like any Unix tool
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0

@@ -35,6 +35,7 @@ class LocalKeyServers:
                 database=state / f"keystore-{i}.db",
                 vomap=pki / "vomap.toml",
                 services=(SERVICE_DN,),
+                vomsdir=pki / "vomsdir",  # as the demo's storage element: its VOMS server's ACs are trusted
                 host=HOST,
                 port=0,
                 threads=4,

@@ -3,7 +3,10 @@
 Each server decides alone from its own SQLite copy of the ACL, so a compromised or
 misconfigured server can leak at most one share, never a key. Callers are identified by
 their client certificate (proxies allowed, DN of the end-entity certificate) and their
-groups from the VO map; the storage element's service DN is always allowed.
+groups, as the storage element identifies them: from a VOMS proxy's attribute certificate
+when ``vomsdir`` trusts it, else from the VO map (``identity.identity_from_cert_chain``);
+so a VOMS physician fetches the shares of the keys a physician may read. The storage
+element's service DN is always allowed. A limited proxy reads, never stores or manages.
 
 API (JSON bodies, RFC 7807 problem bodies on every error):
     PUT    /keys/{key_id}      {"index", "share" (base64), "acl"}  service or register group
@@ -28,7 +31,7 @@ import json
 import logging
 import sqlite3
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
@@ -48,6 +51,7 @@ from srm_dicom.identity import (
 )
 from srm_dicom.keystore import Acl, check_key_id
 from srm_dicom.private_files import private_file
+from srm_dicom.voms import VomsTrust
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +74,10 @@ class KeystoreServerConfig:
     database: Path
     vomap: Path
     services: tuple[str, ...]
+    # gLite's vomsdir (<vo>/<voms-host>.lsc), as [identity] vomsdir of the storage element;
+    # None: the VO map alone gives groups. VOMS roles standing for a group, as [identity] voms_roles.
+    vomsdir: Path | None = None
+    voms_roles: dict[str, str] = field(default_factory=dict)
     host: str = "127.0.0.1"
     port: int = 8441
     threads: int = 8
@@ -90,6 +98,13 @@ class KeystoreServerConfig:
             if not isinstance(data.get(name), str):
                 raise ConfigError(f"keystore config {path}: '{name}' (a path) is required")
             data[name] = (path.parent / data[name]).expanduser().resolve()
+        vomsdir = data.get("vomsdir", "")
+        if not isinstance(vomsdir, str):
+            raise ConfigError(f"keystore config {path}: 'vomsdir' must be a path (\"\": VO map only)")
+        data["vomsdir"] = (path.parent / vomsdir).expanduser().resolve() if vomsdir else None
+        roles = data.get("voms_roles", {})
+        if not isinstance(roles, dict) or not all(isinstance(v, str) for v in roles.values()):
+            raise ConfigError(f"keystore config {path}: 'voms_roles' must map role names to groups")
         services = data.get("services")
         if not isinstance(services, list) or not all(isinstance(s, str) for s in services):
             raise ConfigError(f"keystore config {path}: 'services' must list the service DNs")
@@ -178,16 +193,18 @@ Response = tuple[HTTPStatus, Any]
 class KeystoreApp:
     """The WSGI application; every outcome is JSON, errors as RFC 7807 problems."""
 
-    def __init__(self, store: ShareStore, vomap: VoMap, services: Iterable[str]):
+    def __init__(self, store: ShareStore, vomap: VoMap, services: Iterable[str], voms: VomsTrust | None = None):
         self.store = store
         self.vomap = vomap
         self.services = tuple(services)
+        self.voms = voms
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
         method, path = environ["REQUEST_METHOD"], environ.get("PATH_INFO", "")
         who = "-"
         try:
-            identity = identity_from_cert_chain(environ.get(ENVIRON_PEER_CHAIN) or [], self.vomap, self.services)
+            identity = identity_from_cert_chain(environ.get(ENVIRON_PEER_CHAIN) or [], self.vomap, self.services,
+                                                self.voms)
             who = identity.subject
             status, body = self._route(method, path, identity, environ)
         except (AuthenticationError, Forbidden) as exc:
@@ -290,7 +307,7 @@ class KeystoreApp:
         for key_id in key_ids:
             if key_id not in found:
                 results.append({"key_id": key_id, "status": 404})
-            elif not found[key_id][2].may_manage(identity):
+            elif not _may_manage(found[key_id][2], identity):
                 results.append({"key_id": key_id, "status": 403})
             else:
                 doomed.append(key_id)
@@ -301,22 +318,27 @@ class KeystoreApp:
     def _put_acl(self, key_id: str, identity: Identity, environ: dict) -> Response:
         acl = Acl.from_json(_json_body(environ))
         _, _, current = self.store.get(key_id)
-        if not current.may_manage(identity):
+        if not _may_manage(current, identity):
             raise Forbidden(f"{identity.subject} may not change the ACL of key {key_id}")
         self.store.set_acl(key_id, acl)
         return HTTPStatus.OK, {"key_id": key_id}
 
     def _delete(self, key_id: str, identity: Identity, environ: dict) -> Response:
         _, _, current = self.store.get(key_id)
-        if not current.may_manage(identity):
+        if not _may_manage(current, identity):
             raise Forbidden(f"{identity.subject} may not delete key {key_id}")
         self.store.delete(key_id)
         return HTTPStatus.NO_CONTENT, None
 
 
 def _may_store(identity: Identity) -> None:
-    if identity.kind != "service" and "register" not in identity.groups:
-        raise Forbidden(f"{identity.subject} may not store keys (service or register only)")
+    if identity.kind != "service" and ("register" not in identity.groups or identity.limited):
+        raise Forbidden(f"{identity.subject} may not store keys (service or register only, no limited proxy)")
+
+
+def _may_manage(acl: Acl, identity: Identity) -> bool:
+    """The ACL's managers (owner, service, register), and never through a limited proxy."""
+    return acl.may_manage(identity) and not identity.limited
 
 
 def _share_body(body: Any) -> tuple[int, bytes, Acl]:
@@ -372,7 +394,8 @@ def make_server(config: KeystoreServerConfig) -> wsgi.Server:
     for name in ("cert", "key", "ca"):
         if not getattr(config, name).is_file():
             raise ConfigError(f"keystore: {name} file {getattr(config, name)} not found")
-    app = KeystoreApp(ShareStore(config.database), VoMap.load(config.vomap), config.services)
+    voms = VomsTrust.from_config(config.vomsdir, config.ca, config.voms_roles) if config.vomsdir else None
+    app = KeystoreApp(ShareStore(config.database), VoMap.load(config.vomap), config.services, voms)
     server = wsgi.Server((config.host, config.port), app, numthreads=config.threads,
                          timeout=config.idle_timeout)  # type: ignore[arg-type]  # cheroot takes float seconds; its stub says int
     server.ssl_adapter = ClientAuthSSLAdapter(str(config.cert), str(config.key), str(config.ca))

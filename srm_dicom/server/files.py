@@ -15,6 +15,7 @@ from http import HTTPStatus
 from pathlib import Path
 from typing import BinaryIO
 
+from srm_dicom.cache import discard, intact
 from srm_dicom.catalog import Entry
 from srm_dicom.config import Config
 from srm_dicom.identity import Identity
@@ -101,6 +102,9 @@ class FileService:
         entry, path, staged = opened.entry, opened.path, opened.staged
         if entry.size is None:
             return iter(self._unavailable(start_response, f"{entry.lfn} has not been assembled yet; stage it first"))
+        source = None if head else self._source(entry, path, staged)
+        if isinstance(source, str):
+            return iter(self._unavailable(start_response, source))
         mark_transfer(environ, entry, staged)
         headers = [
             ("Content-Type", "application/octet-stream"),
@@ -111,21 +115,15 @@ class FileService:
         size = entry.size
         ranges = parse_ranges(environ.get("HTTP_RANGE", ""), size) if environ.get("HTTP_RANGE") else None
         headers += self._digests(environ, entry, path, ranges)
-        if ranges == []:
-            start_response("416 Range Not Satisfiable", [("Content-Range", f"bytes */{size}"), *headers,
-                                                         ("Content-Length", "0")])
+        if ranges == [] or source is None:
+            if source is not None:
+                source.close()
+            if ranges == []:
+                start_response("416 Range Not Satisfiable", [("Content-Range", f"bytes */{size}"), *headers,
+                                                             ("Content-Length", "0")])
+            else:  # a HEAD
+                start_response("200 OK", [*headers, ("Content-Length", str(size))])
             return iter([])
-        if head:
-            start_response("200 OK", [*headers, ("Content-Length", str(size))])
-            return iter([])
-        assert path is not None  # a GET staged the file above
-        try:  # opened now: once open, the cache evicting it cannot take the bytes away mid-answer
-            source = path.open("rb")
-        except FileNotFoundError:  # evicted since it was looked up: staged again (byte-identical)
-            try:
-                source = self._service.stager.fetch(entry, self._config.cache.wait_timeout).open("rb")
-            except (StagingPending, StageFailed, FileNotFoundError) as exc:
-                return iter(self._unavailable(start_response, f"{entry.lfn} is being staged again ({exc})"))
         if not ranges:
             start_response("200 OK", [*headers, ("Content-Length", str(size))])
             return _read_all(source, 0, size - 1)
@@ -135,6 +133,27 @@ class FileService:
                                                    ("Content-Length", str(last - first + 1))])
             return _read_all(source, first, last)
         return self._multipart(start_response, headers, source, ranges, size)
+
+    def _source(self, entry: Entry, path: Path | None, staged: bool) -> BinaryIO | str:
+        """The open file to serve, or why not (a 503's detail). Opened now: once open, the cache
+        evicting it cannot take the bytes away mid-answer. A file that was already on disk is
+        checked against the catalog first (``cache.intact``); one that is not is removed and
+        staged again from the PACS, never served."""
+        assert path is not None  # a GET staged the file, or found it on disk
+        try:
+            source = path.open("rb")
+            if staged or intact(source, entry.size or 0, entry.adler32):
+                return source
+            source.close()
+            discard(path)
+            why = "was corrupt in the cache"
+        except FileNotFoundError:  # evicted since it was looked up: staged again (byte-identical)
+            why = "was evicted meanwhile"
+        try:
+            return self._service.stager.fetch(entry, self._config.cache.wait_timeout).open("rb")
+        except (StagingPending, StageFailed, FileNotFoundError) as exc:
+            reason = exc.reason if isinstance(exc, StageFailed) else str(exc)
+            return f"{entry.lfn} {why} and is being staged again: {reason}"
 
     @staticmethod
     def _digests(environ: dict, entry: Entry, path: Path | None,

@@ -17,7 +17,7 @@ from http import HTTPStatus
 
 from wsgidav.dav_error import DAVError
 
-from srm_dicom.errors import InvalidInput, MdmError, TooLarge
+from srm_dicom.errors import InvalidInput, MdmError, TooLarge, catalog_unavailable
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +91,8 @@ def problem_of(error: BaseException, where: str = "") -> Problem:
         condition = error.err_condition.condition_code if error.err_condition else None
         detail = str(error.context_info) if error.context_info else status.description or status.phrase
         return Problem(status, detail, tuple(error.add_headers or ()), condition)
+    if (unavailable := catalog_unavailable(error)) is not None:  # the catalog locked or unreachable: a 503
+        return problem_of(unavailable, where)
     if isinstance(error, TimeoutError):  # the client stopped sending (socket.timeout is TimeoutError)
         return Problem(HTTPStatus.REQUEST_TIMEOUT, "the request was not received in time", (("Connection", "close"),))
     log.error("internal error on %s", where or "a request", exc_info=error)

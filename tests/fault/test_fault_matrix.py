@@ -222,3 +222,112 @@ def test_a_full_cache_disk_is_a_clean_error_and_leaves_no_partial_file(embedded_
         assert status == 200 and true_to_catalog(slice_entry, data), problem  # small files still fit
     finally:
         se.stop()
+
+
+def test_a_corrupt_cache_file_is_never_served_it_is_staged_again(embedded_pacs, key_servers, tmp_path, caplog):
+    """A corrupt cache file: a byte flipped, then a file truncated, in the cache of a running
+    storage element; then one corrupted while the PACS is down."""
+    with FaultyProxy(("127.0.0.1", embedded_pacs.port)) as proxy:
+        config_path = write_site_config(tmp_path / "site", through(embedded_pacs, proxy), key_servers)
+        register(config_path, make_series(slices=2, size=16, seed="corrupt cache"))
+        se = start_storage_element(config_path)
+        try:
+            first, second = [e for e in entries(se.catalog) if e.kind == "slice"]
+            cache = se.config.path(se.config.cache.dir)
+            for entry in (first, second):
+                assert curl_get(se.url + entry.lfn, key_servers.pki, tmp_path / "warm")[0] == 200
+            flipped = cache / f"{first.guid}.{first.content_version}"
+            data = bytearray(flipped.read_bytes())
+            data[len(data) // 2] ^= 0x01  # same size: only the adler32 tells
+            flipped.write_bytes(bytes(data))
+            truncated = cache / f"{second.guid}.{second.content_version}"
+            truncated.write_bytes(truncated.read_bytes()[:-1])
+            for entry, path in ((first, flipped), (second, truncated)):
+                status, problem, served = curl_get(se.url + entry.lfn, key_servers.pki, tmp_path / "again")
+                assert status == 200, problem
+                assert true_to_catalog(entry, served)
+                assert true_to_catalog(entry, path.read_bytes())  # the cache holds the true bytes again
+            assert sum("differs from the catalog" in r.getMessage() for r in caplog.records) == 2
+
+            proxy.stop()  # the PACS is gone: the corrupt file cannot be staged again
+            flipped.write_bytes(bytes(data))
+            result = clients.curl(se.url + first.lfn, Credential.of_user(key_servers.pki, "bob"), "-s", "-i")
+            head, _, body = result.stdout.replace("\r\n", "\n").partition("\n\n")
+            assert head.startswith("HTTP/1.1 503") and "retry-after:" in head.lower(), head
+            assert "application/problem+json" in head
+            detail = json.loads(body)["detail"]
+            assert "corrupt in the cache" in detail and "PACS" in detail and "\n" not in detail, detail
+            assert not flipped.exists()  # removed, never served
+        finally:
+            se.stop()
+
+
+def _locked_site(embedded_pacs, key_servers, tmp_path: Path) -> Path:  # type: ignore[no-untyped-def]
+    """A site whose catalog waits 1 s (not the default 30 s) for a write lock."""
+    config_path = write_site_config(tmp_path / "site", embedded_pacs, key_servers)
+    config_path.write_text(config_path.read_text().replace('url = "catalog.db"',
+                                                           'url = "catalog.db"\nbusy_timeout = 1'))
+    return config_path
+
+
+def _hold_write_lock(database: Path) -> sqlite3.Connection:
+    """Another process's connection holding SQLite's one write lock (as a long ``mdm register`` does)."""
+    holder = sqlite3.connect(database, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    holder.execute("CREATE TABLE IF NOT EXISTS held (x)")
+    return holder
+
+
+def test_a_locked_catalog_is_one_line_and_exit_code_7_then_nothing_is_lost(embedded_pacs, key_servers, tmp_path):
+    """The database locked, for ``mdm register``: a real write lock held by another connection."""
+    config_path = _locked_site(embedded_pacs, key_servers, tmp_path)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, ds in enumerate(make_series(slices=2, size=8, seed="locked catalog")):
+        ds.save_as(folder / f"{i}.dcm", enforce_file_format=True)
+    assert mdm("register", str(folder), config=config_path).returncode == 0  # the catalog exists
+    more = make_series(slices=3, size=8, seed="locked catalog")[2]
+    more.save_as(folder / "2.dcm", enforce_file_format=True)
+    holder = _hold_write_lock(tmp_path / "site" / "catalog.db")
+    try:
+        locked = mdm("register", str(folder), config=config_path)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert locked.returncode == 7 and "Traceback" not in locked.stderr, locked.stderr
+    (line,) = locked.stderr.strip().splitlines()
+    assert line.startswith("mdm register: the catalog database is locked by another process"), line
+    again = mdm("register", str(folder), config=config_path)
+    assert again.returncode == 0, again.stderr
+    assert "1 registered, 0 updated, 2 already registered, 0 failed" in again.stdout, again.stdout
+
+
+def test_a_locked_catalog_is_a_503_with_retry_after_then_served(embedded_pacs, key_servers, tmp_path):
+    """The database locked, for ``mdm serve``: a write (a Tape REST stage request) while another
+    connection holds the lock is a 503 problem with Retry-After; reads go on (WAL); then it works."""
+    config_path = _locked_site(embedded_pacs, key_servers, tmp_path)
+    register(config_path, make_series(slices=1, size=8, seed="locked server"))
+    se = start_storage_element(config_path)
+    bob = Credential.of_user(key_servers.pki, "bob")
+    try:
+        (image,) = [e for e in entries(se.catalog) if e.kind == "slice"]
+        body = json.dumps({"files": [{"path": image.lfn}]})
+        stage = ("-s", "-i", "-X", "POST", "-H", "Content-Type: application/json", "--data", body)
+        holder = _hold_write_lock(tmp_path / "site" / "catalog.db")
+        try:
+            result = clients.curl(se.url + "/api/v1/tape/stage", bob, *stage)
+            listed = clients.curl(se.url + image.lfn.rpartition("/")[0] + "/", bob, "-s", "-X", "PROPFIND",
+                                  "-H", "Depth: 1", "-o", "/dev/null", "-w", "%{http_code}")
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        head, _, problem = result.stdout.replace("\r\n", "\n").partition("\n\n")
+        assert head.startswith("HTTP/1.1 503") and "retry-after: 5" in head.lower(), head
+        assert "application/problem+json" in head.lower()
+        assert "the catalog database is locked" in json.loads(problem)["detail"]
+        assert listed.stdout == "207"
+        again = clients.curl(se.url + "/api/v1/tape/stage", bob, *stage[:1], "-o", "/dev/null", "-w",
+                             "%{http_code}", *stage[2:])
+        assert again.stdout == "201", again.stdout
+    finally:
+        se.stop()

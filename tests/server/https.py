@@ -21,10 +21,13 @@ class Answer:
 
 
 def request(url: str, pki: Path, user: str | None, method: str = "GET", path: str = "/", body: bytes | None = None,
-            headers: dict[str, str] | None = None) -> Answer:
-    """One request as demo user ``user`` (None: no client certificate)."""
+            headers: dict[str, str] | None = None, proxy: Path | None = None) -> Answer:
+    """One request as demo user ``user`` (None: no client certificate), or with the ``proxy``
+    file (proxy certificate, its key, the user's certificate: what voms-proxy-fake writes)."""
     context = ssl.create_default_context(cafile=str(pki / "ca.pem"))
-    if user:
+    if proxy is not None:
+        context.load_cert_chain(proxy)
+    elif user:
         folder = pki / ("service" if user == "service" else f"users/{user}")
         context.load_cert_chain(folder / "cert.pem", folder / "key.pem")
     parts = urlsplit(url)

@@ -9,8 +9,13 @@ impostor tokens whose scopes cover the files: one whose ``sub`` is the owner's D
 a certificate DN and never in the register group. Two macaroons of every activity on the
 VO's tree, issued by the storage element to bob and to alice: each acts as its issuer,
 alice's without the register group (so as a plain VO member), and neither manages
-anything nor opens a key server. The images' owner is the site's
-registration service, none of them. Operations go through the real
+anything nor opens a key server. Three VOMS proxies made by Debian's real
+``voms-proxy-fake``, used as TLS client credentials like curl uses them: eve's (of VO
+"other") whose AC says /demo/physician (a physician of demo; her own per-DN entry still
+wins where there is one), eve's whose AC says /demo/register but is signed by a rogue VOMS
+server (eve, no groups), and dave's limited proxy whose AC says /demo/register (reads as the
+register group, manages nothing). The images' owner is the site's registration service,
+none of them. Operations go through the real
 storage element (HTTPS, WebDAV, Tape REST, metadata and rights APIs) and the real key servers.
 """
 
@@ -37,12 +42,14 @@ from srm_dicom.config import load_config
 from srm_dicom.crypto.container import check_key, read_header
 from srm_dicom.keystore import KeystoreError
 from srm_dicom.keystore.client import KeystoreClient
+from srm_dicom.pki import init_pki, init_voms
 from srm_dicom.protect import key_name
 from srm_dicom.rights import parse_mode
 from srm_dicom.setright import RightsChange, RightsSetter, select
 from srm_dicom.synthetic import make_series
 from srm_dicom.uids import deidentify_uid
 from storage import RunningStorageElement, register, start_storage_element
+from vomsfake import VO, VOMS_HOST, fake_proxy, trust_voms
 
 EVE = "/C=XX/O=srm-dicom/CN=eve"
 BOB = "/C=XX/O=srm-dicom/CN=bob"
@@ -51,7 +58,8 @@ ISSUER, AUDIENCE = "https://issuer.matrix.test", "https://se.matrix.test"
 
 TOKENS = ("token", "token-elsewhere", "token-as-owner", "token-as-bob")
 MACAROONS = ("macaroon-of-bob", "macaroon-of-alice")
-USERS = ("alice", "bob", "carol", "dave", "eve", *TOKENS, *MACAROONS)
+VOMS = ("voms-eve-physician", "voms-rogue-eve-register", "voms-limited-dave-register")
+USERS = ("alice", "bob", "carol", "dave", "eve", *TOKENS, *MACAROONS, *VOMS)
 OPERATIONS = ("list", "get", "stage", "key share", "anonymous metadata", "nominative metadata", "erased values",
               "set-right", "delete", "write", "bob's stage request")
 # setting → (file mode, metadata mode, per-DN entries)
@@ -100,9 +108,24 @@ for table in (FILE, LEVEL):
     for row in table.values():  # the impostors' scopes cover the files: they are "token" in every column
         row["token-as-owner"] = row["token-as-bob"] = row["token"]
         row["macaroon-of-bob"], row["macaroon-of-alice"] = row["bob"], row["dave"]
-MANAGERS = {"alice"}  # the owner (the registration service) and the register group; no token
-# A stage request bob submitted: bob and the register group see it; a token never, whatever its sub.
-REQUEST_READERS = {"alice", "bob", "macaroon-of-bob"}
+        # A rogue AC gives no groups: eve as her certificate and the VO map make her.
+        row["voms-rogue-eve-register"] = row["eve"]
+for row in FILE.values():
+    # The AC makes eve a VO member (her own entry, where there is one, grants the same r-x);
+    # a limited proxy of the register group reads everything and writes nothing.
+    row["voms-eve-physician"], row["voms-limited-dave-register"] = row["bob"], "r-x"
+for setting, level in {"default rwxr-x--- group": "all", "private rwx------ private": "none",
+                       "public rwxr-xr-x public": "all", "eve granted r-x anonymous": "anonymous"}.items():
+    # A physician of demo through the AC, except where eve's own per-DN entry names her level.
+    LEVEL[setting]["voms-eve-physician"] = level
+    LEVEL[setting]["voms-limited-dave-register"] = "all"  # the register group reads every level
+for readers in KEY.values():  # the key servers judge VOMS proxies as the storage element does
+    readers |= {"voms-limited-dave-register"} | ({"voms-eve-physician"} if "bob" in readers else set())
+    readers |= {"voms-rogue-eve-register"} if "eve" in readers else set()
+MANAGERS = {"alice"}  # the owner (the registration service) and the register group; no token, no limited proxy
+# A stage request bob submitted: bob and the register group see it (a limited proxy may read);
+# a token never, whatever its sub.
+REQUEST_READERS = {"alice", "bob", "macaroon-of-bob", "voms-limited-dave-register"}
 
 
 def expected(setting: str, user: str, operation: str) -> bool:
@@ -135,6 +158,7 @@ class Site:
     original_sop: str
     victims: dict[str, str]  # user → the LFN their delete asks for
     tokens: dict[str, str]
+    proxies: dict[str, Path]  # the VOMS users' proxy files
     bobs_request: str  # the id of a stage request bob submitted
     header: object  # the probe's container header, to check a fetched key
 
@@ -143,7 +167,8 @@ class Site:
         if user in self.tokens:
             headers["Authorization"] = f"Bearer {self.tokens[user]}"
         data = None if body is None else json.dumps(body).encode() if not isinstance(body, bytes) else body
-        return request(self.se.url, self.pki, None if user in self.tokens else user, method, path, data, headers)
+        certificate = None if user in self.tokens or user in self.proxies else user
+        return request(self.se.url, self.pki, certificate, method, path, data, headers, self.proxies.get(user))
 
 
 def trust_token_issuer(config_path: Path, workdir: Path) -> ec.EllipticCurvePrivateKey:
@@ -163,13 +188,32 @@ def token(key: ec.EllipticCurvePrivateKey, subject: str, base: str, groups: tupl
     return jwt.encode(claims, key, algorithm="ES256", headers={"kid": "matrix"})
 
 
+@pytest.fixture(scope="module")
+def voms_proxies(key_servers, tmp_path_factory) -> dict[str, Path]:  # type: ignore[no-untyped-def]
+    """The VOMS users' proxies, by the real voms-proxy-fake, for the session PKI's users."""
+    pki, folder = key_servers.pki, tmp_path_factory.mktemp("voms-proxies")
+    trust_voms(pki)
+    rogue = folder / "rogue-pki"
+    init_pki(rogue)
+    init_voms(rogue, VO, VOMS_HOST)  # a VOMS server of another CA, claiming the demo VO's host
+    return {"voms-eve-physician": fake_proxy(pki, "eve", folder / "eve.pem", "-fqan", "/demo/physician"),
+            "voms-rogue-eve-register": fake_proxy(pki, "eve", folder / "rogue.pem", "-fqan", "/demo/register",
+                                                  voms=rogue / "voms"),
+            "voms-limited-dave-register": fake_proxy(pki, "dave", folder / "limited.pem", "-limited",
+                                                     "-fqan", "/demo/register")}
+
+
 @pytest.fixture(scope="module", params=list(SETTINGS))
-def site(request: pytest.FixtureRequest, orthanc, key_servers, tmp_path_factory) -> Iterator[Site]:  # type: ignore[no-untyped-def]
+def site(request: pytest.FixtureRequest, orthanc, key_servers, voms_proxies,  # type: ignore[no-untyped-def]
+         tmp_path_factory) -> Iterator[Site]:
     """One storage element per rights setting: a series registered, then set to the setting
-    with set-right on the hospital side (the module under test too)."""
+    with set-right on the hospital side (the module under test too). The site trusts the
+    demo VO's VOMS server (``[identity] vomsdir``), as the key servers do."""
     setting = request.param
     workdir = tmp_path_factory.mktemp("matrix")
     config_path = write_site_config(workdir, orthanc, key_servers)
+    config_path.write_text(config_path.read_text().replace(
+        "[identity]\n", f'[identity]\nvomsdir = "{key_servers.pki / "vomsdir"}"\n', 1))
     signer = trust_token_issuer(config_path, workdir)
     series = make_series(slices=1 + len(USERS), size=16, seed=f"matrix {setting}")
     register(config_path, series)
@@ -194,7 +238,8 @@ def site(request: pytest.FixtureRequest, orthanc, key_servers, tmp_path_factory)
                   "token-as-owner": token(signer, OWNER, "/grid/demo/mdm", ("/demo", "/demo/register")),
                   "token-as-bob": token(signer, BOB, "/grid/demo/mdm")}
         victims = dict(zip(USERS, lfns[1:], strict=True))
-        site = Site(se, key_servers.pki, setting, probe, series[0].SOPInstanceUID, victims, tokens, "", None)
+        site = Site(se, key_servers.pki, setting, probe, series[0].SOPInstanceUID, victims, tokens, voms_proxies, "",
+                    None)
         # Staged by the service, which may read in every setting, as if bob asked (the requester is bob's DN).
         site.bobs_request = se.stager.submit([probe], None, BOB)
         for user in ("bob", "alice"):
@@ -230,8 +275,8 @@ def key_share(site: Site, user: str) -> bool:
                 connection.close()
         return False
     folder = site.pki / "users" / user
-    client = KeystoreClient(urls, 2, ca=site.pki / "ca.pem", cert=folder / "cert.pem", key=folder / "key.pem",
-                            timeout=10)
+    cert, key = (site.proxies[user],) * 2 if user in site.proxies else (folder / "cert.pem", folder / "key.pem")
+    client = KeystoreClient(urls, 2, ca=site.pki / "ca.pem", cert=cert, key=key, timeout=10)
     try:
         client.fetch_key(key_id, lambda key: check_key(site.header, key))
     except KeystoreError as exc:
@@ -304,7 +349,7 @@ def perform(site: Site, user: str, operation: str) -> bool:
 
 
 def test_every_cell_is_in_the_table():
-    assert len(EXPECTED) == len(SETTINGS) * len(USERS) * len(OPERATIONS) == 484
+    assert len(EXPECTED) == len(SETTINGS) * len(USERS) * len(OPERATIONS) == 616
 
 
 @pytest.mark.parametrize("operation", OPERATIONS)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import sys
 import time
 import zlib
@@ -27,9 +28,11 @@ from clients import Credential
 from sites import mdm, write_site_config
 from srm_dicom.catalog import Entry
 from srm_dicom.cli import main
+from srm_dicom.pki import init_pki, init_voms
 from srm_dicom.synthetic import make_series
 from srm_dicom.uids import deidentify_uid
 from storage import RunningStorageElement, register, start_storage_element
+from vomsfake import VO, VOMS_HOST, fake_proxy, trust_voms
 
 SLICES = 8
 SIZE = 32
@@ -356,3 +359,108 @@ def test_listings_give_the_volume_size_before_its_first_assembly(fresh_site):
     assert site.volume.size is not None and sizes["3D"] == site.volume.size, listing.stdout
     sidecar = site.se.catalog.namespace.lookup(site.volume.lfn + ".json")
     assert sidecar is not None and sizes["3D.json"] == sidecar.size, listing.stdout
+
+
+# -- VOMS proxies of Debian's voms-proxy-fake, over HTTPS ---------------------------------
+
+
+@dataclass
+class VomsSite:
+    site: Site
+    proxies: dict[str, Path]  # name → proxy file (proxy certificate, its key, eve's certificate)
+
+    def cred(self, name: str) -> Credential:
+        """curl's --cert and --key: the proxy file holds both, as voms-proxy-init writes it."""
+        proxy = self.proxies[name]
+        return Credential(self.site.pki / "ca.pem", proxy, proxy)
+
+
+@pytest.fixture(scope="module")
+def voms_site(orthanc, key_servers, tmp_path_factory) -> Iterator[VomsSite]:  # type: ignore[no-untyped-def]
+    """A site (and key servers) trusting the demo VO's VOMS server through ``[identity] vomsdir``,
+    and eve's proxies (of VO "other" in the VO map) made by the real voms-proxy-fake."""
+    workdir = tmp_path_factory.mktemp("voms-site")
+    pki = key_servers.pki
+    vomsdir = trust_voms(pki)
+    rogue = workdir / "rogue-pki"
+    init_pki(rogue)
+    init_voms(rogue, VO, VOMS_HOST)  # a VOMS server of another CA, claiming the demo VO's host name
+    proxies = {
+        "physician": fake_proxy(pki, "eve", workdir / "physician.pem", "-fqan", "/demo/physician"),
+        "register": fake_proxy(pki, "eve", workdir / "register.pem", "-fqan", "/demo/register"),
+        "rogue": fake_proxy(pki, "eve", workdir / "rogue.pem", "-fqan", "/demo/physician", voms=rogue / "voms"),
+        "expired": fake_proxy(pki, "eve", workdir / "expired.pem", "-fqan", "/demo/physician",
+                              "-vomslife", "1", "-pastac", "3:00"),
+    }
+    config_path = write_site_config(workdir, orthanc, key_servers)
+    config_path.write_text(config_path.read_text().replace("[identity]\n", f'[identity]\nvomsdir = "{vomsdir}"\n', 1))
+    site = start_site(config_path, key_servers, seed="interop voms", slices=2)
+    try:
+        yield VomsSite(site, proxies)
+    finally:
+        site.se.stop()
+
+
+def curl_status(url: str, cred: Credential, *args: str) -> tuple[str, str]:
+    """(HTTP status, body) of a curl request."""
+    done = clients.curl(url, cred, "-w", "\n%{http_code}", *args)
+    assert done.returncode == 0, done.stderr
+    body, _, status = done.stdout.rpartition("\n")
+    return status, body
+
+
+def test_eve_of_another_vo_reads_as_a_demo_physician_with_a_voms_proxy(voms_site, tmp_path):
+    """curl with eve's voms-proxy-fake proxy (/demo/physician): the file, its nominative
+    metadata; ``mdm get`` with the proxy fetches the key shares (the key servers read the AC
+    too) and decrypts. Her plain certificate gets none of it."""
+    site, eve = voms_site.site, voms_site.cred("physician")
+    entry = site.slices[0]
+    out = tmp_path / "slice.enc"
+    got = clients.curl(site.url(entry), eve, "-f", "-o", str(out), "-H", "Want-Digest: adler32", "-D", "-")
+    assert got.returncode == 0, got.stderr
+    assert f"digest: adler32={entry.adler32}" in got.stdout.lower()
+    assert_served(site, entry, out.read_bytes())
+    sop = entry.lfn.rsplit("/", 1)[1]  # the de-identified UID, as the served file has it
+    query = f"{site.se.url}/api/v1/metadata?q=SOPInstanceUID%3D%22{sop}%22&select=PatientName"
+    status, body = curl_status(query, eve)
+    assert status == "200" and "PatientName" in json.loads(body)["results"][0], body
+    assert curl_status(site.url(entry), Credential.of_user(site.pki, "eve"))[0] == "404"
+
+    config = client_config(site, "eve", tmp_path)
+    config.write_text(config.read_text().replace(str(site.pki / "users" / "eve" / "cert.pem"),
+                                                 str(voms_site.proxies["physician"]))
+                      .replace(str(site.pki / "users" / "eve" / "key.pem"), str(voms_site.proxies["physician"])))
+    dicom = tmp_path / "slice.dcm"
+    code, stderr = run_mdm(config, "get", "-l", entry.lfn, str(dicom))
+    assert code == 0, stderr
+    assert pydicom.dcmread(dicom).PixelData == site.series[0].PixelData
+
+
+def test_a_rogue_voms_server_gives_no_groups_and_the_log_says_so(voms_site, caplog):
+    site = voms_site.site
+    with caplog.at_level(logging.WARNING, logger="srm_dicom.voms"):
+        status, body = curl_status(site.url(site.slices[0]), voms_site.cred("rogue"))
+    assert status == "404" and "no such file" in problem_detail(body)  # eve of VO "other": nothing to list
+    refusal = "VOMS AC of /C=XX/O=srm-dicom/CN=eve refused, no VOMS groups: its VOMS server certificate is not issued"
+    assert f"{refusal} by a trusted CA" in caplog.text
+
+
+def test_an_expired_ac_gives_no_groups_and_the_log_says_so(voms_site, caplog):
+    site = voms_site.site
+    with caplog.at_level(logging.WARNING, logger="srm_dicom.voms"):
+        status, _ = curl_status(site.url(site.slices[0]), voms_site.cred("expired"))
+    assert status == "404"
+    assert "VOMS AC of /C=XX/O=srm-dicom/CN=eve refused, no VOMS groups: expired" in caplog.text
+
+
+def test_browse_and_status_pages_honour_voms_groups(voms_site):
+    """The directory page lists the series for eve's physician proxy (her plain certificate:
+    404); /status is for operators ([operations] groups: ops, register): her /demo/register
+    proxy reads it, her physician proxy does not."""
+    site = voms_site.site
+    page = site.se.url + site.series_dir + "/"
+    status, body = curl_status(page, voms_site.cred("physician"), "-H", "Accept: text/html")
+    assert status == "200" and all(e.lfn.rsplit("/", 1)[1] in body for e in site.slices), body
+    assert curl_status(page, Credential.of_user(site.pki, "eve"), "-H", "Accept: text/html")[0] == "404"
+    assert curl_status(site.se.url + "/status", voms_site.cred("register"))[0] == "200"
+    assert curl_status(site.se.url + "/status", voms_site.cred("physician"))[0] == "403"

@@ -1,0 +1,141 @@
+"""Protection in worker processes: anonymize and encrypt beside the interpreter, not under it.
+
+Anonymizing a slice walks its data set in Python and ``dcmwrite`` encodes it again in
+Python: about 1.5 ms of one core per 256² slice, all of it under the GIL. Run in the
+threads of ``mdm serve`` it serializes with receiving, HTTP and the catalog, so both
+registration and staging hand it to a process pool sized to the cores instead (README
+"Benchmarks"; issue 9). Encryption (``cryptography``'s AES-GCM) releases the GIL, but is
+done in the same task: the ciphertext is then written where the caller asked, and only its
+size and checksums travel back.
+
+A task and its result are plain picklable values (bytes, str, frozen dataclasses, a
+pydicom ``Dataset``), so they cross the process boundary as they are. The workers are
+started by a fork server that has imported this module (pydicom, the anonymizer and its
+tables) once: a new worker is a fork of it, never a fresh interpreter, and none is a fork
+of the many-threaded server (a fork of a process whose other threads hold locks may
+deadlock).
+
+Use::
+
+    from srm_dicom import workers
+    future = workers.submit(workers.protect, workers.ProtectTask(part10_bytes, secret, options, key, guid, version))
+    result = future.result()   # workers.Protected: payload (or None), size, adler32, sha256, erased
+
+A worker that dies (killed, out of memory) breaks the pool: its futures raise
+``concurrent.futures.process.BrokenProcessPool`` and the next ``submit`` starts a new pool.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing
+import os
+import threading
+import uuid
+import zlib
+from collections.abc import Callable
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from io import BytesIO
+from typing import Any, TypeVar
+
+from pydicom import Dataset, dcmread
+
+from srm_dicom.anonymize import AnonymizationOptions, ErasedValue, anonymize, to_bytes
+from srm_dicom.crypto.container import encrypt_bytes
+
+T = TypeVar("T")
+
+_lock = threading.Lock()
+_pool: ProcessPoolExecutor | None = None
+
+
+@dataclass(frozen=True)
+class ProtectTask:
+    """One image to protect, as registration or staging hands it to a worker.
+
+    ``source`` is a Part-10 file's bytes (what registration reads or receives) or a pydicom
+    ``Dataset`` with its ``file_meta`` (what a retrieve delivered; it pickles as it is).
+    With ``output``, the ciphertext is written to that path, flushed and fsynced, and not
+    sent back: a staged slice goes to its cache file without crossing the pipe twice.
+    """
+
+    source: bytes | Dataset
+    secret: bytes
+    options: AnonymizationOptions
+    key: bytes
+    guid: str
+    version: int
+    output: str | None = None
+
+
+@dataclass(frozen=True)
+class Protected:
+    """What a worker made of a ``ProtectTask``: the grid client's bytes (None when written to
+    ``output``), their true size and checksums, and what anonymization erased (for the
+    metadata store only)."""
+
+    payload: bytes | None
+    size: int
+    adler32: str  # 8 hex digits, as the catalog records it
+    sha256: str
+    erased: tuple[ErasedValue, ...]
+
+
+def protect(task: ProtectTask) -> Protected:
+    """Anonymize and encrypt one image (runs in a worker; also callable in process)."""
+    ds = dcmread(BytesIO(task.source)) if isinstance(task.source, bytes) else task.source
+    result = anonymize(ds, task.secret, task.options)
+    payload = encrypt_bytes(task.key, uuid.UUID(task.guid).bytes, task.version, to_bytes(result))
+    checksums = (len(payload), f"{zlib.adler32(payload):08x}", hashlib.sha256(payload).hexdigest())
+    if task.output is None:
+        return Protected(bytes(payload), *checksums, tuple(result.erased))
+    fd = os.open(task.output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(payload)
+        out.flush()
+        os.fsync(out.fileno())
+    return Protected(None, *checksums, tuple(result.erased))
+
+
+def size() -> int:
+    """How many workers: the cores this process may run on."""
+    return len(os.sched_getaffinity(0))
+
+
+def pool() -> ProcessPoolExecutor:
+    """The shared pool, started on first use (or again after a worker died)."""
+    global _pool
+    with _lock:
+        if _pool is None or getattr(_pool, "_broken", False):
+            if _pool is not None:
+                _pool.shutdown(wait=False, cancel_futures=True)
+            context = multiprocessing.get_context("forkserver")
+            context.set_forkserver_preload([__name__])
+            _pool = ProcessPoolExecutor(size(), mp_context=context)
+        return _pool
+
+
+def submit(fn: Callable[..., T], *args: Any) -> Future[T]:
+    """``fn(*args)`` in a worker; a pool broken by a dead worker is replaced once."""
+    try:
+        return pool().submit(fn, *args)
+    except BrokenProcessPool:
+        return pool().submit(fn, *args)
+
+
+def warm() -> None:
+    """Start every worker now (a server does it before it says it is ready), so that the
+    first request does not wait for the fork server and its imports."""
+    for future in [submit(os.getpid) for _ in range(size())]:
+        future.result()
+
+
+def shutdown() -> None:
+    """Stop the workers (tests; the interpreter also does it at exit)."""
+    global _pool
+    with _lock:
+        pool_, _pool = _pool, None
+    if pool_ is not None:
+        pool_.shutdown(wait=True, cancel_futures=True)

@@ -1,0 +1,57 @@
+"""The protection pool: real worker processes give the bytes protection in process gives."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import uuid
+from concurrent.futures.process import BrokenProcessPool
+
+import pytest
+from pydicom import dcmread
+
+from srm_dicom import workers
+from srm_dicom.anonymize import AnonymizationOptions
+from srm_dicom.crypto.container import decrypt_bytes, new_file_key
+from srm_dicom.protect import protect_image
+from srm_dicom.synthetic import make_series
+
+SECRET = b"workers test secret"
+
+
+def part10(ds) -> bytes:  # type: ignore[no-untyped-def]
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def test_a_worker_protects_bytes_and_datasets_exactly_as_protection_in_process(tmp_path):
+    ds = dcmread(io.BytesIO(part10(make_series(slices=2, size=32, seed="workers")[0])))  # as read from a file
+    key, guid, options = new_file_key(), str(uuid.uuid4()), AnonymizationOptions()
+    expected = protect_image(ds, SECRET, options, key, guid, 3)
+    from_bytes = workers.submit(workers.protect, workers.ProtectTask(part10(ds), SECRET, options, key, guid, 3))
+    output = tmp_path / "slice"
+    to_file = workers.submit(workers.protect, workers.ProtectTask(ds, SECRET, options, key, guid, 3, str(output)))
+    sent, written = from_bytes.result(), to_file.result()
+    assert sent.payload == expected.payload and written.payload is None
+    assert output.read_bytes() == expected.payload and os.stat(output).st_mode & 0o777 == 0o600
+    for result in (sent, written):
+        assert (result.size, result.adler32, result.sha256) == (expected.size, expected.adler32, expected.sha256)
+        assert list(result.erased) == expected.erased
+    served = dcmread(io.BytesIO(decrypt_bytes(key, expected.payload)))
+    assert str(served.get("PatientName", "")) != str(ds.PatientName)
+
+
+def test_the_pool_is_sized_to_the_cores_and_runs_in_other_processes():
+    workers.warm()
+    pids = {workers.submit(os.getpid).result() for _ in range(4 * workers.size())}
+    assert os.getpid() not in pids and 1 <= len(pids) <= workers.size() == len(os.sched_getaffinity(0))
+
+
+def test_a_worker_killed_during_its_task_fails_that_task_and_the_next_task_gets_a_new_pool():
+    workers.warm()
+    with pytest.raises(BrokenProcessPool):
+        workers.submit(signal.raise_signal, signal.SIGKILL).result(timeout=30)
+    first = workers.submit(os.getpid).result(timeout=30)
+    assert first != os.getpid() and workers.submit(os.getpid).result(timeout=30)
