@@ -1,11 +1,13 @@
 """Registration, the hospital side's write path: from a DICOM header to a catalog entry.
 
-Every entry point (files, a PACS index walk, a DICOM push) hands datasets to
-``Registrar.register``, which reads the header, anonymizes and encrypts the image once
-(to record the true size and adler32 of what grid clients will get), stores it into the
-PACS when asked, puts its key's shares on the key servers, and catalogs the slice, its
-metadata, the erased header values and its series volume in one transaction.
-Idempotent: an unchanged image adds nothing; a changed one bumps its content version.
+Every entry point hands files or data sets to ``Registrar.register_many`` (files, a PACS
+index walk) or ``Registrar.register`` (one pushed image). Each image is read and checked,
+anonymized and encrypted once (``prepare``, in a worker process for a batch: to record the
+true size and adler32 of what grid clients will get), stored into the PACS when asked, its
+key's shares put on the key servers, and the slice, its metadata, the erased header values
+and its series volume cataloged; a batch's images share one association, one bulk key
+request per server and one transaction. Idempotent: an unchanged image adds nothing; a
+changed one bumps its content version.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Executor, Future
+from concurrent.futures import BrokenExecutor, Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -33,6 +35,7 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
+from srm_dicom import workers
 from srm_dicom.anonymize import AnonymizationOptions, burned_in_reason, protection_record
 from srm_dicom.catalog import Catalog, Entry, Outcome
 from srm_dicom.config import Config
@@ -40,7 +43,7 @@ from srm_dicom.crypto.container import encrypted_size, new_file_key
 from srm_dicom.errors import InvalidInput, MdmError, PacsError
 from srm_dicom.keystore import Acl
 from srm_dicom.metadata import ImageMetadata, extract_metadata
-from srm_dicom.names import SERIES_FILES, VOLUME, UidTriple, is_uid, pfn
+from srm_dicom.names import SERIES_FILES, VOLUME, UidTriple, is_uid, normalize_lfn, pfn
 from srm_dicom.protect import key_acl, key_name, protect_image
 from srm_dicom.rights import parse_mode
 from srm_dicom.sidecar import BVAL, BVEC, JSON, has_diffusion, series_file_from_rows
@@ -291,8 +294,9 @@ class Registrar:
     """Registers images for one site: names them, protects them, stores them into the PACS,
     puts their keys on the key servers and catalogs them.
 
-    ``register_many`` is the pipeline (README, "mdm register"): images are prepared
-    (read, named, anonymized, encrypted) in ``executor``'s worker processes, a window ahead;
+    ``register_many`` is the pipeline (README, "What registration does to an image"):
+    images are prepared (read, named, anonymized, encrypted) a window ahead, with ``pool`` in
+    the worker processes of ``srm_dicom.workers``;
     each batch of ``BATCH`` is then stored into the PACS over the one kept association, its
     keys go to the key servers in one bulk request each, and it is cataloged in one
     transaction. ``register`` is the same for one image."""
@@ -304,7 +308,7 @@ class Registrar:
         pacs: PacsClient | None,
         keystore: KeystoreClient,
         owner: str | None = None,
-        executor: Executor | None = None,
+        pool: bool = False,
     ) -> None:
         self._config = config
         self._catalog = catalog
@@ -313,7 +317,7 @@ class Registrar:
         self._owner = owner or config.site.registrar
         self._mode = parse_mode(config.site.file_mode)
         self._secret = config.site.secret_bytes
-        self._executor = executor
+        self._pool = pool
         self._settings = Settings(self._secret, config.anonymization, config.site.uids == "original")
         # Inside ``batch``: the series volumes whose size is planned when the batch ends.
         self._deferred: set[str] | None = None
@@ -331,11 +335,13 @@ class Registrar:
             yield
         finally:
             volumes, self._deferred = self._deferred, None
-            for volume_lfn in sorted(volumes):
-                sizes = self._series_sizes(volume_lfn)
-                directory = posixpath.dirname(volume_lfn)
-                for name in SERIES_FILES:  # a sidecar the series does not have is not bumped
-                    self._catalog.namespace.bump_volume(posixpath.join(directory, name), sizes.get(name), time.time())
+            planned = {volume_lfn: self._series_sizes(volume_lfn) for volume_lfn in sorted(volumes)}
+            with self._catalog.backend.transaction():
+                for volume_lfn, sizes in planned.items():
+                    directory = posixpath.dirname(volume_lfn)
+                    for name in SERIES_FILES:  # a sidecar the series does not have is not bumped
+                        self._catalog.namespace.bump_volume(posixpath.join(directory, name), sizes.get(name),
+                                                            time.time())
 
     def lfn(self, ds: Dataset) -> str:
         """The LFN an image is (or would be) registered under, from its checked header."""
@@ -349,7 +355,7 @@ class Registrar:
         then nothing is cataloged and no key is left on the key servers. ``reprotect``: an
         unchanged image protected with other options than [anonymization] now says gets a
         new content version protected with the current ones."""
-        (result,) = self._pipeline([ds], store_in_pacs, reprotect, None)
+        (result,) = self._pipeline([ds], store_in_pacs, reprotect, pool=False)
         if result.error is not None:
             raise result.error
         assert result.outcome is not None  # a result without an error has its outcome
@@ -362,51 +368,64 @@ class Registrar:
         A failed image is its result's error; a PACS failure (down, refusing) raises PacsError
         once the images stored before it are cataloged."""
         with self.batch():
-            yield from self._pipeline(sources, store_in_pacs, reprotect, self._executor)
+            yield from self._pipeline(sources, store_in_pacs, reprotect, self._pool)
 
     def _pipeline(
-        self, sources: Iterable[Source], store_in_pacs: bool, reprotect: bool, executor: Executor | None
+        self, sources: Iterable[Source], store_in_pacs: bool, reprotect: bool, pool: bool
     ) -> Iterator[Result]:
-        """Results in the order of ``sources``: those of images that need no writing wait for the
-        batch they fall in, so a person reads the lines in the order the files were given."""
+        """Results in the order of ``sources``, a batch at a time. An image met twice (the same
+        LFN) ends the batch before it, so the second meets the first in the catalog."""
+        pending: list[tuple[Source, Prepared | MdmError]] = []
+        lfns: set[str] = set()
+        for source, prepared in self._prepared(sources, pool):
+            if isinstance(prepared, Prepared):
+                lfn = self._lfn(prepared)
+                if lfn in lfns:
+                    yield from self._flush(pending, store_in_pacs, reprotect)
+                    pending, lfns = [], set()
+                lfns.add(lfn)
+            pending.append((source, prepared))
+            if len(lfns) >= BATCH:
+                yield from self._flush(pending, store_in_pacs, reprotect)
+                pending, lfns = [], set()
+        yield from self._flush(pending, store_in_pacs, reprotect)
+
+    def _lfn(self, prepared: Prepared) -> str:
+        return normalize_lfn(UidTriple(*prepared.names).lfn(self._config.site.vo))
+
+    def _flush(
+        self, pending: list[tuple[Source, Prepared | MdmError]], store_in_pacs: bool, reprotect: bool
+    ) -> Iterator[Result]:
+        """Tell new, changed and unchanged images apart with one catalog lookup, commit the
+        new and changed ones, then yield every result in order. After a PACS failure: the
+        results of the images cataloged before it, then the error."""
+        known = self._catalog.namespace.lookup_many(
+            [self._lfn(prepared) for _, prepared in pending if isinstance(prepared, Prepared)]
+        )
         record = protection_record(self._config.anonymization)
-        pending: list[Result | _Staged] = []
-        staged = 0
-        for source, prepared in self._prepared(sources, executor):
+        items: list[Result | _Staged] = []
+        for source, prepared in pending:
             if isinstance(prepared, MdmError):
-                pending.append(Result(source, error=prepared))
+                items.append(Result(source, error=prepared))
                 continue
-            lfn = UidTriple(*prepared.names).lfn(self._config.site.vo)
-            if any(isinstance(item, _Staged) and item.lfn == lfn for item in pending):
-                yield from self._flush(pending, store_in_pacs)  # the same image twice: catalog the first first
-                pending, staged = [], 0
-            known = self._catalog.namespace.lookup(lfn)
-            if known is not None and known.source_digest == prepared.digest and (
-                not reprotect or known.protection == record
+            lfn = self._lfn(prepared)
+            entry = known.get(lfn)
+            if entry is not None and entry.source_digest == prepared.digest and (
+                not reprotect or entry.protection == record
             ):
-                pending.append(Result(source, lfn, Outcome.UNCHANGED))
+                items.append(Result(source, lfn, Outcome.UNCHANGED))
                 continue
-            if known is not None:  # a changed image: protected again under its entry's GUID, next version
-                prepared = prepare(Job(source, self._settings, known.guid, known.content_version + 1))
+            if entry is not None:  # a changed image: protected again under its entry's GUID, next version
+                prepared = prepare(Job(source, self._settings, entry.guid, entry.content_version + 1))
                 if isinstance(prepared, MdmError):
-                    pending.append(Result(source, lfn, error=prepared))
+                    items.append(Result(source, lfn, error=prepared))
                     continue
             if prepared.failure is not None:
-                pending.append(Result(source, lfn, error=prepared.failure))
+                items.append(Result(source, lfn, error=prepared.failure))
                 continue
-            pending.append(_Staged(source, lfn, prepared, known))
-            staged += 1
-            if staged >= BATCH:
-                yield from self._flush(pending, store_in_pacs)
-                pending, staged = [], 0
-        yield from self._flush(pending, store_in_pacs)
-
-    def _flush(self, pending: list[Result | _Staged], store_in_pacs: bool) -> Iterator[Result]:
-        """Commit the staged images of ``pending``, then yield every result in order. After a
-        PACS failure, the results of the images cataloged before it, then the error."""
-        batch = [item for item in pending if isinstance(item, _Staged)]
-        results, error = self._commit(batch, store_in_pacs)
-        for item in pending:
+            items.append(_Staged(source, lfn, prepared, entry))
+        results, error = self._commit([item for item in items if isinstance(item, _Staged)], store_in_pacs)
+        for item in items:
             if isinstance(item, Result):
                 yield item
             elif id(item) in results:
@@ -414,24 +433,31 @@ class Registrar:
         if error is not None:
             raise error
 
-    def _prepared(
-        self, sources: Iterable[Source], executor: Executor | None
-    ) -> Iterator[tuple[Source, Prepared | MdmError]]:
-        """``prepare`` of every source, in order: here, or in ``executor`` at most ``WINDOW`` ahead."""
+    def _prepared(self, sources: Iterable[Source], pool: bool) -> Iterator[tuple[Source, Prepared | MdmError]]:
+        """``prepare`` of every source, in order: here, or in the worker processes
+        (``srm_dicom.workers``) at most ``WINDOW`` ahead. A job whose worker died is prepared
+        here: the pool is replaced for the next ones."""
         jobs = (Job(source, self._settings) for source in sources)
-        if executor is None:
+        if not pool:
             for job in jobs:
                 yield job.source, prepare(job)
             return
-        pending: deque[tuple[Source, Future[Prepared | MdmError]]] = deque()
+        pending: deque[tuple[Job, Future[Prepared | MdmError]]] = deque()
+
+        def first() -> tuple[Source, Prepared | MdmError]:
+            job, future = pending.popleft()
+            try:
+                return job.source, future.result()
+            except BrokenExecutor:
+                log.warning("a protection worker died; preparing an image in process")
+                return job.source, prepare(job)
+
         for job in jobs:
-            pending.append((job.source, executor.submit(prepare, job)))
+            pending.append((job, workers.submit(prepare, job)))
             if len(pending) >= WINDOW:
-                source, future = pending.popleft()
-                yield source, future.result()
+                yield first()
         while pending:
-            source, future = pending.popleft()
-            yield source, future.result()
+            yield first()
 
     def _commit(self, batch: list[_Staged], store_in_pacs: bool) -> tuple[dict[int, Result], PacsError | None]:
         """Store a batch into the PACS, then put its keys and catalog it: results by ``id`` of

@@ -17,6 +17,7 @@ from srm_dicom.pacs.client import PacsClient
 from srm_dicom.register import DICOMDIR, NOT_DICOM, NotAnImage, NotDicom, Registrar, Summary, iter_files
 
 EXIT_SOME_FAILED = 1
+POOL_FROM = 32
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -80,15 +81,18 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     catalog = open_catalog(config)
     summary = Summary()
+    files = [] if args.from_pacs else list(iter_files(args.paths, summary))
     try:
         keystore = KeystoreClient.from_config(config)
         with PacsClient(config.pacs) as pacs:
-            registrar = Registrar(config, catalog, pacs, keystore, owner=args.owner)
-            with registrar.batch():
-                if args.from_pacs:
-                    _register_from_pacs(registrar, pacs, args, summary)
-                else:
-                    _register_files(registrar, args, summary)
+            # Worker processes pay for their start from a few dozen images
+            # (README, "What registration does to an image").
+            pool = args.from_pacs or len(files) >= POOL_FROM
+            registrar = Registrar(config, catalog, pacs, keystore, owner=args.owner, pool=pool)
+            if args.from_pacs:
+                _register_from_pacs(registrar, pacs, args, summary)
+            else:
+                _register_files(registrar, files, args, summary)
     except PacsError as exc:
         print(summary.line(), file=sys.stderr)
         raise exc
@@ -100,9 +104,8 @@ def run(args: argparse.Namespace) -> int:
     return EXIT_SOME_FAILED if summary.failures else 0
 
 
-def _register_files(registrar: Registrar, args: argparse.Namespace, summary: Summary) -> None:
+def _register_files(registrar: Registrar, files: list[Path], args: argparse.Namespace, summary: Summary) -> None:
     named = set(args.paths)
-    files = list(iter_files(args.paths, summary))
     with _progress(len(files)) as progress:
         task = progress.add_task("register", total=len(files)) if progress else None
         for result in registrar.register_many(files, store_in_pacs=True, reprotect=args.reprotect):

@@ -237,7 +237,7 @@ def run_registrar(peer: peers.Peer, files: FileSet, workdir: Path, keys: KeyServ
     catalog = open_catalog(config)
     try:
         with PacsClient(config.pacs) as pacs:
-            registrar = Registrar(config, catalog, pacs, KeystoreClient.from_config(config))
+            registrar = Registrar(config, catalog, pacs, KeystoreClient.from_config(config), pool=True)
             start = time.perf_counter()
             outcomes = [result.outcome for result in registrar.register_many(files.files, store_in_pacs=True)]
             elapsed = time.perf_counter() - start
