@@ -11,6 +11,11 @@ grid client, which could only tell later, if at all (curl does not decrypt).
 
 The quota is kept by evicting the least recently used files that nobody has pinned.
 Recency is the file's mtime, touched on every use, so the order survives a restart.
+
+Several front ends may share one cache directory (README, "Several front ends"): a file
+another one published is found on disk and adopted, and a temporary file is named after
+its writer (host and process), so that a front end starting removes only the leftovers of
+writers that are gone, never a file another live front end is writing.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import logging
 import os
 import re
 import secrets
+import socket
 import threading
 import time
 import zlib
@@ -33,6 +39,30 @@ log = logging.getLogger(__name__)
 
 _PUBLISHED = re.compile(r"^([0-9a-f-]{36})\.([0-9]+)$")
 PARTIAL_SUFFIX = ".part"
+# .GUID.VERSION.WRITER.RANDOM.part, WRITER being HOST-PID
+_PARTIAL = re.compile(r"^\.[0-9a-f-]{36}\.[0-9]+\.(?P<host>[^.]+)-(?P<pid>[0-9]+)\.[0-9a-f]+\.part$")
+# A temporary file is written and renamed within seconds: one of another host this old is a leftover.
+FOREIGN_LEFTOVER_AGE = 3600.0
+
+
+def _host() -> str:
+    return socket.gethostname().split(".")[0].replace("-", "_") or "host"
+
+
+def _writer_gone(name: str, mtime: float) -> bool:
+    """Whether the temporary file ``name`` is a leftover: its writer process no longer runs."""
+    found = _PARTIAL.match(name)
+    if found is None:
+        return True  # not named after a writer: an older version's, or no writer's at all
+    if found["host"] != _host():
+        return time.time() - mtime > FOREIGN_LEFTOVER_AGE
+    try:
+        os.kill(int(found["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # a process of another user: alive
+        return False
+    return False
 _BLOCK = 1 << 20
 
 
@@ -82,7 +112,7 @@ class DiskCache:
         self.quota = quota_bytes
         self._lock = threading.Lock()
         self._files: dict[tuple[str, int], _Cached] = {}  # published
-        self._writing: dict[tuple[str, int], int] = {}  # sizes of files being written
+        self._writing: dict[Path, int] = {}  # room reserved by the temporary files being written
 
     @staticmethod
     def name(guid: str, version: int) -> str:
@@ -98,7 +128,7 @@ class DiskCache:
             if found and path.is_file():
                 stat = path.stat()
                 files[(found.group(1), int(found.group(2)))] = _Cached(stat.st_size, stat.st_mtime)
-            elif path.name.endswith(PARTIAL_SUFFIX):
+            elif path.name.endswith(PARTIAL_SUFFIX) and _writer_gone(path.name, path.stat().st_mtime):
                 path.unlink(missing_ok=True)
                 removed += 1
         with self._lock:
@@ -116,7 +146,7 @@ class DiskCache:
     def path(self, guid: str, version: int, touch: bool = True) -> Path | None:
         """The published file of this version, marked recently used; None if not cached."""
         with self._lock:
-            cached = self._files.get((guid, version))
+            cached = self._files.get((guid, version)) or self._adopt(guid, version)
             if cached is None:
                 return None
             path = self.directory / self.name(guid, version)
@@ -129,36 +159,78 @@ class DiskCache:
                     return None
             return path
 
+    def _adopt(self, guid: str, version: int) -> _Cached | None:
+        """A file another front end on this directory published: indexed here too (under the lock)."""
+        try:
+            stat = (self.directory / self.name(guid, version)).stat()
+        except OSError:
+            return None
+        cached = self._files[(guid, version)] = _Cached(stat.st_size, stat.st_mtime)
+        return cached
+
     def publish(self, guid: str, version: int, data: bytes | bytearray, pinned: set[str]) -> Path:
         """Store ``data`` as this version: make room, write, fsync, rename; retire older versions.
 
         ``pinned`` are the GUIDs whose files must not be evicted to make room.
         """
-        key = (guid, version)
-        with self._lock:
-            self._make_room(len(data), pinned | {guid})
-            # Reserved at once so that concurrent publishers do not count the same room.
-            self._writing[key] = len(data)
-        final = self.directory / self.name(guid, version)
-        partial = self.directory / f".{self.name(guid, version)}.{secrets.token_hex(4)}{PARTIAL_SUFFIX}"
+        partial = self.reserve(guid, version, len(data), pinned)
         try:
             with open(partial, "wb") as out:
                 out.write(data)
                 out.flush()
                 os.fsync(out.fileno())
-            os.replace(partial, final)
-            self._fsync_directory()
         except OSError as exc:
-            partial.unlink(missing_ok=True)
+            self.cancel(partial)
             raise CacheError(f"cache: cannot write a staged file in {self.directory} ({exc.strerror})") from None
-        finally:
-            with self._lock:
-                del self._writing[key]
+        return self.commit(guid, version, partial)
+
+    def reserve(self, guid: str, version: int, size: int, pinned: set[str]) -> Path:
+        """Make room for ``size`` bytes of this version and hold it; the temporary path to
+        write them to (a worker process may), then ``commit`` or ``cancel`` it.
+
+        The room is reserved at once so that concurrent writers do not count the same room.
+        """
+        writer = f"{_host()}-{os.getpid()}.{secrets.token_hex(4)}"  # what open() tells leftovers by
+        partial = self.directory / f".{self.name(guid, version)}.{writer}{PARTIAL_SUFFIX}"
         with self._lock:
-            self._files[key] = _Cached(len(data), time.time())
+            self._make_room(size, pinned | {guid})
+            self._writing[partial] = size
+        return partial
+
+    def commit(self, guid: str, version: int, partial: Path, sync: bool = True) -> Path:
+        """Publish the complete, fsynced ``partial`` of a ``reserve`` by an atomic rename and
+        retire older versions. ``sync=False`` leaves the directory's fsync to one ``sync()``
+        after a batch of commits (a crash before it loses the rename, never a file's bytes)."""
+        key = (guid, version)
+        final = self.directory / self.name(guid, version)
+        try:
+            size = partial.stat().st_size
+            os.replace(partial, final)
+            if sync:
+                self.sync()
+        except OSError as exc:
+            self.cancel(partial)
+            raise CacheError(f"cache: cannot publish a staged file in {self.directory} ({exc.strerror})") from None
+        with self._lock:
+            self._writing.pop(partial, None)
+            self._files[key] = _Cached(size, time.time())
         self.retire(guid, version)
         emit(CacheUsage(self.used, self.quota))
         return final
+
+    def cancel(self, partial: Path) -> None:
+        """Give up a ``reserve``: remove what was written and free its room."""
+        partial.unlink(missing_ok=True)
+        with self._lock:
+            self._writing.pop(partial, None)
+
+    def sync(self) -> None:
+        """fsync the directory: the renames of ``commit`` survive a crash."""
+        fd = os.open(self.directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def _make_room(self, size: int, keep: set[str]) -> None:
         """Evict unpinned files, least recently used first, until ``size`` more bytes fit."""
@@ -190,10 +262,3 @@ class DiskCache:
             for key in old:
                 del self._files[key]
                 (self.directory / self.name(*key)).unlink(missing_ok=True)
-
-    def _fsync_directory(self) -> None:
-        fd = os.open(self.directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)

@@ -616,10 +616,13 @@ class Registrar:
 
     def _sidecar_suffixes(self, image: dict, volume_lfn: str) -> list[str]:
         """Every volume has its JSON sidecar; a diffusion series (this image has a b-value,
-        or an earlier one had) also its b-values and vectors."""
+        or an earlier one had) also its b-values and vectors; with [volume] gzip, 3D.nii.gz,
+        whose size is known only once compressed (its first assembly, README "Volumes")."""
         suffixes = [".json"]
         if has_diffusion(image) or self._catalog.namespace.lookup(f"{volume_lfn}.bval") is not None:
             suffixes += [".bval", ".bvec"]
+        if self._config.volume.gzip:
+            suffixes.append(".nii.gz")
         return suffixes
 
     def _forget_key(self, name: str) -> None:

@@ -20,7 +20,7 @@ VENDOR = DATA / "dicom2nifti"
 def write_site_config(workdir: Path, peer: Peer, key_servers: LocalKeyServers, uids: str = "deidentified",
                       store_to_pacs: bool = True, listen_port: int = 0, wait_timeout: float = 20.0,
                       quota_bytes: int = 1 << 30, retrieve: str = "get", workers: int = 2,
-                      engine: str = "pynetdicom") -> Path:
+                      engine: str = "pynetdicom", lease: float = 20.0) -> Path:
     """DIR/mdm.toml for a site whose PACS is ``peer`` and whose key servers are ``key_servers``
     (the demo PKI's service identity); the catalog lives in DIR."""
     workdir.mkdir(parents=True, exist_ok=True)
@@ -73,6 +73,7 @@ quota_bytes = {quota_bytes}
 wait_timeout = {wait_timeout}
 retry_after = 1
 workers = {workers}
+lease = {lease}
 """
     )
     path.chmod(0o600)  # it holds the site secret: mdm serve and mdm listen refuse it readable

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
 import time
 import uuid
 
@@ -74,3 +77,23 @@ def test_reopening_removes_leftovers_and_keeps_the_recency_order(tmp_path):
     assert reopened.used == 200
     reopened.publish(C, 1, b"." * 100, set())
     assert reopened.path(B, 1) is None and reopened.path(A, 1) is not None
+
+
+def test_front_ends_sharing_a_directory_find_each_others_files_and_keep_each_others_temporaries(tmp_path):
+    first, second = DiskCache(tmp_path, 1000), DiskCache(tmp_path, 1000)
+    first.open()
+    second.open()
+    path = first.publish(A, 1, b"staged by the first", set())
+    assert second.path(A, 1) == path and second.used == len(b"staged by the first")
+    host = socket.gethostname().split(".")[0].replace("-", "_")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    writing = tmp_path / f".{B}.1.{host}-{os.getpid()}.0a1b.part"  # a live writer's
+    left = tmp_path / f".{C}.1.{host}-{dead.pid}.0a1b.part"  # a writer that is gone
+    other_host = tmp_path / f".{D}.1.elsewhere-1.0a1b.part"  # another host's, fresh
+    for partial in (writing, left, other_host):
+        partial.write_bytes(b"half")
+    assert DiskCache(tmp_path, 1000).open() == 1
+    assert writing.exists() and other_host.exists() and not left.exists()
+    os.utime(other_host, (time.time() - 7200, time.time() - 7200))
+    assert DiskCache(tmp_path, 1000).open() == 1 and not other_host.exists()

@@ -56,9 +56,14 @@ class Site:
 
 
 def make_site(workdir: Path, peer, key_servers, slices: int = 3, workers: int = 2, seed: str = "stage",  # type: ignore[no-untyped-def]
-              drop: tuple[int, ...] = (), engine: str = "pynetdicom") -> Site:
-    """A site with a synthetic series registered (and stored in ``peer``), but for the ``drop`` slices."""
-    path = write_site_config(workdir, peer, key_servers, workers=workers, engine=engine)
+              drop: tuple[int, ...] = (), engine: str = "pynetdicom", lease: float = 20.0,
+              catalog: dict[str, str] | None = None) -> Site:
+    """A site with a synthetic series registered (and stored in ``peer``), but for the ``drop``
+    slices; its catalog an SQLite file unless ``catalog`` gives another [catalog] section."""
+    path = write_site_config(workdir, peer, key_servers, workers=workers, engine=engine, lease=lease)
+    if catalog is not None:
+        section = "".join(f'{key} = "{value}"\n' for key, value in catalog.items())
+        path.write_text(path.read_text().replace('[catalog]\nurl = "catalog.db"\n', f"[catalog]\n{section}"))
     config = load_config(path)
     catalog = open_catalog(config)
     keystore = KeystoreClient.from_config(config)
@@ -414,7 +419,8 @@ time.sleep(120)
 
 
 def test_a_server_killed_while_staging_serves_no_partial_file_and_resumes(embedded_pacs, tmp_path, key_servers):
-    site = make_site(tmp_path / "site", embedded_pacs, key_servers, slices=24, seed="kill", workers=1)
+    # A short lease: the killed process's claim lapses soon, and the next stager takes the batch over.
+    site = make_site(tmp_path / "site", embedded_pacs, key_servers, slices=24, seed="kill", workers=1, lease=2.0)
     config_file = site.config.base_dir / "mdm.toml"
     lfns = [e.lfn for e in site.slices]
     process = subprocess.Popen([sys.executable, "-c", STAGER_PROCESS, str(config_file), *lfns],
@@ -591,4 +597,37 @@ def test_the_dcmtk_engine_stages_slices_and_volume_identical_to_the_catalog(any_
             assert len(data) == recorded.size and f"{zlib.adler32(data):08x}" == recorded.adler32
     finally:
         stager.stop()
+        site.catalog.close()
+
+
+def test_two_front_ends_on_one_catalog_and_cache_retrieve_each_file_once(embedded_pacs, tmp_path, key_servers,
+                                                                          catalog_section, counting):
+    """Two stagers as two ``mdm serve`` would run them: their own catalog connections to one
+    database, one cache directory; GETs and a stage request at both at once."""
+    site = make_site(tmp_path / "site", embedded_pacs, key_servers, slices=6, seed="two", catalog=catalog_section)
+    other_catalog = open_catalog(site.config)
+    front_ends = [site.stager(), Stager(site.config, other_catalog, site.keystore)]
+    for stager in front_ends:
+        stager.start()
+    try:
+        request_id = front_ends[0].submit(site.slices[3:], pin_lifetime=600, requester="bob")
+        paths: list[Path] = []
+        threads = [threading.Thread(target=lambda s=stager, e=entry: paths.append(s.fetch(e, 30)))
+                   for stager in front_ends for entry in site.slices for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        wait_final(front_ends[1], request_id)  # the other front end reads the request's end
+        assert len(paths) == 4 * len(site.slices) and len(set(paths)) == len(site.slices)
+        sent = Counter(sop for retrieve in counting.retrieves for sop in retrieve)
+        assert sent == Counter(str(ds.SOPInstanceUID) for ds in site.series), counting.retrieves
+        assert all(f.state == "COMPLETED" and f.on_disk for f in front_ends[1].request(request_id).files)
+        for entry in site.slices:
+            data = front_ends[1].cached_path(entry).read_bytes()
+            assert len(data) == entry.size and f"{zlib.adler32(data):08x}" == entry.adler32
+    finally:
+        for stager in front_ends:
+            stager.stop()
+        other_catalog.close()
         site.catalog.close()

@@ -86,7 +86,9 @@ def run(max_examples: int, workdir: Path, seed: int | None = None, request_timeo
         ]
         if seed is not None:
             command += ["--seed", str(seed)]
-        ran = subprocess.run(command, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        hooks = {"SCHEMATHESIS_HOOKS": str(Path(__file__).with_name("schemathesis_hooks.py"))}
+        ran = subprocess.run(command, capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                             env={**os.environ, **hooks})
     finally:
         demo.send_signal(signal.SIGINT)
         try:

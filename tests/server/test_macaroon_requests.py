@@ -131,3 +131,21 @@ def test_an_unknown_post_never_answers_with_file_bytes(site):
         answer = site.ask("bob", site.lfns[0], {"caveats": []}, content_type)
         assert answer.status == 405 and served not in answer.body
         assert answer.headers["content-type"] == "application/problem+json"
+
+
+def test_the_openapi_document_describes_the_macaroon_request(site):
+    """What a client author reads at /api/v1/openapi.json: the POST, its media type, and the
+    body and answer schemas that a real request and answer fit."""
+    document = request(site.se.url, site.pki, None, path="/api/v1/openapi.json").json()
+    operation = document["paths"]["/{lfn}"]["post"]  # type: ignore[index]
+    schema = operation["requestBody"]["content"]["application/macaroon-request"]["schema"]
+    assert schema == {"$ref": "#/components/schemas/MacaroonRequest"}
+    schemas = document["components"]["schemas"]  # type: ignore[index]
+    body = {"caveats": ["activity:DOWNLOAD,LIST"], "validity": "PT60M"}
+    assert set(body) == set(schemas["MacaroonRequest"]["properties"])
+    answer = site.ask("bob", site.lfns[0], body)
+    assert answer.status == 200, answer.body
+    found = answer.json()
+    macaroon, uri = schemas["Macaroon"], schemas["Macaroon"]["properties"]["uri"]
+    assert set(found) == set(macaroon["required"]) and set(found["uri"]) == set(uri["required"])  # type: ignore[arg-type, index]
+    assert {"200", "400", "401", "403", "404"} <= set(operation["responses"])
