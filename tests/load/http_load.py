@@ -46,6 +46,9 @@ class Stats:
     latencies: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
     errors: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
     rss_mib: list[tuple[float, float]] = field(default_factory=list)
+    # Where the memory is, at each sample: anonymous (heap, arenas, stacks) and file-backed MiB, threads.
+    memory: list[tuple[float, float, int]] = field(default_factory=list)
+    trimmed: tuple[float, float, int] | None = None  # the last sample after malloc_trim (--tracemalloc)
     slow_connections: int = 0
     retries: int = 0  # 503 answers with Retry-After, retried as rclone, davix and mdm get do
     reconnects: int = 0  # kept-alive connections found closed by the server, reopened once
@@ -74,6 +77,10 @@ class Stats:
                      f" retried: {self.retries}; slow-header connections opened: {self.slow_connections}")
         lines.append(f"stale kept-alive connections reopened: {self.reconnects}")
         lines.append("RSS (MiB) every 30 s: " + ", ".join(f"{t:.0f}s {mib:.0f}" for t, mib in self.rss_mib))
+        lines.append("of which anonymous / file-backed MiB, threads: " + ", ".join(
+            f"{anon:.0f}/{file:.0f} {threads}t" for anon, file, threads in self.memory))
+        if self.trimmed:
+            lines.append(f"after malloc_trim: {self.trimmed[0]:.0f}/{self.trimmed[1]:.0f} MiB")
         for kind, errors in self.errors.items():
             for error in errors[:5]:
                 lines.append(f"  {kind}: {error}")
@@ -232,6 +239,19 @@ def slow_client(demo: Demo, stop: threading.Event, stats: Stats) -> None:
             stop.wait(0.2)
 
 
+def memory(pid: int) -> tuple[float, float, int]:
+    """The demo's anonymous and file-backed resident MiB and its thread count: a leak of objects
+    grows the first, mapped files (SQLite's shared memory, libraries) the second, threads not
+    joined the third."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+        fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    except OSError:
+        return (float("nan"), float("nan"), 0)
+    kib = [int(fields.get(name, "0 kB").split()[0]) for name in ("RssAnon", "RssFile")]
+    return (kib[0] / 1024, kib[1] / 1024, int(fields.get("Threads", "0")))
+
+
 def rss_mib(pid: int) -> float:
     """Resident memory of the demo and its children (the storage element runs in it)."""
     total = 0
@@ -269,11 +289,17 @@ def run(clients: int, slow: int, seconds: float, workdir: Path, traced: bool = F
         while any(w.is_alive() for w in workers):
             if time.monotonic() - started >= next_sample:
                 stats.rss_mib.append((time.monotonic() - started, rss_mib(demo.process.pid)))
+                stats.memory.append(memory(demo.process.pid))
                 if traced:
                     demo.process.send_signal(signal.SIGUSR1)
                 next_sample += 30
             time.sleep(0.5)
         stats.rss_mib.append((time.monotonic() - started, rss_mib(demo.process.pid)))
+        stats.memory.append(memory(demo.process.pid))
+        if traced:  # what glibc keeps free, given back: the rest is in use
+            demo.process.send_signal(signal.SIGUSR2)
+            time.sleep(2)
+            stats.trimmed = memory(demo.process.pid)
     finally:
         stop.set()
         demo.process.send_signal(signal.SIGINT)
