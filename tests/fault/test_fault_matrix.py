@@ -1,14 +1,16 @@
 """The fault matrix of issue 12, each fault caused for real against real peers: a PACS that is
 slow, aborts mid-series or drops idle associations (a delaying TCP proxy in front of the
 real embedded PACS, ``tests/proxy.py``: no ``tc`` here), ``mdm register`` SIGKILLed
-mid-batch, ports taken and a full cache disk (a 1 MiB tmpfs). Each gives a clear error or
+mid-batch, ports taken, a full cache disk (a 1 MiB tmpfs), a corrupt cache file and the
+catalog locked by another connection. Each gives a clear error or
 recovers, and loses nothing: every byte served is the catalog's (size and adler32), every
 cataloged image has its key.
 
 The rows other suites cover are listed in README (Tests, fault matrix): PACS down, a cache of
 pinned files, SIGKILL of ``mdm serve`` while staging (tests/server/test_faults.py); 1 and 2
 key servers down, a wrong share (tests/keystore); tampered ciphertext (tests/test_client.py);
-idle key server connections (tests/keystore, tests/test_listen.py, tests/server/test_faults.py).
+idle key server connections (tests/keystore, tests/test_listen.py, tests/server/test_faults.py);
+the catalog database unreachable (tests/server/test_catalog_unavailable.py).
 
 CI runs the rows marked smoke; ``MDM_FAULT_FULL=1 pytest tests/fault -q`` runs them all.
 """
