@@ -90,9 +90,12 @@ def diffusion_record(ds: Dataset) -> str | None:
     LPS), from the standard attributes (top level or in its MR Diffusion Sequence), else from
     its vendor's private ones, which a served file keeps only with retain_safe_private
     (srm_dicom/data/safe_private.toml): GE, Siemens, Philips, read as dcm2niix reads them
-    (a Philips b-value from the standard attribute, its direction from the private ones)."""
+    (a Philips b-value from the standard attribute, its direction from the private ones; GE's
+    private pair first, as dcm2niix ignores GE's standard gradient)."""
     bvalue, vector = _standard_diffusion(ds)
     private_b, private_vector = _private_diffusion(ds, bvalue)
+    if str(ds.get("Manufacturer") or "").upper().startswith("GE") and private_vector is not None:
+        bvalue, vector = (bvalue if private_b is None else private_b), private_vector
     bvalue = private_b if bvalue is None else bvalue
     if bvalue is None:
         return None

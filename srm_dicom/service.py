@@ -23,6 +23,7 @@ from srm_dicom.macaroons import MacaroonAuthority, MacaroonRequest
 from srm_dicom.names import normalize_lfn
 from srm_dicom.protect import key_name
 from srm_dicom.query import Attribute, Query, Visible, level_of, reaches, seen_as, visible
+from srm_dicom.rights import METADATA_LEVELS
 from srm_dicom.setright import RightsChange, RightsSetter, select, site_secret
 from srm_dicom.stager import Stager
 
@@ -192,6 +193,7 @@ class StorageService:
         ``attributes`` (those the level reaches). Every decision is still ``access``'s, asked
         once per rights class (``access.reads``) of one entry of the class, not once per image."""
         levels: dict[tuple[object, ...], str | None] = {}
+        shown = {level: [a.keyword for a in attributes if reaches(level, a.level)] for level in METADATA_LEVELS}
         found = []
         for group in self.catalog.index.aggregate(query, access.reads(identity), flags, attributes):
             if group.rights not in levels:
@@ -199,7 +201,7 @@ class StorageService:
                 levels[group.rights] = None if entry is None else level_of(identity, entry, needed)
             level = levels[group.rights]
             if level is not None:
-                values = {a.keyword: group.values.get(a.keyword) for a in attributes if reaches(level, a.level)}
+                values = {k: group.values.get(k) for k in shown[level]}
                 found.append(Group(group.directory, group.rights, group.flags, group.count, group.sample, values,
                                    level))
         return found

@@ -415,3 +415,14 @@ def test_no_slice_timing_where_it_is_not_known_or_means_nothing() -> None:
     kept = [anonymize(ds, SECRET, dates).dataset for ds in series]
     rows = [image_row(ds) for ds in kept]
     assert json.loads(sidecar_json(rows, plan_volume(rows)))["SliceTiming"] == [0.0, 1.0, 0.5, 1.5]
+
+
+def test_ge_private_pair_wins_over_its_standard_attributes(tmp_path: Path) -> None:
+    """A GE slice with both: dcm2niix takes GE's b-value and gradient from the private pair (its
+    standard gradient it ignores), so the shortened gradient still lowers the b-value."""
+    series = private_diffusion_series("ge", GE_ORIENTATIONS["axial"])
+    for ds in series:
+        ds.DiffusionBValue = 3000.0
+        ds.DiffusionGradientOrientation = [0.0, 0.0, 1.0]
+    bval, _ = assert_diffusion_equals_dcm2niix(series, tmp_path)
+    assert bval == b"0 1000 1000 2000 1000\n"

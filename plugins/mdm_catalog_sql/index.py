@@ -272,12 +272,17 @@ class SqlMetadataIndex:
             " ORDER BY g.directory, g.sample",
             [*key_params, *test_params, *join_params, *condition_params],
         )
-        return [
-            Group(row["directory"], tuple(row[f"k{n}"] for n in range(len(keys))),
-                  tuple(bool(row[f"x{n}"]) for n in range(len(tests))), int(row["n"]), row["sample"],
-                  _values(row, wanted))
-            for row in rows
-        ]
+        width, numeric = len(keys), [a.numeric for a in wanted.values()]
+        groups = []
+        for row in rows:  # by position: 10^4 rows for 10^5 images, named lookups cost 1/3 of the answer
+            r = tuple(row.values()) if isinstance(row, dict) else tuple(row)
+            tail = r[width + len(tests) + 3:]
+            groups.append(Group(
+                r[0], r[1:width + 1], tuple(bool(x) for x in r[width + 1:width + len(tests) + 1]),
+                int(r[width + len(tests) + 1]), r[width + len(tests) + 2],
+                {k: as_number(v) if n else v for k, v, n in zip(wanted, tail, numeric, strict=True)},
+            ))
+        return groups
 
 
 # Header values kept as numbers: a backend may store them as text (PostgreSQL keeps DS and IS

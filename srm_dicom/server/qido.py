@@ -21,6 +21,7 @@ the caller may see: counts and ``ModalitiesInStudy`` are theirs.
 
 from __future__ import annotations
 
+import functools
 import json
 import posixpath
 import re
@@ -243,7 +244,7 @@ class Qido:
                   if all(g.flags) or g.level == ALL]
         results: dict[str, list[Group]] = {}
         for group in groups:
-            key = posixpath.dirname(group.directory) if search.level == "study" else group.directory
+            key = group.directory.rpartition("/")[0] if search.level == "study" else group.directory
             results.setdefault(key, []).append(group)
         page = list(results.values())[search.offset: search.offset + search.limit]
         best = [max(found, key=lambda g: METADATA_LEVELS.index(g.level or "none")) for found in page]
@@ -304,12 +305,19 @@ def _values(match: Visible, fields: Iterable[str], level: str, base: str) -> dic
 INTEGERS, DECIMALS = {"IS", "US", "UL", "SS", "SL"}, {"DS", "FL", "FD"}
 
 
+@functools.cache
+def _tag_and_vr(keyword: str) -> tuple[str, str]:
+    """A keyword's tag (8 hex digits) and VR: pydicom's dictionary lookups, once per keyword
+    (they cost ~20 µs each, 1/3 of a /studies answer of 1000 studies)."""
+    return f"{tag_for_keyword(keyword):08X}", dictionary_VR(keyword)
+
+
 def _dicom_json(values: dict[str, Any]) -> dict[str, Any]:
     """DICOM JSON (PS3.18 F.2) of keyword → value, VRs from pydicom's dictionary. Written here
     rather than with ``Dataset.to_json_dict``, which costs ~0.4 ms a row: 8x a whole search."""
     out = {}
     for keyword, value in values.items():
-        tag, vr = f"{tag_for_keyword(keyword):08X}", dictionary_VR(keyword)
+        tag, vr = _tag_and_vr(keyword)
         items = value if isinstance(value, list) else str(value).split("\\")
         if vr == "SQ":
             items = [_dicom_json(item) for item in value]
