@@ -19,7 +19,7 @@ against ``Identity.principal``, which keeps the kinds apart.
 
 from __future__ import annotations
 
-from srm_dicom.catalog import Entry, StageRequest
+from srm_dicom.catalog import Entry, RightsFacts, StageRequest
 from srm_dicom.identity import CERTIFICATE_KINDS, REGISTER, Identity, covers
 
 READ, WRITE, LIST = 4, 2, 1
@@ -176,6 +176,20 @@ def metadata_level(identity: Identity, entry: Entry) -> str:
         if "mia" in identity.groups:
             return "anonymous"
     return "none"
+
+
+def reads(identity: Identity) -> RightsFacts:
+    """What the decisions above read of an entry for this caller (``RightsFacts``): the DN that
+    owners and per-DN entries are matched against (a macaroon's issuer's; none for tokens), the
+    VO of membership, and the paths of token scopes and macaroon caveats (``covers``). A rule
+    above that reads anything else of an entry must be added here, or searches that decide once
+    per rights class (``StorageService.aggregate``) would answer differently from ``may_list``."""
+    if identity.kind == "macaroon":
+        assert identity.on_behalf is not None
+        return RightsFacts(identity.on_behalf.dn, identity.on_behalf.vo, identity.paths)
+    if identity.kind == "token":
+        return RightsFacts(None, identity.vo, tuple(dict.fromkeys(base for _, base in identity.scopes)))
+    return RightsFacts(identity.dn, identity.vo)
 
 
 def may_operate(identity: Identity, groups: list[str]) -> bool:

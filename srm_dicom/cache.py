@@ -112,7 +112,7 @@ class DiskCache:
         self.quota = quota_bytes
         self._lock = threading.Lock()
         self._files: dict[tuple[str, int], _Cached] = {}  # published
-        self._writing: dict[tuple[str, int], int] = {}  # sizes of files being written
+        self._writing: dict[Path, int] = {}  # room reserved by the temporary files being written
 
     @staticmethod
     def name(guid: str, version: int) -> str:
@@ -173,32 +173,64 @@ class DiskCache:
 
         ``pinned`` are the GUIDs whose files must not be evicted to make room.
         """
-        key = (guid, version)
-        with self._lock:
-            self._make_room(len(data), pinned | {guid})
-            # Reserved at once so that concurrent publishers do not count the same room.
-            self._writing[key] = len(data)
-        final = self.directory / self.name(guid, version)
-        writer = f"{_host()}-{os.getpid()}.{secrets.token_hex(4)}"
-        partial = self.directory / f".{self.name(guid, version)}.{writer}{PARTIAL_SUFFIX}"
+        partial = self.reserve(guid, version, len(data), pinned)
         try:
             with open(partial, "wb") as out:
                 out.write(data)
                 out.flush()
                 os.fsync(out.fileno())
-            os.replace(partial, final)
-            self._fsync_directory()
         except OSError as exc:
-            partial.unlink(missing_ok=True)
+            self.cancel(partial)
             raise CacheError(f"cache: cannot write a staged file in {self.directory} ({exc.strerror})") from None
-        finally:
-            with self._lock:
-                del self._writing[key]
+        return self.commit(guid, version, partial)
+
+    def reserve(self, guid: str, version: int, size: int, pinned: set[str]) -> Path:
+        """Make room for ``size`` bytes of this version and hold it; the temporary path to
+        write them to (a worker process may), then ``commit`` or ``cancel`` it.
+
+        The room is reserved at once so that concurrent writers do not count the same room.
+        """
+        writer = f"{_host()}-{os.getpid()}.{secrets.token_hex(4)}"  # what open() tells leftovers by
+        partial = self.directory / f".{self.name(guid, version)}.{writer}{PARTIAL_SUFFIX}"
         with self._lock:
-            self._files[key] = _Cached(len(data), time.time())
+            self._make_room(size, pinned | {guid})
+            self._writing[partial] = size
+        return partial
+
+    def commit(self, guid: str, version: int, partial: Path, sync: bool = True) -> Path:
+        """Publish the complete, fsynced ``partial`` of a ``reserve`` by an atomic rename and
+        retire older versions. ``sync=False`` leaves the directory's fsync to one ``sync()``
+        after a batch of commits (a crash before it loses the rename, never a file's bytes)."""
+        key = (guid, version)
+        final = self.directory / self.name(guid, version)
+        try:
+            size = partial.stat().st_size
+            os.replace(partial, final)
+            if sync:
+                self.sync()
+        except OSError as exc:
+            self.cancel(partial)
+            raise CacheError(f"cache: cannot publish a staged file in {self.directory} ({exc.strerror})") from None
+        with self._lock:
+            self._writing.pop(partial, None)
+            self._files[key] = _Cached(size, time.time())
         self.retire(guid, version)
         emit(CacheUsage(self.used, self.quota))
         return final
+
+    def cancel(self, partial: Path) -> None:
+        """Give up a ``reserve``: remove what was written and free its room."""
+        partial.unlink(missing_ok=True)
+        with self._lock:
+            self._writing.pop(partial, None)
+
+    def sync(self) -> None:
+        """fsync the directory: the renames of ``commit`` survive a crash."""
+        fd = os.open(self.directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def _make_room(self, size: int, keep: set[str]) -> None:
         """Evict unpinned files, least recently used first, until ``size`` more bytes fit."""
@@ -230,10 +262,3 @@ class DiskCache:
             for key in old:
                 del self._files[key]
                 (self.directory / self.name(*key)).unlink(missing_ok=True)
-
-    def _fsync_directory(self) -> None:
-        fd = os.open(self.directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)

@@ -17,7 +17,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from enum import Enum
 from importlib.metadata import entry_points
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from srm_dicom.config import CatalogConfig, Config
 from srm_dicom.errors import ConfigError, InvalidInput, MdmError, NotFound
@@ -232,6 +232,49 @@ class MetadataIndex(Protocol):
         most ``limit``, each with the values of ``attributes`` and of those the query filters on.
         No rights applied: the caller filters (``srm_dicom.query.visible``) and may stop early.
         Values are bound, never spliced."""
+
+    def matches(self, guids: Sequence[str], attributes: Sequence[Attribute]) -> dict[str, Match]:
+        """The entry and the values of ``attributes`` of each of these slices (GUID → Match), in
+        one query per chunk of ``LOOKUP_CHUNK``; slices not in the catalog are absent."""
+
+    def aggregate(
+        self, query: Query, facts: RightsFacts, flags: Sequence[Query] = (), attributes: Sequence[Attribute] = ()
+    ) -> list[Group]:
+        """The slices matching ``query``, counted per directory, rights class (``RightsFacts``)
+        and truth of each of ``flags``, in directory order, each group's sample with its values
+        of ``attributes``: what QIDO-RS answers of studies and series is counted in the
+        database, never by reading every image (README, "QIDO-RS at scale"). No rights applied:
+        the core decides once per class (``StorageService.aggregate``)."""
+
+
+@dataclass(frozen=True)
+class RightsFacts:
+    """What the permission decisions (``srm_dicom.access``) read of an entry for one caller,
+    beside its file mode and metadata mode: whether its owner is ``dn``, whether its VO is
+    ``vo``, the per-DN entry of ``dn``, and whether its LFN is each of ``paths`` or below it.
+    Entries alike in all of these get the same answers for that caller (``access.reads``
+    says so where the rules are), so a backend may sort entries into rights classes and the
+    core decide once per class."""
+
+    dn: str | None = None
+    vo: str | None = None
+    paths: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Group:
+    """Matching slices of one directory (a series) in one rights class, counted by the backend:
+    the class's key (opaque to the core), the truth of each flag (a condition the group is
+    split on), how many, and one of them (the least GUID) with its values of the attributes
+    asked for. ``level`` is the caller's metadata level on them, set by the core."""
+
+    directory: str
+    rights: tuple[object, ...]
+    flags: tuple[bool, ...]
+    count: int
+    sample: str
+    values: dict[str, Any] = field(default_factory=dict)
+    level: str | None = None
 
 
 class StageStore(Protocol):

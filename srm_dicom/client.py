@@ -16,6 +16,7 @@ import io
 import json
 import logging
 import os
+import re
 import ssl
 import tempfile
 import time
@@ -30,7 +31,7 @@ from srm_dicom.config import Config
 from srm_dicom.crypto.container import HEADER_SIZE, check_key, decrypt_stream, read_header
 from srm_dicom.errors import ConfigError, InvalidInput, MdmError, NotFound, PacsError
 from srm_dicom.keystore.client import KeystoreClient
-from srm_dicom.names import normalize_lfn, parse_lfn
+from srm_dicom.names import SIDECARS, normalize_lfn, parse_lfn
 from srm_dicom.protect import key_name
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,8 @@ class ConnectionClosed(DownloadFailed):
 _CLOSED = (ssl.SSLEOFError, ssl.SSLZeroReturnError, ConnectionResetError, BrokenPipeError)
 # Asking again is only safe for requests that change nothing.
 _IDEMPOTENT = ("GET", "HEAD")
+# One sidecar link of a volume's answer (server/files.py): </guid/UUID>; rel="describedby"; title="3D.json"
+_SIDECAR_LINK = re.compile(r'<(?P<target>/guid/[0-9a-f-]{36})>;\s*rel="describedby";\s*title="(?P<title>[^"]+)"')
 
 
 def guid_path(guid: str) -> str:
@@ -204,6 +207,19 @@ class StorageClient:
             if response.status != 200:
                 raise _refusal(response.status, path, _problem(response))
             return response.getheader("ETag", "").strip('"')[:36]
+        finally:
+            connection.close()
+
+    def sidecars_of(self, path: str) -> dict[str, str]:
+        """The sidecars the storage element links to the volume at ``path`` (RFC 8288 Link,
+        rel="describedby"), name → URL path, from a HEAD, which never stages; empty when it
+        links none or the HEAD fails (the download then says why)."""
+        connection, response = self._ask(self.timeout, path, method="HEAD")
+        try:
+            if response.status != 200:
+                return {}
+            links = _SIDECAR_LINK.finditer(response.getheader("Link") or "")
+            return {match["title"]: match["target"] for match in links if match["title"] in SIDECARS}
         finally:
             connection.close()
 

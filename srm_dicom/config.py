@@ -160,9 +160,11 @@ class ServerConfig:
 
 @dataclass(frozen=True)
 class VolumeConfig:
-    """3D volumes assembled from a series: "nifti" (NIfTI-1) or "nrrd" (human-readable header)."""
+    """3D volumes assembled from a series: "nifti" (NIfTI-1) or "nrrd" (human-readable header).
+    ``gzip``: each series also lists ``3D.nii.gz``, the NIfTI volume gzip-compressed (README "Volumes")."""
 
     format: str = "nifti"
+    gzip: bool = False
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,8 @@ Functional Groups Sequence, or else in the one item of the Shared Functional Gro
 Sequence. Volumes are planned from the catalog's Image rows alone, so the Image row of a
 multi-frame image keeps these per-frame values as compact JSON (the ``frames`` column);
 the planner then treats every frame as a slice. Every value here is one the served file
-keeps (geometry, rescale, frame ordering, diffusion encoding): nothing identifying.
+keeps (geometry, rescale, frame ordering, diffusion encoding, and the time of day the
+frame was acquired where the served file keeps it): nothing identifying.
 
 A malformed object never raises here: its record names what is wrong, and planning a
 volume from it gives that reason.
@@ -20,6 +21,8 @@ from typing import Any
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.tag import Tag
+
+from srm_dicom.acquisition import ACQUIRED, time_of_day
 
 # The Dimension Index Pointers that say how frames are ordered (PS3.3 C.7.6.17).
 _TEMPORAL_POSITION_INDEX = Tag(0x0020, 0x9128)
@@ -82,6 +85,9 @@ def _records(ds: Dataset, frames: int) -> list[dict[str, Any]]:
                 position = pointers.index(tag)
                 value = indices[position] if position < len(indices) else None
             _put(record, key, value)
+        acquired = time_of_day(content.get("FrameAcquisitionDateTime")) if content is not None else None
+        if acquired is not None:
+            record[ACQUIRED] = acquired
         diffusion = _item(item, "MRDiffusionSequence") or _item(shared, "MRDiffusionSequence")
         if diffusion is not None:
             _put(record, "bvalue", diffusion.get("DiffusionBValue"))

@@ -25,6 +25,7 @@ from srm_dicom.keystore.client import KeystoreClient
 from srm_dicom.pacs import nodelay
 from srm_dicom.pacs.client import PacsClient
 from srm_dicom.register import Registrar, Summary
+from srm_dicom.register import _check_complete as check_complete
 
 log = logging.getLogger(__name__)
 
@@ -111,11 +112,12 @@ class PushListener:
 def _received(event: Event) -> Dataset:
     """The pushed data set with its file meta. pynetdicom decodes it on first access (inflating a
     deflated one), and a corrupt one then raises whatever pydicom or zlib raise: here, at the
-    boundary, that is one reason, as ``register.read_dicom`` makes of a corrupt file."""
+    boundary, that is one reason, as ``register.read_dicom`` makes of a corrupt or truncated file."""
     try:
         ds = event.dataset
     except Exception as exc:  # pydicom and zlib raise many types on corrupt input
         raise InvalidInput(f"corrupt or truncated DICOM data set ({exc.__class__.__name__})") from None
+    check_complete(ds)  # pydicom stops quietly at the end of a short data set, as of a short file
     ds.file_meta = event.file_meta
     return ds
 

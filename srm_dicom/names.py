@@ -16,7 +16,9 @@ VOLUME = "3D"
 # Beside a series' volume (README "Volumes"): its BIDS sidecar and, for diffusion series,
 # its b-values and vectors in FSL's format, named as dcm2niix names them.
 SIDECARS = (f"{VOLUME}.json", f"{VOLUME}.bval", f"{VOLUME}.bvec")
-SERIES_FILES = (VOLUME, *SIDECARS)
+# The volume gzip-compressed, listed only with [volume] gzip = true (README "Volumes").
+COMPRESSED_VOLUME = f"{VOLUME}.nii.gz"
+SERIES_FILES = (VOLUME, *SIDECARS, COMPRESSED_VOLUME)
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 

@@ -371,13 +371,23 @@ def visible(
     """The matches this caller may list and whose level reaches ``needed`` (``Query.level``),
     each with only the ``attributes`` their level reaches."""
     for match in matches:
-        if not may_list(identity, match.entry):
-            continue
-        level = metadata_level(identity, match.entry)
-        if level == "none" or not reaches(level, needed):
-            continue
-        values = {a.keyword: match.values.get(a.keyword) for a in attributes if reaches(level, a.level)}
-        yield Visible(match.entry, level, values)
+        level = level_of(identity, match.entry, needed)
+        if level is not None:
+            yield seen_as(match, level, attributes)
+
+
+def level_of(identity: Identity, entry: Entry, needed: str) -> str | None:
+    """The caller's metadata level on an entry they may list, if it reaches ``needed``; else None."""
+    if not may_list(identity, entry):
+        return None
+    level = metadata_level(identity, entry)
+    return level if level != "none" and reaches(level, needed) else None
+
+
+def seen_as(match: Match, level: str, attributes: Sequence[Attribute]) -> Visible:
+    """A match as seen at ``level``: only the ``attributes`` it reaches."""
+    return Visible(match.entry, level, {a.keyword: match.values.get(a.keyword) for a in attributes
+                                        if reaches(level, a.level)})
 
 
 # What a listing shows when the caller names no attribute (each only where their level reaches it).

@@ -1,11 +1,13 @@
 """Registration, the hospital side's write path: from a DICOM header to a catalog entry.
 
-Every entry point (files, a PACS index walk, a DICOM push) hands datasets to
-``Registrar.register``, which reads the header, anonymizes and encrypts the image once
-(to record the true size and adler32 of what grid clients will get), stores it into the
-PACS when asked, puts its key's shares on the key servers, and catalogs the slice, its
-metadata, the erased header values and its series volume in one transaction.
-Idempotent: an unchanged image adds nothing; a changed one bumps its content version.
+Every entry point hands files or data sets to ``Registrar.register_many`` (files, a PACS
+index walk) or ``Registrar.register`` (one pushed image). Each image is read and checked,
+anonymized and encrypted once (``prepare``, in a worker process for a batch: to record the
+true size and adler32 of what grid clients will get), stored into the PACS when asked, its
+key's shares put on the key servers, and the slice, its metadata, the erased header values
+and its series volume cataloged; a batch's images share one association, one bulk key
+request per server and one transaction. Idempotent: an unchanged image adds nothing; a
+changed one bumps its content version.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ import stat
 import struct
 import time
 import uuid
+from collections import deque
 from collections.abc import Iterable, Iterator
+from concurrent.futures import BrokenExecutor, Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -29,15 +33,17 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
-from pydicom.uid import UID
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
-from srm_dicom.anonymize import burned_in_reason, protection_record
+from srm_dicom import workers
+from srm_dicom.anonymize import AnonymizationOptions, burned_in_reason, protection_record
 from srm_dicom.catalog import Catalog, Entry, Outcome
 from srm_dicom.config import Config
 from srm_dicom.crypto.container import encrypted_size, new_file_key
-from srm_dicom.errors import InvalidInput, MdmError
-from srm_dicom.metadata import extract_metadata
-from srm_dicom.names import SERIES_FILES, VOLUME, UidTriple, is_uid, pfn
+from srm_dicom.errors import InvalidInput, MdmError, PacsError
+from srm_dicom.keystore import Acl
+from srm_dicom.metadata import ImageMetadata, extract_metadata
+from srm_dicom.names import SERIES_FILES, VOLUME, UidTriple, is_uid, normalize_lfn, pfn
 from srm_dicom.protect import key_acl, key_name, protect_image
 from srm_dicom.rights import parse_mode
 from srm_dicom.sidecar import BVAL, BVEC, JSON, has_diffusion, series_file_from_rows
@@ -137,9 +143,163 @@ def check_header(ds: Dataset) -> None:
             raise InvalidInput(f"{keyword} is not a valid UID")
 
 
+# Images per batch: at most one association opening, one bulk put per key server and one
+# catalog transaction each. Large enough that those round trips vanish per image, small enough
+# that results (and the progress bar) come regularly and a failed batch redoes little.
+BATCH = 64
+# Images handed to the protection workers ahead of the one being stored: two batches keep them
+# busy while this process stores and commits one.
+WINDOW = 2 * BATCH
+
+Source = Path | Dataset
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What protecting an image needs of the site's config; sent with every job to a worker."""
+
+    secret: bytes
+    options: AnonymizationOptions
+    original_uids: bool
+
+
+@dataclass(frozen=True)
+class Job:
+    """One image to prepare: a file (read in the worker) or a data set received over DICOM.
+    ``guid`` None: a new entry, with a fresh GUID and version 1."""
+
+    source: Source
+    settings: Settings
+    guid: str | None = None
+    version: int = 1
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """One image read, named, protected and described: what the PACS, the key servers and the
+    catalog need of it, small enough to come back from a worker (the payload stays there).
+    ``failure``: why it could not be protected; it still counts as unchanged when the catalog
+    already holds the same image."""
+
+    names: tuple[str, str, str]  # study, series, SOP of the LFN
+    digest: str
+    burned_in: str | None
+    sop_class: str
+    transfer_syntax: str
+    as_read: bool  # a file whose bytes go to the PACS as they are (PacsClient.store_file)
+    guid: str = ""
+    version: int = 1
+    key: bytes = b""
+    size: int = 0
+    adler32: str = ""
+    sha256: str = ""
+    metadata: ImageMetadata | None = None
+    failure: MdmError | None = None
+
+
+def prepare(job: Job) -> Prepared | MdmError:
+    """Read, check, name, digest and protect one image: the CPU-bound part of registering,
+    run in a worker process for a batch (a module-level function, so it pickles). A new image
+    is protected under a fresh GUID before the catalog is asked whether it is new: one trip to
+    a worker per image, and the rare image that turns out to be a changed one is protected again
+    under its entry's GUID (``Registrar._staged``)."""
+    try:
+        ds = read_dicom(job.source) if isinstance(job.source, Path) else job.source
+        check_header(ds)
+        settings = job.settings
+        burned_in = burned_in_reason(ds)
+        if burned_in and settings.options.burned_in == "refuse":
+            raise InvalidInput(f"refused: {burned_in} ([anonymization] burned_in = \"refuse\")")
+        original = tuple(str(ds.get(k)).strip() for k in _REQUIRED_UIDS)
+        names = original if settings.original_uids else tuple(deidentify_uid(settings.secret, u) for u in original)
+        with _values_of_the_file("encoded"):
+            digest = dataset_digest(ds)
+        named = Prepared(
+            names=names,  # type: ignore[arg-type]  # three UIDs
+            digest=digest,
+            burned_in=burned_in,
+            sop_class=str(ds.SOPClassUID),
+            transfer_syntax=str(ds.file_meta.TransferSyntaxUID),
+            as_read=isinstance(job.source, Path) and _sendable_as_read(ds),
+        )
+    except MdmError as exc:
+        return exc
+    try:
+        return _protect(named, ds, job)
+    except MdmError as exc:
+        return replace(named, failure=exc)
+
+
+def _protect(named: Prepared, ds: Dataset, job: Job) -> Prepared:
+    settings, guid, key = job.settings, job.guid or str(uuid.uuid4()), new_file_key()
+    with _values_of_the_file("anonymized"):
+        protected = protect_image(ds, settings.secret, settings.options, key, guid, job.version)
+    with _values_of_the_file("read for the metadata"):
+        metadata = extract_metadata(ds, settings.secret, served=protected.served)
+    erased = tuple((e.path, e.keyword, e.value) for e in protected.erased)
+    return replace(
+        named, guid=guid, version=job.version, key=key, size=protected.size, adler32=protected.adler32,
+        sha256=protected.sha256, metadata=replace(metadata, erased=erased),
+    )
+
+
+def _sendable_as_read(ds: Dataset) -> bool:
+    """Whether the file's own bytes are the image the PACS must receive: its file meta names the
+    data set's SOP class and instance, and the data set is encoded as the meta says (pydicom
+    reads some files leniently; those are sent as decoded, re-encoded in their syntax)."""
+    meta = ds.file_meta
+    syntax = meta.TransferSyntaxUID
+    return (
+        str(meta.get("MediaStorageSOPClassUID", "")) == str(ds.SOPClassUID)
+        and str(meta.get("MediaStorageSOPInstanceUID", "")) == str(ds.SOPInstanceUID)
+        and syntax != DeflatedExplicitVRLittleEndian
+        and tuple(ds.original_encoding) == (syntax.is_implicit_VR, syntax.is_little_endian)
+    )
+
+
+@dataclass(frozen=True)
+class Result:
+    """What registering one source did: its outcome and LFN, or why it failed."""
+
+    source: Source
+    lfn: str | None = None
+    outcome: Outcome | None = None
+    error: MdmError | None = None
+
+
+@dataclass(frozen=True)
+class _Staged:
+    """An image on its way through a batch: prepared, not yet stored or cataloged."""
+
+    source: Source
+    lfn: str
+    prepared: Prepared
+    known: Entry | None
+
+
+@dataclass(frozen=True)
+class _Record:
+    """What one staged image writes: its key's shares and its catalog rows."""
+
+    staged: _Staged
+    key_id: str
+    acl: Acl
+    entry: Entry
+    metadata: ImageMetadata
+    volume: Entry
+    sidecars: list[Entry]
+
+
 class Registrar:
     """Registers images for one site: names them, protects them, stores them into the PACS,
-    puts their keys on the key servers and catalogs them."""
+    puts their keys on the key servers and catalogs them.
+
+    ``register_many`` is the pipeline (README, "What registration does to an image"):
+    images are prepared (read, named, anonymized, encrypted) a window ahead, with ``pool`` in
+    the worker processes of ``srm_dicom.workers``;
+    each batch of ``BATCH`` is then stored into the PACS over the one kept association, its
+    keys go to the key servers in one bulk request each, and it is cataloged in one
+    transaction. ``register`` is the same for one image."""
 
     def __init__(
         self,
@@ -148,6 +308,7 @@ class Registrar:
         pacs: PacsClient | None,
         keystore: KeystoreClient,
         owner: str | None = None,
+        pool: bool = False,
     ) -> None:
         self._config = config
         self._catalog = catalog
@@ -156,6 +317,8 @@ class Registrar:
         self._owner = owner or config.site.registrar
         self._mode = parse_mode(config.site.file_mode)
         self._secret = config.site.secret_bytes
+        self._pool = pool
+        self._settings = Settings(self._secret, config.anonymization, config.site.uids == "original")
         # Inside ``batch``: the series volumes whose size is planned when the batch ends.
         self._deferred: set[str] | None = None
 
@@ -172,75 +335,246 @@ class Registrar:
             yield
         finally:
             volumes, self._deferred = self._deferred, None
-            for volume_lfn in sorted(volumes):
-                sizes = self._series_sizes(volume_lfn)
-                directory = posixpath.dirname(volume_lfn)
-                for name in SERIES_FILES:  # a sidecar the series does not have is not bumped
-                    self._catalog.namespace.bump_volume(posixpath.join(directory, name), sizes.get(name), time.time())
-
-    def _names(self, ds: Dataset) -> tuple[str, str, str]:
-        original = tuple(str(ds.get(k)).strip() for k in _REQUIRED_UIDS)
-        if self._config.site.uids == "original":
-            return original  # type: ignore[return-value]
-        return tuple(deidentify_uid(self._secret, uid) for uid in original)  # type: ignore[return-value]
+            planned = {volume_lfn: self._series_sizes(volume_lfn) for volume_lfn in sorted(volumes)}
+            with self._catalog.backend.transaction():
+                for volume_lfn, sizes in planned.items():
+                    directory = posixpath.dirname(volume_lfn)
+                    for name in SERIES_FILES:  # a sidecar the series does not have is not bumped
+                        self._catalog.namespace.bump_volume(posixpath.join(directory, name), sizes.get(name),
+                                                            time.time())
 
     def lfn(self, ds: Dataset) -> str:
         """The LFN an image is (or would be) registered under, from its checked header."""
-        return UidTriple(*self._names(ds)).lfn(self._config.site.vo)
+        original = (str(ds.get(k)).strip() for k in _REQUIRED_UIDS)
+        if self._config.site.uids == "original":
+            return UidTriple(*original).lfn(self._config.site.vo)
+        return UidTriple(*(deidentify_uid(self._secret, uid) for uid in original)).lfn(self._config.site.vo)
 
     def register(self, ds: Dataset, store_in_pacs: bool, reprotect: bool = False) -> Outcome:
         """Register one image. Raises MdmError with the reason if it cannot be registered;
         then nothing is cataloged and no key is left on the key servers. ``reprotect``: an
         unchanged image protected with other options than [anonymization] now says gets a
         new content version protected with the current ones."""
-        check_header(ds)
-        options = self._config.anonymization
-        burned_in = burned_in_reason(ds)
-        if burned_in and options.burned_in == "refuse":
-            raise InvalidInput(f"refused: {burned_in} ([anonymization] burned_in = \"refuse\")")
-        study, series, sop = self._names(ds)
+        (result,) = self._pipeline([ds], store_in_pacs, reprotect, pool=False)
+        if result.error is not None:
+            raise result.error
+        assert result.outcome is not None  # a result without an error has its outcome
+        return result.outcome
+
+    def register_many(
+        self, sources: Iterable[Source], store_in_pacs: bool, reprotect: bool = False
+    ) -> Iterator[Result]:
+        """Register files and data sets, a result for each, in their order, as batches complete.
+        A failed image is its result's error; a PACS failure (down, refusing) raises PacsError
+        once the images stored before it are cataloged."""
+        with self.batch():
+            yield from self._pipeline(sources, store_in_pacs, reprotect, self._pool)
+
+    def _pipeline(
+        self, sources: Iterable[Source], store_in_pacs: bool, reprotect: bool, pool: bool
+    ) -> Iterator[Result]:
+        """Results in the order of ``sources``, a batch at a time. An image met twice (the same
+        LFN) ends the batch before it, so the second meets the first in the catalog."""
+        pending: list[tuple[Source, Prepared | MdmError]] = []
+        lfns: set[str] = set()
+        for source, prepared in self._prepared(sources, pool):
+            if isinstance(prepared, Prepared):
+                lfn = self._lfn(prepared)
+                if lfn in lfns:
+                    yield from self._flush(pending, store_in_pacs, reprotect)
+                    pending, lfns = [], set()
+                lfns.add(lfn)
+            pending.append((source, prepared))
+            if len(lfns) >= BATCH:
+                yield from self._flush(pending, store_in_pacs, reprotect)
+                pending, lfns = [], set()
+        yield from self._flush(pending, store_in_pacs, reprotect)
+
+    def _lfn(self, prepared: Prepared) -> str:
+        return normalize_lfn(UidTriple(*prepared.names).lfn(self._config.site.vo))
+
+    def _flush(
+        self, pending: list[tuple[Source, Prepared | MdmError]], store_in_pacs: bool, reprotect: bool
+    ) -> Iterator[Result]:
+        """Tell new, changed and unchanged images apart with one catalog lookup, commit the
+        new and changed ones, then yield every result in order. After a PACS failure: the
+        results of the images cataloged before it, then the error."""
+        known = self._catalog.namespace.lookup_many(
+            [self._lfn(prepared) for _, prepared in pending if isinstance(prepared, Prepared)]
+        )
+        record = protection_record(self._config.anonymization)
+        items: list[Result | _Staged] = []
+        for source, prepared in pending:
+            if isinstance(prepared, MdmError):
+                items.append(Result(source, error=prepared))
+                continue
+            lfn = self._lfn(prepared)
+            entry = known.get(lfn)
+            if entry is not None and entry.source_digest == prepared.digest and (
+                not reprotect or entry.protection == record
+            ):
+                items.append(Result(source, lfn, Outcome.UNCHANGED))
+                continue
+            if entry is not None:  # a changed image: protected again under its entry's GUID, next version
+                prepared = prepare(Job(source, self._settings, entry.guid, entry.content_version + 1))
+                if isinstance(prepared, MdmError):
+                    items.append(Result(source, lfn, error=prepared))
+                    continue
+            if prepared.failure is not None:
+                items.append(Result(source, lfn, error=prepared.failure))
+                continue
+            items.append(_Staged(source, lfn, prepared, entry))
+        results, error = self._commit([item for item in items if isinstance(item, _Staged)], store_in_pacs)
+        for item in items:
+            if isinstance(item, Result):
+                yield item
+            elif id(item) in results:
+                yield results[id(item)]
+        if error is not None:
+            raise error
+
+    def _prepared(self, sources: Iterable[Source], pool: bool) -> Iterator[tuple[Source, Prepared | MdmError]]:
+        """``prepare`` of every source, in order: here, or in the worker processes
+        (``srm_dicom.workers``) at most ``WINDOW`` ahead. A job whose worker died is prepared
+        here: the pool is replaced for the next ones."""
+        jobs = (Job(source, self._settings) for source in sources)
+        if not pool:
+            for job in jobs:
+                yield job.source, prepare(job)
+            return
+        pending: deque[tuple[Job, Future[Prepared | MdmError]]] = deque()
+
+        def first() -> tuple[Source, Prepared | MdmError]:
+            job, future = pending.popleft()
+            try:
+                return job.source, future.result()
+            except BrokenExecutor:
+                log.warning("a protection worker died; preparing an image in process")
+                return job.source, prepare(job)
+
+        for job in jobs:
+            pending.append((job, workers.submit(prepare, job)))
+            if len(pending) >= WINDOW:
+                yield first()
+        while pending:
+            yield first()
+
+    def _commit(self, batch: list[_Staged], store_in_pacs: bool) -> tuple[dict[int, Result], PacsError | None]:
+        """Store a batch into the PACS, then put its keys and catalog it: results by ``id`` of
+        the staged image. A PACS failure stops the storing: the images stored before it are
+        cataloged, and the failure is returned for the caller to raise after their results."""
+        if not batch:
+            return {}, None
+        if not store_in_pacs:
+            return self._catalog_batch(batch), None
+        if self._pacs is None:
+            error = MdmError("no PACS connection to store the image into")
+            return {id(staged): Result(staged.source, staged.lfn, error=error) for staged in batch}, None
+        stored: list[_Staged] = []
+        failed: dict[int, Result] = {}
+        try:
+            self._pacs.offer({(staged.prepared.sop_class, staged.prepared.transfer_syntax) for staged in batch})
+            for staged in batch:
+                try:
+                    self._store(staged)
+                except PacsError:
+                    raise
+                except MdmError as exc:  # a file that changed or vanished since it was prepared
+                    failed[id(staged)] = Result(staged.source, staged.lfn, error=exc)
+                else:
+                    stored.append(staged)
+        except PacsError as exc:
+            return {**failed, **self._catalog_batch(stored)}, exc
+        return {**failed, **self._catalog_batch(stored)}, None
+
+    def _store(self, staged: _Staged) -> None:
+        assert self._pacs is not None  # checked by the caller
+        source, prepared = staged.source, staged.prepared
+        if isinstance(source, Path):
+            if prepared.as_read:
+                self._pacs.store_file(source, prepared.sop_class, prepared.transfer_syntax)
+                return
+            source = read_dicom(source)
+        self._pacs.store(source)
+
+    def _catalog_batch(self, batch: list[_Staged]) -> dict[int, Result]:
+        """Put the batch's keys (one bulk request per key server), then catalog it in one
+        transaction; if that fails, image by image, so one image's conflict fails it alone.
+        A key whose image is not cataloged is deleted again."""
+        if not batch:
+            return {}
+        records = [self._record(staged) for staged in batch]
+        try:
+            self._keystore.put_keys([(r.key_id, r.staged.prepared.key, r.acl) for r in records])
+        except MdmError as exc:
+            return {id(r.staged): Result(r.staged.source, r.staged.lfn, error=exc) for r in records}
+        outcomes: list[Outcome | MdmError]
+        try:
+            with self._catalog.backend.transaction():
+                outcomes = [self._catalog_one(r) for r in records]
+        except MdmError:
+            outcomes = [self._catalog_alone(r) for r in records]
+        except BaseException:
+            for r in records:
+                self._forget_key(r.key_id)
+            raise
+        results: dict[int, Result] = {}
+        for r, outcome in zip(records, outcomes, strict=True):
+            staged = r.staged
+            if isinstance(outcome, MdmError) or outcome is Outcome.UNCHANGED:
+                self._forget_key(r.key_id)  # nothing written, or another writer got there first
+            elif staged.known is not None:
+                self._forget_key(key_name(staged.known.guid, staged.known.content_version))
+            if isinstance(outcome, MdmError):
+                results[id(staged)] = Result(staged.source, staged.lfn, error=outcome)
+                continue
+            if self._deferred is not None:
+                self._deferred.add(r.volume.lfn)
+            log.debug("%s %s", outcome.value, staged.lfn)
+            results[id(staged)] = Result(staged.source, staged.lfn, outcome)
+        return results
+
+    def _catalog_one(self, r: _Record) -> Outcome:
+        return self._catalog.register_image(r.entry, r.metadata, r.volume, r.sidecars)
+
+    def _catalog_alone(self, r: _Record) -> Outcome | MdmError:
+        try:
+            return self._catalog_one(r)
+        except MdmError as exc:
+            return exc
+
+    def _record(self, staged: _Staged) -> _Record:
+        """The key and the catalog rows of a staged image; outside a batch, its series volume's
+        size planned now, from the series' rows and this image's."""
+        prepared, known = staged.prepared, staged.known
+        assert prepared.metadata is not None  # staged images are protected
         site, pacs = self._config.site, self._config.pacs
-        lfn = UidTriple(study, series, sop).lfn(site.vo)
-        with _values_of_the_file("encoded"):
-            digest = dataset_digest(ds)
-        record = protection_record(options)
-        known = self._catalog.namespace.lookup(lfn)
-        if known is not None and known.source_digest == digest and (not reprotect or known.protection == record):
-            return Outcome.UNCHANGED
-        guid = known.guid if known else str(uuid.uuid4())
-        version = known.content_version + 1 if known else 1
         owner, mode = (known.owner, known.mode) if known else (self._owner, self._mode)
         metadata_mode = site.metadata_mode
-        if burned_in:  # burned_in = "private": the owner and the register group only
+        if prepared.burned_in:  # burned_in = "private": the owner and the register group only
             mode, metadata_mode = mode & 0o700, "private"
-        key = new_file_key()
-        with _values_of_the_file("anonymized"):
-            protected = protect_image(ds, self._secret, options, key, guid, version)
-        with _values_of_the_file("read for the metadata"):
-            metadata = extract_metadata(ds, self._secret, served=protected.served)
-        if store_in_pacs:
-            if self._pacs is None:
-                raise MdmError("no PACS connection to store the image into")
-            self._pacs.store(ds)
-        original = metadata.dicom
+        study, series, sop = prepared.names
+        original = prepared.metadata.dicom
         common: dict[str, Any] = dict(owner=owner, vo=site.vo, mode=mode, metadata_mode=metadata_mode)
         entry = Entry(
-            lfn=lfn,
-            guid=guid,
+            lfn=staged.lfn,
+            guid=prepared.guid,
             pfn=pfn(pacs.aet, pacs.host, pacs.port, original["study_uid"], original["series_uid"], original["sop_uid"]),
             kind="slice",
             study_uid=study,
             series_uid=series,
             sop_uid=sop,
-            size=protected.size,
-            adler32=protected.adler32,
-            sha256=protected.sha256,
-            content_version=version,
-            source_digest=digest,
-            protection=record,
+            size=prepared.size,
+            adler32=prepared.adler32,
+            sha256=prepared.sha256,
+            content_version=prepared.version,
+            source_digest=prepared.digest,
+            protection=protection_record(self._config.anonymization),
             **common,
         )
         volume_lfn = UidTriple(study, series, VOLUME).lfn(site.vo)
+        image = prepared.metadata.image
+        sizes = self._series_sizes(volume_lfn, prepared.guid, image) if self._deferred is None else {}
         volume = Entry(
             lfn=volume_lfn,
             guid=str(uuid.uuid4()),
@@ -249,31 +583,17 @@ class Registrar:
             study_uid=study,
             series_uid=series,
             sop_uid=VOLUME,
-            size=None,
+            size=sizes.get(VOLUME),
             **common,
         )
-        # Inside a batch, the sizes are planned when it ends.
-        sizes = self._series_sizes(volume_lfn, guid, metadata.image) if self._deferred is None else {}
-        volume = replace(volume, size=sizes.get(VOLUME))
         sidecars = [
             replace(volume, lfn=f"{volume_lfn}{suffix}", guid=str(uuid.uuid4()), sop_uid=f"{VOLUME}{suffix}",
                     size=sizes.get(f"{VOLUME}{suffix}"))
-            for suffix in self._sidecar_suffixes(metadata.image, volume_lfn)
+            for suffix in self._sidecar_suffixes(image, volume_lfn)
         ]
-        erased = tuple((e.path, e.keyword, e.value) for e in protected.erased)
         readers = tuple(a.dn for a in known.acl if a.perms & 4) if known else ()
-        self._keystore.put_key(key_name(guid, version), key, key_acl(owner, site.vo, mode, readers))
-        try:
-            outcome = self._catalog.register_image(entry, replace(metadata, erased=erased), volume, sidecars)
-        except BaseException:
-            self._forget_key(key_name(guid, version))
-            raise
-        if known is not None:
-            self._forget_key(key_name(guid, known.content_version))
-        if self._deferred is not None:
-            self._deferred.add(volume_lfn)
-        log.debug("%s %s", outcome.value, lfn)
-        return outcome
+        return _Record(staged, key_name(prepared.guid, prepared.version), key_acl(owner, site.vo, mode, readers),
+                       entry, prepared.metadata, volume, sidecars)
 
     def _series_sizes(self, volume_lfn: str, guid: str | None = None, image: dict | None = None) -> dict[str, int]:
         """The sizes of the series volume and its sidecars once this slice (if any) is in, from
@@ -296,10 +616,13 @@ class Registrar:
 
     def _sidecar_suffixes(self, image: dict, volume_lfn: str) -> list[str]:
         """Every volume has its JSON sidecar; a diffusion series (this image has a b-value,
-        or an earlier one had) also its b-values and vectors."""
+        or an earlier one had) also its b-values and vectors; with [volume] gzip, 3D.nii.gz,
+        whose size is known only once compressed (its first assembly, README "Volumes")."""
         suffixes = [".json"]
         if has_diffusion(image) or self._catalog.namespace.lookup(f"{volume_lfn}.bval") is not None:
             suffixes += [".bval", ".bvec"]
+        if self._config.volume.gzip:
+            suffixes.append(".nii.gz")
         return suffixes
 
     def _forget_key(self, name: str) -> None:

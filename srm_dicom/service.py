@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from srm_dicom import access
-from srm_dicom.catalog import Catalog, Entry, StageRequest, find_entry
+from srm_dicom.catalog import Catalog, Entry, Group, StageRequest, find_entry
 from srm_dicom.config import Config
 from srm_dicom.errors import InvalidInput, NotFound, Refused
 from srm_dicom.identity import Identity, normalize_path
@@ -22,7 +22,8 @@ from srm_dicom.keystore.client import KeystoreClient
 from srm_dicom.macaroons import MacaroonAuthority, MacaroonRequest
 from srm_dicom.names import normalize_lfn
 from srm_dicom.protect import key_name
-from srm_dicom.query import Attribute, Query, Visible, visible
+from srm_dicom.query import Attribute, Query, Visible, level_of, reaches, seen_as, visible
+from srm_dicom.rights import METADATA_LEVELS
 from srm_dicom.setright import RightsChange, RightsSetter, select, site_secret
 from srm_dicom.stager import Stager
 
@@ -184,6 +185,34 @@ class StorageService:
         attributes their metadata level reaches (``needed``: the level the filters need)."""
         matches = self.catalog.index.search(query, attributes)
         return visible(matches, identity, query.level if needed is None else needed, attributes)
+
+    def aggregate(self, identity: Identity, query: Query, needed: str, flags: Sequence[Query] = (),
+                  attributes: Sequence[Attribute] = ()) -> list[Group]:
+        """The matching slices the caller may see (at a level reaching ``needed``), counted per
+        series directory by the catalog, each group with its level and its sample's values of
+        ``attributes`` (those the level reaches). Every decision is still ``access``'s, asked
+        once per rights class (``access.reads``) of one entry of the class, not once per image."""
+        levels: dict[tuple[object, ...], str | None] = {}
+        shown = {level: [a.keyword for a in attributes if reaches(level, a.level)] for level in METADATA_LEVELS}
+        found = []
+        for group in self.catalog.index.aggregate(query, access.reads(identity), flags, attributes):
+            if group.rights not in levels:
+                entry = self.catalog.namespace.lookup_guid(group.sample)
+                levels[group.rights] = None if entry is None else level_of(identity, entry, needed)
+            level = levels[group.rights]
+            if level is not None:
+                values = {k: group.values.get(k) for k in shown[level]}
+                found.append(Group(group.directory, group.rights, group.flags, group.count, group.sample, values,
+                                   level))
+        return found
+
+    def samples(self, groups: Iterable[Group], attributes: Sequence[Attribute]) -> dict[str, Visible]:
+        """The sample slice of each group (GUID → what the caller sees of it at the group's level);
+        one deleted meanwhile is absent."""
+        wanted = list(groups)
+        found = self.catalog.index.matches([g.sample for g in wanted], attributes)
+        return {g.sample: seen_as(found[g.sample], g.level, attributes)
+                for g in wanted if g.sample in found and g.level is not None}
 
     def erased(self, identity: Identity, path: str) -> tuple[Entry, list[tuple[str, str, str]]]:
         """The header values anonymization erased from one image: "all" metadata rights only."""

@@ -9,11 +9,13 @@
   one negated when that affine's determinant is positive (FSL's radiological convention).
 
 Every file is a pure function of the series' Image rows and the volume plan, so its size
-is known at registration (README "Volumes").
+is known at registration (README "Volumes"). ``3D.nii.gz`` (``[volume] gzip``) is the
+volume deterministically gzip-compressed: its size is known once it is first made.
 """
 
 from __future__ import annotations
 
+import gzip
 import json
 from collections.abc import Sequence
 from typing import Any
@@ -21,20 +23,52 @@ from typing import Any
 import numpy as np
 from pydicom.dataset import Dataset
 
+from srm_dicom.acquisition import ACQUIRED
 from srm_dicom.errors import InvalidInput
-from srm_dicom.names import VOLUME
+from srm_dicom.names import COMPRESSED_VOLUME, VOLUME
 from srm_dicom.volume import NotAVolume, VolumePlan, assemble, image_row, plan_volume
 
 SOFTWARE = "srm-dicom"
+GZIP_LEVEL = 6  # zlib's default: fixed, since the level changes the bytes
+_DAY = 24 * 3600.0
+_HALF_DAY = _DAY / 2
 JSON, BVAL, BVEC = f"{VOLUME}.json", f"{VOLUME}.bval", f"{VOLUME}.bvec"
 
 
 def sidecar_json(rows: Sequence[dict[str, Any]], plan: VolumePlan) -> bytes:
-    """The BIDS sidecar: the acquisition record of the volume's first slice."""
-    text = rows[plan.sources[0][0]].get("acquisition")
-    sidecar = json.loads(str(text)) if text else {}
+    """The BIDS sidecar: the acquisition record of the volume's first slice, and SliceTiming
+    where the slices' acquisition times are known."""
+    sidecar = _record(rows[plan.sources[0][0]])
+    sidecar.pop(ACQUIRED, None)
+    timing = slice_timing(rows, plan, sidecar)
+    if timing is not None:
+        sidecar["SliceTiming"] = timing
     sidecar["ConversionSoftware"] = SOFTWARE
     return (json.dumps(sidecar, indent="\t", ensure_ascii=True) + "\n").encode("ascii")
+
+
+def slice_timing(rows: Sequence[dict[str, Any]], plan: VolumePlan, sidecar: dict[str, Any]) -> list[float] | None:
+    """BIDS SliceTiming: each slice's acquisition time (s) after the first slice's, in the
+    file's slice order, from the slices of the first volume, as dcm2niix takes it from
+    Siemens 2D slices' AcquisitionTime; for a multi-frame image, from each frame's Frame
+    Acquisition DateTime. Only for a 2D MR acquisition whose slices' times are all known
+    and not all equal; a series crossing midnight counts the times before noon as the next day."""
+    if sidecar.get("Modality") != "MR" or sidecar.get("MRAcquisitionType") == "3D":
+        return None
+    slices = plan.shape[2]
+    times = []
+    for source, frame in plan.sources[:slices]:
+        record = _record(rows[source]) if frame is None else _frame_records(rows[source])[frame]
+        value = record.get(ACQUIRED)
+        if not isinstance(value, int | float):
+            return None
+        times.append(float(value))
+    if max(times) - min(times) > _HALF_DAY:
+        times = [t - _DAY if t > _HALF_DAY else t for t in times]
+    first = min(times)
+    if max(times) == first:
+        return None
+    return [round(t - first, 6) + 0.0 for t in times]
 
 
 def has_diffusion(row: dict[str, Any]) -> bool:
@@ -72,12 +106,34 @@ def series_file_from_rows(name: str, rows: Sequence[dict[str, Any]], plan: Volum
     raise InvalidInput(f"{name} is not a sidecar of a series")
 
 
-def series_file(name: str, datasets: Sequence[Dataset], fmt: str) -> bytes:
-    """The plain bytes of one file of a series (``3D`` or a sidecar), from its images."""
+def series_file(
+    name: str, datasets: Sequence[Dataset], fmt: str, rows: Sequence[dict[str, Any]] | None = None
+) -> bytes:
+    """The plain bytes of one file of a series (``3D``, ``3D.nii.gz`` or a sidecar), from its
+    images; a sidecar from ``rows`` when given: the catalog's Image rows, read from the served
+    data sets at registration, which alone say what the served slices keep (a retrieved
+    original still holds its AcquisitionTime and private attributes)."""
     if name == VOLUME:
         return assemble(datasets, fmt)
-    rows = [image_row(ds) for ds in datasets]
+    if name == COMPRESSED_VOLUME:
+        return compress(assemble(datasets, "nifti"))
+    if rows is None:
+        rows = [image_row(ds) for ds in datasets]
     return series_file_from_rows(name, rows, plan_volume(rows))
+
+
+def compress(volume: bytes) -> bytes:
+    """``3D.nii.gz``: deterministic gzip (no name, mtime 0, level GZIP_LEVEL), so that the
+    same volume always gives the same bytes, the size and adler32 recorded at its first
+    assembly hold for every restaging (with the same zlib: README "Volumes")."""
+    return gzip.compress(volume, compresslevel=GZIP_LEVEL, mtime=0)
+
+
+def _record(row: dict[str, Any]) -> dict[str, Any]:
+    """An Image row's acquisition record (srm_dicom/acquisition.py)."""
+    text = row.get("acquisition")
+    record = json.loads(str(text)) if text else {}
+    return record if isinstance(record, dict) else {}
 
 
 def _frame_records(row: dict[str, Any]) -> list[dict[str, Any]]:

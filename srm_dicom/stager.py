@@ -15,6 +15,13 @@ images. A PACS that refuses a request as a whole (Orthanc does when one UID of a
 unknown) has the batch split in halves until the refused files stand alone, each failing
 with its reason while the rest completes.
 
+A batch's slices are protected in the process pool (``srm_dicom/workers.py``) as the PACS
+delivers them, their keys fetched meanwhile: each worker writes its slice's cache file and
+sends back only its size and checksums, which must be the catalog's before the file is
+fsynced (many at once) and published by a rename. A slice whose bytes differ under the
+first combination of key shares is protected again with each combination in turn, in
+process, to tell a wrong share from content that changed in the PACS.
+
 Stage requests, their per-file states and their pins live in the catalog, so they
 survive a restart: on start, leftovers of interrupted staging are removed from the
 cache and every file some request still waits for is staged again.
@@ -39,13 +46,15 @@ import threading
 import time
 import uuid
 import zlib
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from pydicom import Dataset
 
+from srm_dicom import workers
 from srm_dicom.anonymize import AnonymizationOptions, recorded_options, rules_version
 from srm_dicom.cache import DiskCache
 from srm_dicom.catalog import (
@@ -65,7 +74,7 @@ from srm_dicom.errors import InvalidInput, MdmError, NotFound
 from srm_dicom.events import StageFinished, StageQueueChanged, emit
 from srm_dicom.keystore import KeystoreError
 from srm_dicom.keystore.client import KeystoreClient
-from srm_dicom.names import normalize_lfn, parse_pfn
+from srm_dicom.names import COMPRESSED_VOLUME, VOLUME, normalize_lfn, parse_pfn
 from srm_dicom.pacs.client import PacsClient, RetrieveRefused
 from srm_dicom.protect import key_acl, key_name, protect_image
 from srm_dicom.sidecar import series_file
@@ -77,6 +86,9 @@ DISK_AND_TAPE, TAPE = "DISK_AND_TAPE", "TAPE"
 CONTENT_DIFFERS = "the PACS returned different content than was registered"
 MAX_BATCH = 1000  # files of one series a worker takes at once (the key servers' bulk limit is 2000)
 MAX_UIDS_PER_RETRIEVE = 500  # a UID list of ~32 KiB in one C-GET identifier
+# Cache files fsynced at once: ext4 commits concurrent fsyncs together (100 slices of 256²,
+# one after the other: 90-240 ms; from 16 threads: 30-50 ms).
+SYNC_THREADS = 16
 
 
 class StageFailed(MdmError):
@@ -119,8 +131,28 @@ class _Produced:
     payloads: dict[bytes, bytes] = field(default_factory=dict)
 
 
+@dataclass(eq=False)
+class _Slice:
+    """One slice of a batch on its way through the protection pool into its cache file."""
+
+    job: _Job
+    entry: Entry
+    name: str  # its key's name on the key servers
+    options: AnonymizationOptions  # as registered
+    dataset: Dataset | None = None  # as retrieved, kept until its bytes are verified
+    partial: Path | None = None  # the cache file a worker writes
+    future: Future[workers.Protected] | None = None
+    failure: StageFailed | None = None
+
+
 def _now() -> int:
     return int(time.time())
+
+
+def _first_key(_name: str, _key: bytes) -> bool:
+    """Take the first combination of shares: the protected bytes are checked against the
+    catalog afterwards, and only a mismatch tries the other combinations (``_verify_each_key``)."""
+    return True
 
 
 def _adler32(data: bytes | bytearray) -> str:
@@ -143,6 +175,8 @@ class Stager:
         self._holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._wake = threading.Event()  # set when a job was queued here: an idle worker looks at once
         self._pool: ThreadPoolExecutor | None = None
+        self._keys: ThreadPoolExecutor | None = None  # key fetches, while the PACS sends the images
+        self._syncs: ThreadPoolExecutor | None = None  # fsyncs of the cache files a batch wrote
         self._stopping = threading.Event()
         self._local = threading.local()
         self._clients: list[PacsClient] = []
@@ -155,14 +189,17 @@ class Stager:
         """Clean the cache of interrupted staging, start the workers, resume pending requests."""
         self._cache.open()
         self._stopping.clear()
+        workers.warm()
+        self._keys = ThreadPoolExecutor(self._config.cache.workers, thread_name_prefix="stager-keys")
+        self._syncs = ThreadPoolExecutor(SYNC_THREADS, thread_name_prefix="stager-fsync")
         pending = self._catalog.stages.staging_guids()
         self._catalog.stages.enqueue_jobs({guid: _batch_of(guid, self._catalog.namespace.lookup_guid(guid))
                                            for guid in pending})
         if pending:
             log.info("stager: resumed staging of %d files", len(pending))
-        workers = self._config.cache.workers
-        self._pool = ThreadPoolExecutor(workers + 1, thread_name_prefix="stager")
-        for _ in range(workers):
+        count = self._config.cache.workers
+        self._pool = ThreadPoolExecutor(count + 1, thread_name_prefix="stager")
+        for _ in range(count):
             self._pool.submit(self._work)
         self._pool.submit(self._tend)
 
@@ -174,6 +211,10 @@ class Stager:
         pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
+        for helpers in (self._keys, self._syncs):
+            if helpers is not None:
+                helpers.shutdown(wait=True, cancel_futures=True)
+        self._keys = self._syncs = None
         with self._lock:
             jobs, self._jobs = list(self._jobs.values()), {}
             clients, self._clients = self._clients, []
@@ -290,19 +331,21 @@ class Stager:
 
     def _enqueue(self, files: Sequence[tuple[str, Entry | None]]) -> list[_Job]:
         """The job each GUID's waiters here share, queued in the catalog (in one transaction, so
-        that a worker finds a request's files of one series together) unless already there."""
+        that a worker finds a request's files of one series together, with a series' 3D its
+        3D.nii.gz) unless already there."""
         jobs, new = [], {}
+        companions = self._compressed_companions(files)
         with self._lock:
             if self._pool is None:
                 raise MdmError("the stager is not running")
-            for guid, entry in files:
+            for guid, entry in [*files, *companions]:
                 job = self._jobs.get(guid)
                 if job is None:
                     job = self._jobs[guid] = _Job(guid)
                     new[guid] = _batch_of(guid, entry)
                 jobs.append(job)
         if not new:
-            return jobs
+            return jobs[: len(files)]
         try:
             attempts = self._catalog.stages.enqueue_jobs(new)
         except BaseException:
@@ -314,7 +357,23 @@ class Stager:
                     job.attempt = attempts[job.guid]
             emit(StageQueueChanged(len(self._jobs)))
         self._wake.set()
-        return jobs
+        return jobs[: len(files)]
+
+    def _compressed_companions(self, files: Sequence[tuple[str, Entry | None]]) -> list[tuple[str, Entry]]:
+        """With [volume] gzip, the 3D.nii.gz of each series whose 3D is to be staged and whose
+        compressed volume is not on disk: staged in the same batch (one retrieval), so that its
+        size and adler32 are in the catalog from the volume's first assembly on (README "Volumes")."""
+        if not self._config.volume.gzip:
+            return []
+        asked = {guid for guid, _ in files}
+        companions = []
+        for _, entry in files:
+            if entry is None or entry.kind != "volume" or entry.sop_uid != VOLUME:
+                continue
+            compressed = self._catalog.namespace.lookup(f"{entry.lfn}{COMPRESSED_VOLUME[len(VOLUME):]}")
+            if compressed is not None and compressed.guid not in asked and not self._on_disk(compressed.guid):
+                companions.append((compressed.guid, compressed))
+        return companions
 
     def _forget(self, jobs: Sequence[_Job]) -> None:
         with self._lock:
@@ -417,7 +476,11 @@ class Stager:
                     job.done.set()
 
     def _stage(self, batch: list[_Job]) -> dict[_Job, Path | StageFailed]:
-        """Stage one series' files; a result per job, a path or why it failed."""
+        """Stage one series' files; a result per job, a path or why it failed.
+
+        The slices' keys are fetched while the PACS sends the images, and each image goes
+        to the protection pool as it arrives (``_received``): receiving, protecting and
+        writing overlap, and no slice's ciphertext passes through this process."""
         if self._stopping.is_set():
             raise _Abandoned
         results: dict[_Job, Path | StageFailed] = {}
@@ -435,25 +498,32 @@ class Stager:
         self._catalog.stages.set_stage_states({job.guid: (STARTED, None) for job in todo}, _now())
         started = time.monotonic()
         volumes = [job for job, entry in todo.items() if entry.kind == "volume"]
-        slices = [job for job, entry in todo.items() if entry.kind != "volume"]
+        slices = self._plan_slices({job: entry for job, entry in todo.items() if entry.kind != "volume"}, results)
+        keys = self._fetch_first_keys(list(slices.values()))
+        pinned: list[set[str]] = []
+        received = functools.partial(self._received, slices, keys, pinned)
         source = parse_pfn(next(iter(todo.values())).pfn)
+        missing: dict[str, str] = {}
         try:
             if volumes:
                 # The whole series once: the volume needs it, and its slices come with it.
                 datasets = self._retrieve(source.study, source.series, None, self._series_classes(todo[volumes[0]]))
-                images = {str(ds.SOPInstanceUID): ds for ds in datasets}
-                missing: dict[str, str] = {}
-            else:
-                sops = {job: parse_pfn(todo[job].pfn).sop or "" for job in slices}
-                classes = frozenset(self._catalog.index.sop_classes([job.guid for job in slices]).values())
-                images, missing = self._retrieve_instances(source.study, source.series, list(sops.values()), classes)
+                for ds in datasets:
+                    received(ds)
+            elif slices:
+                guids = [item.job.guid for item in slices.values()]
+                classes = frozenset(self._catalog.index.sop_classes(guids).values())
+                missing = self._retrieve_instances(source.study, source.series, list(slices), classes, received)
         except MdmError as exc:
+            self._abandon(slices.values())
             reason = StageFailed(exc.reason if isinstance(exc, StageFailed) else str(exc))
-            return {**results, **{job: reason for job in todo}}
+            return {**results, **{job: reason for job in todo if job not in results}}
+        except BaseException:
+            self._abandon(slices.values())
+            raise
         for job in volumes:
             results[job] = self._publish(todo[job], functools.partial(self._volume, todo[job], datasets))
-        if slices:
-            results.update(self._slices({job: todo[job] for job in slices}, images, missing))
+        results.update(self._finish_slices(slices, missing))
         log.info("staged %d of %d files of a series in %.2f s", sum(isinstance(r, Path) for r in results.values()),
                  len(batch), time.monotonic() - started)
         return results
@@ -491,27 +561,36 @@ class Stager:
         self, study: str, series: str, sops: Sequence[str] | None, classes: frozenset[str],
         partial: list[str] | None = None,
     ) -> list[Dataset]:
+        return list(self._retrieve_iter(study, series, sops, classes, partial))
+
+    def _retrieve_iter(
+        self, study: str, series: str, sops: Sequence[str] | None, classes: frozenset[str],
+        partial: list[str] | None = None,
+    ) -> Iterator[Dataset]:
+        """The retrieved images as they arrive (C-MOVE's one port held meanwhile)."""
         pacs = self._pacs()
         if self._move_lock is None:
-            return list(pacs.retrieve(study, series, sops, classes, partial))
+            yield from pacs.retrieve(study, series, sops, classes, partial)
+            return
         with self._move_lock:
-            return list(pacs.retrieve(study, series, sops, classes, partial))
+            yield from pacs.retrieve(study, series, sops, classes, partial)
 
     def _retrieve_instances(
-        self, study: str, series: str, sops: list[str], classes: frozenset[str]
-    ) -> tuple[dict[str, Dataset], dict[str, str]]:
-        """The images of ``sops`` by SOP Instance UID, and why each missing one is missing.
+        self, study: str, series: str, sops: list[str], classes: frozenset[str], received: Callable[[Dataset], None]
+    ) -> dict[str, str]:
+        """Hand each image of ``sops`` to ``received`` as it arrives; why each missing one is missing.
 
         A request the PACS refuses as a whole is split in halves until the refused UIDs
         stand alone: k refused files of n cost about k·log2(n) more requests."""
-        images: dict[str, Dataset] = {}
+        got: set[str] = set()
         missing: dict[str, str] = {}
 
         def ask(part: list[str]) -> None:
             partial: list[str] = []
             try:
-                for ds in self._retrieve(study, series, part, classes, partial):
-                    images[str(ds.SOPInstanceUID)] = ds
+                for ds in self._retrieve_iter(study, series, part, classes, partial):
+                    got.add(str(ds.SOPInstanceUID))
+                    received(ds)
             except RetrieveRefused as exc:
                 if len(part) == 1:
                     missing[part[0]] = str(exc)
@@ -520,51 +599,161 @@ class Stager:
                 ask(part[len(part) // 2:])
                 return
             for sop in part:
-                if sop not in images:
+                if sop not in got:
                     missing[sop] = partial[0] if partial else f"{self._pacs().name} did not send it (not in the PACS?)"
 
         unique = list(dict.fromkeys(sops))
         for start in range(0, len(unique), MAX_UIDS_PER_RETRIEVE):
             ask(unique[start:start + MAX_UIDS_PER_RETRIEVE])
-        return images, missing
+        return missing
 
-    def _slices(
-        self, todo: dict[_Job, Entry], images: dict[str, Dataset], missing: dict[str, str]
-    ) -> dict[_Job, Path | StageFailed]:
-        """Protect each retrieved slice with its key (all keys in one round per key server),
-        check it against the catalog, publish it."""
-        results: dict[_Job, Path | StageFailed] = {}
-        names: dict[str, tuple[_Job, Entry, Dataset]] = {}
-        options: dict[str, AnonymizationOptions] = {}  # each entry's own, as registered
+    # -- slices through the protection pool ---------------------------------------------
+
+    def _plan_slices(self, todo: dict[_Job, Entry], results: dict[_Job, Path | StageFailed]) -> dict[str, _Slice]:
+        """The batch's slices by the PACS's SOP Instance UID, each with its recorded options
+        (a slice whose options cannot be had fails here, into ``results``)."""
+        slices: dict[str, _Slice] = {}
         for job, entry in todo.items():
-            sop = parse_pfn(entry.pfn).sop or ""
-            ds = images.get(sop)
-            if ds is None:
-                results[job] = StageFailed(missing.get(sop, f"{self._pacs().name} did not send the image"))
+            try:
+                options = self._options(entry)
+            except StageFailed as exc:
+                results[job] = exc
+                continue
+            slices[parse_pfn(entry.pfn).sop or ""] = _Slice(job, entry, key_name(entry.guid, entry.content_version),
+                                                            options)
+        return slices
+
+    def _fetch_first_keys(self, slices: list[_Slice]) -> Future[dict[str, bytes | MdmError]] | None:
+        """The slices' keys, all in one request per key server, fetched in a helper thread."""
+        if not slices or self._keys is None:
+            return None
+        return self._keys.submit(self._keystore.fetch_keys, [item.name for item in slices], _first_key)
+
+    def _received(self, slices: dict[str, _Slice], keys: Future[dict[str, bytes | MdmError]] | None,
+                  pinned: list[set[str]], ds: Dataset) -> None:
+        """A retrieved image: if a slice of the batch, to a worker that protects it into its cache file."""
+        item = slices.get(str(ds.SOPInstanceUID))
+        if item is None or item.future is not None or item.failure is not None or keys is None:
+            return
+        try:
+            key = keys.result()[item.name]
+        except MdmError as exc:
+            key = exc
+        if not isinstance(key, bytes):
+            item.failure = _key_failure(key, _Produced())
+            return
+        entry = item.entry
+        try:
+            if not pinned:  # asked once per batch, when the first image arrives
+                pinned.append(self._catalog.stages.pinned_guids(_now()))
+            item.partial = self._cache.reserve(entry.guid, entry.content_version, entry.size or 0, pinned[0])
+        except MdmError as exc:
+            item.failure = StageFailed(str(exc))
+            return
+        item.dataset = ds
+        task = workers.ProtectTask(ds, self._secret, item.options, key, entry.guid, entry.content_version,
+                                   str(item.partial), sync=False)
+        item.future = workers.submit(workers.protect, task)
+
+    def _finish_slices(self, slices: dict[str, _Slice], missing: dict[str, str]) -> dict[_Job, Path | StageFailed]:
+        """Publish each slice whose protected bytes are the catalog's (size and adler32), as
+        its worker finishes and its file is fsynced; the others try the other combinations
+        of key shares."""
+        results: dict[_Job, Path | StageFailed] = {}
+        running: dict[Future[workers.Protected], _Slice] = {}
+        for sop, item in slices.items():
+            if item.failure is not None:
+                results[item.job] = item.failure
+            elif item.future is None:
+                results[item.job] = StageFailed(missing.get(sop, f"{self._pacs().name} did not send the image"))
             else:
+                running[item.future] = item
+        mismatched: list[_Slice] = []
+        syncing: dict[Future[None], _Slice] = {}
+        published = 0
+        try:
+            for future in as_completed(running):
+                item = running[future]
+                assert item.partial is not None
                 try:
-                    options[key_name(entry.guid, entry.content_version)] = self._options(entry)
-                except StageFailed as exc:
-                    results[job] = exc
+                    protected = future.result()
+                except Exception as exc:  # a worker's failure is this file's, never the batch's
+                    self._cache.cancel(item.partial)
+                    results[item.job] = _protection_failure(exc)
                     continue
-                names[key_name(entry.guid, entry.content_version)] = (job, entry, ds)
-        produced = {name: _Produced() for name in names}
+                if protected.size != item.entry.size or protected.adler32 != item.entry.adler32:
+                    self._cache.cancel(item.partial)
+                    mismatched.append(item)
+                    continue
+                assert self._syncs is not None
+                syncing[self._syncs.submit(_fsync, item.partial)] = item
+            for synced in as_completed(syncing):
+                item = syncing[synced]
+                entry = item.entry
+                assert item.partial is not None
+                if self._stopping.is_set():
+                    raise _Abandoned
+                try:
+                    synced.result()
+                    results[item.job] = self._cache.commit(entry.guid, entry.content_version, item.partial, sync=False)
+                except OSError as exc:
+                    self._cache.cancel(item.partial)
+                    results[item.job] = StageFailed(f"cache: cannot write a staged file ({exc.strerror})")
+                    continue
+                except MdmError as exc:
+                    results[item.job] = StageFailed(str(exc))
+                    continue
+                item.dataset = None
+                published += 1
+                log.info("staged %s: %d bytes", self._label(entry), entry.size)
+        except BaseException:
+            for pending in syncing:
+                pending.cancel()
+            self._abandon(item for item in running.values() if item.job not in results)
+            raise
+        finally:
+            if published:
+                self._cache.sync()
+        if mismatched:
+            results.update(self._verify_each_key(mismatched))
+        return results
+
+    def _abandon(self, slices: Iterable[_Slice]) -> None:
+        """Stop the slices under way: wait for their workers, remove what they wrote."""
+        for item in slices:
+            if item.future is not None and not item.future.cancel():
+                try:
+                    item.future.result()
+                except Exception:  # noqa: BLE001  (abandoned: its outcome no longer matters)
+                    log.debug("an abandoned protection failed", exc_info=True)
+            if item.partial is not None:
+                self._cache.cancel(item.partial)
+
+    def _verify_each_key(self, slices: list[_Slice]) -> dict[_Job, Path | StageFailed]:
+        """Slices whose bytes under the first combination of key shares are not the catalog's:
+        protect them in process with each combination in turn (a wrong share), and tell the
+        content from the shares when none matches."""
+        results: dict[_Job, Path | StageFailed] = {}
+        by_name = {item.name: item for item in slices}
+        produced = {name: _Produced() for name in by_name}
 
         def matches(name: str, key: bytes) -> bool:
-            _, entry, ds = names[name]
-            payload = protect_image(ds, self._secret, options[name], key, entry.guid, entry.content_version).payload
+            item = by_name[name]
+            entry, ds = item.entry, item.dataset
+            assert ds is not None
+            payload = protect_image(ds, self._secret, item.options, key, entry.guid, entry.content_version).payload
             produced[name].tries += 1
             produced[name].payloads[key] = payload
             return len(payload) == entry.size and _adler32(payload) == entry.adler32
 
-        keys = self._keystore.fetch_keys(list(names), matches) if names else {}
-        for name, (job, entry, _) in names.items():
+        keys = self._keystore.fetch_keys(list(by_name), matches)
+        for name, item in by_name.items():
             key = keys[name]
             if isinstance(key, bytes):
                 payload = produced[name].payloads[key]
-                results[job] = self._publish(entry, functools.partial(bytes, payload))
+                results[item.job] = self._publish(item.entry, functools.partial(bytes, payload))
             else:
-                results[job] = _key_failure(key, produced[name])
+                results[item.job] = _key_failure(key, produced[name])
         return results
 
     def _options(self, entry: Entry) -> AnonymizationOptions:
@@ -583,7 +772,10 @@ class Stager:
     def _volume(self, entry: Entry, datasets: list[Dataset]) -> bytes:
         """The series volume, or one of its sidecars (by its name), assembled and encrypted."""
         try:
-            plain = series_file(entry.sop_uid, datasets, self._config.volume.format)
+            rows = None  # a sidecar from the catalog's rows: what the served slices keep
+            if entry.sop_uid not in (VOLUME, COMPRESSED_VOLUME):
+                rows = list(self._catalog.index.series_images(entry.lfn.rpartition("/")[0]).values())
+            plain = series_file(entry.sop_uid, datasets, self._config.volume.format, rows)
         except NotAVolume as exc:
             raise StageFailed(f"not a volume: {exc.reason}") from None
         version, key_id = entry.content_version, uuid.UUID(entry.guid).bytes
@@ -625,6 +817,24 @@ def _batch_of(guid: str, entry: Entry | None) -> str:
     except MdmError:
         return guid
     return f"{source.study}/{source.series}"
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _protection_failure(exc: Exception) -> StageFailed:
+    """Why a worker could not protect a slice, in one line (never the image's values)."""
+    if isinstance(exc, MdmError):
+        return StageFailed(str(exc))
+    if isinstance(exc, BrokenProcessPool):
+        return StageFailed("a protection worker stopped (killed or out of memory); stage the file again")
+    log.error("protecting a slice failed: %s", exc.__class__.__name__)
+    return StageFailed(f"internal error ({exc.__class__.__name__})")
 
 
 def _key_failure(error: MdmError, produced: _Produced) -> StageFailed:

@@ -57,8 +57,10 @@ class ProtectTask:
 
     ``source`` is a Part-10 file's bytes (what registration reads or receives) or a pydicom
     ``Dataset`` with its ``file_meta`` (what a retrieve delivered; it pickles as it is).
-    With ``output``, the ciphertext is written to that path, flushed and fsynced, and not
-    sent back: a staged slice goes to its cache file without crossing the pipe twice.
+    With ``output``, the ciphertext is written to that path (fsynced unless ``sync`` is
+    False: a caller that fsyncs many files at once from threads lets the file system commit
+    them together) and not sent back: a staged slice goes to its cache file without
+    crossing the pipe twice.
     """
 
     source: bytes | Dataset
@@ -68,6 +70,7 @@ class ProtectTask:
     guid: str
     version: int
     output: str | None = None
+    sync: bool = True
 
 
 @dataclass(frozen=True)
@@ -94,8 +97,9 @@ def protect(task: ProtectTask) -> Protected:
     fd = os.open(task.output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as out:
         out.write(payload)
-        out.flush()
-        os.fsync(out.fileno())
+        if task.sync:
+            out.flush()
+            os.fsync(out.fileno())
     return Protected(None, *checksums, tuple(result.erased))
 
 

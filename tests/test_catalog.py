@@ -18,6 +18,7 @@ from srm_dicom.catalog import (
     SUBMITTED,
     AclEntry,
     Outcome,
+    RightsFacts,
     StageFile,
     StageRequest,
     find_entry,
@@ -27,7 +28,7 @@ from srm_dicom.config import parse_config
 from srm_dicom.crypto.container import encrypted_size
 from srm_dicom.errors import NotFound
 from srm_dicom.keystore.client import KeystoreClient
-from srm_dicom.query import ATTRIBUTES, parse
+from srm_dicom.query import ATTRIBUTES, equals_any, parse
 from srm_dicom.register import Registrar
 from srm_dicom.synthetic import FakePatient, make_series
 from srm_dicom.volume import plan_volume
@@ -187,6 +188,37 @@ def test_search_like_ignores_ascii_case_and_numbers_compare_as_numbers(config, c
     assert len(found("InstanceNumber >= 2")) == 2 and len(found("InstanceNumber > 10")) == 0
     assert len(found("ProtocolName like '-PHANT*'")) == 3 and found("ProtocolName != '-phantom'") == []
     assert len(list(catalog.index.search(parse(""), [name], limit=2))) == 2
+
+
+def test_aggregates_count_per_directory_rights_class_and_flag(config, catalog):
+    register_series(config, catalog, slices=3, seed="a")
+    register_series(config, catalog, slices=2, seed="b")
+    slices = sorted((m.entry for m in catalog.index.search(parse(""), [])), key=lambda e: e.guid)
+    directories = sorted({e.lfn.rsplit("/", 1)[0] for e in slices}, key=lambda d: -sum(d in e.lfn for e in slices))
+    three = [e for e in slices if e.lfn.startswith(directories[0] + "/")]  # directories[0]: the series of 3
+    catalog.namespace.set_rights([three[1].guid], None, None, [AclEntry("/CN=bob", 0o5, "all")])
+    modality = ATTRIBUTES["Modality"]
+
+    def groups(facts, flags=()):
+        return [(g.directory, g.count, g.sample, g.flags, g.values) for g in
+                catalog.index.aggregate(parse(""), facts, flags, [modality])]
+
+    everyone = groups(RightsFacts(None, "demo"))  # nobody's per-DN entries: one class per directory
+    assert [(d, n) for d, n, *_ in everyone] == sorted([(directories[0], 3), (directories[1], 2)])
+    assert all(values == {"Modality": "CT"} for *_, values in everyone)
+    assert {sample for _, _, sample, *_ in everyone} == {min(e.guid for e in slices if e.lfn.startswith(d + "/"))
+                                                         for d in directories}
+    bob = groups(RightsFacts("/CN=bob", "demo"))  # bob's entry on one slice puts it in a class of its own
+    assert sorted((d, n) for d, n, *_ in bob) == sorted([(directories[0], 2), (directories[0], 1), (directories[1], 2)])
+    assert (directories[0], 1, three[1].guid) in [(d, n, s) for d, n, s, *_ in bob]
+    under = groups(RightsFacts(None, None, (three[0].lfn, directories[1])))  # token scopes or macaroon paths
+    assert sorted((d, n) for d, n, *_ in under) == sorted([(directories[0], 1), (directories[0], 2),
+                                                            (directories[1], 2)])
+    flag = equals_any(ATTRIBUTES["SOPInstanceUID"], [three[2].sop_uid])
+    flagged = groups(RightsFacts(None, "demo"), [flag])
+    assert sorted((d, n, f) for d, n, _, f, _ in flagged) == sorted(
+        [(directories[0], 1, (True,)), (directories[0], 2, (False,)), (directories[1], 2, (False,))])
+    assert catalog.index.aggregate(parse("PatientName = 'nobody'"), RightsFacts(), [], [modality]) == []
 
 
 def request_of(request_id, entries, created_at, lifetime=60):

@@ -1,5 +1,7 @@
 import os
+import posixpath
 import zlib
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -7,6 +9,7 @@ import pydicom
 import pytest
 from pydicom.uid import SecondaryCaptureImageStorage
 
+from peers import free_port
 from sites import require_vendor_data, write_site_config
 from srm_dicom.anonymize import AnonymizationOptions, recorded_options, rules_version
 from srm_dicom.catalog import Outcome, open_catalog
@@ -16,7 +19,7 @@ from srm_dicom.errors import InvalidInput
 from srm_dicom.keystore.client import KeystoreClient
 from srm_dicom.pacs.client import PacsClient
 from srm_dicom.protect import key_name, protect_image
-from srm_dicom.register import Registrar, Summary, iter_files, read_dicom
+from srm_dicom.register import BATCH, Registrar, Summary, iter_files, read_dicom
 from srm_dicom.synthetic import make_series
 from srm_dicom.uids import deidentify_uid
 
@@ -227,3 +230,128 @@ def test_a_batch_plans_each_series_volume_once_with_the_size_one_by_one_gives(em
         catalog.close()
     assert sizes["batch"] == sizes["one by one"] and None not in sizes["batch"].values()
     assert sorted(sizes["batch"]) == ["3D", "3D.json"]
+
+
+class Calls:
+    """Counts what the pipeline asks of its real peers: associations opened, requests per
+    key-server path, catalog transactions, series read whole."""
+
+    def __init__(self, monkeypatch, catalog) -> None:  # type: ignore[no-untyped-def]
+        self.associations = 0
+        self.key_requests: list[str] = []
+        self.transactions = 0
+        self.series_reads = 0
+        self._spy(monkeypatch, PacsClient, "_open", "associations")
+        self._count_outermost_transactions(monkeypatch, type(catalog.backend))
+        self._spy(monkeypatch, type(catalog.index), "series_images", "series_reads")
+        request = KeystoreClient._request
+
+        def counted(client, method, url, resource, body):  # type: ignore[no-untyped-def]
+            self.key_requests.append(f"{method} {resource}")
+            return request(client, method, url, resource, body)
+
+        monkeypatch.setattr(KeystoreClient, "_request", counted)
+
+    def _count_outermost_transactions(self, monkeypatch, cls):  # type: ignore[no-untyped-def]
+        original, depth = cls.transaction, [0]
+
+        @contextmanager
+        def counted(backend):  # type: ignore[no-untyped-def]
+            self.transactions += depth[0] == 0
+            depth[0] += 1
+            try:
+                with original(backend):
+                    yield
+            finally:
+                depth[0] -= 1
+
+        monkeypatch.setattr(cls, "transaction", counted)
+
+    def _spy(self, monkeypatch, cls, name, counter):  # type: ignore[no-untyped-def]
+        original = getattr(cls, name)
+
+        def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
+            setattr(self, counter, getattr(self, counter) + 1)
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(cls, name, counted)
+
+
+def test_a_series_is_one_association_one_bulk_put_per_server_and_one_transaction_per_batch(
+    orthanc, tmp_path, key_servers, monkeypatch
+):
+    config = load_config(write_site_config(tmp_path / "site", orthanc, key_servers))
+    files = write_series(tmp_path / "in", slices=BATCH + 6, seed="pipeline")
+    catalog = open_catalog(config)
+    calls = Calls(monkeypatch, catalog)
+    with PacsClient(config.pacs) as pacs:
+        registrar = Registrar(config, catalog, pacs, KeystoreClient.from_config(config))
+        results = list(registrar.register_many(files, store_in_pacs=True))
+        assert [r.source for r in results] == files and {r.outcome for r in results} == {Outcome.ADDED}
+        first = pydicom.dcmread(files[0])
+        assert len(pacs.find_instances(first.StudyInstanceUID, first.SeriesInstanceUID)) == len(files)
+    assert calls.associations == 1
+    # Two batches: one bulk put per key server each; no per-image key request.
+    assert sorted(calls.key_requests) == ["POST /bulk/put"] * 2 * len(key_servers.urls)
+    # The series is read whole once, when the run ends, to plan its volume: not at each image.
+    assert calls.series_reads == 1
+    assert calls.transactions == 2 + 1  # one per batch, one for the volume's planning when the run ends
+    entries = catalog.namespace.list_dir(posixpath.dirname(results[0].lfn)).entries
+    assert sorted(e.kind for e in entries) == ["slice"] * len(files) + ["volume"] * 2
+    assert all(e.size for e in entries)  # the volume and its sidecar planned at the end
+    again = list(registrar.register_many(files, store_in_pacs=True))
+    assert {r.outcome for r in again} == {Outcome.UNCHANGED}
+    catalog.close()
+
+
+def test_the_worker_processes_give_the_bytes_registering_in_process_gives(embedded_pacs, tmp_path, key_servers):
+    series = make_series(slices=5, size=16, seed="pool")
+    described = {}
+    for pool in (False, True):
+        config = load_config(write_site_config(tmp_path / f"pool-{pool}", embedded_pacs, key_servers))
+        catalog = open_catalog(config)
+        keystore = KeystoreClient.from_config(config)
+        registrar = Registrar(config, catalog, None, keystore, pool=pool)
+        results = list(registrar.register_many(series, store_in_pacs=False))
+        assert [r.outcome for r in results] == [Outcome.ADDED] * 5
+        entries = [catalog.namespace.lookup(r.lfn) for r in results]
+        for ds, entry in zip(series, entries, strict=True):  # restaging gives the very bytes described
+            key = keystore.fetch_key(key_name(entry.guid, 1), lambda k: len(k) == 32)
+            again = protect_image(ds, config.site.secret_bytes, config.anonymization, key, entry.guid, 1)
+            assert (entry.size, entry.adler32, entry.sha256) == (again.size, again.adler32, again.sha256)
+        described[pool] = [(r.lfn, catalog.index.metadata(e.guid).erased)
+                           for r, e in zip(results, entries, strict=True)]
+        catalog.close()
+    assert described[True] == described[False]
+
+
+def test_a_batch_whose_keys_cannot_be_stored_catalogs_nothing_and_says_why_for_each(embedded_pacs, tmp_path,
+                                                                                    key_servers):
+    config = load_config(write_site_config(tmp_path / "site", embedded_pacs, key_servers))
+    down = replace(config.keystore, urls=[f"https://127.0.0.1:{free_port()}" for _ in config.keystore.urls])
+    config = replace(config, keystore=down)
+    files = write_series(tmp_path / "in", slices=3, seed="no keys")
+    catalog = open_catalog(config)
+    with PacsClient(config.pacs) as pacs:
+        registrar = Registrar(config, catalog, pacs, KeystoreClient.from_config(config))
+        results = list(registrar.register_many([*files, tmp_path / "missing.dcm"], store_in_pacs=True))
+    assert [r.source for r in results] == [*files, tmp_path / "missing.dcm"]
+    assert all(r.outcome is None and "unreachable" in str(r.error) for r in results[:3])
+    assert "cannot read" in str(results[3].error)
+    assert catalog.namespace.count() == 0  # nothing half registered: no row without its key
+    catalog.close()
+
+
+def test_an_image_met_twice_in_a_run_is_registered_then_updated(embedded_pacs, tmp_path, key_servers):
+    config = load_config(write_site_config(tmp_path / "site", embedded_pacs, key_servers))
+    ds = make_series(slices=1, size=8, seed="twice")[0]
+    changed = make_series(slices=1, size=8, seed="twice")[0]
+    changed.SeriesDescription = "re-reconstructed"
+    catalog = open_catalog(config)
+    registrar = Registrar(config, catalog, None, KeystoreClient.from_config(config))
+    outcomes = [r.outcome for r in registrar.register_many([ds, ds, changed], store_in_pacs=False)]
+    assert outcomes == [Outcome.ADDED, Outcome.UNCHANGED, Outcome.UPDATED]
+    entry = _slice_entry(catalog, config, ds)
+    assert entry.content_version == 2
+    assert catalog.index.metadata(entry.guid).medical["series_description"] == "re-reconstructed"
+    catalog.close()

@@ -150,4 +150,9 @@ MIGRATIONS: list[str] = [
     CREATE INDEX stage_jobs_seq ON stage_jobs (seq);
     CREATE INDEX stage_jobs_batch ON stage_jobs (batch, state)
     """,
+    # 7: studies and series counted per directory and rights class from an index (SQLite's 12).
+    """
+    CREATE INDEX entries_rights ON entries (parent, mode, metadata_mode, vo, owner, kind, guid);
+    CREATE INDEX acl_dn ON acl (dn)
+    """,
 ]

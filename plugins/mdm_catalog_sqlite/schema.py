@@ -169,4 +169,11 @@ MIGRATIONS: list[str] = [
     CREATE INDEX stage_jobs_seq ON stage_jobs (seq);
     CREATE INDEX stage_jobs_batch ON stage_jobs (batch, state)
     """,
+    # 12: QIDO-RS studies and series counted per directory and rights class from an index
+    # alone, in directory order (no sort, no table row read: 3x faster at 10^5 images,
+    # tests/bench/bench_query.py); whether a caller has any per-DN entry at all.
+    """
+    CREATE INDEX entries_rights ON entries (parent, mode, metadata_mode, vo, owner, kind, guid);
+    CREATE INDEX acl_dn ON acl (dn)
+    """,
 ]

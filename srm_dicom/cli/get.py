@@ -17,7 +17,7 @@ from srm_dicom.client import guid_path, lfn_path
 from srm_dicom.config import load_config
 from srm_dicom.errors import InvalidInput, MdmError, NotFound
 from srm_dicom.keystore.client import KeystoreClient
-from srm_dicom.names import SIDECARS, VOLUME, parse_sop_spec
+from srm_dicom.names import COMPRESSED_VOLUME, SIDECARS, VOLUME, parse_sop_spec
 
 # Below this size a download is over before a bar would be worth drawing.
 PROGRESS_MIN_BYTES = 8 * 1024 * 1024
@@ -47,8 +47,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
             "  mdm get [-l] /grid/VO/mdm/STUDY/SERIES/SOP DEST\n"
             "  mdm get [-g] guid:UUID DEST\n"
             "The UIDs are those of the names (de-identified unless the site serves the PACS's own).\n"
-            "Like dcm2niix, getting a 3D volume (by LFN or S,SE,3D) as out.nii also writes out.json\n"
-            "and, for a diffusion series, out.bval and out.bvec (--no-sidecars: DEST only).\n"
+            "Like dcm2niix, getting a 3D volume (by LFN, S,SE,3D or GUID; 3D.nii.gz too) as out.nii\n"
+            "also writes out.json and, for a diffusion series, out.bval and out.bvec (--no-sidecars:\n"
+            "DEST only).\n"
             "Exit codes: 1 download failed or damaged, 2 bad usage or DEST exists, 3 not found,\n"
             "4 still staging past --timeout, 5 refused by the storage element, 6 key servers\n"
             "failed or refused."
@@ -95,15 +96,23 @@ def url_path(args: argparse.Namespace, vo: str) -> str:
 
 def sidecar_destinations(path: str, destination: Path) -> list[tuple[str, Path]]:
     """(URL path, destination) of each sidecar a volume may have, named as dcm2niix names
-    them: ``out.nii`` (or ``out.nii.gz``, ``out.nrrd``) → ``out.json``, ``out.bval``, ``out.bvec``."""
+    them: ``out.nii`` (or ``out.nii.gz``, ``out.nrrd``) → ``out.json``, ``out.bval``, ``out.bvec``.
+    ``3D.nii.gz`` has the sidecars of ``3D``."""
+    path = path.removesuffix(COMPRESSED_VOLUME[len(VOLUME):])
     if not path.endswith(f"/{VOLUME}"):
         return []
+    return [(f"{path}{name[len(VOLUME):]}", target) for name, target in _named_sidecars(destination)]
+
+
+def _named_sidecars(destination: Path) -> list[tuple[str, Path]]:
+    """(sidecar name, destination) beside ``destination``: ``out.nii`` (or ``out.nii.gz``,
+    ``out.nrrd``) → ``out.json``, ``out.bval``, ``out.bvec``, as dcm2niix names them."""
     stem = destination.name
     for extension in (".nii.gz", ".nii", ".nrrd"):
         if stem.endswith(extension) and len(stem) > len(extension):
             stem = stem[: -len(extension)]
             break
-    return [(f"{path}{name[len(VOLUME):]}", destination.with_name(stem + name[len(VOLUME):])) for name in SIDECARS]
+    return [(name, destination.with_name(stem + name[len(VOLUME):])) for name in SIDECARS]
 
 
 def _is_uuid(text: str) -> bool:
@@ -151,12 +160,15 @@ def run(args: argparse.Namespace) -> int:
     path = url_path(args, config.site.vo)
     destination = Path(args.items[-1])
     _may_write(destination, args)
-    sidecars = [] if args.no_sidecars else sidecar_destinations(path, destination)
-    for _, sidecar in sidecars:
-        _may_write(sidecar, args)
     # Both clients before the download, so a config mistake shows before any byte moves.
     storage = sites.download_client(config, path, args.site, args.timeout)
     keystore = KeystoreClient.from_config(config)
+    sidecars = [] if args.no_sidecars else sidecar_destinations(path, destination)
+    if path.startswith("/guid/") and not args.no_sidecars:  # a volume's sidecars, linked from its GUID
+        links = storage.sidecars_of(path)
+        sidecars = [(links[name], target) for name, target in _named_sidecars(destination) if name in links]
+    for _, sidecar in sidecars:
+        _may_write(sidecar, args)
     with _progress_bar() as progress:
         downloads = [(storage.get(path, destination, keystore, progress), destination)]
     for sidecar_path, sidecar in sidecars:

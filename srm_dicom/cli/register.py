@@ -11,12 +11,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from srm_dicom.catalog import open_catalog
 from srm_dicom.config import load_config
-from srm_dicom.errors import InvalidInput, MdmError, PacsError
+from srm_dicom.errors import InvalidInput, PacsError
 from srm_dicom.keystore.client import KeystoreClient
 from srm_dicom.pacs.client import PacsClient
-from srm_dicom.register import DICOMDIR, NOT_DICOM, NotAnImage, NotDicom, Registrar, Summary, iter_files, read_dicom
+from srm_dicom.register import DICOMDIR, NOT_DICOM, NotAnImage, NotDicom, Registrar, Summary, iter_files
 
 EXIT_SOME_FAILED = 1
+POOL_FROM = 32
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -80,15 +81,18 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     catalog = open_catalog(config)
     summary = Summary()
+    files = [] if args.from_pacs else list(iter_files(args.paths, summary))
     try:
         keystore = KeystoreClient.from_config(config)
         with PacsClient(config.pacs) as pacs:
-            registrar = Registrar(config, catalog, pacs, keystore, owner=args.owner)
-            with registrar.batch():
-                if args.from_pacs:
-                    _register_from_pacs(registrar, pacs, args, summary)
-                else:
-                    _register_files(registrar, args, summary)
+            # Worker processes pay for their start from a few dozen images
+            # (README, "What registration does to an image").
+            pool = args.from_pacs or len(files) >= POOL_FROM
+            registrar = Registrar(config, catalog, pacs, keystore, owner=args.owner, pool=pool)
+            if args.from_pacs:
+                _register_from_pacs(registrar, pacs, args, summary)
+            else:
+                _register_files(registrar, files, args, summary)
     except PacsError as exc:
         print(summary.line(), file=sys.stderr)
         raise exc
@@ -100,29 +104,24 @@ def run(args: argparse.Namespace) -> int:
     return EXIT_SOME_FAILED if summary.failures else 0
 
 
-def _register_files(registrar: Registrar, args: argparse.Namespace, summary: Summary) -> None:
+def _register_files(registrar: Registrar, files: list[Path], args: argparse.Namespace, summary: Summary) -> None:
     named = set(args.paths)
-    files = list(iter_files(args.paths, summary))
     with _progress(len(files)) as progress:
         task = progress.add_task("register", total=len(files)) if progress else None
-        for path in files:
-            try:
-                ds = read_dicom(path)
-                outcome = registrar.register(ds, store_in_pacs=True, reprotect=args.reprotect)
-                summary.add(outcome)
+        for result in registrar.register_many(files, store_in_pacs=True, reprotect=args.reprotect):
+            path = result.source
+            error = result.error
+            if error is None:
+                assert result.outcome is not None  # a result without an error has its outcome
+                summary.add(result.outcome)
                 if args.verbose:
-                    print(f"{outcome.value}: {path} -> {registrar.lfn(ds)}")
-            except PacsError:
-                raise
-            except (NotDicom, NotAnImage) as exc:
-                if path in named:
-                    summary.fail(str(path), str(exc))
-                else:
-                    summary.skip(NOT_DICOM if isinstance(exc, NotDicom) else DICOMDIR)
-                    if args.verbose:
-                        print(f"skipped ({exc}): {path}")
-            except MdmError as exc:
-                summary.fail(str(path), str(exc))
+                    print(f"{result.outcome.value}: {path} -> {result.lfn}")
+            elif isinstance(error, (NotDicom, NotAnImage)) and path not in named:
+                summary.skip(NOT_DICOM if isinstance(error, NotDicom) else DICOMDIR)
+                if args.verbose:
+                    print(f"skipped ({error}): {path}")
+            else:
+                summary.fail(str(path), str(error))
             if progress and task is not None:
                 progress.advance(task)
 
@@ -130,16 +129,22 @@ def _register_files(registrar: Registrar, args: argparse.Namespace, summary: Sum
 def _register_from_pacs(
     registrar: Registrar, pacs: PacsClient, args: argparse.Namespace, summary: Summary
 ) -> None:
+    """Every image of the chosen studies, series after series, through the same pipeline as
+    files: the PACS sends each series once (C-GET or C-MOVE) and nothing is stored back."""
     studies = [args.study] if args.study else pacs.find_studies(patient_id=args.patient)
-    for study in studies:
-        for series in pacs.find_series(study):
-            for ds in pacs.retrieve(study, series):
-                try:
-                    outcome = registrar.register(ds, store_in_pacs=False, reprotect=args.reprotect)
-                    summary.add(outcome)
-                    if args.verbose:
-                        print(f"{outcome.value}: PACS image -> {registrar.lfn(ds)}")
-                except PacsError:
-                    raise
-                except MdmError as exc:
-                    summary.fail(f"PACS image {ds.get('SOPInstanceUID', '?')}", str(exc))
+    images = (ds for study in studies for series in pacs.find_series(study) for ds in pacs.retrieve(study, series))
+    for result in registrar.register_many(images, store_in_pacs=False, reprotect=args.reprotect):
+        if result.error is None:
+            assert result.outcome is not None  # a result without an error has its outcome
+            summary.add(result.outcome)
+            if args.verbose:
+                print(f"{result.outcome.value}: PACS image -> {result.lfn}")
+        else:
+            summary.fail(f"PACS image {_sop_uid(result.source)}", str(result.error))
+
+
+def _sop_uid(source: object) -> str:
+    try:
+        return str(getattr(source, "SOPInstanceUID", "?"))
+    except Exception:  # pydicom decodes lazily: a malformed UID element raises here
+        return "?"

@@ -22,6 +22,7 @@ import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from pydicom import Dataset
@@ -40,6 +41,7 @@ from pynetdicom import (
     AE,
     AllStoragePresentationContexts,
     StoragePresentationContexts,
+    _config,
     build_context,
     build_role,
     evt,
@@ -343,13 +345,27 @@ class PacsClient:
     @timed(PacsCall, operation="C-STORE")
     def store(self, ds: Dataset) -> None:
         """C-STORE one dataset, in exactly its own transfer syntax."""
-        sop_class, ts = str(ds.SOPClassUID), _transfer_syntax(ds)
+        self._store(ds, str(ds.SOPClassUID), _transfer_syntax(ds))
+
+    @timed(PacsCall, operation="C-STORE")
+    def store_file(self, path: Path, sop_class: str, transfer_syntax: str) -> None:
+        """C-STORE a Part-10 file as its bytes are, read in chunks: nothing decoded or re-encoded
+        here (the registrar has read it in a worker, and checked that its file meta names the
+        data set's SOP class, instance and encoding). pynetdicom sends a path so only with its
+        ``STORE_SEND_CHUNKED_DATASET``; it only concerns paths, which only this method sends."""
+        _config.STORE_SEND_CHUNKED_DATASET = True
+        self._store(path, sop_class, transfer_syntax)
+
+    def _store(self, what: Dataset | Path, sop_class: str, ts: str) -> None:
         assoc = self._association(self._single(sop_class, ts))
         if not self._context_accepted(assoc, sop_class, ts):
             raise self._error(
                 f"C-STORE refused: {UID(sop_class).name} in {UID(ts).name} is not accepted"
             )
-        status = assoc.send_c_store(ds)
+        try:
+            status = assoc.send_c_store(what)
+        except (OSError, AttributeError, ValueError) as exc:  # a file that changed since it was read
+            raise InvalidInput(f"cannot be sent ({exc.__class__.__name__})") from None
         if "Status" not in status:
             raise self._no_response("C-STORE")
         if _category(status.Status, STORAGE_SERVICE_CLASS_STATUS) == "Failure":
@@ -357,12 +373,18 @@ class PacsClient:
                 f"C-STORE failed: {_status_text(status.Status, STORAGE_SERVICE_CLASS_STATUS)}"
             )
 
+    def offer(self, contexts: Iterable[tuple[str, str]]) -> None:
+        """Have the kept association offer these (SOP class, transfer syntax) pairs, opening
+        it once for all of them rather than again at each new pair a batch's C-STOREs meet.
+        More than one association carries: left to ``store`` to reopen as needed."""
+        plan = _Plan(frozenset((sop_class, (ts,)) for sop_class, ts in contexts))
+        if plan.contexts and len(plan.union(BASE_PLAN).contexts) <= MAX_CONTEXTS:
+            self._association(plan)
+
     def store_many(self, datasets: Iterable[Dataset]) -> int:
         """C-STORE a batch over one association opened for all its contexts; returns the count."""
         batch = list(datasets)
-        contexts = frozenset((str(ds.SOPClassUID), (_transfer_syntax(ds),)) for ds in batch)
-        if batch and len(contexts) <= MAX_CONTEXTS:
-            self._association(_Plan(contexts))
+        self.offer((str(ds.SOPClassUID), _transfer_syntax(ds)) for ds in batch)
         for ds in batch:
             self.store(ds)
         return len(batch)

@@ -19,6 +19,7 @@ from srm_dicom.cache import discard, intact
 from srm_dicom.catalog import Entry
 from srm_dicom.config import Config
 from srm_dicom.identity import Identity
+from srm_dicom.names import COMPRESSED_VOLUME, SIDECARS, VOLUME
 from srm_dicom.server.digests import content_digest, digest_header, repr_digest, wanted_digests, wanted_rfc9530
 from srm_dicom.server.observe import mark_transfer
 from srm_dicom.server.problems import StartResponse, problem
@@ -112,6 +113,7 @@ class FileService:
             ("ETag", f'"{entry.guid}-{entry.content_version}"'),
             ("Last-Modified", formatdate(entry.modified, usegmt=True)),
         ]
+        headers += self._sidecar_links(entry, identity)
         size = entry.size
         ranges = parse_ranges(environ.get("HTTP_RANGE", ""), size) if environ.get("HTTP_RANGE") else None
         headers += self._digests(environ, entry, path, ranges)
@@ -133,6 +135,20 @@ class FileService:
                                                    ("Content-Length", str(last - first + 1))])
             return _read_all(source, first, last)
         return self._multipart(start_response, headers, source, ranges, size)
+
+    def _sidecar_links(self, entry: Entry, identity: Identity) -> list[tuple[str, str]]:
+        """A series volume's sidecars the caller may list, by GUID (RFC 8288 Link,
+        rel="describedby", titled with the sidecar's name): how ``mdm get -g`` finds them
+        from the volume's GUID alone, without learning its LFN."""
+        if entry.kind != "volume" or entry.sop_uid not in (VOLUME, COMPRESSED_VOLUME):
+            return []
+        volume = entry.lfn.removesuffix(COMPRESSED_VOLUME[len(VOLUME):])
+        links = []
+        for name in SIDECARS:
+            sidecar = self._service.visible(identity, f"{volume}{name[len(VOLUME):]}")
+            if sidecar is not None:
+                links.append(f'</guid/{sidecar.guid}>; rel="describedby"; title="{name}"')
+        return [("Link", ", ".join(links))] if links else []
 
     def _source(self, entry: Entry, path: Path | None, staged: bool) -> BinaryIO | str:
         """The open file to serve, or why not (a 503's detail). Opened now: once open, the cache

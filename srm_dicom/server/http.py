@@ -223,7 +223,9 @@ class LimitedServer(wsgi.Server):
 
 def https_server(config: Config, app: Any) -> LimitedServer:  # noqa: ANN401 - a WSGI application
     """The HTTPS server; client certificates are asked for but optional (token users share
-    the port), verified against [identity] ca, proxies accepted."""
+    the port), verified against [identity] ca, proxies accepted. OpenSSL's security level is
+    left as the system sets it: a chain with a SHA-1 signature fails the handshake, proxies
+    included (voms-proxy-fake signs with SHA-1 only under an ECDSA CA; README, "VOMS")."""
     settings = config.server
     server = LimitedServer(
         (settings.host, settings.port), app, numthreads=settings.threads, server_name=settings.sitename,

@@ -21,6 +21,7 @@ the caller may see: counts and ``ModalitiesInStudy`` are theirs.
 
 from __future__ import annotations
 
+import functools
 import json
 import posixpath
 import re
@@ -35,10 +36,12 @@ from urllib.parse import parse_qsl, quote
 
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 
+from srm_dicom.catalog import Group
 from srm_dicom.errors import InvalidInput
 from srm_dicom.identity import Identity
 from srm_dicom.names import is_uid
 from srm_dicom.query import ALL, ATTRIBUTES, Attribute, Boolean, Query, Visible, compare, equals_any
+from srm_dicom.rights import METADATA_LEVELS
 from srm_dicom.server.metadata import limit_parameter
 from srm_dicom.server.problems import StartResponse, problem
 from srm_dicom.service import StorageService
@@ -217,14 +220,51 @@ class Qido:
         # The UID keys match the UID the caller sees: checked below per image, so only the
         # other filters decide the level an image needs.
         query.check_size()
-        matches = self._service.search(identity, query, sorted(wanted, key=lambda a: a.keyword),
-                                       search.query.level)
-        matches = (m for m in matches if _uids_match(m, search.uids))
         if search.level == "instance":
+            matches = self._service.search(identity, query, sorted(wanted, key=lambda a: a.keyword),
+                                           search.query.level)
+            matches = (m for m in matches if _uids_match(m, search.uids))
             start = min(search.offset, sys.maxsize)  # no catalog holds 2^63 images: beyond is an empty page
             page = islice(matches, start, min(start + search.limit, sys.maxsize))
             return [_values(m, search.fields, "instance", base) for m in page]
-        return _aggregate(matches, search, base)[search.offset: search.offset + search.limit]
+        return self._aggregate(identity, query, search, sorted(wanted, key=lambda a: a.keyword), base)
+
+    def _aggregate(self, identity: Identity, query: Query, search: Search, wanted: list[Attribute],
+                   base: str) -> list[dict[str, Any]]:
+        """Studies or series of the images that match and that the caller may see, counted by
+        the catalog per series directory and rights class (``StorageService.aggregate``): a
+        study's directory holds its series', a series' its images, so directories are the
+        groups. A result's attributes are those of one of its images, at the highest level
+        the caller has on them; ``ModalitiesInStudy`` has one image's per series and class
+        (Modality is a series attribute, PS3.3 C.7.3.1)."""
+        flags = [equals_any(ATTRIBUTES[k], sorted(listed)) for k, listed in search.uids.items()]
+        modality = [ATTRIBUTES["Modality"]] if search.level == "study" else []
+        groups = [g for g in self._service.aggregate(identity, query, search.query.level, flags, modality)
+                  # A UID key names an image by the namespace's UID, or for "all" rights by the original.
+                  if all(g.flags) or g.level == ALL]
+        results: dict[str, list[Group]] = {}
+        for group in groups:
+            key = group.directory.rpartition("/")[0] if search.level == "study" else group.directory
+            results.setdefault(key, []).append(group)
+        page = list(results.values())[search.offset: search.offset + search.limit]
+        best = [max(found, key=lambda g: METADATA_LEVELS.index(g.level or "none")) for found in page]
+        shown = self._service.samples(best, wanted)
+        out = []
+        for found, first in zip(page, best, strict=True):
+            sample = shown.get(first.sample)
+            if sample is None:
+                continue  # deleted since it was counted
+            fields = [f for f in search.fields if f != "Modality" or search.level == "series"]
+            result = _values(sample, fields, search.level, base)
+            count = sum(g.count for g in found)
+            if search.level == "study":
+                result["ModalitiesInStudy"] = sorted({g.values["Modality"] for g in found if g.values.get("Modality")})
+                result["NumberOfStudyRelatedSeries"] = len({g.directory for g in found})
+                result["NumberOfStudyRelatedInstances"] = count
+            else:
+                result["NumberOfSeriesRelatedInstances"] = count
+            out.append(result)
+        return out
 
 
 def _warning(text: str) -> str:
@@ -262,37 +302,14 @@ def _values(match: Visible, fields: Iterable[str], level: str, base: str) -> dic
     return out
 
 
-def _aggregate(matches: Iterable[Visible], search: Search, base: str) -> list[dict[str, Any]]:
-    groups: dict[tuple[str, ...], dict[str, Any]] = {}
-    key: tuple[str, ...]
-    series_of: dict[tuple[str, ...], set[str]] = {}
-    for match in matches:
-        study = _shown_uid(match, "StudyInstanceUID")
-        key = (study,) if search.level == "study" else (study, _shown_uid(match, "SeriesInstanceUID"))
-        group = groups.get(key)
-        if group is None:
-            group = groups[key] = _values(match, [f for f in search.fields if f != "Modality" or
-                                                  search.level == "series"], search.level, base)
-            group["_count"], group["_modalities"] = 0, set()
-            series_of[key] = set()
-        group["_count"] += 1
-        series_of[key].add(_shown_uid(match, "SeriesInstanceUID"))
-        if match.values.get("Modality"):
-            group["_modalities"].add(match.values["Modality"])
-    out = []
-    for key, group in groups.items():
-        count, modalities = group.pop("_count"), group.pop("_modalities")
-        if search.level == "study":
-            group["ModalitiesInStudy"] = sorted(modalities)
-            group["NumberOfStudyRelatedSeries"] = len(series_of[key])
-            group["NumberOfStudyRelatedInstances"] = count
-        else:
-            group["NumberOfSeriesRelatedInstances"] = count
-        out.append(group)
-    return out
-
-
 INTEGERS, DECIMALS = {"IS", "US", "UL", "SS", "SL"}, {"DS", "FL", "FD"}
+
+
+@functools.cache
+def _tag_and_vr(keyword: str) -> tuple[str, str]:
+    """A keyword's tag (8 hex digits) and VR: pydicom's dictionary lookups, once per keyword
+    (they cost ~20 µs each, 1/3 of a /studies answer of 1000 studies)."""
+    return f"{tag_for_keyword(keyword):08X}", dictionary_VR(keyword)
 
 
 def _dicom_json(values: dict[str, Any]) -> dict[str, Any]:
@@ -300,7 +317,7 @@ def _dicom_json(values: dict[str, Any]) -> dict[str, Any]:
     rather than with ``Dataset.to_json_dict``, which costs ~0.4 ms a row: 8x a whole search."""
     out = {}
     for keyword, value in values.items():
-        tag, vr = f"{tag_for_keyword(keyword):08X}", dictionary_VR(keyword)
+        tag, vr = _tag_and_vr(keyword)
         items = value if isinstance(value, list) else str(value).split("\\")
         if vr == "SQ":
             items = [_dicom_json(item) for item in value]

@@ -1,24 +1,25 @@
-"""SQLite catalog: registration rate, and lookup latency at 10^4 and 10^6 entries.
+"""Catalog on either backend: registration rate, and lookup latency at 10^3 and 10^6 entries.
 
-Run: python tests/bench/bench_catalog.py [--studies 10000] [--lookups 10000]
+Run: python tests/bench/bench_catalog.py [--studies 10000] [--lookups 10000] [--backend sqlite|postgresql]
 
-Three catalogs in a temporary directory under /tmp (removed at the end), opened with
-``open_catalog`` from a parsed config, holding studies x series x slices images with
-one patient per study (default 10^4 x 10 x 10 = 10^6 slices, plus one ``3D`` entry per
-series):
+Four catalogs of the backend (SQLite files in a temporary directory under /tmp, or
+PostgreSQL databases of their own on ``--postgres``, dropped at the end), opened with
+``open_catalog`` from a parsed config, holding studies x series x slices images with one
+patient per study (default 10^4 x 10 x 10 = 10^6 slices, plus one ``3D`` entry per series):
 
-- honest: ``SQLiteCatalog.register_image`` for ``--honest`` slices, timed: the rate a
+- honest: ``Catalog.register_image`` for ``--honest`` slices, timed: the rate a
   registration gets from the catalog alone (no DICOM, no PACS).
-- small (10^4 slices) and large (``--studies``): filled with ``executemany`` straight into
-  the schema, in the rows ``register_image`` writes for the same images (entries and
-  their directories, patient, image, medical, dicom, protocol; the volume's content
-  version counts its slices as the bumps would). Before any lookup, one series of the
-  large catalog is compared with the same series registered by ``register_image``: every
-  table, every column but the two timestamps, must be equal. Both catalogs are filled the
-  same way so their B-trees compare.
+- small (``--small-studies``, 10^3 slices) and large (``--studies``): filled straight into
+  the schema (``executemany`` on SQLite, ``COPY`` on PostgreSQL), in the rows
+  ``register_image`` writes for the same images (entries and their directories, patient,
+  image, medical, dicom, protocol; the volume's content version counts its slices as the
+  bumps would). Before any lookup, one series of the large catalog is compared with the
+  same series registered by ``register_image`` into a reference catalog of the same
+  backend: every table, every column but the two timestamps, must be equal. Both catalogs
+  are filled the same way so their B-trees compare.
 
-The peer is the same lookup on the 100x smaller catalog in the same run: an indexed
-lookup stays flat (ratio ~1); a scan grows with the entries (ratio ~100). Listing the
+The peer is the same lookup on the 1000x smaller catalog in the same run: an indexed
+lookup stays flat (ratio ~1); a scan grows with the entries (ratio ~1000). Listing the
 VO root returns one directory per study, so it grows with the studies by design: its
 per-item figure is the one that must stay flat.
 """
@@ -27,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import hashlib
 import posixpath
 import random
@@ -37,10 +37,11 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache, partial
 from pathlib import Path
+from typing import Any
 
 # The tree this script lives in, ahead of whatever the shared interpreter has installed in
 # editable mode (a CI run elsewhere re-points it).
@@ -49,7 +50,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "plugins")]
 
 import srm_dicom  # noqa: E402
 from srm_dicom.catalog import Catalog, Entry, open_catalog  # noqa: E402
-from srm_dicom.config import CatalogConfig, Config, parse_config  # noqa: E402
+from srm_dicom.config import Config, parse_config  # noqa: E402
 from srm_dicom.metadata import ImageMetadata  # noqa: E402
 from srm_dicom.names import VOLUME, UidTriple, pfn, vo_root  # noqa: E402
 from srm_dicom.rights import parse_mode  # noqa: E402
@@ -152,14 +153,33 @@ class Images:
                     yield self.image(i, j, k)
 
 
-def make_config(directory: Path, name: str) -> Config:
+def make_config(directory: Path, name: str, url: str | None = None) -> Config:
+    """A site of the bench: its catalog an SQLite file ``name``.db, or the PostgreSQL database at ``url``."""
+    catalog = {"backend": "postgresql", "url": url} if url else {"backend": "sqlite", "url": f"{name}.db"}
     return parse_config(
-        {
-            "site": {"vo": "biomed", "secret": "bench site secret, not for production"},
-            "catalog": {"backend": "sqlite", "url": f"{name}.db"},
-        },
-        directory,
+        {"site": {"vo": "biomed", "secret": "bench site secret, not for production"}, "catalog": catalog}, directory
     )
+
+
+@contextlib.contextmanager
+def postgres_database(server: str, name: str) -> Iterator[str]:
+    """The URL of a new database on ``server`` (a database with the right to create others),
+    dropped afterwards."""
+    import psycopg
+
+    database = f"mdm_bench_{name}_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(server, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{database}"')
+        try:
+            yield f"{server.rsplit('/', 1)[0]}/{database}"
+        finally:
+            admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+
+
+def site(stack: contextlib.ExitStack, directory: Path, name: str, backend: str, server: str) -> Config:
+    """A bench site on ``backend`` whose catalog lives as long as ``stack``."""
+    url = stack.enter_context(postgres_database(server, name)) if backend == "postgresql" else None
+    return make_config(directory, name, url)
 
 
 # -- filling --------------------------------------------------------------------------
@@ -177,12 +197,8 @@ def register_honestly(catalog: Catalog, images: Iterator[Image]) -> tuple[int, f
 class BulkWriter:
     """The rows register_image writes, for many images at once (see the module docstring)."""
 
-    def __init__(self, db: sqlite3.Connection) -> None:
-        self.db = db
-        self.columns = {
-            table: [row[1] for row in db.execute(f"PRAGMA table_info({table})")]
-            for table in ("entries", "image", "medical", "dicom")
-        }
+    def __init__(self, columns: dict[str, list[str]]) -> None:
+        self.columns = columns  # by column name: the schema grows by migrations
         self.entry_columns = self.columns["entries"]
         self.rows: dict[str, list[tuple[object, ...]]] = {}
         self.directories: set[str] = set()
@@ -205,83 +221,144 @@ class BulkWriter:
         if image.original.sop.endswith(f".{SLICES}"):  # the series' last slice: its volume, bumped per slice
             self._entry(image.volume, now, SLICES)
         meta, guid = image.metadata, image.entry.guid
-        self.patients[meta.patient_key] = (meta.patient_key, *meta.patient.values())
+        patient = {"patient_key": meta.patient_key, **meta.patient}
+        self.patients[meta.patient_key] = tuple(patient.get(c) for c in self.columns["patient"])
         for table, values in (
             ("image", {"patient_key": meta.patient_key, **meta.image}), ("medical", meta.medical), ("dicom", meta.dicom)
         ):
-            row = {"guid": guid, **values}  # by column name: the schema grows by migrations
+            row = {"guid": guid, **values}
             self._add(table, tuple(row.get(c) for c in self.columns[table]))
         for protocol in meta.protocols:
-            self._add("protocol", (protocol, guid))
+            self._add("protocol", tuple({"name": protocol, "guid": guid}[c] for c in self.columns["protocol"]))
 
-    def flush(self) -> None:
-        self.db.execute("BEGIN")
-        for table, rows in self.rows.items():
-            self.db.executemany(f"INSERT INTO {table} VALUES ({', '.join('?' * len(rows[0]))})", rows)
-        patients = list(self.patients.values())
-        self.db.executemany(f"INSERT OR REPLACE INTO patient VALUES ({', '.join('?' * len(patients[0]))})", patients)
-        self.db.execute("COMMIT")
-        self.rows.clear()
-        self.patients.clear()
+    def take(self) -> dict[str, list[tuple[object, ...]]]:
+        """The rows gathered since the last call, table by table (parents first), patients last."""
+        rows = {**self.rows, "patient": list(self.patients.values())}
+        self.rows, self.patients = {}, {}
+        return rows
 
 
-def bulk_fill(path: Path, images: Images, studies: int) -> float:
-    """Fill the catalog file at ``path`` (schema already made by the backend); returns seconds."""
-    db = sqlite3.connect(path, isolation_level=None)
-    db.execute("PRAGMA synchronous=OFF")
-    db.execute("PRAGMA cache_size=-1048576")  # 1 GiB: random B-tree inserts stay in memory
-    writer = BulkWriter(db)
+FILLED = ("entries", "directories", "image", "medical", "dicom", "protocol", "patient")
+
+
+def table_columns(connection: Any, table: str) -> list[str]:
+    """A table's columns in order (sqlite3 and psycopg alike)."""
+    cursor = connection.cursor()
+    cursor.execute(f"SELECT * FROM {table} WHERE 1 = 0")
+    return [d[0] for d in cursor.description]
+
+
+def bulk_fill(config: Config, images: Images, studies: int) -> float:
+    """Fill the catalog of ``config`` (schema already made by the backend), with executemany on
+    SQLite and COPY on PostgreSQL, 100 studies a transaction; returns seconds. A study's patient
+    is in one batch only, so PostgreSQL's COPY needs no upsert."""
+    postgres = config.catalog.backend == "postgresql"
+    if postgres:
+        import psycopg
+
+        db: Any = psycopg.connect(config.catalog.url, autocommit=True)  # each batch in a transaction of its own
+        db.execute("SET synchronous_commit = off")
+    else:
+        db = sqlite3.connect(config.path(config.catalog.url), isolation_level=None)
+        db.execute("PRAGMA synchronous=OFF")
+        db.execute("PRAGMA cache_size=-1048576")  # 1 GiB: random B-tree inserts stay in memory
+    writer = BulkWriter({table: table_columns(db, table) for table in FILLED})
     start, now = time.perf_counter(), time.time()
     for i in range(studies):
         for j in range(SERIES):
             for k in range(SLICES):
                 writer.add(images.image(i, j, k), now)
         if i % 100 == 99 or i == studies - 1:
-            writer.flush()
-    db.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # no ANALYZE: the backend never runs it, query plans stay its own
+            batch = writer.take()
+            if postgres:
+                with db.transaction():
+                    for table, rows in batch.items():
+                        with db.cursor().copy(f"COPY {table} ({', '.join(writer.columns[table])}) FROM STDIN") as copy:
+                            for row in rows:
+                                copy.write_row(postgres_text(row))
+            else:
+                db.execute("BEGIN")
+                for table, rows in batch.items():
+                    verb = "INSERT OR REPLACE" if table == "patient" else "INSERT"
+                    db.executemany(f"{verb} INTO {table} VALUES ({', '.join('?' * len(rows[0]))})", rows)
+                db.execute("COMMIT")
+    if postgres:
+        db.execute("ANALYZE")  # fresh statistics, as autovacuum gathers after a bulk load
+    else:
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # no ANALYZE: the backend never runs it, plans stay its own
     db.close()
     return time.perf_counter() - start
+
+
+def postgres_text(row: tuple[object, ...]) -> tuple[object, ...]:
+    """Values as an INSERT of register_image stores them: PostgreSQL keeps DS and IS header values
+    as TEXT, where a bound float 70.0 is cast to '70' (COPY would write Python's '70.0')."""
+    return tuple(repr(v).removesuffix(".0") if isinstance(v, float) else v for v in row)
 
 
 # -- checking the bulk rows against register_image ------------------------------------
 
 
-def series_rows(path: Path, study_uid: str, series_uid: str) -> dict[str, list[tuple[object, ...]]]:
+class Reader:
+    """Reads of either backend's database: sqlite3 or psycopg, ``?`` placeholders."""
+
+    def __init__(self, config: Config) -> None:
+        self.postgres = config.catalog.backend == "postgresql"
+        if self.postgres:
+            import psycopg
+
+            self.db: Any = psycopg.connect(config.catalog.url, autocommit=True)
+        else:
+            self.db = sqlite3.connect(config.path(config.catalog.url))
+
+    def rows(self, sql: str, params: Sequence[object] = ()) -> list[tuple[object, ...]]:
+        cursor = self.db.cursor()
+        cursor.execute(sql.replace("?", "%s") if self.postgres else sql, params)
+        return [tuple(r) for r in cursor.fetchall()]
+
+    def tables(self) -> list[str]:
+        if self.postgres:
+            return [r[0] for r in self.rows("SELECT table_name FROM information_schema.tables"
+                                            " WHERE table_schema = 'public'")]
+        return [r[0] for r in self.rows("SELECT name FROM sqlite_master WHERE type = 'table'"
+                                        " AND name NOT LIKE 'sqlite_%'")]
+
+
+def series_rows(config: Config, study_uid: str, series_uid: str) -> dict[str, list[tuple[object, ...]]]:
     """Every table's rows belonging to one series (by its entries' GUIDs, its patient, its directories)."""
-    db = sqlite3.connect(path)
+    reader = Reader(config)
     try:
-        guids = [r[0] for r in db.execute(
+        guids = [r[0] for r in reader.rows(
             "SELECT guid FROM entries WHERE study_uid = ? AND series_uid = ?", (study_uid, series_uid))]
         marks = ", ".join("?" * len(guids))
-        tables = [r[0] for r in db.execute(
-            "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")]
         out = {}
-        for table in tables:
-            columns = [r[1] for r in db.execute(f"PRAGMA table_info({table})")]
-            if "guid" in columns:
+        for table in reader.tables():
+            columns = table_columns(reader.db, table)
+            if "guid" in columns and table != "stage_jobs":
                 where, params = f"guid IN ({marks})", guids
             elif table == "patient":
                 where, params = "patient_key IN (SELECT patient_key FROM image WHERE guid IN (" + marks + "))", guids
             elif table == "directories":
                 where, params = "path IN (SELECT parent FROM entries WHERE guid IN (" + marks + "))", guids
-            elif table in ("schema_version", "stage_requests"):
-                where, params = "1", []
+            elif table in ("schema_version", "stage_requests", "stage_jobs"):
+                where, params = "1 = 1", []
             else:
                 raise SystemExit(f"bench does not know which rows of table {table} belong to a series: update it")
             keep = [c for c in columns if c not in TIMESTAMPS]
-            out[table] = sorted(db.execute(f"SELECT {', '.join(keep)} FROM {table} WHERE {where}", params))
+            out[table] = sorted(reader.rows(f"SELECT {', '.join(keep)} FROM {table} WHERE {where}", params), key=repr)
         return out
     finally:
-        db.close()
+        reader.db.close()
 
 
-def check_bulk_matches(directory: Path, images: Images, large: Path) -> None:
-    config = make_config(directory, "reference")
-    reference = open_catalog(config)
-    register_honestly(reference, (images.image(0, 3, k) for k in range(SLICES)))
-    reference.close()
+def check_bulk_matches(reference: Config, images: Images, large: Config) -> None:
+    """One series registered by register_image into the empty ``reference`` catalog (same backend)
+    has the rows the bulk fill wrote for it into ``large``."""
+    catalog = open_catalog(reference)
+    register_honestly(catalog, (images.image(0, 3, k) for k in range(SLICES)))
+    catalog.close()
     names = images.names(images.original(0, 3))
-    expected = series_rows(config.path(config.catalog.url), names.study, names.series)
+    expected = series_rows(reference, names.study, names.series)
     found = series_rows(large, names.study, names.series)
     for table, rows in expected.items():
         if found.get(table) != rows:
@@ -299,34 +376,41 @@ class Timing:
     items: float  # mean entries + directories returned
 
 
-def timed(calls: list[Callable[[], object]], budget: float) -> Timing:
-    """Latency of each call, stopping early once ``budget`` seconds are spent (a scan at 10^6
-    entries would take the whole run): the table reports how many calls were made."""
-    times: list[int] = []
-    items, deadline = 0, time.perf_counter_ns() + int(budget * 1e9)
-    for call in calls:
-        start = time.perf_counter_ns()
-        result = call()
-        times.append(time.perf_counter_ns() - start)
-        if result is None:
-            raise SystemExit("a lookup of an existing entry found nothing")
-        items += (len(result.directories) + len(result.entries)) if hasattr(result, "entries") else 1
-        if start > deadline:
+def timed(calls: dict[str, list[Callable[[], object]]], budget: float) -> dict[str, Timing]:
+    """Latency of each call, the catalogs' calls taken in turn (one of each, then the next) so that
+    both see the same load of the shared machine; stopping early once ``budget`` seconds are
+    spent (a scan at 10^6 entries would take the whole run): the table reports the calls made."""
+    times: dict[str, list[int]] = {name: [] for name in calls}
+    items = dict.fromkeys(calls, 0)
+    deadline = time.perf_counter_ns() + int(budget * 1e9)
+    for round_calls in zip(*calls.values(), strict=True):
+        for name, call in zip(calls, round_calls, strict=True):
+            start = time.perf_counter_ns()
+            result = call()
+            times[name].append(time.perf_counter_ns() - start)
+            if result is None:
+                raise SystemExit("a lookup of an existing entry found nothing")
+            items[name] += (len(result.directories) + len(result.entries)) if hasattr(result, "entries") else 1
+        if time.perf_counter_ns() > deadline:
             break
-    times.sort()
-    p99 = times[min(len(times) - 1, int(len(times) * 0.99))]
-    return Timing(len(times), statistics.median(times) / 1e3, p99 / 1e3, items / len(times))
+    out = {}
+    for name, found in times.items():
+        found.sort()
+        p99 = found[min(len(found) - 1, int(len(found) * 0.99))]
+        out[name] = Timing(len(found), statistics.median(found) / 1e3, p99 / 1e3, items[name] / len(found))
+    return out
 
 
-def lookups(
-    catalog: Catalog, images: Images, studies: int, count: int, root_count: int, budget: float
-) -> dict[str, Timing]:
+def operations(
+    catalog: Catalog, images: Images, studies: int, count: int, root_count: int
+) -> dict[str, list[Callable[[], object]]]:
+    """The lookups timed, each ``count`` times on random images of the catalog's ``studies``."""
     rng = random.Random(42)
     picks = [(rng.randrange(studies), rng.randrange(SERIES), rng.randrange(SLICES)) for _ in range(count)]
     sample = [images.image(*p) for p in picks]
     series_dirs = [posixpath.dirname(s.entry.lfn) for s in sample]
     mdm_root = images.root
-    operations: dict[str, list[Callable[[], object]]] = {
+    found: dict[str, list[Callable[[], object]]] = {
         "lookup(lfn)": [lambda s=s: catalog.namespace.lookup(s.entry.lfn) for s in sample],
         "lookup_guid": [lambda s=s: catalog.namespace.lookup_guid(f"guid:{s.entry.guid}") for s in sample],
         "lookup_uids (names' UIDs)": [lambda s=s: catalog.lookup_uids(s.entry.triple) for s in sample],
@@ -338,9 +422,21 @@ def lookups(
         "list_dir(series)": [lambda d=d: catalog.namespace.list_dir(d) for d in series_dirs],
         f"list_dir({mdm_root}) x{root_count}": [lambda: catalog.namespace.list_dir(mdm_root)] * root_count,
     }
-    for call in operations["lookup(lfn)"][:200]:  # warm the connection's page cache alike for both sizes
+    for call in found["lookup(lfn)"][:200]:  # warm the connection's page cache alike for both sizes
         call()
-    return {name: timed(calls, budget) for name, calls in operations.items()}
+    return found
+
+
+def lookups(catalogs: dict[str, tuple[Catalog, int]], images: Images, count: int, root_count: int,
+            budget: float) -> dict[str, dict[str, Timing]]:
+    """Each operation's timings per catalog (name → (catalog, its studies))."""
+    calls = {name: operations(catalog, images, studies, count, root_count) for name, (catalog, studies) in
+             catalogs.items()}
+    out: dict[str, dict[str, Timing]] = {name: {} for name in catalogs}
+    for operation in next(iter(calls.values())):
+        for name, timing in timed({name: found[operation] for name, found in calls.items()}, budget).items():
+            out[name][operation] = timing
+    return out
 
 
 def report(small: dict[str, Timing], large: dict[str, Timing], small_n: int, large_n: int) -> None:
@@ -363,54 +459,26 @@ def report(small: dict[str, Timing], large: dict[str, Timing], small_n: int, lar
         )
 
 
-@contextlib.contextmanager
-def copied_to_postgres(config: Config, server: str, name: str) -> Iterator[Config]:
-    """The SQLite catalog of ``config`` copied into a new PostgreSQL database (dropped after)."""
-    import psycopg
-
-    database = f"mdm_bench_{name}_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(server, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{database}"')
-        try:
-            target = dataclasses.replace(
-                config, catalog=CatalogConfig("postgresql", f"{server.rsplit('/', 1)[0]}/{database}")
-            )
-            source, copy = open_catalog(config), open_catalog(target)
-            start = time.perf_counter()
-            counts = source.backend.copy_to(copy.backend, lambda table, rows: None)
-            if counts != source.backend.table_counts():
-                raise SystemExit(f"{name}: copy to PostgreSQL lost rows: {counts}")
-            with copy.backend.transaction() as connection:  # fresh statistics, as autovacuum would gather
-                connection.execute("ANALYZE")
-            seconds = time.perf_counter() - start
-            print(f"{name}: copied to PostgreSQL in {seconds:.1f} s ({sum(counts.values()):,} rows)")
-            source.close()
-            copy.close()
-            yield target
-        finally:
-            admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--studies", type=int, default=10_000, help=f"large catalog: studies of {SERIES}x{SLICES}")
-    parser.add_argument("--small-studies", type=int, default=100, help="small catalog: studies")
+    parser.add_argument("--small-studies", type=int, default=10, help="small catalog: studies")
     parser.add_argument("--honest", type=int, default=20_000, help="slices registered through register_image")
     parser.add_argument("--lookups", type=int, default=10_000, help="random lookups per operation")
     parser.add_argument("--root-lookups", type=int, default=20, help="listings of the VO root")
     parser.add_argument("--budget", type=float, default=30.0, help="seconds at most per operation and catalog")
     parser.add_argument("--backend", choices=("sqlite", "postgresql"), default="sqlite",
-                        help="catalog timed: postgresql fills SQLite in bulk, then copies it as 'mdm catalog copy'"
-                             " does into a database of its own on --postgres (dropped after)")
+                        help="catalog filled and timed: postgresql in databases of their own on --postgres"
+                             " (dropped after)")
     parser.add_argument("--postgres", default="postgresql://postgres@127.0.0.1:5432/postgres",
                         help="PostgreSQL server (a database with admin rights to create and drop others)")
     args = parser.parse_args()
     per_study = SERIES * SLICES
     print(f"code under test: {Path(srm_dicom.__file__).parent}")
-    with tempfile.TemporaryDirectory(prefix="bench-catalog-", dir="/tmp") as tmp:
+    with tempfile.TemporaryDirectory(prefix="bench-catalog-", dir="/tmp") as tmp, contextlib.ExitStack() as stack:
         directory = Path(tmp)
 
-        config = make_config(directory, "honest")
+        config = site(stack, directory, "honest", args.backend, args.postgres)
         images = Images(config)
         catalog = open_catalog(config)
         count, seconds = register_honestly(catalog, images.all(-(-args.honest // per_study)))
@@ -418,29 +486,24 @@ def main() -> None:
         print(f"register_image: {count:,} slices (+{count // SLICES:,} volumes) in {seconds:.1f} s:"
               f" {count / seconds:,.0f} slices/s")
 
-        timings = {}
-        stack = contextlib.ExitStack()
+        catalogs = {}
         for name, studies in (("small", args.small_studies), ("large", args.studies)):
-            config = make_config(directory, name)
+            config = site(stack, directory, name, args.backend, args.postgres)
             open_catalog(config).close()  # the backend makes the schema
-            path = config.path(config.catalog.url)
-            seconds = bulk_fill(path, images, studies)
+            seconds = bulk_fill(config, images, studies)
             slices = studies * per_study
-            print(f"{name}: bulk fill of {slices:,} slices in {seconds:.1f} s ({slices / seconds:,.0f} slices/s),"
-                  f" {path.stat().st_size / 2**20:,.0f} MiB")
+            print(f"{name}: bulk fill of {slices:,} slices in {seconds:.1f} s ({slices / seconds:,.0f} slices/s)")
             if name == "large":
-                check_bulk_matches(directory, images, path)
+                check_bulk_matches(site(stack, directory, "reference", args.backend, args.postgres), images, config)
                 print("large: one series' rows equal register_image's (all tables, timestamps aside)")
-            if args.backend == "postgresql":
-                config = stack.enter_context(copied_to_postgres(config, args.postgres, name))
             catalog = open_catalog(config)
+            stack.callback(catalog.close)
             if catalog.namespace.count() != slices + studies * SERIES:
                 raise SystemExit(f"{name}: {catalog.namespace.count()} entries, expected {slices + studies * SERIES}")
-            start = time.perf_counter()
-            timings[name] = lookups(catalog, images, studies, args.lookups, args.root_lookups, args.budget)
-            catalog.close()
-            print(f"{name}: lookups in {time.perf_counter() - start:.1f} s")
-        stack.close()
+            catalogs[name] = (catalog, studies)
+        start = time.perf_counter()
+        timings = lookups(catalogs, images, args.lookups, args.root_lookups, args.budget)
+        print(f"lookups in {time.perf_counter() - start:.1f} s")
         print(f"backend: {args.backend}")
         report(timings["small"], timings["large"], args.small_studies * per_study, args.studies * per_study)
 

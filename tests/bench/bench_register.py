@@ -1,6 +1,7 @@
 """Registration rate of ``mdm register`` next to DCMTK ``storescu`` sending the same files.
 
 Run: python tests/bench/bench_register.py [--pacs orthanc embedded dcmqrscp] [--rounds 3]
+                                        [--slices 100 1000] [--no-vendor]
 
 The peer is DCMTK's /usr/bin/storescu (not the pyenv shim of pynetdicom's app) storing
 the same files into the same kind of PACS: the C-STORE alone, the floor of what a
@@ -9,12 +10,14 @@ registration that stores into the PACS can cost. Measured, each against a fresh 
 
 - storescu: the whole process, files given in sorted order, TCP_NODELAY=1.
 - mdm register DIR: the whole CLI process, as a user runs it.
-- Registrar loop: ``Registrar.register(read_dicom(path))`` for each file in this
-  process, after config, catalog and imports are loaded: what the CLI does per file.
-  The CLI time minus this loop is the CLI's start-up (interpreter, imports, config,
-  catalog open).
+- Registrar pipeline: ``Registrar.register_many(paths)`` in this process, after config,
+  catalog and imports are loaded: what the CLI does with the files. The CLI time minus
+  this is the CLI's start-up (interpreter, imports, config, catalog open).
 
-Two file sets: the vendor series of dicom2nifti, one file per SOP Instance UID (the
+Every timed run counts only if the PACS holds every image of the set afterwards: Orthanc's
+own instance count (``GET /statistics``) for Orthanc, C-FIND of each series for the others.
+
+File sets: the vendor series of dicom2nifti, one file per SOP Instance UID (the
 compressed variants of the generic series share UIDs; the uncompressed file is kept when
 there is one, so the set holds uncompressed images plus a few JPEG 2000 ones), and a
 synthetic CT series (steadier: more and larger images). dcmqrscp accepts uncompressed
@@ -26,6 +29,7 @@ load from other processes hits all of them.
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing
 import os
 import shutil
@@ -34,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -63,7 +68,7 @@ from srm_dicom.keystore.client import KeystoreClient  # noqa: E402
 from srm_dicom.keystore.local import LocalKeyServers  # noqa: E402
 from srm_dicom.pacs.client import PacsClient  # noqa: E402
 from srm_dicom.pki import init_pki  # noqa: E402
-from srm_dicom.register import Registrar, read_dicom  # noqa: E402
+from srm_dicom.register import Registrar  # noqa: E402
 from srm_dicom.synthetic import make_series  # noqa: E402
 
 STORESCU = "/usr/bin/storescu"
@@ -187,12 +192,20 @@ class PeerPool:
 
 
 def check_pacs_holds(peer: peers.Peer, files: FileSet) -> None:
-    """A run counts only if the PACS answers C-FIND with every image of the set."""
+    """A run counts only if the PACS holds every image of the set: Orthanc's own count of
+    instances (each measurement has a fresh, empty Orthanc), C-FIND of each series otherwise."""
+    expected = sum(files.series.values())
+    if peer.http_port is not None:
+        with urllib.request.urlopen(f"http://{peer.host}:{peer.http_port}/statistics", timeout=30) as answer:
+            found = json.load(answer)["CountInstances"]
+        if found != expected:
+            raise SystemExit(f"{peer.name}: holds {found} instances of the {expected} sent")
+        return
     with PacsClient(peer.pacs_config()) as pacs:
-        for (study, series), expected in files.series.items():
+        for (study, series), count in files.series.items():
             found = len(pacs.find_instances(study, series))
-            if found != expected:
-                raise SystemExit(f"{peer.name}: {found} of {expected} images of a series after the run")
+            if found != count:
+                raise SystemExit(f"{peer.name}: {found} of {count} images of a series after the run")
 
 
 def run_storescu(peer: peers.Peer, files: FileSet, workdir: Path, keys: KeyServers) -> float:
@@ -224,10 +237,9 @@ def run_registrar(peer: peers.Peer, files: FileSet, workdir: Path, keys: KeyServ
     catalog = open_catalog(config)
     try:
         with PacsClient(config.pacs) as pacs:
-            registrar = Registrar(config, catalog, pacs, KeystoreClient.from_config(config))
+            registrar = Registrar(config, catalog, pacs, KeystoreClient.from_config(config), pool=True)
             start = time.perf_counter()
-            with registrar.batch():  # as mdm register does
-                outcomes = [registrar.register(read_dicom(path), store_in_pacs=True) for path in files.files]
+            outcomes = [result.outcome for result in registrar.register_many(files.files, store_in_pacs=True)]
             elapsed = time.perf_counter() - start
     finally:
         catalog.close()
@@ -239,14 +251,17 @@ def run_registrar(peer: peers.Peer, files: FileSet, workdir: Path, keys: KeyServ
 TOOLS: dict[str, Callable[[peers.Peer, FileSet, Path, KeyServers], float]] = {
     "storescu": run_storescu,
     "mdm register": run_mdm,
-    "Registrar loop": run_registrar,
+    "Registrar pipeline": run_registrar,
 }
 
 
-def measure(pool: PeerPool, files: FileSet, rounds: int, workdir: Path, keys: KeyServers) -> dict[str, list[float]]:
-    times: dict[str, list[float]] = {tool: [] for tool in TOOLS}
+def measure(
+    pool: PeerPool, files: FileSet, rounds: int, workdir: Path, keys: KeyServers, tools: list[str]
+) -> dict[str, list[float]]:
+    times: dict[str, list[float]] = {tool: [] for tool in tools}
     for round_ in range(rounds):
-        for tool, run in TOOLS.items():
+        for tool in tools:
+            run = TOOLS[tool]
             with pool.fresh() as peer:
                 times[tool].append(run(peer, files, workdir / f"{files.name}-{tool.split()[0]}-{round_}", keys))
                 check_pacs_holds(peer, files)
@@ -267,7 +282,7 @@ def startup_time(rounds: int) -> float:
 
 def report(kind: str, rounds: int, results: list[tuple[FileSet, dict[str, list[float]]]]) -> None:
     print(f"\nPACS: {kind}  (median of {rounds}; seconds [min-max], images/s, ratio to storescu)")
-    header = f"{'file set':28s} {'images':>6s}  {'tool':15s} {'seconds':>19s} {'images/s':>9s} {'ratio':>6s}"
+    header = f"{'file set':28s} {'images':>6s}  {'tool':18s} {'seconds':>19s} {'images/s':>9s} {'ratio':>6s}"
     print(header)
     print("-" * len(header))
     for files, times in results:
@@ -277,17 +292,24 @@ def report(kind: str, rounds: int, results: list[tuple[FileSet, dict[str, list[f
             median = statistics.median(runs)
             spread = f"{median:6.2f} [{min(runs):.2f}-{max(runs):.2f}]"
             rate = count / median
-            print(f"{files.name:28s} {count:6d}  {tool:15s} {spread:>19s} {rate:9.1f} {rate / peer_rate:6.2f}")
-        startup = statistics.median(times["mdm register"]) - statistics.median(times["Registrar loop"])
-        print(f"{files.name:28s} {count:6d}  {'CLI start-up':15s} {startup:6.2f}   (mdm register - Registrar loop)")
+            print(f"{files.name:28s} {count:6d}  {tool:18s} {spread:>19s} {rate:9.1f} {rate / peer_rate:6.2f}")
+        if "Registrar pipeline" not in times:
+            continue
+        startup = statistics.median(times["mdm register"]) - statistics.median(times["Registrar pipeline"])
+        print(f"{files.name:28s} {count:6d}  {'CLI start-up':15s} {startup:6.2f}   (mdm register - Registrar pipeline)")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--pacs", nargs="+", choices=list(STARTERS), default=["orthanc"])
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--slices", type=int, default=200, help="synthetic series: slices")
+    parser.add_argument("--slices", type=int, nargs="+", default=[100, 1000],
+                        help="synthetic series: slices, one set each (default: 100 1000)")
     parser.add_argument("--size", type=int, default=256, help="synthetic series: rows and columns")
+    parser.add_argument("--no-vendor", action="store_true", help="the synthetic series only")
+    parser.add_argument("--cli-only", action="store_true",
+                        help="storescu and mdm register only, not the in-process pipeline (e.g. for an older tree: "
+                             "copy this script into it)")
     parser.add_argument(
         "--data", type=Path, default=Path(os.environ.get("SRM_DICOM_DATA", "/work/shared/data")),
         help="data directory holding dicom2nifti/ (default: $SRM_DICOM_DATA or /work/shared/data)",
@@ -301,26 +323,26 @@ def main() -> None:
         raise SystemExit(f"vendor data not found at {vendor}")
     with tempfile.TemporaryDirectory(prefix="bench-register-") as tmp:
         workdir = Path(tmp)
-        synthetic = _file_set(
-            f"synthetic CT {args.slices}x{args.size}^2", workdir / "synthetic",
-            synthetic_sources(workdir / "synthetic-src", args.slices, args.size),
-        )
+        synthetic = [
+            _file_set(f"synthetic CT {slices}x{args.size}^2", workdir / f"synthetic-{slices}",
+                      synthetic_sources(workdir / f"synthetic-src-{slices}", slices, args.size))
+            for slices in args.slices
+        ]
         print(f"code under test: {Path(srm_dicom.__file__).parent}")
         print(f"mdm --version (CLI start-up alone): {startup_time(args.rounds):.2f} s")
+        tools = [tool for tool in TOOLS if not (args.cli_only and tool == "Registrar pipeline")]
         keys = KeyServers(workdir)
         try:
             for kind in args.pacs:
                 uncompressed_only = kind == "dcmqrscp"
-                vendor_set = _file_set(
+                sets = [] if args.no_vendor else [_file_set(
                     "vendor (uncompressed)" if uncompressed_only else "vendor (distinct SOP UIDs)",
                     workdir / f"vendor-{kind}", vendor_sources(vendor, uncompressed_only),
-                )
+                )]
                 pool = PeerPool(workdir / kind, kind)
                 try:
-                    results = [
-                        (files, measure(pool, files, args.rounds, workdir / kind, keys))
-                        for files in (vendor_set, synthetic)
-                    ]
+                    results = [(files, measure(pool, files, args.rounds, workdir / kind, keys, tools))
+                               for files in (*sets, *synthetic)]
                 finally:
                     pool.close()
                 report(kind, args.rounds, results)

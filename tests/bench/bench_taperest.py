@@ -30,11 +30,12 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(ROOT), str(ROOT / "plugins"), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT), str(ROOT / "plugins"), str(ROOT / "tests"), str(Path(__file__).resolve().parent)]
+
+from bench_catalog import postgres_database  # noqa: E402
 
 from srm_dicom.catalog import Entry, open_catalog  # noqa: E402
 from srm_dicom.config import load_config  # noqa: E402
@@ -80,20 +81,6 @@ dir = "cache"
 workers = 1
 """)
     return path
-
-
-@contextlib.contextmanager
-def postgres_database(server: str) -> Iterator[str]:
-    """The URL of a new database on ``server``, dropped afterwards."""
-    import psycopg
-
-    name = f"mdm_bench_taperest_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(server, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-        try:
-            yield f"{server.rsplit('/', 1)[0]}/{name}"
-        finally:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def fill(config_path: Path, files: int) -> list[str]:
@@ -158,7 +145,7 @@ def main() -> None:
         init_pki(pki)
         catalog = ("sqlite", "catalog.db")
         if args.backend == "postgresql":
-            catalog = ("postgresql", stack.enter_context(postgres_database(args.postgres)))
+            catalog = ("postgresql", stack.enter_context(postgres_database(args.postgres, "taperest")))
         config_path = write_config(workdir, pki, catalog)
         started = time.perf_counter()
         lfns = fill(config_path, args.files)

@@ -23,7 +23,8 @@ from srm_dicom.crypto.shares import Share, combine_key
 from srm_dicom.errors import NotFound
 from srm_dicom.keystore import Acl, AclEntry, KeyAccessDenied, KeystoreError
 from srm_dicom.keystore.client import KeystoreClient
-from srm_dicom.pki import SERVICE_DN, init_pki, make_proxy
+from srm_dicom.pki import SERVICE_DN, init_pki, init_voms, make_proxy
+from vomsfake import VO, VOMS_HOST, fake_proxy, trust_voms
 
 MDM = str(Path(sys.executable).with_name("mdm"))
 START_TIMEOUT = 30.0
@@ -63,7 +64,8 @@ class KeyServer:
         path.write_text(
             f'port = {self.port}\ncert = "{host}/cert.pem"\nkey = "{host}/key.pem"\n'
             f'ca = "{self.pki}/ca.pem"\ndatabase = "{self.database.name}"\n'
-            f'vomap = "{self.pki}/vomap.toml"\nservices = ["{SERVICE_DN}"]\nthreads = 4\n'
+            f'vomap = "{self.pki}/vomap.toml"\nvomsdir = "{self.pki}/vomsdir"\nservices = ["{SERVICE_DN}"]\n'
+            "threads = 4\n"
             f"idle_timeout = {self.idle_timeout}\n"
         )
         return path
@@ -95,6 +97,7 @@ class KeyServer:
 def pki(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("pki")
     init_pki(root)
+    trust_voms(root)  # the servers' vomsdir: the demo VO's VOMS server
     return root
 
 
@@ -186,6 +189,40 @@ def test_rfc3820_proxy_is_accepted_and_acts_as_its_user(pki, servers, tmp_path):
         timeout=5,
     )
     assert proxied.fetch_key("guid:proxy", exact(key)) == key
+
+
+def proxy_client(pki: Path, proxy: Path, urls: list[str]) -> KeystoreClient:
+    """A client whose certificate and key are a voms-proxy-fake proxy file (it holds both)."""
+    return KeystoreClient(urls, 2, ca=pki / "ca.pem", cert=proxy, key=proxy, timeout=5)
+
+
+def test_a_voms_physician_fetches_the_keys_physicians_may_read(pki, servers, tmp_path):
+    """eve is of VO "other" in the VO map; her proxy's AC says /demo/physician: the servers read
+    it as the storage element does. An AC of a rogue VOMS server gives her nothing."""
+    key = stored_key(pki, servers, "guid:voms-physician")
+    urls = urls_of(servers)
+    physician = fake_proxy(pki, "eve", tmp_path / "eve.pem", "-fqan", "/demo/physician")
+    assert proxy_client(pki, physician, urls).fetch_key("guid:voms-physician", exact(key)) == key
+    rogue = tmp_path / "rogue"
+    init_pki(rogue)
+    init_voms(rogue, VO, VOMS_HOST)
+    forged = fake_proxy(pki, "eve", tmp_path / "rogue.pem", "-fqan", "/demo/physician", voms=rogue / "voms")
+    with pytest.raises(KeyAccessDenied, match="CN=eve may not read key guid:voms-physician"):
+        proxy_client(pki, forged, urls).fetch_key("guid:voms-physician", exact(key))
+
+
+def test_a_limited_proxy_of_the_register_group_reads_but_never_stores_or_manages(pki, servers, tmp_path):
+    key = stored_key(pki, servers, "guid:limited")
+    limited = proxy_client(pki, fake_proxy(pki, "alice", tmp_path / "limited.pem", "-limited",
+                                           "-fqan", "/demo/register"), urls_of(servers))
+    assert limited.fetch_key("guid:limited", exact(key)) == key
+    with pytest.raises(KeyAccessDenied, match="may not store keys"):
+        limited.put_key("guid:by-limited", os.urandom(32), physician_acl())
+    with pytest.raises(KeyAccessDenied, match="may not change the ACL"):
+        limited.set_acl("guid:limited", Acl(ALICE, (AclEntry("r", any=True),)))
+    with pytest.raises(KeyAccessDenied, match="may not delete"):
+        limited.delete_key("guid:limited")
+    assert client(pki, "bob", urls_of(servers)).fetch_key("guid:limited", exact(key)) == key
 
 
 def test_only_register_or_service_may_store(pki, servers):

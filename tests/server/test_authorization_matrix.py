@@ -6,17 +6,18 @@ test. Users: alice (register), bob (physician), carol (MIA), dave (VO member), e
 VO), a token whose scopes cover the VO's files and one whose scopes do not, and two
 impostor tokens whose scopes cover the files: one whose ``sub`` is the owner's DN and whose
 ``wlcg.groups`` name the register group, one whose ``sub`` is bob's DN. A token is never
-a certificate DN and never in the register group. Two macaroons of every activity on the
-VO's tree, issued by the storage element to bob and to alice: each acts as its issuer,
-alice's without the register group (so as a plain VO member), and neither manages
-anything nor opens a key server. Three VOMS proxies made by Debian's real
-``voms-proxy-fake``, used as TLS client credentials like curl uses them: eve's (of VO
-"other") whose AC says /demo/physician (a physician of demo; her own per-DN entry still
-wins where there is one), eve's whose AC says /demo/register but is signed by a rogue VOMS
-server (eve, no groups), and dave's limited proxy whose AC says /demo/register (reads as the
-register group, manages nothing). The images' owner is the site's registration service,
-none of them. Operations go through the real
-storage element (HTTPS, WebDAV, Tape REST, metadata and rights APIs) and the real key servers.
+a certificate DN and never in the register group. Three macaroons of every activity on the
+VO's tree, issued by the storage element to bob, to alice and to eve's VOMS physician proxy
+(below): each acts as its issuer, alice's without the register group (so as a plain VO
+member), eve's as the VOMS identity, and none manages anything nor opens a key server.
+Three VOMS proxies made by Debian's real ``voms-proxy-fake``, used as TLS client
+credentials as curl uses them: eve's (of VO "other") whose AC says /demo/physician (a
+physician of demo; her own per-DN entry still wins where there is one), eve's whose AC says
+/demo/register but is signed by a rogue VOMS server (eve, no groups), and dave's limited
+proxy whose AC says /demo/register (reads as the register group, manages nothing). The
+images' owner is the site's registration service, none of them. Operations go through the
+real storage element (HTTPS, WebDAV, Tape REST, metadata and rights APIs) and the real key
+servers.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ OWNER = "/C=XX/O=srm-dicom/CN=registration service"
 ISSUER, AUDIENCE = "https://issuer.matrix.test", "https://se.matrix.test"
 
 TOKENS = ("token", "token-elsewhere", "token-as-owner", "token-as-bob")
-MACAROONS = ("macaroon-of-bob", "macaroon-of-alice")
+MACAROONS = ("macaroon-of-bob", "macaroon-of-alice", "macaroon-of-voms-eve-physician")
 VOMS = ("voms-eve-physician", "voms-rogue-eve-register", "voms-limited-dave-register")
 USERS = ("alice", "bob", "carol", "dave", "eve", *TOKENS, *MACAROONS, *VOMS)
 OPERATIONS = ("list", "get", "stage", "key share", "anonymous metadata", "nominative metadata", "erased values",
@@ -126,6 +127,9 @@ MANAGERS = {"alice"}  # the owner (the registration service) and the register gr
 # A stage request bob submitted: bob and the register group see it (a limited proxy may read);
 # a token never, whatever its sub.
 REQUEST_READERS = {"alice", "bob", "macaroon-of-bob", "voms-limited-dave-register"}
+for table in (FILE, LEVEL):
+    for row in table.values():  # a macaroon acts as its issuer at issue time: here the VOMS identity
+        row["macaroon-of-voms-eve-physician"] = row["voms-eve-physician"]
 
 
 def expected(setting: str, user: str, operation: str) -> bool:
@@ -242,7 +246,7 @@ def site(request: pytest.FixtureRequest, orthanc, key_servers, voms_proxies,  # 
                     None)
         # Staged by the service, which may read in every setting, as if bob asked (the requester is bob's DN).
         site.bobs_request = se.stager.submit([probe], None, BOB)
-        for user in ("bob", "alice"):
+        for user in ("bob", "alice", "voms-eve-physician"):
             every_activity = {"caveats": ["activity:LIST,DOWNLOAD,READ_METADATA,STAGE"]}
             asked = site.call(user, "POST", "/grid/demo/mdm", every_activity,
                               {"Content-Type": "application/macaroon-request"})
@@ -349,7 +353,7 @@ def perform(site: Site, user: str, operation: str) -> bool:
 
 
 def test_every_cell_is_in_the_table():
-    assert len(EXPECTED) == len(SETTINGS) * len(USERS) * len(OPERATIONS) == 616
+    assert len(EXPECTED) == len(SETTINGS) * len(USERS) * len(OPERATIONS) == 660
 
 
 @pytest.mark.parametrize("operation", OPERATIONS)

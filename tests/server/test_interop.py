@@ -2,6 +2,8 @@
 real clients grid jobs use: curl, davix, gfal2, rclone and ``mdm get``, with Orthanc and
 with DCMTK dcmqrscp as the PACS. Every downloaded file is checked against the catalog
 (size, adler32) and decrypted as a reader would, down to the pixels of the source series.
+Grid users' VOMS proxies come from Debian's real ``voms-proxy-fake`` and go over HTTPS as
+the tool writes them (curl's --cert and --key, ``mdm get``'s cert and key).
 """
 
 from __future__ import annotations

@@ -1,5 +1,7 @@
 """DICOMweb QIDO-RS searched with the dicomweb-client package, as a user's certificate."""
 
+from collections import Counter
+
 import pytest
 import requests
 from dicomweb_client.api import DICOMwebClient
@@ -7,6 +9,10 @@ from pydicom import Dataset
 from searchsite import search_site
 
 from https import request
+from srm_dicom.access import may_list, metadata_level
+from srm_dicom.catalog import AclEntry
+from srm_dicom.identity import VoMap
+from srm_dicom.query import ATTRIBUTES, parse
 
 PATIENT_NAME, STUDY_UID, SERIES_UID, SOP_UID, MODALITY = "00100010", "0020000D", "0020000E", "00080018", "00080060"
 
@@ -128,6 +134,31 @@ def test_answers_are_dicom_json_and_errors_are_problems(site, pki):
     assert request(site.running.url, pki, "bob", path="/dicom-web/studies/not-a-uid/series").status == 400
     assert request(site.running.url, pki, "bob", path="/dicom-web/elsewhere").status == 404
     assert request(site.running.url, pki, None, path="/dicom-web/studies").status == 401
+
+
+def test_each_caller_counts_only_the_images_they_may_see(site, pki):
+    """/studies is counted by the catalog per directory and rights class, each class decided
+    once: the answer is the one srm_dicom.access gives image by image, for every user. Eve
+    (another VO) sees one DOE CT slice through a per-DN entry: its study, one image, one series."""
+    catalog = site.running.catalog
+    vomap = VoMap.load(pki / "vomap.toml")
+    shared = catalog.namespace.lookup(sorted(site.lfns("doe_ct"))[0])
+    eve = "/C=XX/O=srm-dicom/CN=eve"
+    catalog.namespace.set_rights([shared.guid], None, None, [AclEntry(eve, 0o5, "anonymous")])
+    try:
+        for user in ("alice", "bob", "carol", "dave", "eve"):
+            identity = vomap.identity(f"/C=XX/O=srm-dicom/CN={user}")
+            expected: Counter = Counter()
+            for match in catalog.index.search(parse(""), [ATTRIBUTES["StudyInstanceUID"]]):
+                if may_list(identity, match.entry) and metadata_level(identity, match.entry) != "none":
+                    expected[match.values["StudyInstanceUID"]] += 1
+            studies = client(site, pki, user).search_for_studies()
+            assert {value(s, STUDY_UID): value(s, "00201208") for s in studies} == expected, user
+        (seen,) = client(site, pki, "eve").search_for_studies()
+        assert value(seen, STUDY_UID) == shared.study_uid and value(seen, "00201206") == 1
+        assert PATIENT_NAME not in seen  # anonymous: no patient
+    finally:
+        catalog.namespace.set_rights([shared.guid], None, None, [AclEntry(eve, 0, "none")])
 
 
 # -- hostile input (issue 12, findings 1 and 4): 4xx with a problem body, never a 500 ---------
