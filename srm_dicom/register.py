@@ -474,9 +474,14 @@ class Registrar:
         failed: dict[int, Result] = {}
         try:
             self._pacs.offer({(staged.prepared.sop_class, staged.prepared.transfer_syntax) for staged in batch})
+            sent = self._pacs.store_files([
+                (staged.source, staged.prepared.sop_class, staged.prepared.transfer_syntax)
+                for staged in batch if isinstance(staged.source, Path) and staged.prepared.as_read
+            ])
             for staged in batch:
                 try:
-                    self._store(staged)
+                    if not (isinstance(staged.source, Path) and staged.source in sent):
+                        self._store(staged)
                 except PacsError:
                     raise
                 except MdmError as exc:  # a file that changed or vanished since it was prepared
