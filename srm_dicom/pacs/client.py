@@ -15,6 +15,7 @@ a ``PacsError`` whose one line names the PACS and, for DIMSE failures, the statu
 
 from __future__ import annotations
 
+import itertools
 import logging
 import socket
 import threading
@@ -530,12 +531,14 @@ class PacsClient:
         """
         self._inbox.expected = (study, series, _sop_set(sops))
         if self.config.engine == "dcmtk" and (not sops or (not isinstance(sops, str) and len(sops) >= DCMTK_FROM)):
+            received = getscu_get(self.config, self.name, study, series, sops)
             try:
-                received = list(getscu_get(self.config, self.name, study, series, sops))
+                first = next(received, None)  # getscu runs to its end here
             except GetscuIncomplete as exc:
                 log.info("%s; asking again with pynetdicom", exc)
             else:
-                yield from (ds for ds in received if self._inbox.accepts(ds))
+                if first is not None:
+                    yield from (ds for ds in itertools.chain((first,), received) if self._inbox.accepts(ds))
                 return
         assoc = self._association(self._get_plan(study, series, sops, sop_classes))
         query = self._retrieve_query(study, series, sops)

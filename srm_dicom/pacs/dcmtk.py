@@ -36,8 +36,10 @@ def getscu_get(
     config: PacsConfig, name: str, study: str, series: str, sops: Sequence[str] | str | None
 ) -> Iterator[Dataset]:
     """C-GET an instance, a UID list or a whole series with getscu; the datasets, each with
-    the file meta getscu wrote (transfer syntax as received), all read before the first is
-    yielded (so a ``GetscuIncomplete`` comes before any)."""
+    the file meta getscu wrote (transfer syntax as received). getscu has finished before the
+    first is yielded (so a ``GetscuIncomplete`` comes before any); they are then read from
+    the spool one at a time as the caller iterates, so that a series is never in memory
+    whole (a 1 GiB volume), and the spool is removed when the iteration ends."""
     if not os.access(GETSCU, os.X_OK):
         raise PacsError(f"{name}: [pacs] engine = \"dcmtk\" needs DCMTK's {GETSCU} (Debian package dcmtk)")
     uids = [sops] if isinstance(sops, str) else list(sops or ())
@@ -58,8 +60,8 @@ def getscu_get(
         complaints = [line[3:].strip() for line in done.stderr.splitlines() if line.startswith(("E: ", "F: ", "W: "))]
         if done.returncode != 0 or complaints:
             raise GetscuIncomplete(f"{name}: getscu: {complaints[-1] if complaints else f'exit {done.returncode}'}")
-        datasets = [pydicom.dcmread(path) for path in sorted(Path(spool).iterdir())]
-    yield from datasets
+        for path in sorted(Path(spool).iterdir()):
+            yield pydicom.dcmread(path)
 
 
 class GetscuIncomplete(PacsError):
