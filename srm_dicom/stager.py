@@ -318,9 +318,17 @@ class Stager:
             else:
                 files.append(StageFile(entry.lfn, entry.guid))
         request = StageRequest(str(uuid.uuid4()), requester, now, lifetime, tuple(files))
-        self._catalog.stages.add_stage_request(request)
-        by_guid = {entry.guid: entry for entry in unique}
-        self._enqueue([(f.guid, by_guid[f.guid]) for f in files if f.state != COMPLETED])
+        batches = {entry.guid: _batch_of(entry.guid, entry) for entry, f in zip(unique, files, strict=True)
+                   if f.state != COMPLETED}
+        if self._pool is None:
+            raise MdmError("the stager is not running")
+        # One transaction: a front end dying in between leaves no request that no job serves.
+        # Every file is queued in the catalog, even one waited for here: that wait may be for a
+        # run another front end has just finished, before this request's files were written.
+        with self._catalog.backend.transaction():
+            self._catalog.stages.add_stage_request(request)
+            self._catalog.stages.enqueue_jobs(batches)
+        self._wake.set()
         return request.id
 
     def request(self, request_id: str) -> StageRequest | None:

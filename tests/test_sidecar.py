@@ -426,3 +426,24 @@ def test_ge_private_pair_wins_over_its_standard_attributes(tmp_path: Path) -> No
         ds.DiffusionGradientOrientation = [0.0, 0.0, 1.0]
     bval, _ = assert_diffusion_equals_dcm2niix(series, tmp_path)
     assert bval == b"0 1000 1000 2000 1000\n"
+
+
+def test_an_enhanced_mr_object_gives_its_acquisition_parameters_from_its_functional_groups(tmp_path: Path) -> None:
+    """Repetition time and flip angle in the MR Timing macro, the echo time as the MR Echo
+    macro's EffectiveEchoTime, per frame: read there as dcm2niix reads them, from the served object."""
+    single = vendor_series("siemens/anatomical/001")
+    converted = legacy_converted(single, "MR")
+    for item in converted.PerFrameFunctionalGroupsSequence:
+        timing, echo = Dataset(), Dataset()
+        timing.RepetitionTime, timing.FlipAngle = single[0].RepetitionTime, 9.0
+        echo.EffectiveEchoTime = single[0].EchoTime
+        item.MRTimingAndRelatedParametersSequence = DicomSequence([timing])
+        item.MREchoSequence = DicomSequence([echo])
+    served = anonymize(converted, SECRET, options()).dataset
+    ours = json.loads(series_file("3D.json", [served], "nifti"))
+    assert ours["RepetitionTime"] == pytest.approx(float(single[0].RepetitionTime) / 1000)
+    assert ours["EchoTime"] == pytest.approx(float(single[0].EchoTime) / 1000) and ours["FlipAngle"] == 9
+    theirs = json.loads(dcm2niix(write([converted], tmp_path / "dicom"), tmp_path / "nifti").with_suffix(".json")
+                        .read_text())
+    for key in ("EchoTime", "RepetitionTime", "FlipAngle"):
+        assert ours[key] == pytest.approx(theirs[key], rel=1e-6), key
