@@ -47,7 +47,7 @@ import time
 import uuid
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -723,7 +723,7 @@ class Stager:
         its worker finishes and its file is fsynced; the others try the other combinations
         of key shares."""
         results: dict[_Job, Path | StageFailed] = {}
-        running: dict[Future[workers.Protected], _Slice] = {}
+        running: dict[Future[Any], _Slice] = {}
         for sop, item in slices.items():
             if item.failure is not None:
                 results[item.job] = item.failure
@@ -732,43 +732,33 @@ class Stager:
             else:
                 running[item.future] = item
         mismatched: list[_Slice] = []
-        syncing: dict[Future[None], _Slice] = {}
+        syncing: dict[Future[Any], _Slice] = {}
+        protecting: set[Future[Any]] = set(running)
         published = 0
         try:
-            for future in as_completed(running):
-                item = running[future]
-                assert item.partial is not None
-                try:
-                    protected = future.result()
-                except Exception as exc:  # a worker's failure is this file's, never the batch's
-                    self._cache.cancel(item.partial)
-                    results[item.job] = _protection_failure(exc)
-                    continue
-                if protected.size != item.entry.size or protected.adler32 != item.entry.adler32:
-                    self._cache.cancel(item.partial)
-                    mismatched.append(item)
-                    continue
-                assert self._syncs is not None
-                syncing[self._syncs.submit(_fsync, item.partial)] = item
-            for synced in as_completed(syncing):
-                item = syncing[synced]
-                entry = item.entry
-                assert item.partial is not None
-                if self._stopping.is_set():
-                    raise _Abandoned
-                try:
-                    synced.result()
-                    results[item.job] = self._cache.commit(entry.guid, entry.content_version, item.partial, sync=False)
-                except OSError as exc:
-                    self._cache.cancel(item.partial)
-                    results[item.job] = StageFailed(f"cache: cannot write a staged file ({exc.strerror})")
-                    continue
-                except MdmError as exc:
-                    results[item.job] = StageFailed(str(exc))
-                    continue
-                item.dataset = None
-                published += 1
-                log.info("staged %s: %d bytes", self._label(entry), entry.size)
+            # One slice is published as soon as its file is fsynced, while others are still protected.
+            while protecting or syncing:
+                done, _ = wait([*protecting, *syncing], return_when=FIRST_COMPLETED)
+                for finished in done:
+                    if finished in syncing:
+                        if self._commit_slice(syncing.pop(finished), finished, results):
+                            published += 1
+                        continue
+                    protecting.discard(finished)
+                    item = running[finished]
+                    assert item.partial is not None
+                    try:
+                        protected = finished.result()
+                    except Exception as exc:  # a worker's failure is this file's, never the batch's
+                        self._cache.cancel(item.partial)
+                        results[item.job] = _protection_failure(exc)
+                        continue
+                    if protected.size != item.entry.size or protected.adler32 != item.entry.adler32:
+                        self._cache.cancel(item.partial)
+                        mismatched.append(item)
+                        continue
+                    assert self._syncs is not None
+                    syncing[self._syncs.submit(_fsync, item.partial)] = item
         except BaseException:
             for pending in syncing:
                 pending.cancel()
@@ -780,6 +770,26 @@ class Stager:
         if mismatched:
             results.update(self._verify_each_key(mismatched))
         return results
+
+    def _commit_slice(self, item: _Slice, synced: Future[Any], results: dict[_Job, Path | StageFailed]) -> bool:
+        """Publish a verified slice whose file was fsynced; whether it was."""
+        entry = item.entry
+        assert item.partial is not None
+        if self._stopping.is_set():
+            raise _Abandoned
+        try:
+            synced.result()
+            results[item.job] = self._cache.commit(entry.guid, entry.content_version, item.partial, sync=False)
+        except OSError as exc:
+            self._cache.cancel(item.partial)
+            results[item.job] = StageFailed(f"cache: cannot write a staged file ({exc.strerror})")
+            return False
+        except MdmError as exc:
+            results[item.job] = StageFailed(str(exc))
+            return False
+        item.dataset = None
+        log.info("staged %s: %d bytes", self._label(entry), entry.size)
+        return True
 
     def _abandon(self, slices: Iterable[_Slice]) -> None:
         """Stop the slices under way: wait for their workers, remove what they wrote."""

@@ -57,7 +57,7 @@ class Site:
 
 def make_site(workdir: Path, peer, key_servers, slices: int = 3, workers: int = 2, seed: str = "stage",  # type: ignore[no-untyped-def]
               drop: tuple[int, ...] = (), engine: str = "pynetdicom", lease: float = 20.0,
-              catalog: dict[str, str] | None = None) -> Site:
+              catalog: dict[str, str] | None = None, size: int = 16) -> Site:
     """A site with a synthetic series registered (and stored in ``peer``), but for the ``drop``
     slices; its catalog an SQLite file unless ``catalog`` gives another [catalog] section."""
     path = write_site_config(workdir, peer, key_servers, workers=workers, engine=engine, lease=lease)
@@ -67,7 +67,7 @@ def make_site(workdir: Path, peer, key_servers, slices: int = 3, workers: int = 
     config = load_config(path)
     catalog = open_catalog(config)
     keystore = KeystoreClient.from_config(config)
-    series = [ds for i, ds in enumerate(make_series(slices=slices, size=16, seed=seed)) if i not in drop]
+    series = [ds for i, ds in enumerate(make_series(slices=slices, size=size, seed=seed)) if i not in drop]
     with PacsClient(config.pacs) as pacs:
         registrar = Registrar(config, catalog, pacs, keystore)
         for ds in series:
@@ -437,7 +437,9 @@ time.sleep(120)
 
 def test_a_server_killed_while_staging_serves_no_partial_file_and_resumes(embedded_pacs, tmp_path, key_servers):
     # A short lease: the killed process's claim lapses soon, and the next stager takes the batch over.
-    site = make_site(tmp_path / "site", embedded_pacs, key_servers, slices=24, seed="kill", workers=1, lease=2.0)
+    # Slices large enough that the protection pool is still at work when the kill lands.
+    site = make_site(tmp_path / "site", embedded_pacs, key_servers, slices=40, seed="kill", workers=1, lease=2.0,
+                     size=192)
     config_file = site.config.base_dir / "mdm.toml"
     lfns = [e.lfn for e in site.slices]
     process = subprocess.Popen([sys.executable, "-c", STAGER_PROCESS, str(config_file), *lfns],
