@@ -505,7 +505,8 @@ def part1(kind: str, workdir: Path, keys: KeyServers, args: argparse.Namespace) 
     for name, runs in times.items():
         median = statistics.median(runs)
         spread = f"{median:7.2f} [{min(runs):.2f}-{max(runs):.2f}]"
-        print(f"{name:28s} {spread:>21s} {count / median:9.1f} {median / reference:8.2f} {median / dcmtk:9.2f}")
+        images = min(SEQUENTIAL, count) if "sequential" in name else count
+        print(f"{name:28s} {spread:>21s} {images / median:9.1f} {median / reference:8.2f} {median / dcmtk:9.2f}")
     peers_3d = statistics.median(times[PEERS_3D])
     print(f"  SE 3D GET / (getscu + dcm2niix): {statistics.median(times['SE 3D GET']) / peers_3d:.2f}")
     print("  peak RSS of mdm serve (VmHWM, MiB, max over rounds): "
