@@ -56,6 +56,10 @@ FIELDS: tuple[tuple[str, str, float], ...] = (
 )
 
 
+# Enhanced MR's names of attributes the sidecar reads (PS3.3 C.8.13.5.2, MR Echo macro).
+_ENHANCED_NAMES = {"EchoTime": ("EffectiveEchoTime",)}
+
+
 def acquisition_record(ds: Dataset) -> str | None:
     """The ``acquisition`` column: the sidecar's keys and values for this image (JSON)."""
     record: dict[str, Any] = {}
@@ -90,9 +94,12 @@ def diffusion_record(ds: Dataset) -> str | None:
     LPS), from the standard attributes (top level or in its MR Diffusion Sequence), else from
     its vendor's private ones, which a served file keeps only with retain_safe_private
     (srm_dicom/data/safe_private.toml): GE, Siemens, Philips, read as dcm2niix reads them
-    (a Philips b-value from the standard attribute, its direction from the private ones)."""
+    (a Philips b-value from the standard attribute, its direction from the private ones; GE's
+    private pair first, as dcm2niix ignores GE's standard gradient)."""
     bvalue, vector = _standard_diffusion(ds)
     private_b, private_vector = _private_diffusion(ds, bvalue)
+    if str(ds.get("Manufacturer") or "").upper().startswith("GE") and private_vector is not None:
+        bvalue, vector = (bvalue if private_b is None else private_b), private_vector
     bvalue = private_b if bvalue is None else bvalue
     if bvalue is None:
         return None
@@ -210,17 +217,21 @@ def _items(ds: Dataset, keyword: str) -> list[Dataset]:
 
 
 def _find(ds: Dataset, keyword: str) -> Any:
-    """A top-level value, else (multi-frame) one from the shared functional groups."""
+    """A top-level value, else (multi-frame) one from the functional groups: shared, then the
+    first frame's; where an enhanced object names it otherwise (EffectiveEchoTime of the MR
+    Echo macro for EchoTime), that name too, as dcm2niix reads it."""
     value = ds.get(keyword)
     if value not in (None, ""):
         return value
-    for group in _items(ds, "SharedFunctionalGroupsSequence"):
-        for element in group:
-            if element.VR == "SQ":
-                for item in element.value:
-                    found = item.get(keyword)
-                    if found not in (None, ""):
-                        return found
+    groups = _items(ds, "SharedFunctionalGroupsSequence") + _items(ds, "PerFrameFunctionalGroupsSequence")[:1]
+    for name in (keyword, *_ENHANCED_NAMES.get(keyword, ())):
+        for group in groups:
+            for element in group:
+                if element.VR == "SQ":
+                    for item in element.value:
+                        found = item.get(name)
+                        if found not in (None, ""):
+                            return found
     return None
 
 

@@ -474,9 +474,14 @@ class Registrar:
         failed: dict[int, Result] = {}
         try:
             self._pacs.offer({(staged.prepared.sop_class, staged.prepared.transfer_syntax) for staged in batch})
+            sent = self._pacs.store_files([
+                (staged.source, staged.prepared.sop_class, staged.prepared.transfer_syntax)
+                for staged in batch if isinstance(staged.source, Path) and staged.prepared.as_read
+            ])
             for staged in batch:
                 try:
-                    self._store(staged)
+                    if not (isinstance(staged.source, Path) and staged.source in sent):
+                        self._store(staged)
                 except PacsError:
                     raise
                 except MdmError as exc:  # a file that changed or vanished since it was prepared
@@ -714,6 +719,10 @@ def _check_complete(ds: Dataset) -> None:
         declared = getattr(last, "length", 0xFFFFFFFF)
         if declared != 0xFFFFFFFF and isinstance(last.value, bytes) and len(last.value) < declared:
             raise InvalidInput("truncated DICOM file")
-    is_image = "Rows" in ds or "Image" in getattr(ds.get("SOPClassUID"), "name", "")
+    try:  # decoded before decode_fully: a corrupt SOP Class UID is this file's reason too
+        sop_class = ds.get("SOPClassUID")
+    except Exception as exc:  # pydicom's converters raise many types on corrupt input
+        raise InvalidInput(f"corrupt DICOM element (0008,0016) ({exc.__class__.__name__})") from None
+    is_image = "Rows" in ds or "Image" in getattr(sop_class, "name", "")
     if is_image and not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
         raise InvalidInput("truncated DICOM file (image without pixel data)")

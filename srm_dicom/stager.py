@@ -51,6 +51,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import IO, Any, BinaryIO, cast
 
 from pydicom import Dataset
 
@@ -69,7 +70,7 @@ from srm_dicom.catalog import (
     StageRequest,
 )
 from srm_dicom.config import Config
-from srm_dicom.crypto.container import encrypt_bytes, new_file_key
+from srm_dicom.crypto.container import encrypt_bytes, encrypt_stream, encrypted_size, new_file_key
 from srm_dicom.errors import InvalidInput, MdmError, NotFound
 from srm_dicom.events import StageFinished, StageQueueChanged, emit
 from srm_dicom.keystore import KeystoreError
@@ -78,7 +79,7 @@ from srm_dicom.names import COMPRESSED_VOLUME, VOLUME, normalize_lfn, parse_pfn
 from srm_dicom.pacs.client import PacsClient, RetrieveRefused
 from srm_dicom.protect import key_acl, key_name, protect_image
 from srm_dicom.sidecar import series_file
-from srm_dicom.volume import NotAVolume
+from srm_dicom.volume import NotAVolume, VolumeWriter, plan_volume
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +144,52 @@ class _Slice:
     partial: Path | None = None  # the cache file a worker writes
     future: Future[workers.Protected] | None = None
     failure: StageFailed | None = None
+
+
+@dataclass(eq=False)
+class _VolumeBuild:
+    """A series volume being written into a temporary file of the cache as its images arrive."""
+
+    job: _Job
+    entry: Entry
+    writer: VolumeWriter
+    plain: Path  # the unencrypted volume file, removed once encrypted
+    fd: int
+    sources: dict[str, int]  # the PACS's SOP Instance UID → its row in the plan
+    key: Future[dict[str, bytes | MdmError]] | None  # a restage's key, fetched meanwhile
+
+    def add(self, ds: Dataset) -> None:
+        source = self.sources.get(str(ds.SOPInstanceUID))
+        if source is not None:
+            self.writer.add(source, ds)
+
+    def close(self, cache: DiskCache) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        cache.cancel(self.plain)
+
+
+class _Sums:
+    """A file being written and the size, adler32 (and sha256) of what was written to it."""
+
+    def __init__(self, out: BinaryIO, sha256: Any) -> None:
+        self._out, self._adler, self._sha256, self.size = out, 1, sha256, 0
+
+    def write(self, data: bytes | memoryview) -> int:
+        self._adler = zlib.adler32(data, self._adler)
+        if self._sha256 is not None:
+            self._sha256.update(data)
+        self.size += len(data)
+        return self._out.write(data)
+
+    @property
+    def adler32(self) -> str:
+        return f"{self._adler:08x}"
+
+    @property
+    def sha256(self) -> str | None:
+        return None if self._sha256 is None else self._sha256.hexdigest()
 
 
 def _now() -> int:
@@ -271,9 +318,17 @@ class Stager:
             else:
                 files.append(StageFile(entry.lfn, entry.guid))
         request = StageRequest(str(uuid.uuid4()), requester, now, lifetime, tuple(files))
-        self._catalog.stages.add_stage_request(request)
-        by_guid = {entry.guid: entry for entry in unique}
-        self._enqueue([(f.guid, by_guid[f.guid]) for f in files if f.state != COMPLETED])
+        batches = {entry.guid: _batch_of(entry.guid, entry) for entry, f in zip(unique, files, strict=True)
+                   if f.state != COMPLETED}
+        if self._pool is None:
+            raise MdmError("the stager is not running")
+        # One transaction: a front end dying in between leaves no request that no job serves.
+        # Every file is queued in the catalog, even one waited for here: that wait may be for a
+        # run another front end has just finished, before this request's files were written.
+        with self._catalog.backend.transaction():
+            self._catalog.stages.add_stage_request(request)
+            self._catalog.stages.enqueue_jobs(batches)
+        self._wake.set()
         return request.id
 
     def request(self, request_id: str) -> StageRequest | None:
@@ -496,25 +551,41 @@ class Stager:
         received = functools.partial(self._received, slices, keys, pinned)
         source = parse_pfn(next(iter(todo.values())).pfn)
         missing: dict[str, str] = {}
+        build = self._start_volume(volumes, todo, results)
+        # 3D.nii.gz is made from the images in memory (srm_dicom/sidecar.py); 3D and the
+        # sidecars need none kept.
+        keep = any(todo[job].sop_uid == COMPRESSED_VOLUME for job in volumes)
+        datasets: list[Dataset] = []
         try:
             if volumes:
                 # The whole series once: the volume needs it, and its slices come with it.
-                datasets = self._retrieve(source.study, source.series, None, self._series_classes(todo[volumes[0]]))
-                for ds in datasets:
+                classes = self._series_classes(todo[volumes[0]])
+                for ds in self._retrieve_iter(source.study, source.series, None, classes):
                     received(ds)
+                    if build is not None:
+                        build.add(ds)
+                    if keep:
+                        datasets.append(ds)
             elif slices:
                 guids = [item.job.guid for item in slices.values()]
                 classes = frozenset(self._catalog.index.sop_classes(guids).values())
                 missing = self._retrieve_instances(source.study, source.series, list(slices), classes, received)
         except MdmError as exc:
             self._abandon(slices.values())
+            if build is not None:
+                build.close(self._cache)
             reason = StageFailed(exc.reason if isinstance(exc, StageFailed) else str(exc))
             return {**results, **{job: reason for job in todo if job not in results}}
         except BaseException:
             self._abandon(slices.values())
+            if build is not None:
+                build.close(self._cache)
             raise
+        if build is not None:
+            results[build.job] = self._finish_volume(build)
         for job in volumes:
-            results[job] = self._publish(todo[job], functools.partial(self._volume, todo[job], datasets))
+            if job not in results:
+                results[job] = self._publish(todo[job], functools.partial(self._volume, todo[job], datasets))
         results.update(self._finish_slices(slices, missing))
         log.info("staged %d of %d files of a series in %.2f s", sum(isinstance(r, Path) for r in results.values()),
                  len(batch), time.monotonic() - started)
@@ -760,6 +831,128 @@ class Stager:
                 " re-issue it with 'mdm register --reprotect'"
             )
         return options
+
+    # -- the series volume, slice by slice into its file ----------------------------------
+
+    def _start_volume(
+        self, volumes: list[_Job], todo: dict[_Job, Entry], results: dict[_Job, Path | StageFailed]
+    ) -> _VolumeBuild | None:
+        """The batch's ``3D``, planned from the catalog's Image rows (as at registration) into
+        a temporary file of the cache, which the retrieved images then fill one by one; its
+        key fetched meanwhile. None without a ``3D`` (or when it fails here, into ``results``)."""
+        job = next((job for job in volumes if todo[job].sop_uid == VOLUME), None)
+        if job is None:
+            return None
+        entry = todo[job]
+        directory = entry.lfn.rpartition("/")[0]
+        rows = self._catalog.index.series_images(directory)
+        listing = self._catalog.namespace.list_dir(directory)
+        sops = {e.guid: parse_pfn(e.pfn).sop for e in (listing.entries if listing else []) if e.kind != "volume"}
+        guids = [guid for guid in rows if sops.get(guid)]
+        try:
+            plan = plan_volume([rows[guid] for guid in guids]).in_format(self._config.volume.format)
+            plain = self._cache.reserve(entry.guid, entry.content_version, plan.file_size(self._config.volume.format),
+                                        self._catalog.stages.pinned_guids(_now()))
+        except NotAVolume as exc:
+            results[job] = StageFailed(f"not a volume: {exc.reason}")
+            return None
+        except MdmError as exc:
+            results[job] = StageFailed(str(exc))
+            return None
+        fd = os.open(plain, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            writer = VolumeWriter(plan, self._config.volume.format, fd)
+        except BaseException:
+            os.close(fd)
+            self._cache.cancel(plain)
+            raise
+        key = None
+        if entry.adler32 is not None and self._keys is not None:
+            key = self._keys.submit(self._keystore.fetch_keys, [key_name(entry.guid, entry.content_version)],
+                                    _first_key)
+        return _VolumeBuild(job, entry, writer, plain, fd, {sops[guid] or "": i for i, guid in enumerate(guids)}, key)
+
+    def _finish_volume(self, build: _VolumeBuild) -> Path | StageFailed:
+        """Encrypt the filled volume file into the cache file, check it (a restage: against the
+        catalog; a first assembly: records it), publish it."""
+        entry = build.entry
+        try:
+            if build.writer.missing:
+                total = len(build.writer.plan.sources)
+                raise StageFailed(f"{self._pacs().name} sent {total - build.writer.missing} of the {total} slices"
+                                  " of the series")
+            if self._stopping.is_set():
+                raise _Abandoned
+            partial = self._encrypted_volume(build)
+            path = self._cache.commit(entry.guid, entry.content_version, partial)
+        except MdmError as exc:
+            return StageFailed(exc.reason if isinstance(exc, StageFailed) else str(exc))
+        finally:
+            build.close(self._cache)
+        log.info("staged %s: %d bytes", self._label(entry), entry.size or 0)
+        return path
+
+    def _encrypted_volume(self, build: _VolumeBuild) -> Path:
+        """The fsynced cache file of the volume, encrypted from its plain file under its key."""
+        entry = build.entry
+        version, name = entry.content_version, key_name(entry.guid, entry.content_version)
+        if entry.adler32 is None:
+            # First assembly of this version: its key is born here, and its checksum recorded.
+            key = new_file_key()
+            readers = tuple(a.dn for a in entry.acl if a.perms & 4)
+            self._keystore.put_key(name, key, key_acl(entry.owner, entry.vo, entry.mode, readers))
+            partial, sums = self._encrypt_plain(build, key, with_sha256=True)
+            if entry.size is not None and sums.size != entry.size:
+                self._cache.cancel(partial)
+                raise StageFailed(f"the assembled volume has {sums.size} bytes, not the {entry.size} announced")
+            if not self._catalog.namespace.set_checksum(entry.guid, version, sums.size, sums.adler32, sums.sha256):
+                self._cache.cancel(partial)
+                raise StageFailed("the series changed while its volume was assembled; stage it again")
+            return partial
+        first = build.key.result()[name] if build.key is not None else None
+        if isinstance(first, bytes):
+            partial, sums = self._encrypt_plain(build, first)
+            if sums.size == entry.size and sums.adler32 == entry.adler32:
+                return partial
+            self._cache.cancel(partial)
+        produced = _Produced()
+        found: list[Path] = []
+
+        def matches(_: str, key: bytes) -> bool:
+            partial, sums = self._encrypt_plain(build, key)
+            produced.tries += 1
+            produced.payloads[key] = f"{sums.size}:{sums.adler32}".encode()
+            if sums.size == entry.size and sums.adler32 == entry.adler32:
+                found.append(partial)
+                return True
+            self._cache.cancel(partial)
+            return False
+
+        result = self._keystore.fetch_keys([name], matches)[name]
+        if isinstance(result, bytes):
+            return found[0]
+        raise _key_failure(result, produced)
+
+    def _encrypt_plain(self, build: _VolumeBuild, key: bytes, with_sha256: bool = False) -> tuple[Path, _Sums]:
+        """Encrypt the plain volume file into a new cache file (fsynced), summing what it writes."""
+        entry = build.entry
+        size = encrypted_size(build.writer.size)
+        pinned = self._catalog.stages.pinned_guids(_now())
+        partial = self._cache.reserve(entry.guid, entry.content_version, size, pinned)
+        try:
+            with open(build.plain, "rb") as src, open(partial, "wb") as out:
+                sums = _Sums(out, hashlib.sha256() if with_sha256 else None)
+                encrypt_stream(key, uuid.UUID(entry.guid).bytes, entry.content_version, src,
+                               cast(IO[bytes], sums), size=build.writer.size)
+                out.flush()
+                os.fsync(out.fileno())
+        except OSError as exc:
+            self._cache.cancel(partial)
+            raise StageFailed(f"cache: cannot write a staged file ({exc.strerror})") from None
+        except BaseException:
+            self._cache.cancel(partial)
+            raise
+        return partial, sums
 
     def _volume(self, entry: Entry, datasets: list[Dataset]) -> bytes:
         """The series volume, or one of its sidecars (by its name), assembled and encrypted."""

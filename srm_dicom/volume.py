@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
@@ -340,19 +341,63 @@ def render(plan: VolumePlan, frames: Iterable[np.ndarray], fmt: str) -> bytes:
     ``plan.order``, taken one at a time so that only the output buffer holds the whole volume."""
     plan = plan.in_format(fmt)
     header = plan.header(fmt)
-    out = np.empty(len(header) + plan.data_size, dtype=np.uint8)
-    out[: len(header)] = np.frombuffer(header, dtype=np.uint8)
-    voxels = out[len(header):]
-    if not plan.rgb:
-        voxels = voxels.view(plan.voxel.numpy)
-    voxels = voxels.reshape(len(plan.order), plan.rows, plan.columns, *((3,) if plan.rgb else ()))
-    for slot, frame, (slope, intercept) in zip(voxels, frames, plan.rescales, strict=True):
-        if plan.voxel is FLOAT32:
-            # The rescale of the rows the plan was made from (PS3.3 C.7.6.16.2.9 for frames).
-            slot[...] = frame.astype(np.float64) * slope + intercept
-        else:
-            slot[...] = frame  # C order (row, column[, sample]) = NIfTI/NRRD order, x fastest
-    return out.tobytes()
+    out = bytearray(len(header) + plan.data_size)
+    out[: len(header)] = header
+    step = plan.data_size // max(1, len(plan.order))
+    offset = len(header)
+    for frame, rescale in zip(frames, plan.rescales, strict=True):
+        out[offset:offset + step] = _voxels(plan, frame, rescale).data.cast("B")
+        offset += step
+    return bytes(out)
+
+
+class VolumeWriter:
+    """A volume file written slice by slice into an open file, in whatever order the slices
+    arrive, each at the offset its place in the plan gives it: one slice is in memory at a
+    time, never the volume (a 1 GiB series stages in a few MiB; README "Volumes").
+
+    ``plan`` is ``plan_volume(rows)`` of the catalog's Image rows of the series, which gave
+    the volume's size at registration; ``add(source, ds)`` takes the retrieved image of
+    ``rows[source]``.
+    """
+
+    def __init__(self, plan: VolumePlan, fmt: str, fd: int) -> None:
+        self.plan = plan.in_format(fmt)
+        header = self.plan.header(fmt)
+        self.size = len(header) + self.plan.data_size
+        self._fd = fd
+        self._start = len(header)
+        self._step = self.plan.data_size // len(self.plan.order)
+        self._slots: dict[int, list[tuple[int, int | None]]] = {}
+        for slot, (source, frame) in enumerate(self.plan.sources):
+            self._slots.setdefault(source, []).append((slot, frame))
+        self._pending = set(range(len(self.plan.sources)))
+        os.pwrite(fd, header, 0)
+
+    def add(self, source: int, ds: Dataset) -> None:
+        """Write the slices (or frames) of ``rows[source]`` from its image ``ds``."""
+        for slot, frame in self._slots.get(source, ()):
+            if slot not in self._pending:
+                continue
+            voxels = _voxels(self.plan, _stored(ds, frame, self.plan), self.plan.rescales[slot])
+            os.pwrite(self._fd, voxels.data.cast("B"), self._start + slot * self._step)
+            self._pending.discard(slot)
+
+    @property
+    def missing(self) -> int:
+        """How many of the planned slices no image has filled yet."""
+        return len(self._pending)
+
+
+def _voxels(plan: VolumePlan, frame: np.ndarray, rescale: tuple[float, float]) -> np.ndarray:
+    """One slice's voxels as the file stores them (C order: row, column[, sample], x fastest)."""
+    if plan.voxel is FLOAT32:
+        # The rescale of the rows the plan was made from (PS3.3 C.7.6.16.2.9 for frames).
+        slope, intercept = rescale
+        voxels = (frame.astype(np.float64) * slope + intercept).astype(FLOAT32.numpy)
+    else:
+        voxels = frame.astype(plan.voxel.numpy, copy=False)
+    return np.ascontiguousarray(voxels)
 
 
 def _stored(ds: Dataset, frame: int | None, plan: VolumePlan) -> np.ndarray:

@@ -110,3 +110,33 @@ def test_the_first_push_after_a_pause_longer_than_the_key_servers_idle_timeout_i
         finally:
             out = stop_listener(proc)
     assert "3 registered, 0 updated, 0 already registered, 0 failed" in out
+
+
+def test_a_push_while_another_process_holds_the_catalog_lock_is_refused_with_a_reason_then_taken(
+    embedded_pacs, tmp_path, key_servers
+):
+    """The catalog locked (a real write lock of another connection, past [catalog] busy_timeout):
+    the push is refused with 0xA700, one reason in the log and no traceback; sent again, taken."""
+    import sqlite3
+
+    port = free_port()
+    config_path = write_site_config(tmp_path / "site", embedded_pacs, key_servers, store_to_pacs=False,
+                                    listen_port=port)
+    text = config_path.read_text().replace('url = "catalog.db"', 'url = "catalog.db"\nbusy_timeout = 1')
+    config_path.write_text(text)
+    (image,) = write_files(tmp_path, "locked", slices=1)
+    proc = start_listener(config_path)
+    holder = sqlite3.connect(tmp_path / "site" / "catalog.db", isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        locked = push([image], port, "-v")
+        holder.execute("ROLLBACK")
+        again = push([image], port)
+    finally:
+        holder.close()
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    assert "Received Store Response (Refused: OutOfResources)" in locked.stderr, locked.stderr  # 0xA700
+    assert again.returncode == 0 and "0xa700" not in again.stderr.lower(), again.stderr
+    assert "the catalog database is locked" in err and "Traceback" not in err, err
+    assert "1 registered" in out and "1 failed" in out, out

@@ -1,5 +1,7 @@
+import json
 import os
 import posixpath
+import urllib.request
 import zlib
 from contextlib import contextmanager
 from dataclasses import replace
@@ -7,8 +9,10 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from pydicom.uid import SecondaryCaptureImageStorage
+from pydicom.uid import ImplicitVRLittleEndian, SecondaryCaptureImageStorage
 
+import srm_dicom.pacs.client as client_module
+from conftest import require_program
 from peers import free_port
 from sites import require_vendor_data, write_site_config
 from srm_dicom.anonymize import AnonymizationOptions, recorded_options, rules_version
@@ -17,7 +21,8 @@ from srm_dicom.config import load_config
 from srm_dicom.crypto.container import check_key, read_header
 from srm_dicom.errors import InvalidInput
 from srm_dicom.keystore.client import KeystoreClient
-from srm_dicom.pacs.client import PacsClient
+from srm_dicom.pacs.client import DCMTK_FROM, PacsClient
+from srm_dicom.pacs.dcmtk import STORESCU, _stored
 from srm_dicom.protect import key_name, protect_image
 from srm_dicom.register import BATCH, Registrar, Summary, iter_files, read_dicom
 from srm_dicom.synthetic import make_series
@@ -355,3 +360,48 @@ def test_an_image_met_twice_in_a_run_is_registered_then_updated(embedded_pacs, t
     assert entry.content_version == 2
     assert catalog.index.metadata(entry.guid).medical["series_description"] == "re-reconstructed"
     catalog.close()
+
+
+def test_the_dcmtk_engine_has_storescu_send_a_batch_each_image_in_its_own_syntax(orthanc, tmp_path, key_servers,
+                                                                                 monkeypatch):
+    require_program(STORESCU)
+    config = load_config(write_site_config(tmp_path / "site", orthanc, key_servers, engine="dcmtk"))
+    files = write_series(tmp_path / "in", slices=DCMTK_FROM + 2, seed="storescu")
+    implicit = pydicom.dcmread(files[0])
+    implicit.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    implicit.save_as(files[0], implicit_vr=True, little_endian=True, enforce_file_format=True)
+    sent: list[set] = []
+    original = client_module.storescu_store
+
+    def spied(*args):  # type: ignore[no-untyped-def]
+        sent.append(original(*args))
+        return sent[-1]
+
+    monkeypatch.setattr(client_module, "storescu_store", spied)
+    catalog = open_catalog(config)
+    with PacsClient(config.pacs) as pacs:
+        registrar = Registrar(config, catalog, pacs, KeystoreClient.from_config(config))
+        assert {r.outcome for r in registrar.register_many(files, store_in_pacs=True)} == {Outcome.ADDED}
+    assert sent == [set(files)]  # storescu took the whole batch: none went over pynetdicom
+    for path in (files[0], files[1]):  # in Orthanc as sent: no transcoding
+        ds = pydicom.dcmread(path)
+        with urllib.request.urlopen(f"http://127.0.0.1:{orthanc.http_port}/tools/lookup",
+                                    data=ds.SOPInstanceUID.encode()) as answer:
+            (found,) = json.load(answer)
+        with urllib.request.urlopen(f"http://127.0.0.1:{orthanc.http_port}/instances/{found['ID']}/metadata"
+                                    "/TransferSyntax") as answer:
+            assert answer.read().decode() == ds.file_meta.TransferSyntaxUID
+    catalog.close()
+
+
+def test_storescus_log_tells_which_files_the_pacs_took_unconverted():
+    log = "\n".join([
+        "I: Sending file: /a.dcm", "I: Converting transfer syntax: Little Endian Explicit -> Little Endian Explicit",
+        "I: Sending Store Request (MsgID 1, CT)", "I: Received Store Response (Success)",
+        "I: Sending file: /b.dcm", "I: Received Store Response (Warning: Coercion of Data Elements)",
+        "I: Sending file: /c.dcm", "I: Converting transfer syntax: JPEG 2000 -> Little Endian Explicit",
+        "I: Received Store Response (Success)",
+        "I: Sending file: /d.dcm", "E: Store Failed, file: /d.dcm:", "I: Received Store Response (Error: Failed)",
+        "I: Sending file: /e.dcm",  # no answer: the association broke
+    ])
+    assert _stored(log) == {Path("/a.dcm"), Path("/b.dcm")}

@@ -415,3 +415,35 @@ def test_no_slice_timing_where_it_is_not_known_or_means_nothing() -> None:
     kept = [anonymize(ds, SECRET, dates).dataset for ds in series]
     rows = [image_row(ds) for ds in kept]
     assert json.loads(sidecar_json(rows, plan_volume(rows)))["SliceTiming"] == [0.0, 1.0, 0.5, 1.5]
+
+
+def test_ge_private_pair_wins_over_its_standard_attributes(tmp_path: Path) -> None:
+    """A GE slice with both: dcm2niix takes GE's b-value and gradient from the private pair (its
+    standard gradient it ignores), so the shortened gradient still lowers the b-value."""
+    series = private_diffusion_series("ge", GE_ORIENTATIONS["axial"])
+    for ds in series:
+        ds.DiffusionBValue = 3000.0
+        ds.DiffusionGradientOrientation = [0.0, 0.0, 1.0]
+    bval, _ = assert_diffusion_equals_dcm2niix(series, tmp_path)
+    assert bval == b"0 1000 1000 2000 1000\n"
+
+
+def test_an_enhanced_mr_object_gives_its_acquisition_parameters_from_its_functional_groups(tmp_path: Path) -> None:
+    """Repetition time and flip angle in the MR Timing macro, the echo time as the MR Echo
+    macro's EffectiveEchoTime, per frame: read there as dcm2niix reads them, from the served object."""
+    single = vendor_series("siemens/anatomical/001")
+    converted = legacy_converted(single, "MR")
+    for item in converted.PerFrameFunctionalGroupsSequence:
+        timing, echo = Dataset(), Dataset()
+        timing.RepetitionTime, timing.FlipAngle = single[0].RepetitionTime, 9.0
+        echo.EffectiveEchoTime = single[0].EchoTime
+        item.MRTimingAndRelatedParametersSequence = DicomSequence([timing])
+        item.MREchoSequence = DicomSequence([echo])
+    served = anonymize(converted, SECRET, options()).dataset
+    ours = json.loads(series_file("3D.json", [served], "nifti"))
+    assert ours["RepetitionTime"] == pytest.approx(float(single[0].RepetitionTime) / 1000)
+    assert ours["EchoTime"] == pytest.approx(float(single[0].EchoTime) / 1000) and ours["FlipAngle"] == 9
+    theirs = json.loads(dcm2niix(write([converted], tmp_path / "dicom"), tmp_path / "nifti").with_suffix(".json")
+                        .read_text())
+    for key in ("EchoTime", "RepetitionTime", "FlipAngle"):
+        assert ours[key] == pytest.approx(theirs[key], rel=1e-6), key

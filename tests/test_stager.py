@@ -401,6 +401,23 @@ def test_a_series_that_is_not_one_volume_fails_with_the_reason(embedded_pacs, tm
         site.catalog.close()
 
 
+def test_a_volume_whose_slice_the_pacs_lost_fails_naming_how_many_it_sent(embedded_pacs, tmp_path, key_servers):
+    site = make_site(tmp_path / "site", embedded_pacs, key_servers, slices=5, seed="lost")
+    extra = make_series(slices=6, size=16, seed="lost")[5]  # the next slice: still one volume
+    Registrar(site.config, site.catalog, None, site.keystore).register(extra, store_in_pacs=False)
+    stager = site.stager()
+    stager.start()
+    try:
+        with pytest.raises(StageFailed, match=r"^PACS .+ sent 5 of the 6 slices of the series$"):
+            stager.fetch(site.refresh(site.volume), 20)
+        cache_dir = site.config.path(site.config.cache.dir)
+        assert list(cache_dir.iterdir()) == []  # neither the plain volume nor a partial file stays
+        assert site.refresh(site.volume).adler32 is None
+    finally:
+        stager.stop()
+        site.catalog.close()
+
+
 STAGER_PROCESS = """
 import sys, time
 from srm_dicom.catalog import open_catalog

@@ -31,7 +31,15 @@ from srm_dicom.errors import InvalidInput, MdmError
 from srm_dicom.metadata import extract_metadata
 from srm_dicom.names import VOLUME, UidTriple
 from srm_dicom.synthetic import FakePatient, make_series
-from srm_dicom.volume import NIFTI_VOX_OFFSET, NotAVolume, VolumePlan, assemble, image_row, plan_volume
+from srm_dicom.volume import (
+    NIFTI_VOX_OFFSET,
+    NotAVolume,
+    VolumePlan,
+    VolumeWriter,
+    assemble,
+    image_row,
+    plan_volume,
+)
 
 GROUND_TRUTH = [
     "ge/anatomical/001",
@@ -425,3 +433,31 @@ def test_the_plan_needs_no_pixels() -> None:
     assert isinstance(plan, VolumePlan) and plan.shape == (32, 32, 10)
     assert plan.file_size("nifti") == 352 + 32 * 32 * 10 * 2  # int16 with its rescale in the header
     assert plan.file_size("nrrd") == len(plan.header("nrrd")) + 32 * 32 * 10 * 4  # rescaled float32
+
+
+@pytest.mark.parametrize("series", ["generic/rgb/001", "ge/fmri/001", "philips/anatomical/001"])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_volume_written_slice_by_slice_in_any_order_is_the_assembled_file(series: str, fmt: str,
+                                                                             tmp_path: Path) -> None:
+    datasets = vendor_series(series)
+    rows = [image_row(ds) for ds in datasets]
+    path = tmp_path / "volume"
+    with path.open("wb+") as out:
+        writer = VolumeWriter(plan_volume(rows), fmt, out.fileno())
+        assert writer.missing == len(writer.plan.sources) and writer.size == plan_volume(rows).file_size(fmt)
+        arrival = list(range(len(datasets)))
+        random.Random(3).shuffle(arrival)
+        for index in arrival:
+            writer.add(index, datasets[index])
+            writer.add(index, datasets[index])  # a duplicate delivery writes nothing twice
+        assert writer.missing == 0
+    assert path.read_bytes() == assemble(datasets, fmt)
+
+
+def test_a_volume_writer_counts_the_slices_no_image_filled(tmp_path: Path) -> None:
+    series = synthetic(slices=5, size=8)
+    with (tmp_path / "volume").open("wb+") as out:
+        writer = VolumeWriter(plan_volume([image_row(ds) for ds in series]), "nifti", out.fileno())
+        for index in (0, 3, 4):
+            writer.add(index, series[index])
+        assert writer.missing == 2

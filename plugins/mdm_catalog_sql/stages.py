@@ -185,13 +185,15 @@ class SqlStageStore:
         )
 
     def finish_jobs(self, holder: str, outcomes: Mapping[str, tuple[str, str | None]], at: int) -> None:
+        # The jobs first: their rows locked, a request queueing one of them meanwhile waits for
+        # this end and queues it again; the files then include every request written before.
         with self._db.transaction():
-            self.set_stage_states(outcomes, at)
             self._db.write_many(
                 f"UPDATE stage_jobs SET state = ?, error = ?, holder = NULL, lease_expires = NULL,"
                 f" finished_at = {self._db.dialect.clock} WHERE guid = ? AND holder = ? AND state = 'STARTED'",
                 [(state, error, guid, holder) for guid, (state, error) in outcomes.items()],
             )
+            self.set_stage_states(outcomes, at)
 
     def release_jobs(self, holder: str, guids: Sequence[str]) -> None:
         if guids:

@@ -1,4 +1,5 @@
-"""The DCMTK retrieval engine: C-GET by DCMTK's ``getscu`` into a private spool directory.
+"""The DCMTK engine: C-GET by DCMTK's ``getscu`` into a private spool directory, and C-STORE
+of files by its ``storescu`` (``storescu_store``).
 
 pynetdicom receives a C-GET several times slower than DCMTK (a 100-slice series: 1.1 s
 against getscu's 0.14 s on the benchmark machine, README "Benchmarks"), because every PDU
@@ -35,8 +36,10 @@ def getscu_get(
     config: PacsConfig, name: str, study: str, series: str, sops: Sequence[str] | str | None
 ) -> Iterator[Dataset]:
     """C-GET an instance, a UID list or a whole series with getscu; the datasets, each with
-    the file meta getscu wrote (transfer syntax as received), all read before the first is
-    yielded (so a ``GetscuIncomplete`` comes before any)."""
+    the file meta getscu wrote (transfer syntax as received). getscu has finished before the
+    first is yielded (so a ``GetscuIncomplete`` comes before any); they are then read from
+    the spool one at a time as the caller iterates, so that a series is never in memory
+    whole (a 1 GiB volume), and the spool is removed when the iteration ends."""
     if not os.access(GETSCU, os.X_OK):
         raise PacsError(f"{name}: [pacs] engine = \"dcmtk\" needs DCMTK's {GETSCU} (Debian package dcmtk)")
     uids = [sops] if isinstance(sops, str) else list(sops or ())
@@ -57,9 +60,78 @@ def getscu_get(
         complaints = [line[3:].strip() for line in done.stderr.splitlines() if line.startswith(("E: ", "F: ", "W: "))]
         if done.returncode != 0 or complaints:
             raise GetscuIncomplete(f"{name}: getscu: {complaints[-1] if complaints else f'exit {done.returncode}'}")
-        datasets = [pydicom.dcmread(path) for path in sorted(Path(spool).iterdir())]
-    yield from datasets
+        for path in sorted(Path(spool).iterdir()):
+            yield pydicom.dcmread(path)
 
 
 class GetscuIncomplete(PacsError):
     """getscu reported an error or a warning: its images may not be all the PACS sent."""
+
+
+STORESCU = "/usr/bin/storescu"  # DCMTK's (the storescu on PATH may be pynetdicom's app)
+# The lines of storescu's verbose log (-v) that say what happened to each file.
+_SENDING = "I: Sending file: "
+_CONVERTING = "I: Converting transfer syntax: "
+_RESPONSE = "I: Received Store Response ("
+
+
+def storescu_store(config: PacsConfig, name: str, files: Sequence[tuple[Path, str, str]]) -> set[Path]:
+    """C-STORE files with storescu over one association; the files the PACS took, in their own
+    transfer syntax. The caller sends the others with pynetdicom, which reports why each fails.
+
+    ``files`` are (path, SOP class, transfer syntax). storescu proposes exactly one context per
+    pair (a ``-xf`` configuration written here, as ``PacsClient`` proposes them), goes on after
+    a failure (``-nh``), and logs a line per file sent and per answer: a file counts as stored
+    when the answer is Success or Warning and storescu did not convert it to another syntax
+    (it would, were the file's own context refused: that one is sent again, as it is).
+    pynetdicom's C-STORE costs three times storescu's per image (README, "Benchmarks")."""
+    if not os.access(STORESCU, os.X_OK):
+        raise PacsError(f"{name}: [pacs] engine = \"dcmtk\" needs DCMTK's {STORESCU} (Debian package dcmtk)")
+    sendable = [(path, sop_class, ts) for path, sop_class, ts in files if "\n" not in str(path)]
+    if not sendable:
+        return set()
+    timeout = str(max(1, round(config.timeout)))
+    with tempfile.TemporaryDirectory(prefix="mdm-storescu-") as folder:
+        profile = Path(folder) / "storescu.cfg"
+        profile.write_text(_storescu_profile({(sop_class, ts) for _, sop_class, ts in sendable}))
+        command = [STORESCU, "-v", "-nh", "-xf", str(profile), "mdm", "-aet", config.calling_aet, "-aec", config.aet,
+                   "-to", timeout, "-ta", timeout, "-td", timeout, config.host, str(config.port),
+                   *(str(path) for path, _, _ in sendable)]
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, errors="replace",
+                                  env={**os.environ, "TCP_NODELAY": "1"}, timeout=config.timeout * 4 + 60)
+            log = done.stderr
+        except subprocess.TimeoutExpired as exc:  # what it sent before counts; the rest is retried
+            log = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else exc.stderr or ""
+    return _stored(log)
+
+
+def _storescu_profile(contexts: set[tuple[str, str]]) -> str:
+    """A storescu association profile proposing each (SOP class, transfer syntax) pair alone."""
+    syntaxes = sorted({ts for _, ts in contexts})
+    lines = ["[[TransferSyntaxes]]"]
+    for number, ts in enumerate(syntaxes, 1):
+        lines += [f"[TS{number}]", f"TransferSyntax1 = {ts}"]
+    lines += ["[[PresentationContexts]]", "[Contexts]"]
+    for number, (sop_class, ts) in enumerate(sorted(contexts), 1):
+        lines.append(f"PresentationContext{number} = {sop_class}\\TS{syntaxes.index(ts) + 1}")
+    lines += ["[[Profiles]]", "[mdm]", "PresentationContexts = Contexts", ""]
+    return "\n".join(lines)
+
+
+def _stored(log: str) -> set[Path]:
+    """The files storescu's verbose log says the PACS took, unconverted."""
+    stored: set[Path] = set()
+    current: str | None = None
+    converted = False
+    for line in log.splitlines():
+        if line.startswith(_SENDING):
+            current, converted = line[len(_SENDING):], False
+        elif line.startswith(_CONVERTING):
+            source, _, target = line[len(_CONVERTING):].partition(" -> ")
+            converted = source != target
+        elif line.startswith(_RESPONSE) and current is not None:
+            if line[len(_RESPONSE):].startswith(("Success", "Warning")) and not converted:
+                stored.add(Path(current))
+            current = None
+    return stored

@@ -9,9 +9,11 @@ registration that stores into the PACS can cost. Measured, each against a fresh 
 (new process, empty storage) and, for mdm, a fresh catalog:
 
 - storescu: the whole process, files given in sorted order, TCP_NODELAY=1.
-- mdm register DIR: the whole CLI process, as a user runs it.
-- Registrar pipeline: ``Registrar.register_many(paths)`` in this process, after config,
-  catalog and imports are loaded: what the CLI does with the files. The CLI time minus
+- mdm register DIR: the whole CLI process, as a user runs it, with ``[pacs] engine = "dcmtk"``
+  (a site's default where DCMTK is installed: storescu sends the batches the pipeline
+  prepared); "mdm (pynetdicom)" the same with engine "pynetdicom" (the kept association).
+- Registrar pipeline (and "Registrar (pynetd.)"): ``Registrar.register_many(paths)`` in
+  this process, after config, catalog and imports are loaded: what the CLI does with the files. The CLI time minus
   this is the CLI's start-up (interpreter, imports, config, catalog open).
 
 Every timed run counts only if the PACS holds every image of the set afterwards: Orthanc's
@@ -29,6 +31,7 @@ load from other processes hits all of them.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import multiprocessing
 import os
@@ -151,7 +154,7 @@ def _serve_keys(pki: Path, state: Path, urls: Connection, stop: Event) -> None:
 
 class KeyServers:
     """The demo PKI's three key servers, in a process of their own so their TLS work does not
-    share a GIL with the Registrar loop; one set serves the whole run (GUIDs never repeat)."""
+    share a GIL with the Registrar pipeline; one set serves the whole run (GUIDs never repeat)."""
 
     def __init__(self, workdir: Path) -> None:
         self.pki = workdir / "pki"
@@ -222,8 +225,8 @@ def run_storescu(peer: peers.Peer, files: FileSet, workdir: Path, keys: KeyServe
     return elapsed
 
 
-def run_mdm(peer: peers.Peer, files: FileSet, workdir: Path, keys: KeyServers) -> float:
-    config = write_site_config(workdir, peer, keys)  # type: ignore[arg-type]  (urls and pki suffice)
+def run_mdm(peer: peers.Peer, files: FileSet, workdir: Path, keys: KeyServers, engine: str = "pynetdicom") -> float:
+    config = write_site_config(workdir, peer, keys, engine=engine)  # type: ignore[arg-type]  (urls and pki suffice)
     start = time.perf_counter()
     done = mdm("register", str(files.directory), config=config, timeout=600)
     elapsed = time.perf_counter() - start
@@ -232,8 +235,10 @@ def run_mdm(peer: peers.Peer, files: FileSet, workdir: Path, keys: KeyServers) -
     return elapsed
 
 
-def run_registrar(peer: peers.Peer, files: FileSet, workdir: Path, keys: KeyServers) -> float:
-    config = load_config(write_site_config(workdir, peer, keys))  # type: ignore[arg-type]
+def run_registrar(
+    peer: peers.Peer, files: FileSet, workdir: Path, keys: KeyServers, engine: str = "pynetdicom"
+) -> float:
+    config = load_config(write_site_config(workdir, peer, keys, engine=engine))  # type: ignore[arg-type]
     catalog = open_catalog(config)
     try:
         with PacsClient(config.pacs) as pacs:
@@ -248,11 +253,16 @@ def run_registrar(peer: peers.Peer, files: FileSet, workdir: Path, keys: KeyServ
     return elapsed
 
 
+# [pacs] engine "dcmtk" (a site's default where DCMTK is installed) has storescu send the batches
+# the pipeline prepared; "pynetdicom" sends them over the kept association.
 TOOLS: dict[str, Callable[[peers.Peer, FileSet, Path, KeyServers], float]] = {
     "storescu": run_storescu,
-    "mdm register": run_mdm,
-    "Registrar pipeline": run_registrar,
+    "mdm register": functools.partial(run_mdm, engine="dcmtk"),
+    "Registrar pipeline": functools.partial(run_registrar, engine="dcmtk"),
+    "mdm (pynetdicom)": run_mdm,
+    "Registrar (pynetd.)": run_registrar,
 }
+IN_PROCESS = ("Registrar pipeline", "Registrar (pynetd.)")
 
 
 def measure(
@@ -263,7 +273,8 @@ def measure(
         for tool in tools:
             run = TOOLS[tool]
             with pool.fresh() as peer:
-                times[tool].append(run(peer, files, workdir / f"{files.name}-{tool.split()[0]}-{round_}", keys))
+                place = workdir / f"{files.name}-{list(TOOLS).index(tool)}-{round_}"  # a catalog per run
+                times[tool].append(run(peer, files, place, keys))
                 check_pacs_holds(peer, files)
     return times
 
@@ -282,7 +293,7 @@ def startup_time(rounds: int) -> float:
 
 def report(kind: str, rounds: int, results: list[tuple[FileSet, dict[str, list[float]]]]) -> None:
     print(f"\nPACS: {kind}  (median of {rounds}; seconds [min-max], images/s, ratio to storescu)")
-    header = f"{'file set':28s} {'images':>6s}  {'tool':18s} {'seconds':>19s} {'images/s':>9s} {'ratio':>6s}"
+    header = f"{'file set':28s} {'images':>6s}  {'tool':20s} {'seconds':>19s} {'images/s':>9s} {'ratio':>6s}"
     print(header)
     print("-" * len(header))
     for files, times in results:
@@ -292,7 +303,7 @@ def report(kind: str, rounds: int, results: list[tuple[FileSet, dict[str, list[f
             median = statistics.median(runs)
             spread = f"{median:6.2f} [{min(runs):.2f}-{max(runs):.2f}]"
             rate = count / median
-            print(f"{files.name:28s} {count:6d}  {tool:18s} {spread:>19s} {rate:9.1f} {rate / peer_rate:6.2f}")
+            print(f"{files.name:28s} {count:6d}  {tool:20s} {spread:>19s} {rate:9.1f} {rate / peer_rate:6.2f}")
         if "Registrar pipeline" not in times:
             continue
         startup = statistics.median(times["mdm register"]) - statistics.median(times["Registrar pipeline"])
@@ -330,7 +341,7 @@ def main() -> None:
         ]
         print(f"code under test: {Path(srm_dicom.__file__).parent}")
         print(f"mdm --version (CLI start-up alone): {startup_time(args.rounds):.2f} s")
-        tools = [tool for tool in TOOLS if not (args.cli_only and tool == "Registrar pipeline")]
+        tools = [tool for tool in TOOLS if not (args.cli_only and tool in IN_PROCESS)]
         keys = KeyServers(workdir)
         try:
             for kind in args.pacs:

@@ -1,6 +1,7 @@
 """Staging and serving by the storage element (``mdm serve``) next to the PACS and nginx doing the same work.
 
 Run: python tests/bench/bench_serve.py [--pacs orthanc embedded dcmqrscp] [--rounds 3] [--gets 5]
+     [--slices 1000] [--skip part1 part2 part3]
 
 Part 1, cold staging of a synthetic CT series (100 slices of 256², one PACS at a time). Each
 storage element figure starts a new ``mdm serve`` process over the same catalog with an
@@ -34,6 +35,13 @@ nginx (Debian's, one worker, TLS with the same host certificate, ``ssl_verify_cl
 optional`` against the same CA) serving the same cached file, with curl (``-o /dev/null``)
 and Python's http.client (1 MiB ``readinto``, a new connection per GET, as curl). Server CPU
 is read from /proc (all threads, or nginx master plus worker).
+
+Part 3, peak RSS: a series of ``--rss-slices`` × ``--rss-size``² (512 × 1024² int16: a 1 GiB
+volume) registered, its 3D assembled for the first time, then restaged cold by a new ``mdm
+serve``; the VmHWM of the server (from /proc) after each, the bytes received checked.
+
+nginx for part 2 is Debian's (``apt-get install -y --no-install-recommends nginx-light``), run
+by this script on a free port with its own prefix, never as a system daemon.
 
 The PACS peers, the key servers and the storage element each run in a process of their own
 (the embedded PACS as ``mdm pacs serve``), so no two of them, nor the timing clients, share
@@ -497,7 +505,8 @@ def part1(kind: str, workdir: Path, keys: KeyServers, args: argparse.Namespace) 
     for name, runs in times.items():
         median = statistics.median(runs)
         spread = f"{median:7.2f} [{min(runs):.2f}-{max(runs):.2f}]"
-        print(f"{name:28s} {spread:>21s} {count / median:9.1f} {median / reference:8.2f} {median / dcmtk:9.2f}")
+        images = min(SEQUENTIAL, count) if "sequential" in name else count
+        print(f"{name:28s} {spread:>21s} {images / median:9.1f} {median / reference:8.2f} {median / dcmtk:9.2f}")
     peers_3d = statistics.median(times[PEERS_3D])
     print(f"  SE 3D GET / (getscu + dcm2niix): {statistics.median(times['SE 3D GET']) / peers_3d:.2f}")
     print("  peak RSS of mdm serve (VmHWM, MiB, max over rounds): "
@@ -664,6 +673,31 @@ def part2(workdir: Path, keys: KeyServers, args: argparse.Namespace) -> None:
                   f" {statistics.median(cpus[(client, server)]):17.2f}")
 
 
+# -- part 3: peak RSS while staging and serving a 1 GiB volume --------------------------
+
+def part3(workdir: Path, keys: KeyServers, args: argparse.Namespace) -> None:
+    """A series of ``--rss-slices`` × ``--rss-size``² int16 (512 × 1024²: 1 GiB of voxels)
+    registered, then its 3D staged and served by a new ``mdm serve``: its first assembly
+    (key born), then a cold restage (empty cache); VmHWM of the server after each, the bytes
+    received checked against the catalog."""
+    site, series = prepare_site(args.large_pacs, workdir, keys, args.rss_slices, args.rss_size, args,
+                                "bench-serve-rss")
+    try:
+        served, first = first_assembly(site, series)
+        first_peak = peak_rss_mib(served.process.pid)
+        served.stop()
+        shutil.rmtree(served.cache, ignore_errors=True)
+        restage = volume_get(site, series)
+        restage_peak = max(PEAK_RSS.pop("3d"))
+    finally:
+        site.peer.stop()
+    size = (series.volume.size or 0) / MIB
+    print(f"\nPart 3, a {size:.0f} MiB 3D volume ({args.rss_slices} slices of {args.rss_size}², {args.large_pacs}):"
+          f" peak RSS of mdm serve (VmHWM)")
+    print(f"  first assembly (key born): {first:6.2f} s, VmHWM {first_peak:6.0f} MiB")
+    print(f"  cold restage and GET:      {restage:6.2f} s, VmHWM {restage_peak:6.0f} MiB")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--pacs", nargs="+", choices=list(STARTERS), default=["orthanc", "embedded"])
@@ -677,14 +711,17 @@ def main() -> None:
     parser.add_argument("--gets", type=int, default=5, help="part 2: GETs per client and server")
     parser.add_argument("--workers", type=int, default=CacheConfig().workers, help="[cache] workers")
     parser.add_argument("--threads", type=int, default=ServerConfig().threads, help="[server] threads")
-    parser.add_argument("--skip", choices=["part1", "part2"], help="leave one part out")
+    parser.add_argument("--rss-slices", type=int, default=512, help="part 3 series: slices")
+    parser.add_argument("--rss-size", type=int, default=1024, help="part 3 series: rows and columns")
+    parser.add_argument("--skip", choices=["part1", "part2", "part3"], nargs="+", default=[],
+                        help="leave parts out")
     parser.add_argument("--skip-methods", nargs="+", default=[], metavar="WORD",
                         help="part 1: leave out the methods whose name has WORD (e.g. 'sequential' 'per SOP' at "
                              "1000 slices); the references and the 3D GET always run")
     parser.add_argument("--engine", choices=["pynetdicom", "dcmtk"], default=default_engine(),
                         help="[pacs] engine of the storage element (default: as a site config without one)")
     args = parser.parse_args()
-    needed = (GETSCU, DCM2NIIX, CURL, peers.ORTHANC) + (() if args.skip == "part2" else (NGINX,))
+    needed = (GETSCU, DCM2NIIX, CURL, peers.ORTHANC) + (() if "part2" in args.skip else (NGINX,))
     for program in needed:
         if not os.access(program, os.X_OK):
             raise SystemExit(f"missing program: {program}")
@@ -696,11 +733,13 @@ def main() -> None:
         workdir = Path(tmp)
         keys = KeyServers(workdir)
         try:
-            if args.skip != "part1":
+            if "part1" not in args.skip:
                 for kind in args.pacs:
                     part1(kind, workdir / kind, keys, args)
-            if args.skip != "part2":
+            if "part2" not in args.skip:
                 part2(workdir / "large", keys, args)
+            if "part3" not in args.skip:
+                part3(workdir / "rss", keys, args)
         finally:
             keys.close()
 

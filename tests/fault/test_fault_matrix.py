@@ -1,14 +1,16 @@
 """The fault matrix of issue 12, each fault caused for real against real peers: a PACS that is
 slow, aborts mid-series or drops idle associations (a delaying TCP proxy in front of the
 real embedded PACS, ``tests/proxy.py``: no ``tc`` here), ``mdm register`` SIGKILLed
-mid-batch, ports taken and a full cache disk (a 1 MiB tmpfs). Each gives a clear error or
+mid-batch, ports taken, a full cache disk (a 1 MiB tmpfs), a corrupt cache file and the
+catalog locked by another connection. Each gives a clear error or
 recovers, and loses nothing: every byte served is the catalog's (size and adler32), every
 cataloged image has its key.
 
 The rows other suites cover are listed in README (Tests, fault matrix): PACS down, a cache of
 pinned files, SIGKILL of ``mdm serve`` while staging (tests/server/test_faults.py); 1 and 2
 key servers down, a wrong share (tests/keystore); tampered ciphertext (tests/test_client.py);
-idle key server connections (tests/keystore, tests/test_listen.py, tests/server/test_faults.py).
+idle key server connections (tests/keystore, tests/test_listen.py, tests/server/test_faults.py);
+the catalog database unreachable (tests/server/test_catalog_unavailable.py).
 
 CI runs the rows marked smoke; ``MDM_FAULT_FULL=1 pytest tests/fault -q`` runs them all.
 """
@@ -37,6 +39,7 @@ from srm_dicom.catalog import Catalog, Entry, open_catalog
 from srm_dicom.config import load_config
 from srm_dicom.keystore.client import KeystoreClient
 from srm_dicom.protect import key_name
+from srm_dicom.register import BATCH
 from srm_dicom.synthetic import make_series
 from storage import register, start_storage_element
 
@@ -131,9 +134,11 @@ def test_idle_pacs_associations_dropped_meanwhile_are_reopened(embedded_pacs, ke
 @full_only
 def test_register_sigkilled_mid_batch_loses_nothing_when_run_again(embedded_pacs, key_servers, tmp_path):
     config_path = write_site_config(tmp_path / "site", embedded_pacs, key_servers)
+    count = 3 * BATCH
     folder = tmp_path / "batch"
     folder.mkdir()
-    for i, ds in enumerate(make_series(slices=40, size=32, seed="killed batch")):
+    # Several of the registrar's batches (srm_dicom.register.BATCH), so the kill lands between two.
+    for i, ds in enumerate(make_series(slices=count, size=32, seed="killed batch")):
         ds.save_as(folder / f"{i:03}.dcm", enforce_file_format=True)
     catalog_db = tmp_path / "site" / "catalog.db"
     process = subprocess.Popen([shutil.which("mdm") or "mdm", "register", str(folder)],
@@ -152,16 +157,16 @@ def test_register_sigkilled_mid_batch_loses_nothing_when_run_again(embedded_pacs
     catalog = open_catalog(load_config(config_path))
     killed_at = len([e for e in entries(catalog) if e.kind == "slice"])
     catalog.close()
-    assert 0 < killed_at < 40, killed_at
+    assert 0 < killed_at < count, killed_at
     again = mdm("register", str(folder), config=config_path, timeout=300)
     assert again.returncode == 0, again.stderr
-    assert f"{40 - killed_at} registered, 0 updated, {killed_at} already registered, 0 failed" in again.stdout
+    assert f"{count - killed_at} registered, 0 updated, {killed_at} already registered, 0 failed" in again.stdout
     config = load_config(config_path)
     catalog = open_catalog(config)
     try:
         found = entries(catalog)
         slices = [e for e in found if e.kind == "slice"]
-        assert len(slices) == 40 and [e.kind for e in found].count("volume") == 1
+        assert len(slices) == count and [e.kind for e in found].count("volume") == 2  # 3D and 3D.json
         keystore = KeystoreClient.from_config(config)
         for entry in slices:  # every cataloged image has its key on the key servers
             assert len(keystore.fetch_key(key_name(entry.guid, entry.content_version), lambda k: True)) == 32

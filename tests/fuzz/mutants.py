@@ -99,3 +99,20 @@ def mutants(draw: st.DrawFn) -> bytes:
         else:
             del data[draw(st.integers(0, len(data))):]
     return bytes(data)
+
+
+def _no_rows_and_a_corrupt_sop_class() -> bytes:
+    """Found by the push fuzz: an image without Rows whose SOP Class UID's VR is FD (pydicom's
+    BytesLengthException from the completeness check, before any decoding was guarded)."""
+    ds = make_series(slices=1, size=8, seed="fuzz finding")[0]
+    del ds.Rows
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    data = bytearray(buffer.getvalue())
+    at = data.index(b"\x08\x00\x16\x00UI")
+    data[at + 4: at + 6] = b"FD"
+    return bytes(data)
+
+
+# Inputs the fuzzing found, run first in every run (hypothesis' @example).
+FOUND = [_no_rows_and_a_corrupt_sop_class()]

@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, reject, settings
-from mutants import SEEDS, mutants
+from hypothesis import HealthCheck, example, given, reject, settings
+from mutants import FOUND, SEEDS, mutants
 from pydicom import dcmread
 from pynetdicom import AE, _config
 from pynetdicom.association import Association
@@ -105,6 +105,7 @@ def _associate(listener: Listener) -> Association:
 @settings(max_examples=EXAMPLES, deadline=None, database=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
                                  HealthCheck.data_too_large, HealthCheck.filter_too_much])
+@example(data=FOUND[0])
 @given(data=mutants())
 def test_a_pushed_mutant_is_registered_or_refused_on_purpose(listener, tmp_path, data):
     path = tmp_path / "mutant.dcm"

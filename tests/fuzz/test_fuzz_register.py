@@ -20,8 +20,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from mutants import mutants
+from hypothesis import HealthCheck, example, given, settings
+from mutants import FOUND, mutants
 
 from peers import Peer
 from sites import write_site_config
@@ -66,6 +66,7 @@ TALLY = Tally()
 
 @settings(max_examples=EXAMPLES, deadline=None, database=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large])
+@example(data=FOUND[0])
 @given(data=mutants())
 def test_a_mutated_file_is_registered_or_refused_with_one_reason(registrar, tmp_path, caplog, data):
     path = tmp_path / "mutant.dcm"

@@ -32,6 +32,7 @@ import tempfile
 import threading
 import time
 import tomllib
+import tracemalloc
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,9 @@ class Stats:
     latencies: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
     errors: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
     rss_mib: list[tuple[float, float]] = field(default_factory=list)
+    # Where the memory is, at each sample: anonymous (heap, arenas, stacks) and file-backed MiB, threads.
+    memory: list[tuple[float, float, int]] = field(default_factory=list)
+    trimmed: tuple[float, float, int] | None = None  # the last sample after malloc_trim (--tracemalloc)
     slow_connections: int = 0
     retries: int = 0  # 503 answers with Retry-After, retried as rclone, davix and mdm get do
     reconnects: int = 0  # kept-alive connections found closed by the server, reopened once
@@ -73,6 +77,10 @@ class Stats:
                      f" retried: {self.retries}; slow-header connections opened: {self.slow_connections}")
         lines.append(f"stale kept-alive connections reopened: {self.reconnects}")
         lines.append("RSS (MiB) every 30 s: " + ", ".join(f"{t:.0f}s {mib:.0f}" for t, mib in self.rss_mib))
+        lines.append("of which anonymous / file-backed MiB, threads: " + ", ".join(
+            f"{anon:.0f}/{file:.0f} {threads}t" for anon, file, threads in self.memory))
+        if self.trimmed:
+            lines.append(f"after malloc_trim: {self.trimmed[0]:.0f}/{self.trimmed[1]:.0f} MiB")
         for kind, errors in self.errors.items():
             for error in errors[:5]:
                 lines.append(f"  {kind}: {error}")
@@ -89,8 +97,12 @@ class Demo:
     series_dir: str
 
 
-def start_demo(workdir: Path, log: Path) -> Demo:
-    process = subprocess.Popen([shutil.which("mdm") or "mdm", "demo", "--workdir", str(workdir)],
+def start_demo(workdir: Path, log: Path, snapshots: Path | None = None) -> Demo:
+    """``mdm demo`` in ``workdir``; under tracemalloc (``traced_demo.py``) when ``snapshots`` is a folder."""
+    command = [shutil.which("mdm") or "mdm", "demo", "--workdir", str(workdir)]
+    if snapshots is not None:
+        command = [sys.executable, str(Path(__file__).with_name("traced_demo.py")), str(snapshots), *command[2:]]
+    process = subprocess.Popen(command,
                                stdout=subprocess.PIPE, stderr=log.open("w"), text=True, stdin=subprocess.DEVNULL,
                                env=dict(os.environ))
     assert process.stdout is not None
@@ -227,6 +239,19 @@ def slow_client(demo: Demo, stop: threading.Event, stats: Stats) -> None:
             stop.wait(0.2)
 
 
+def memory(pid: int) -> tuple[float, float, int]:
+    """The demo's anonymous and file-backed resident MiB and its thread count: a leak of objects
+    grows the first, mapped files (SQLite's shared memory, libraries) the second, threads not
+    joined the third."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+        fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    except OSError:
+        return (float("nan"), float("nan"), 0)
+    kib = [int(fields.get(name, "0 kB").split()[0]) for name in ("RssAnon", "RssFile")]
+    return (kib[0] / 1024, kib[1] / 1024, int(fields.get("Threads", "0")))
+
+
 def rss_mib(pid: int) -> float:
     """Resident memory of the demo and its children (the storage element runs in it)."""
     total = 0
@@ -240,10 +265,12 @@ def rss_mib(pid: int) -> float:
     return total / 1024
 
 
-def run(clients: int, slow: int, seconds: float, workdir: Path) -> tuple[Stats, int]:
-    """Run the load; the Stats and the count of tracebacks in the demo's log."""
+def run(clients: int, slow: int, seconds: float, workdir: Path, traced: bool = False) -> tuple[Stats, int]:
+    """Run the load; the Stats and the count of tracebacks in the demo's log. ``traced``: the demo
+    runs under tracemalloc and a heap snapshot is taken at every RSS sample (``heap_growth``)."""
     log = workdir / "demo.log"
-    demo = start_demo(workdir / "demo", log)
+    snapshots = workdir / "snapshots" if traced else None
+    demo = start_demo(workdir / "demo", log, snapshots)
     stats, stop = Stats(), threading.Event()
     threads = [threading.Thread(target=slow_client, args=(demo, stop, stats), daemon=True) for _ in range(slow)]
     deadline = time.monotonic() + seconds
@@ -262,9 +289,17 @@ def run(clients: int, slow: int, seconds: float, workdir: Path) -> tuple[Stats, 
         while any(w.is_alive() for w in workers):
             if time.monotonic() - started >= next_sample:
                 stats.rss_mib.append((time.monotonic() - started, rss_mib(demo.process.pid)))
+                stats.memory.append(memory(demo.process.pid))
+                if traced:
+                    demo.process.send_signal(signal.SIGUSR1)
                 next_sample += 30
             time.sleep(0.5)
         stats.rss_mib.append((time.monotonic() - started, rss_mib(demo.process.pid)))
+        stats.memory.append(memory(demo.process.pid))
+        if traced:  # what glibc keeps free, given back: the rest is in use
+            demo.process.send_signal(signal.SIGUSR2)
+            time.sleep(2)
+            stats.trimmed = memory(demo.process.pid)
     finally:
         stop.set()
         demo.process.send_signal(signal.SIGINT)
@@ -275,18 +310,41 @@ def run(clients: int, slow: int, seconds: float, workdir: Path) -> tuple[Stats, 
     return stats, log.read_text().count("Traceback")
 
 
+def heap_growth(snapshots: Path, top: int = 12) -> str:
+    """What grew on the Python heap between the second snapshot (after the warm-up: caches,
+    pools and connections in place) and the last, by the lines that allocated it."""
+    taken = sorted(snapshots.glob("snapshot-*.pickle"), key=lambda p: int(p.stem.split("-")[1]))
+    if len(taken) < 3:
+        return f"heap: {len(taken)} snapshots, too few to compare"
+    first, last = (tracemalloc.Snapshot.load(str(p)) for p in (taken[1], taken[-1]))
+    ignore = [tracemalloc.Filter(False, tracemalloc.__file__),
+              tracemalloc.Filter(False, "<frozen importlib._bootstrap>")]
+    first, last = first.filter_traces(ignore), last.filter_traces(ignore)
+    total = sum(s.size for s in last.statistics("filename")) - sum(s.size for s in first.statistics("filename"))
+    lines = [f"Python heap from {taken[1].name} to {taken[-1].name}: {total / 2**20:+.2f} MiB"]
+    for stat in last.compare_to(first, "lineno")[:top]:
+        frame = stat.traceback[0]
+        lines.append(f"  {stat.size_diff / 1024:+9.1f} KiB {stat.count_diff:+7d} blocks"
+                     f"  {frame.filename}:{frame.lineno}")
+    return "\n".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--slow", type=int, default=40, help="slow-header connections alongside (default 40)")
     parser.add_argument("--minutes", type=float, default=5.0)
     parser.add_argument("--workdir", type=Path, help="keep the demo and its log here (default: a temporary dir)")
+    parser.add_argument("--tracemalloc", action="store_true",
+                        help="run the demo under tracemalloc and print what grew on its heap (slower: diagnosis only)")
     args = parser.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="mdm-load-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    stats, tracebacks = run(args.clients, args.slow, args.minutes * 60, workdir)
+    stats, tracebacks = run(args.clients, args.slow, args.minutes * 60, workdir, args.tracemalloc)
     print(f"{args.clients} clients, {args.slow} slow-header connections, {args.minutes:g} min")
     print(stats.report())
+    if args.tracemalloc:
+        print(heap_growth(workdir / "snapshots"))
     print(f"tracebacks in the demo's log: {tracebacks} (log: {workdir / 'demo.log'})")
     return 0 if not any(stats.errors.values()) and not tracebacks else 1
 
