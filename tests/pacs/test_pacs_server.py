@@ -149,16 +149,20 @@ def hostile_store(peer: Peer, ds: Dataset, calling_aet: str | None = None) -> in
 
 
 @pytest.mark.parametrize("field", ["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"])
-@pytest.mark.parametrize("uid", ["../../../escaped", "/tmp/escaped-absolute", "1.2/../../3", "..", "1.2\0.3"])
-def test_received_uids_never_lead_outside_the_storage(embedded_pacs: Peer, field: str, uid: str) -> None:
-    """Issue 12, finding 2: file paths were built from received UIDs without checking them."""
+@pytest.mark.parametrize("uid", ["../../../escaped", "ABSOLUTE", "1.2/../../3", "..", "1.2\0.3"])
+def test_received_uids_never_lead_outside_the_storage(embedded_pacs: Peer, field: str, uid: str,
+                                                      tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Issue 12, finding 2: file paths were built from received UIDs without checking them.
+    The absolute path is one of this run's own, so that no other run's leftovers decide it."""
     root = embedded_pacs.storage.parent
+    absolute = tmp_path_factory.mktemp("outside") / "escaped-absolute"
+    uid = str(absolute) if uid == "ABSOLUTE" else uid
     before = {p for p in root.rglob("*")}
     ds = make_series(slices=1, size=8, seed=f"escape {field} {uid}")[0]
     setattr(ds, field, uid)
     assert hostile_store(embedded_pacs, ds) == 0xC000
     assert {p for p in root.rglob("*")} - before <= {embedded_pacs.storage / INDEX_FILE}  # journal writes only
-    assert not Path("/tmp/escaped-absolute.dcm").exists()
+    assert not absolute.with_suffix(".dcm").exists() and not absolute.exists()
     good = make_series(slices=1, size=8, seed=f"fine {field} {uid}")[0]
     assert hostile_store(embedded_pacs, good) == 0x0000  # the PACS goes on
 
