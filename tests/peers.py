@@ -8,6 +8,7 @@ environment; without it every C-STORE waits for a delayed ACK.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import secrets
@@ -27,10 +28,36 @@ DCMQRSCP = "/usr/bin/dcmqrscp"
 START_TIMEOUT = 15.0
 
 
+PORTS_PER_PROCESS = 1000
+FIRST_PORT = 10000  # blocks of 1000 up to 30000, below the kernel's ephemeral range (32768-60999)
+
+
+def _port_block() -> range:
+    """This test process's own ports: pytest-xdist worker gwN takes block N, a plain pytest run a
+    block chosen by its pid. A port the kernel hands out with bind(0) comes from the ephemeral
+    range, where another worker's peer, or any outgoing connection, can take it before our peer
+    binds it; here nothing else allocates."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    index = int(worker[2:]) if worker[:2] == "gw" and worker[2:].isdigit() else 8 + os.getpid() % 12
+    start = FIRST_PORT + index * PORTS_PER_PROCESS
+    return range(start, start + PORTS_PER_PROCESS)
+
+
+_block = _port_block()
+_candidates = itertools.cycle(itertools.chain(_block[secrets.randbelow(len(_block)):], _block))
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
+    """A loopback port of this process's block that nothing holds now (bound and closed, without
+    SO_REUSEADDR, so a port in TIME_WAIT is passed over too)."""
+    for port in itertools.islice(_candidates, len(_block)):
+        with socket.socket() as sock:
+            try:
+                sock.bind((HOST, port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {_block.start}-{_block.stop - 1}")
 
 
 def unique_aet(kind: str) -> str:
