@@ -14,7 +14,11 @@ import time
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
+
+import pytest
+from proxy import FaultyProxy
 
 import clients
 import peers
@@ -166,10 +170,18 @@ def serving(config_path: Path, log: Path) -> Iterator[subprocess.Popen[str]]:
             process.wait()
 
 
+@pytest.fixture
+def slow_pacs(embedded_pacs):  # type: ignore[no-untyped-def]
+    """The embedded PACS behind a delaying proxy (20 ms a chunk): the batch is still arriving when
+    the kill lands, however loaded the machine (at load 10 all 16 files were published first)."""
+    with FaultyProxy(("127.0.0.1", embedded_pacs.port), delay=0.02) as proxy:
+        yield replace(embedded_pacs, port=proxy.port)
+
+
 def test_a_server_killed_while_staging_serves_no_partial_file_and_the_request_resumes(
-        embedded_pacs, key_servers, tmp_path):
+        slow_pacs, key_servers, tmp_path):
     port = peers.free_port()
-    config_path = write_site_config(tmp_path / "site", embedded_pacs, key_servers)
+    config_path = write_site_config(tmp_path / "site", slow_pacs, key_servers)
     text = config_path.read_text().replace("[server]\nport = 0", f"[server]\nport = {port}")
     config_path.write_text(text.replace("workers = 2", "workers = 1"))
     register(config_path, make_series(slices=16, size=64, seed="killed"))
