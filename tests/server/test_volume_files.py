@@ -36,6 +36,14 @@ def client_config(path: Path, url: str, key_servers, pki: Path, user: str = "bob
     return path
 
 
+def empty_cache(running) -> None:  # type: ignore[no-untyped-def]
+    """Remove every cached file, so that the next storage element restages from the PACS."""
+    cache = running.config.path(running.config.cache.dir)
+    for cached in cache.iterdir():
+        if cached.is_file():
+            cached.unlink()
+
+
 def test_a_multiframe_object_registers_and_its_volume_is_served(embedded_pacs, key_servers, pki, tmp_path):  # type: ignore[no-untyped-def]
     """One object is a series: cataloged as an image with its 3D entry, whose size is true
     before the first assembly; a broken object's 3D answers 422 with its reason, on the CLI too."""
@@ -117,10 +125,7 @@ def test_sidecars_are_entries_staged_byte_identically_and_mdm_get_writes_them(  
         assert sorted(p.name for p in tmp_path.glob("only*")) == ["only.nii"]
     finally:
         running.stop()
-    cache = running.config.path(running.config.cache.dir)
-    for cached in cache.iterdir():
-        if cached.is_file():
-            cached.unlink()
+    empty_cache(running)
     again = start_storage_element(config_path)
     try:
         for suffix, body in first.items():  # restaged from the PACS with the key of the key servers
@@ -220,10 +225,7 @@ def test_gzip_volume_is_sized_when_the_volume_is_first_assembled_and_served_to_c
         assert (tmp_path / "out.json").read_bytes() == series_file("3D.json", series, "nifti")
     finally:
         running.stop()
-    cache = running.config.path(running.config.cache.dir)
-    for cached in cache.iterdir():
-        if cached.is_file():
-            cached.unlink()
+    empty_cache(running)
     again = start_storage_element(config_path)
     try:  # restaged on its own from the PACS, with the key of the key servers
         assert request(again.url, pki, "bob", path=compressed.lfn).body == body
