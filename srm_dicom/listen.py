@@ -24,8 +24,7 @@ from srm_dicom.errors import ConfigError, InvalidInput, MdmError, PacsError, cat
 from srm_dicom.keystore.client import KeystoreClient
 from srm_dicom.pacs import nodelay
 from srm_dicom.pacs.client import PacsClient
-from srm_dicom.register import Registrar, Summary
-from srm_dicom.register import _check_complete as check_complete
+from srm_dicom.register import Registrar, Summary, check_complete
 
 log = logging.getLogger(__name__)
 

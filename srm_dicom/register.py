@@ -698,7 +698,7 @@ def read_dicom(path: Path) -> Dataset:
         raise InvalidInput("not a DICOM Part-10 file (no file meta information)")
     if str(ds.file_meta.get("MediaStorageSOPClassUID", "")) == MEDIA_STORAGE_DIRECTORY:
         raise NotAnImage(DICOMDIR)
-    _check_complete(ds)  # first: it reads the raw elements' declared lengths
+    check_complete(ds)  # first: it reads the raw elements' declared lengths
     decode_fully(ds)
     return ds
 
@@ -711,7 +711,7 @@ class NotAnImage(InvalidInput):
     """A readable file that is no image to register (a DICOMDIR): skipped in a walk."""
 
 
-def _check_complete(ds: Dataset) -> None:
+def check_complete(ds: Dataset) -> None:
     """pydicom stops quietly at a short read; a truncated file shows as a last element
     shorter than its declared length, or as an image without its pixel data."""
     if len(ds):

@@ -19,6 +19,7 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from srm_dicom.config import EmbeddedPacsConfig, PacsConfig
 
@@ -102,18 +103,21 @@ class Peer:
         )
 
 
-def _wait_for_port(port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + START_TIMEOUT
+def wait_for_port(port: int, proc: subprocess.Popen[Any], log: Path, what: str = "peer",
+                  timeout: float = START_TIMEOUT) -> None:
+    """Return once ``proc`` (``what``, logging to ``log``) accepts connections on ``port``; it is
+    killed, and its log's tail raised, if it exits or does not listen within ``timeout``."""
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"peer exited with {proc.returncode}: {log.read_text()[-2000:]}")
+            raise RuntimeError(f"{what} exited with {proc.returncode}: {log.read_text()[-3000:]}")
         try:
             with socket.create_connection((HOST, port), timeout=0.2):
                 return
         except OSError:
             time.sleep(0.05)
     proc.kill()
-    raise RuntimeError(f"peer did not listen on {port} within {START_TIMEOUT}s")
+    raise RuntimeError(f"{what} did not listen on {port} within {timeout:.0f} s: {log.read_text()[-3000:]}")
 
 
 def _terminator(proc: subprocess.Popen[bytes]) -> Callable[[], None]:
@@ -175,7 +179,7 @@ def start_orthanc(workdir: Path, client_aet: str, client_port: int) -> Peer:
                 _terminator(proc)()
                 raise RuntimeError(f"Orthanc did not start: {log.read_text()[-2000:]}") from None
             time.sleep(0.05)
-    _wait_for_port(port, proc, log)
+    wait_for_port(port, proc, log)
     return Peer(
         "orthanc", aet, HOST, port, client_aet, client_port, workdir / "storage",
         _terminator(proc), http_port,
@@ -217,7 +221,7 @@ AETable END
             [DCMQRSCP, "-c", str(config_file), "-ta", "10"],
             stdout=out, stderr=subprocess.STDOUT, env=peer_env(), cwd=workdir,
         )
-    _wait_for_port(port, proc, log)
+    wait_for_port(port, proc, log)
     return Peer("dcmqrscp", aet, HOST, port, client_aet, client_port, storage, _terminator(proc))
 
 

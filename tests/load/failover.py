@@ -29,7 +29,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -49,7 +48,7 @@ import psycopg  # noqa: E402
 from pydicom import Dataset  # noqa: E402
 
 import postgres  # noqa: E402
-from peers import HOST, Peer, free_port, unique_aet  # noqa: E402
+from peers import HOST, Peer, free_port, unique_aet, wait_for_port  # noqa: E402
 from sites import write_site_config  # noqa: E402
 from srm_dicom.catalog import Entry, open_catalog  # noqa: E402
 from srm_dicom.config import EmbeddedPacsConfig, load_config  # noqa: E402
@@ -217,19 +216,6 @@ class Client:
                     self._stats.errors.append(error)
 
 
-def _wait_for_port(port: int, process: subprocess.Popen[str], what: str, log: Path) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{what} exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with socket.create_connection((HOST, port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"{what} did not listen on {port} within 30 s:\n{log.read_text()[-3000:]}")
-
-
 def _stop(process: subprocess.Popen[str]) -> None:
     if process.poll() is None:
         process.send_signal(signal.SIGINT)
@@ -285,7 +271,7 @@ backend doors
     process = subprocess.Popen([shutil.which("haproxy") or "haproxy", "-f", str(config), "-db"],
                                stdout=log.open("w"), stderr=subprocess.STDOUT, text=True)
     try:
-        _wait_for_port(port, process, "haproxy", log)
+        wait_for_port(port, process, log, "haproxy", timeout=30)
         yield port
     finally:
         _stop(process)
@@ -326,7 +312,7 @@ def site(workdir: Path, clients: int, series: int, slices: int, pace: float) -> 
                                        stderr=log.open("w"), stdin=subprocess.DEVNULL, text=True,
                                        env={**os.environ, "MDM_CONFIG": str(config)})
             stack.callback(_stop, process)
-            _wait_for_port(port, process, f"mdm serve (front end {n})", log)
+            wait_for_port(port, process, log, f"mdm serve (front end {n})", timeout=30)
             front_ends.append(process)
         proxy = stack.enter_context(haproxy(workdir, [port for _, port in configs]))
         series_dirs = sorted({e.lfn.rsplit("/", 1)[0] for e in slice_entries})
