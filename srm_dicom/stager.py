@@ -10,17 +10,26 @@ Like a nearline storage's bulk interface (dCache's), the workers take the queue 
 batches: the queued files of one series are fetched in one C-GET (or C-MOVE) naming
 their SOP Instance UIDs and offering the SOP classes the catalog recorded, their keys in
 one request per key server, their states in one catalog transaction. A batch holding
-the series' ``3D`` retrieves the whole series once and serves its slices from the same
-images. A PACS that refuses a request as a whole (Orthanc does when one UID of a list is
-unknown) has the batch split in halves until the refused files stand alone, each failing
-with its reason while the rest completes.
+every slice the catalog knows of the series, or its ``3D``, retrieves the whole series
+once (a series-level C-GET is much cheaper for the PACS than a list of its UIDs) and
+leaves out any image no job of the batch waits for. A PACS that refuses a request as a
+whole (Orthanc does when one UID of a list is unknown) has the batch split (a series
+into its UIDs, a list in halves) until the refused files stand alone, each failing with
+its reason while the rest completes.
 
-A batch's slices are protected in the process pool (``srm_dicom/workers.py``) as the PACS
-delivers them, their keys fetched meanwhile: each worker writes its slice's cache file and
-sends back only its size and checksums, which must be the catalog's before the file is
-fsynced (many at once) and published by a rename. A slice whose bytes differ under the
-first combination of key shares is protected again with each combination in turn, in
-process, to tell a wrong share from content that changed in the PACS.
+The images land in a private spool directory of the batch, and a batch's slices are
+protected in the process pool (``srm_dicom/workers.py``) as the PACS delivers them, their
+keys fetched meanwhile: each worker reads its slice's file (and checks that it is that
+slice's image), writes its cache file and sends back only its size and checksums, which
+must be the catalog's before the file is fsynced (many at once) and published by a
+rename; whoever here waits for that file is answered then, not at the batch's end. A
+slice whose bytes differ under the first combination of key shares is protected again
+with each combination in turn, in process, to tell a wrong share from content that
+changed in the PACS.
+
+With ``[cache] readahead = "series"`` (README, "What reading does") a GET of a slice not on
+disk queues the rest of its series behind it, so that one retrieval serves a reader going
+through the series slice after slice.
 
 Stage requests, their per-file states and their pins live in the catalog, so they
 survive a restart: on start, leftovers of interrupted staging are removed from the
@@ -523,11 +532,8 @@ class Stager:
         the batch holds (read ahead) waits for this run; each waiter is answered as soon as its
         file is published (``_published``), the catalog told at the batch's end."""
         with self._lock:
-            waited = {c.guid for c in claimed if c.guid in self._jobs}
             batch = [self._jobs.setdefault(c.guid, _Job(c.guid, c.attempt)) for c in claimed]
             self._held.update(c.guid for c in claimed)
-        # The files someone here waits for first: those the PACS sends at once are protected in this order.
-        batch.sort(key=lambda job: job.guid not in waited)
         started = time.monotonic()
         outcomes: dict[str, tuple[str, str | None]] = {}
         try:
@@ -698,16 +704,16 @@ class Stager:
 
     def _retrieve_iter(
         self, study: str, series: str, sops: Sequence[str] | None, classes: frozenset[str], spool: Path,
-        partial: list[str] | None = None, order: Sequence[str] = (),
+        partial: list[str] | None = None,
     ) -> Iterator[tuple[str, Path]]:
         """The retrieved images' (SOP Instance UID, file in ``spool``) as they arrive (C-MOVE's
         one port held meanwhile)."""
         pacs = self._pacs()
         if self._move_lock is None:
-            yield from pacs.retrieve_files(study, series, sops, classes, spool, partial, order)
+            yield from pacs.retrieve_files(study, series, sops, classes, spool, partial)
             return
         with self._move_lock:
-            yield from pacs.retrieve_files(study, series, sops, classes, spool, partial, order)
+            yield from pacs.retrieve_files(study, series, sops, classes, spool, partial)
 
     def _retrieve_instances(
         self, study: str, series: str, sops: list[str], classes: frozenset[str],
@@ -725,7 +731,7 @@ class Stager:
         def ask(part: list[str] | None) -> None:
             partial: list[str] = []
             try:
-                for sop, path in self._retrieve_iter(study, series, part, classes, spool, partial, unique):
+                for sop, path in self._retrieve_iter(study, series, part, classes, spool, partial):
                     got.add(sop)
                     received(sop, path)
             except RetrieveRefused as exc:
