@@ -98,9 +98,10 @@ DISK_AND_TAPE, TAPE = "DISK_AND_TAPE", "TAPE"
 CONTENT_DIFFERS = "the PACS returned different content than was registered"
 MAX_BATCH = 1000  # files of one series a worker takes at once (the key servers' bulk limit is 2000)
 MAX_UIDS_PER_RETRIEVE = 500  # a UID list of ~32 KiB in one C-GET identifier
-# Cache files fsynced at once: ext4 commits concurrent fsyncs together (100 slices of 256²,
-# one after the other: 90-240 ms; from 16 threads: 30-50 ms).
+# Cache files sealed (and fsynced) at once: ext4 commits concurrent fsyncs together (100
+# slices of 256², one after the other: 90-240 ms; from 16 threads: 30-50 ms).
 SYNC_THREADS = 16
+PLAIN_LIMIT = 256 << 20  # anonymized bytes a batch may hold while its keys are fetched
 
 
 class StageFailed(MdmError):
@@ -153,9 +154,76 @@ class _Slice:
     options: AnonymizationOptions  # as registered
     uids: tuple[str, str, str]  # its Study, Series and SOP Instance UIDs in the PACS
     source: Path | None = None  # the retrieved image in the batch's spool
-    partial: Path | None = None  # the cache file a worker writes
-    future: Future[workers.Protected] | None = None
+    partial: Path | None = None  # its cache file, being written
+    future: Future[workers.Protected] | None = None  # done when anonymized and sealed into ``partial``
     failure: StageFailed | None = None
+
+
+class _Sealing:
+    """A batch's slices between their workers and their cache files.
+
+    A worker anonymizes a slice as soon as it arrives (``workers.anonymize_image``), before the
+    batch's keys are there: combining 1000 keys' shares takes longer than the PACS takes to send
+    the series, and would otherwise hold every worker. Each anonymized slice is then sealed
+    (``workers.seal``: encrypted, written, fsynced; all of it releases the GIL) in a thread, as
+    soon as both it and the keys are ready. The plaintexts waiting for the keys are bounded
+    (``PLAIN_LIMIT``: the receiver waits for the keys beyond it)."""
+
+    def __init__(self, keys: Future[dict[str, bytes | MdmError]], threads: ThreadPoolExecutor) -> None:
+        self._keys, self._threads = keys, threads
+        self._lock = threading.Lock()
+        self._waiting: list[tuple[_Slice, bytes]] = []
+        self._early = 0  # bytes handed to the workers before the keys came
+        self.stopped = False
+        keys.add_done_callback(lambda _: self._release())
+
+    def start(self, item: _Slice, task: workers.AnonymizeTask) -> None:
+        if not self._keys.done():
+            self._early += item.entry.size or 0
+            if self._early > PLAIN_LIMIT:
+                wait([self._keys])
+        sealed: Future[workers.Protected] = Future()
+        sealed.set_running_or_notify_cancel()
+        item.future = sealed
+        anonymized = workers.submit(workers.anonymize_image, task)
+        anonymized.add_done_callback(lambda done: self._anonymized(item, done))
+
+    def _anonymized(self, item: _Slice, done: Future[bytes]) -> None:
+        try:
+            plain = done.result()
+        except BaseException as exc:  # noqa: BLE001  (the slice's failure, told by its future)
+            cast(Future[workers.Protected], item.future).set_exception(exc)
+            return
+        with self._lock:
+            if not self._keys.done():
+                self._waiting.append((item, plain))
+                return
+        self._seal(item, plain)
+
+    def _release(self) -> None:
+        with self._lock:
+            waiting, self._waiting = self._waiting, []
+        for item, plain in waiting:
+            self._seal(item, plain)
+
+    def _seal(self, item: _Slice, plain: bytes) -> None:
+        sealed = cast(Future[workers.Protected], item.future)
+        try:
+            try:
+                key = self._keys.result()[item.name]
+            except MdmError as exc:
+                key = exc
+            if not isinstance(key, bytes):
+                raise _key_failure(key, _Produced())
+            if self.stopped:
+                raise _Abandoned
+            entry = item.entry
+            writing = self._threads.submit(workers.seal, key, entry.guid, entry.content_version, plain,
+                                           str(item.partial))
+        except BaseException as exc:  # noqa: BLE001  (the slice's failure, told by its future)
+            sealed.set_exception(exc)
+            return
+        writing.add_done_callback(lambda done: _pass_on(done, sealed))
 
 
 @dataclass(eq=False)
@@ -235,7 +303,7 @@ class Stager:
         self._wake = threading.Event()  # set when a job was queued here: an idle worker looks at once
         self._pool: ThreadPoolExecutor | None = None
         self._keys: ThreadPoolExecutor | None = None  # key fetches, while the PACS sends the images
-        self._syncs: ThreadPoolExecutor | None = None  # fsyncs of the cache files a batch wrote
+        self._syncs: ThreadPoolExecutor | None = None  # sealing a batch's slices into their cache files
         self._stopping = threading.Event()
         self._local = threading.local()
         self._clients: list[PacsClient] = []
@@ -250,7 +318,7 @@ class Stager:
         self._stopping.clear()
         workers.warm()
         self._keys = ThreadPoolExecutor(self._config.cache.workers, thread_name_prefix="stager-keys")
-        self._syncs = ThreadPoolExecutor(SYNC_THREADS, thread_name_prefix="stager-fsync")
+        self._syncs = ThreadPoolExecutor(SYNC_THREADS, thread_name_prefix="stager-seal")
         pending = self._catalog.stages.staging_guids()
         self._catalog.stages.enqueue_jobs({guid: _batch_of(guid, self._catalog.namespace.lookup_guid(guid))
                                            for guid in pending})
@@ -608,8 +676,9 @@ class Stager:
         volumes = [job for job, entry in todo.items() if entry.kind == "volume"]
         slices = self._plan_slices({job: entry for job, entry in todo.items() if entry.kind != "volume"}, results)
         keys = self._fetch_first_keys(list(slices.values()))
+        sealing = None if keys is None or self._syncs is None else _Sealing(keys, self._syncs)
         pinned: list[set[str]] = []
-        received = functools.partial(self._received, slices, keys, pinned)
+        received = functools.partial(self._received, slices, sealing, pinned)
         source = parse_pfn(next(iter(todo.values())).pfn)
         missing: dict[str, str] = {}
         build = self._start_volume(volumes, todo, results)
@@ -635,13 +704,13 @@ class Stager:
                 missing = self._retrieve_instances(source.study, source.series, list(slices), classes, received,
                                                    spool, whole=self._whole_series(todo))
         except MdmError as exc:
-            self._abandon(slices.values())
+            self._abandon(slices.values(), sealing)
             if build is not None:
                 build.close(self._cache)
             reason = StageFailed(exc.reason if isinstance(exc, StageFailed) else str(exc))
             return {job: reason for job in todo if job not in results}
         except BaseException:
-            self._abandon(slices.values())
+            self._abandon(slices.values(), sealing)
             if build is not None:
                 build.close(self._cache)
             raise
@@ -651,7 +720,7 @@ class Stager:
         for job in volumes:
             if job not in results and job not in done:
                 done[job] = self._publish(todo[job], functools.partial(self._volume, todo[job], datasets))
-        done.update(self._finish_slices(slices, missing))
+        done.update(self._finish_slices(slices, missing, sealing))
         return done
 
     def _series_image(self, path: Path, uids: tuple[str, str, str]) -> Dataset | None:
@@ -782,20 +851,14 @@ class Stager:
             return None
         return self._keys.submit(self._keystore.fetch_keys, [item.name for item in slices], _first_key)
 
-    def _received(self, slices: dict[str, _Slice], keys: Future[dict[str, bytes | MdmError]] | None,
-                  pinned: list[set[str]], sop: str, path: Path) -> None:
+    def _received(self, slices: dict[str, _Slice], sealing: _Sealing | None, pinned: list[set[str]],
+                  sop: str, path: Path) -> None:
         """A retrieved image: if a slice of the batch, to a worker that reads it, checks that it is
-        that slice's image and protects it into its cache file; any other is left out, never
-        published (a series retrieved whole brings slices no job of the batch waits for)."""
+        that slice's image and anonymizes it, then sealed into its cache file (``_Sealing``); any
+        other is left out, never published (a series retrieved whole brings slices no job of the
+        batch waits for)."""
         item = slices.get(sop)
-        if item is None or item.future is not None or item.failure is not None or keys is None:
-            return
-        try:
-            key = keys.result()[item.name]
-        except MdmError as exc:
-            key = exc
-        if not isinstance(key, bytes):
-            item.failure = _key_failure(key, _Produced())
+        if item is None or item.future is not None or item.failure is not None or sealing is None:
             return
         entry = item.entry
         try:
@@ -806,16 +869,15 @@ class Stager:
             item.failure = StageFailed(str(exc))
             return
         item.source = path
-        task = workers.ProtectTask(path, self._secret, item.options, key, entry.guid, entry.content_version,
-                                   str(item.partial), sync=False, expected=item.uids)
-        item.future = workers.submit(workers.protect, task)
+        sealing.start(item, workers.AnonymizeTask(path, self._secret, item.options, item.uids))
 
-    def _finish_slices(self, slices: dict[str, _Slice], missing: dict[str, str]) -> dict[_Job, Path | StageFailed]:
-        """Publish each slice whose protected bytes are the catalog's (size and adler32), as
-        its worker finishes and its file is fsynced; the others try the other combinations
-        of key shares."""
+    def _finish_slices(self, slices: dict[str, _Slice], missing: dict[str, str],
+                       sealing: _Sealing | None) -> dict[_Job, Path | StageFailed]:
+        """Publish each slice whose sealed bytes are the catalog's (size and adler32) as soon as
+        its file is fsynced, while others are still protected; the others try the other
+        combinations of key shares."""
         results: dict[_Job, Path | StageFailed] = {}
-        running: dict[Future[Any], _Slice] = {}
+        running: dict[Future[workers.Protected], _Slice] = {}
         for sop, item in slices.items():
             if item.failure is not None:
                 results[item.job] = item.failure
@@ -824,37 +886,16 @@ class Stager:
             else:
                 running[item.future] = item
         mismatched: list[_Slice] = []
-        syncing: dict[Future[Any], _Slice] = {}
-        protecting: set[Future[Any]] = set(running)
         published = 0
         try:
-            # One slice is published as soon as its file is fsynced, while others are still protected.
-            while protecting or syncing:
-                done, _ = wait([*protecting, *syncing], return_when=FIRST_COMPLETED)
+            pending = set(running)
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
                 for finished in done:
-                    if finished in syncing:
-                        if self._commit_slice(syncing.pop(finished), finished, results):
-                            published += 1
-                        continue
-                    protecting.discard(finished)
-                    item = running[finished]
-                    assert item.partial is not None
-                    try:
-                        protected = finished.result()
-                    except Exception as exc:  # a worker's failure is this file's, never the batch's
-                        self._cache.cancel(item.partial)
-                        results[item.job] = _protection_failure(exc)
-                        continue
-                    if protected.size != item.entry.size or protected.adler32 != item.entry.adler32:
-                        self._cache.cancel(item.partial)
-                        mismatched.append(item)
-                        continue
-                    assert self._syncs is not None
-                    syncing[self._syncs.submit(_fsync, item.partial)] = item
+                    if self._commit_slice(running[finished], results, mismatched):
+                        published += 1
         except BaseException:
-            for pending in syncing:
-                pending.cancel()
-            self._abandon(item for item in running.values() if item.job not in results)
+            self._abandon([item for item in running.values() if item.job not in results], sealing)
             raise
         finally:
             if published:
@@ -863,23 +904,32 @@ class Stager:
             results.update(self._verify_each_key(mismatched))
         return results
 
-    def _commit_slice(self, item: _Slice, synced: Future[Any], results: dict[_Job, Path | StageFailed]) -> bool:
-        """Publish a verified slice whose file was fsynced; whether it was."""
-        entry = item.entry
-        assert item.partial is not None
+    def _commit_slice(self, item: _Slice, results: dict[_Job, Path | StageFailed], mismatched: list[_Slice]) -> bool:
+        """Publish a sealed slice whose bytes are the catalog's; whether it was."""
+        entry, partial = item.entry, cast(Path, item.partial)
         if self._stopping.is_set():
             raise _Abandoned
         try:
-            synced.result()
-            results[item.job] = self._cache.commit(entry.guid, entry.content_version, item.partial, sync=False)
-        except OSError as exc:
-            self._cache.cancel(item.partial)
-            results[item.job] = StageFailed(f"cache: cannot write a staged file ({exc.strerror})")
+            sealed = cast(Future[workers.Protected], item.future).result()
+        except _Abandoned:
+            raise
+        except Exception as exc:  # a worker's failure is this file's, never the batch's
+            self._cache.cancel(partial)
+            results[item.job] = (exc if isinstance(exc, StageFailed) else
+                                 StageFailed(f"cache: cannot write a staged file ({exc.strerror})")
+                                 if isinstance(exc, OSError) else _protection_failure(exc))
             return False
+        if sealed.size != entry.size or sealed.adler32 != entry.adler32:
+            self._cache.cancel(partial)
+            mismatched.append(item)
+            return False
+        try:
+            path = self._cache.commit(entry.guid, entry.content_version, partial, sync=False)
         except MdmError as exc:
             results[item.job] = StageFailed(str(exc))
             return False
-        self._published(item.job, cast(Path, results[item.job]))
+        results[item.job] = path
+        self._published(item.job, path)
         log.info("staged %s: %d bytes", self._label(entry), entry.size)
         return True
 
@@ -888,13 +938,15 @@ class Stager:
         job.path = path
         job.done.set()
 
-    def _abandon(self, slices: Iterable[_Slice]) -> None:
+    def _abandon(self, slices: Iterable[_Slice], sealing: _Sealing | None) -> None:
         """Stop the slices under way: wait for their workers, remove what they wrote."""
+        if sealing is not None:
+            sealing.stopped = True
         for item in slices:
-            if item.future is not None and not item.future.cancel():
+            if item.future is not None:
                 try:
                     item.future.result()
-                except Exception:  # noqa: BLE001  (abandoned: its outcome no longer matters)
+                except BaseException:  # noqa: BLE001  (abandoned: its outcome no longer matters)
                     log.debug("an abandoned protection failed", exc_info=True)
             if item.partial is not None:
                 self._cache.cancel(item.partial)
@@ -1111,12 +1163,11 @@ def _batch_of(guid: str, entry: Entry | None) -> str:
     return f"{source.study}/{source.series}"
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+def _pass_on(done: Future[workers.Protected], to: Future[workers.Protected]) -> None:
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        to.set_result(done.result())
+    except BaseException as exc:  # noqa: BLE001  (passed on to whoever waits for ``to``)
+        to.set_exception(exc)
 
 
 def _protection_failure(exc: Exception) -> StageFailed:

@@ -21,6 +21,7 @@ import pytest
 
 from sites import write_site_config
 from srm_dicom import stager as stager_module
+from srm_dicom import workers
 from srm_dicom.anonymize import AnonymizationOptions
 from srm_dicom.cache import DiskCache
 from srm_dicom.catalog import Catalog, Entry, open_catalog
@@ -681,14 +682,14 @@ def test_a_get_of_a_slice_is_answered_once_it_is_published_while_its_series_is_r
     site = make_site(tmp_path / "site", embedded_pacs, key_servers, slices=5, seed="ahead")
     asked = site.slices[2]
     others = threading.Event()
-    fsync = stager_module._fsync
+    seal = workers.seal
 
-    def held(path: Path) -> None:  # the other slices' files wait until the asked one was answered
-        if asked.guid not in path.name:
+    def held(key, guid, *args):  # type: ignore[no-untyped-def]  # the others wait until the asked one was answered
+        if guid != asked.guid:
             others.wait(20)
-        fsync(path)
+        return seal(key, guid, *args)
 
-    monkeypatch.setattr(stager_module, "_fsync", held)
+    monkeypatch.setattr(workers, "seal", held)
     stager = site.stager()
     stager.start()
     try:
