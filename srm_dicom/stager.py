@@ -18,14 +18,14 @@ into its UIDs, a list in halves) until the refused files stand alone, each faili
 its reason while the rest completes.
 
 The images land in a private spool directory of the batch, and a batch's slices are
-protected in the process pool (``srm_dicom/workers.py``) as the PACS delivers them, their
+anonymized in the process pool (``srm_dicom/workers.py``) as the PACS delivers them, their
 keys fetched meanwhile: each worker reads its slice's file (and checks that it is that
-slice's image), writes its cache file and sends back only its size and checksums, which
-must be the catalog's before the file is fsynced (many at once) and published by a
-rename; whoever here waits for that file is answered then, not at the batch's end. A
-slice whose bytes differ under the first combination of key shares is protected again
-with each combination in turn, in process, to tell a wrong share from content that
-changed in the PACS.
+slice's image) and anonymizes it; once the keys are there, threads seal each slice into
+its cache file (encrypt, write, fsync: ``_Sealing``), whose size and adler32 must be the
+catalog's before it is published by a rename; whoever here waits for that file is answered
+then, not at the batch's end. A slice whose bytes differ under the first combination of key
+shares is protected again with each combination in turn, in process, to tell a wrong share
+from content that changed in the PACS.
 
 With ``[cache] readahead = "series"`` (README, "What reading does") a GET of a slice not on
 disk queues the rest of its series behind it, so that one retrieval serves a reader going

@@ -21,6 +21,9 @@ Use::
     future = workers.submit(workers.protect, workers.ProtectTask(part10_bytes, secret, options, key, guid, version))
     result = future.result()   # workers.Protected: payload (or None), size, adler32, sha256, erased
 
+Staging splits it in two: ``anonymize_image`` in a worker as soon as a slice arrives, then
+``seal`` (encryption, in a thread of the server) once the batch's keys are there.
+
 A worker that dies (killed, out of memory) breaks the pool: its futures raise
 ``concurrent.futures.process.BrokenProcessPool`` and the next ``submit`` starts a new pool.
 """
