@@ -21,9 +21,6 @@ Use::
     future = workers.submit(workers.protect, workers.ProtectTask(part10_bytes, secret, options, key, guid, version))
     result = future.result()   # workers.Protected: payload (or None), size, adler32, sha256, erased
 
-Staging splits it in two: ``anonymize_image`` in a worker as soon as a slice arrives, then
-``seal`` (encryption, in a thread of the server) once the batch's keys are there.
-
 A worker that dies (killed, out of memory) breaks the pool: its futures raise
 ``concurrent.futures.process.BrokenProcessPool`` and the next ``submit`` starts a new pool.
 """
@@ -39,14 +36,14 @@ import zlib
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
 from typing import Any, TypeVar
 
 from pydicom import Dataset, dcmread
 
-from srm_dicom.anonymize import AnonymizationOptions, AnonymizationResult, ErasedValue, anonymize, to_bytes
+from srm_dicom.anonymize import AnonymizationOptions, ErasedValue, anonymize, to_bytes
 from srm_dicom.crypto.container import encrypt_bytes
 from srm_dicom.errors import PacsError
 
@@ -97,51 +94,21 @@ class Protected:
 
 def protect(task: ProtectTask) -> Protected:
     """Anonymize and encrypt one image (runs in a worker; also callable in process)."""
-    result = _anonymized(task.source, task.secret, task.options, task.expected)
-    sealed = seal(task.key, task.guid, task.version, to_bytes(result), task.output, task.sync)
-    return replace(sealed, erased=tuple(result.erased))
-
-
-@dataclass(frozen=True)
-class AnonymizeTask:
-    """One retrieved image to anonymize for staging, its key not known yet: the stager fetches
-    the batch's keys meanwhile and encrypts the result (``seal``) once they are there, so that
-    waiting for the key servers holds no worker (see ``ProtectTask`` for the fields)."""
-
-    source: bytes | Dataset | Path
-    secret: bytes
-    options: AnonymizationOptions
-    expected: tuple[str, str, str] | None = None
-
-
-def anonymize_image(task: AnonymizeTask) -> bytes:
-    """The anonymized image's Part-10 bytes, as ``protect`` encrypts them (runs in a worker)."""
-    return to_bytes(_anonymized(task.source, task.secret, task.options, task.expected))
-
-
-def _anonymized(source: bytes | Dataset | Path, secret: bytes, options: AnonymizationOptions,
-                expected: tuple[str, str, str] | None) -> AnonymizationResult:
-    ds = read_image(source)
-    if expected is not None:
-        check_uids(ds, expected)
-    return anonymize(ds, secret, options)
-
-
-def seal(key: bytes, guid: str, version: int, plain: bytes, output: str | None = None, sync: bool = True) -> Protected:
-    """Encrypt an anonymized image: its ciphertext in ``payload``, or written to ``output``
-    (fsynced with ``sync``), with its size and checksums. In process or in a worker: AES-GCM,
-    adler32, SHA-256 and the write release the GIL."""
-    payload = encrypt_bytes(key, uuid.UUID(guid).bytes, version, plain)
+    ds = read_image(task.source)
+    if task.expected is not None:
+        check_uids(ds, task.expected)
+    result = anonymize(ds, task.secret, task.options)
+    payload = encrypt_bytes(task.key, uuid.UUID(task.guid).bytes, task.version, to_bytes(result))
     checksums = (len(payload), f"{zlib.adler32(payload):08x}", hashlib.sha256(payload).hexdigest())
-    if output is None:
-        return Protected(bytes(payload), *checksums, ())
-    fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    if task.output is None:
+        return Protected(bytes(payload), *checksums, tuple(result.erased))
+    fd = os.open(task.output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as out:
         out.write(payload)
-        if sync:
+        if task.sync:
             out.flush()
             os.fsync(out.fileno())
-    return Protected(None, *checksums, ())
+    return Protected(None, *checksums, tuple(result.erased))
 
 
 def read_image(source: bytes | Dataset | Path) -> Dataset:

@@ -21,7 +21,6 @@ import pytest
 
 from sites import write_site_config
 from srm_dicom import stager as stager_module
-from srm_dicom import workers
 from srm_dicom.anonymize import AnonymizationOptions
 from srm_dicom.cache import DiskCache
 from srm_dicom.catalog import Catalog, Entry, open_catalog
@@ -173,9 +172,9 @@ def test_concurrent_fetches_of_one_file_make_one_retrieval_that_reads_its_series
     associations: list[str] = []
 
     class CountingPacs(PacsClient):
-        def retrieve_files(self, study, series, sops, sop_classes, spool, partial=None):  # type: ignore[no-untyped-def]
+        def retrieve_files(self, study, series, sops, sop_classes, spool, partial=None, order=()):  # type: ignore[no-untyped-def]
             retrievals.append(sops or series)
-            return super().retrieve_files(study, series, sops, sop_classes, spool, partial)
+            return super().retrieve_files(study, series, sops, sop_classes, spool, partial, order)
 
         def _open(self, plan):  # type: ignore[no-untyped-def]
             associations.append(threading.current_thread().name)
@@ -239,9 +238,9 @@ def test_fetch_times_out_as_pending_while_staging_goes_on(site, monkeypatch):
     release = threading.Event()
 
     class SlowPacs(PacsClient):
-        def retrieve_files(self, study, series, sops, sop_classes, spool, partial=None):  # type: ignore[no-untyped-def]
+        def retrieve_files(self, study, series, sops, sop_classes, spool, partial=None, order=()):  # type: ignore[no-untyped-def]
             release.wait(10)
-            return super().retrieve_files(study, series, sops, sop_classes, spool, partial)
+            return super().retrieve_files(study, series, sops, sop_classes, spool, partial, order)
 
     monkeypatch.setattr(stager_module, "PacsClient", SlowPacs)
     stager = site.stager()
@@ -281,10 +280,10 @@ def test_stopped_mid_retrieve_nothing_is_published_and_the_request_resumes(site,
     inside, release = threading.Event(), threading.Event()
 
     class BlockedPacs(PacsClient):
-        def retrieve_files(self, study, series, sops, sop_classes, spool, partial=None):  # type: ignore[no-untyped-def]
+        def retrieve_files(self, study, series, sops, sop_classes, spool, partial=None, order=()):  # type: ignore[no-untyped-def]
             inside.set()
             release.wait(10)
-            return super().retrieve_files(study, series, sops, sop_classes, spool, partial)
+            return super().retrieve_files(study, series, sops, sop_classes, spool, partial, order)
 
     monkeypatch.setattr(stager_module, "PacsClient", BlockedPacs)
     stager = site.stager()
@@ -518,9 +517,9 @@ class CountingPacs(PacsClient):
     retrieves: list[object] = []
     finds: list[str] = []
 
-    def retrieve_files(self, study, series, sops, sop_classes, spool, partial=None):  # type: ignore[no-untyped-def]
+    def retrieve_files(self, study, series, sops, sop_classes, spool, partial=None, order=()):  # type: ignore[no-untyped-def]
         CountingPacs.retrieves.append(list(sops) if sops else series)
-        return super().retrieve_files(study, series, sops, sop_classes, spool, partial)
+        return super().retrieve_files(study, series, sops, sop_classes, spool, partial, order)
 
     def find(self, level, query):  # type: ignore[no-untyped-def]
         CountingPacs.finds.append(level)
@@ -682,14 +681,14 @@ def test_a_get_of_a_slice_is_answered_once_it_is_published_while_its_series_is_r
     site = make_site(tmp_path / "site", embedded_pacs, key_servers, slices=5, seed="ahead")
     asked = site.slices[2]
     others = threading.Event()
-    seal = workers.seal
+    fsync = stager_module._fsync
 
-    def held(key, guid, *args):  # type: ignore[no-untyped-def]  # the others wait until the asked one was answered
-        if guid != asked.guid:
+    def held(path: Path) -> None:  # the other slices' files wait until the asked one was answered
+        if asked.guid not in path.name:
             others.wait(20)
-        return seal(key, guid, *args)
+        fsync(path)
 
-    monkeypatch.setattr(workers, "seal", held)
+    monkeypatch.setattr(stager_module, "_fsync", held)
     stager = site.stager()
     stager.start()
     try:

@@ -563,28 +563,27 @@ class PacsClient:
     @timed(PacsCall, operation="C-GET")
     def get_files(
         self, study: str, series: str, sops: Instances, sop_classes: frozenset[str], spool: Path,
-        partial: list[str] | None = None,
+        partial: list[str] | None = None, order: Sequence[str] = (),
     ) -> Iterator[tuple[str, Path]]:
         """``get`` into ``spool``, a private directory of the caller's: (SOP Instance UID, Part-10
         file) of each image as it arrives, for the stager's process pool to read, so that no
         image is decoded in the server. getscu writes the files itself; pynetdicom's are the
         data sets' bytes as sent. The files are named by their SOP Instance UIDs, not read: the
-        reader checks that each holds the UIDs its name says (``workers.protect``). An image may
-        come twice when getscu complained after storing it (asked again with pynetdicom)."""
+        reader checks that each holds the UIDs its name says (``workers.protect``). getscu has
+        them all at once: they come in the ``order`` of their SOP Instance UIDs (those not in it
+        last), so that the images a reader waits for are protected first."""
         self._inbox.expected = (study, series, _sop_set(sops))
         if self._takes_getscu(sops):
-            stored: set[str] = set()
             try:
-                for sop, path in getscu_files(self.config, self.name, study, series, sops,
-                                              Path(tempfile.mkdtemp(prefix="getscu-", dir=spool))):
-                    if self._inbox.names(sop):
-                        stored.add(sop)
-                        yield sop, path
+                files = getscu_files(self.config, self.name, study, series, sops,
+                                     Path(tempfile.mkdtemp(prefix="getscu-", dir=spool)))
             except GetscuIncomplete as exc:
-                # Asked again whole: the caller leaves out what it has already (``_received``).
                 log.info("%s; asking again with pynetdicom", exc)
             else:
-                if stored:
+                if files:
+                    rank = {sop: i for i, sop in enumerate(order)}
+                    files.sort(key=lambda item: rank.get(item[0], len(rank)))
+                    yield from (item for item in files if self._inbox.names(item[0]))
                     return
         self._inbox.spool = spool
         try:
@@ -661,12 +660,12 @@ class PacsClient:
 
     def retrieve_files(
         self, study: str, series: str, sops: Instances, sop_classes: frozenset[str], spool: Path,
-        partial: list[str] | None = None,
+        partial: list[str] | None = None, order: Sequence[str] = (),
     ) -> Iterator[tuple[str, Path]]:
         """``retrieve`` into files of ``spool`` (see ``get_files``)."""
         if self.config.retrieve == "move":
             return self._move(study, series, sops, partial, spool)
-        return self.get_files(study, series, sops, sop_classes, spool, partial)
+        return self.get_files(study, series, sops, sop_classes, spool, partial, order)
 
     def _collect(
         self,

@@ -19,11 +19,8 @@ fewer images than asked means the PACS has no more: the caller tells which are m
 from __future__ import annotations
 
 import os
-import queue
 import subprocess
 import tempfile
-import threading
-import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -46,21 +43,18 @@ def getscu_get(
     the spool one at a time as the caller iterates, so that a series is never in memory
     whole (a 1 GiB volume), and the spool is removed when the iteration ends."""
     with tempfile.TemporaryDirectory(prefix="mdm-getscu-") as spool:
-        for _, path in list(getscu_files(config, name, study, series, sops, Path(spool))):
+        for _, path in getscu_files(config, name, study, series, sops, Path(spool)):
             yield pydicom.dcmread(path)
 
 
 def getscu_files(
     config: PacsConfig, name: str, study: str, series: str, sops: Sequence[str] | str | None, spool: Path
-) -> Iterator[tuple[str, Path]]:
+) -> list[tuple[str, Path]]:
     """C-GET with getscu into ``spool``, a private directory of the caller's (the files are the
-    PACS's originals, PHI included): (SOP Instance UID, file) of each image as soon as getscu
-    has stored it, while the next ones still arrive, so that the caller protects them
-    meanwhile. getscu's debug log names each file once written and closed ("Stored instance
-    to disk", then its name, ``MODALITY.UID``); the UID is taken from that name and nothing is
-    read here: the staging workers read each file (``srm_dicom/workers.py``) and check that
-    it holds the UIDs its name says. A complaint of getscu raises ``GetscuIncomplete`` once it
-    has ended, after the images it stored: the caller asks again for what is missing."""
+    PACS's originals, PHI included); (SOP Instance UID, file) of each image, the UID as getscu
+    named the file (``MODALITY.UID``). Nothing is read here: the staging workers read each file
+    (``srm_dicom/workers.py``), so that no image is decoded in the server, and check that its
+    UIDs are the ones its name says. A file whose name is not a UID is left out."""
     if not os.access(GETSCU, os.X_OK):
         raise PacsError(f"{name}: [pacs] engine = \"dcmtk\" needs DCMTK's {GETSCU} (Debian package dcmtk)")
     uids = [sops] if isinstance(sops, str) else list(sops or ())
@@ -69,54 +63,19 @@ def getscu_files(
     if uids:
         keys.append("SOPInstanceUID=" + "\\".join(uids))
     timeout = str(max(1, round(config.timeout)))
-    command = [GETSCU, "-d", "-S", "-aet", config.calling_aet, "-aec", config.aet, "-to", timeout, "-ta", timeout,
+    command = [GETSCU, "-S", "-aet", config.calling_aet, "-aec", config.aet, "-to", timeout, "-ta", timeout,
                "-td", timeout, "-pdu", str(MAX_PDU), *(arg for key in keys for arg in ("-k", key)),
                "-od", str(spool), config.host, str(config.port)]
-    limit = config.timeout * 4 + 60
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                               errors="replace", env={**os.environ, "TCP_NODELAY": "1"})
-    lines: queue.Queue[str | None] = queue.Queue()
-    # Drained by a thread of its own: getscu never waits on a full pipe while the caller works.
-    threading.Thread(target=_drain, args=(process, lines), daemon=True, name="getscu-log").start()
-    complaints: list[str] = []
-    deadline = time.monotonic() + limit
-    stored = False
     try:
-        while True:
-            try:
-                line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                raise PacsError(f"{name}: getscu did not finish within {limit:g} s") from None
-            if line is None:
-                break
-            if stored and line.startswith(_FILENAME):
-                path = Path(line[len(_FILENAME):].strip())
-                uid = path.name.partition(".")[2]
-                if path.parent == spool and is_uid(uid):
-                    yield uid, path
-            stored = line.startswith(_STORED)
-            if line.startswith(("E: ", "F: ", "W: ")):
-                complaints.append(line[3:].strip())
-        process.wait(timeout=max(0.0, deadline - time.monotonic()))
+        done = subprocess.run(command, capture_output=True, text=True, errors="replace",
+                              env={**os.environ, "TCP_NODELAY": "1"}, timeout=config.timeout * 4 + 60)
     except subprocess.TimeoutExpired:
-        raise PacsError(f"{name}: getscu did not finish within {limit:g} s") from None
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-    if process.returncode != 0 or complaints:
-        raise GetscuIncomplete(f"{name}: getscu: {complaints[-1] if complaints else f'exit {process.returncode}'}")
-
-
-_STORED, _FILENAME = "D: Stored instance to disk", "D:   Filename: "
-
-
-def _drain(process: subprocess.Popen[str], lines: queue.Queue[str | None]) -> None:
-    assert process.stderr is not None
-    with process.stderr:
-        for line in process.stderr:
-            lines.put(line)
-    lines.put(None)
+        raise PacsError(f"{name}: getscu did not finish within {config.timeout * 4 + 60:g} s") from None
+    complaints = [line[3:].strip() for line in done.stderr.splitlines() if line.startswith(("E: ", "F: ", "W: "))]
+    if done.returncode != 0 or complaints:
+        raise GetscuIncomplete(f"{name}: getscu: {complaints[-1] if complaints else f'exit {done.returncode}'}")
+    found = ((path.name.partition(".")[2], path) for path in sorted(spool.iterdir()))
+    return [(uid, path) for uid, path in found if is_uid(uid)]
 
 
 class GetscuIncomplete(PacsError):
