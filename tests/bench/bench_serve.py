@@ -192,7 +192,7 @@ class Site:
     def __init__(self, workdir: Path, peer: peers.Peer, keys: KeyServers, workers: int, threads: int,
                  engine: str) -> None:
         base = write_site_config(workdir, peer, keys, wait_timeout=600, quota_bytes=16 << 30,  # type: ignore[arg-type]
-                                 engine=engine)
+                                 engine=engine, readahead=CacheConfig().readahead)
         self.workdir, self.peer, self.pki = workdir, peer, keys.pki
         self._text = (base.read_text().replace("workers = 2", f"workers = {workers}")
                       .replace("threads = 8", f"threads = {threads}"))
