@@ -111,7 +111,8 @@ SEQUENTIAL = 100  # cold GETs of the first slices, one after the other
 def mdm_command(*args: str) -> list[str]:
     """The CLI of this tree in this interpreter (not the pyenv shim: its PID is the server's);
     ``-P``: not the srm_dicom of the current directory, which ``-c`` would put first."""
-    return [sys.executable, "-P", "-c", "import sys; from srm_dicom.cli import main; sys.exit(main(sys.argv[1:]))", *args]
+    return [sys.executable, "-P", "-c", "import sys; from srm_dicom.cli import main; sys.exit(main(sys.argv[1:]))",
+            *args]
 
 
 def wait_for_line(process: subprocess.Popen[bytes], log: Path, prefix: str) -> str:
