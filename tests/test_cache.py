@@ -11,12 +11,15 @@ import subprocess
 import sys
 import time
 import uuid
+from dataclasses import replace
 
 import pytest
+from test_stager import make_site, wait_final
 
 from srm_dicom.cache import TALLY, CacheFull, DiskCache
 from srm_dicom.catalog import COMPLETED, StageFile, StageRequest, open_catalog
 from srm_dicom.config import parse_config
+from srm_dicom.stager import StageFailed, Stager
 
 A, B, C, D = (str(uuid.uuid4()) for _ in range(4))
 
@@ -229,3 +232,36 @@ def test_front_end_processes_writing_at_once_never_exceed_the_quota_together(tmp
     assert len(seen) > 10 and max(seen) <= quota, max(seen)
     assert int((tmp_path / TALLY).read_text()) == on_disk(tmp_path) <= quota
     assert not [name for name in files(tmp_path) if name.endswith(".part")]
+
+
+def test_two_stagers_on_one_catalog_and_cache_keep_one_quota_and_each_others_pins(embedded_pacs, tmp_path,
+                                                                                  key_servers, catalog_section):
+    """Two front ends as two ``mdm serve`` run them (their own catalog connections, one cache
+    directory): what one pins the other never evicts, and together they stay within the quota."""
+    site = make_site(tmp_path / "site", embedded_pacs, key_servers, slices=5, seed="quota", catalog=catalog_section)
+    largest = max(e.size for e in site.slices)
+    quota = 3 * largest + largest // 2  # room for three slices
+    site.config = replace(site.config, cache=replace(site.config.cache, quota_bytes=quota))
+    cache_dir = site.config.path(site.config.cache.dir)
+    other_catalog = open_catalog(site.config)
+    first, second = site.stager(), Stager(site.config, other_catalog, site.keystore)
+    for stager in (first, second):
+        stager.start()
+    try:
+        pins = first.submit(site.slices[:2], pin_lifetime=600, requester="bob")
+        wait_final(first, pins)
+        for entry in site.slices[2:]:  # the other front end stages the rest, one after the other
+            assert second.fetch(entry, 20).is_file()
+            assert on_disk(cache_dir) <= quota
+        assert [second.locality(e) for e in site.slices] == ["DISK_AND_TAPE"] * 2 + ["TAPE"] * 2 + ["DISK_AND_TAPE"]
+        second.submit([site.slices[4]], pin_lifetime=600, requester="alice")  # on disk: pinned at once
+        with pytest.raises(StageFailed, match="cache full: .* held by pinned"):
+            first.fetch(site.slices[2], 20)
+        assert files(cache_dir) == sorted(f"{e.guid}.1" for e in (*site.slices[:2], site.slices[4]))
+        first.release(pins, [site.slices[0].lfn])
+        assert first.fetch(site.slices[2], 20).is_file() and second.locality(site.slices[0]) == "TAPE"
+    finally:
+        for stager in (first, second):
+            stager.stop()
+        other_catalog.close()
+        site.catalog.close()
