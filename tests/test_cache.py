@@ -236,11 +236,21 @@ def test_front_end_processes_writing_at_once_never_exceed_the_quota_together(tmp
     assert not [name for name in files(tmp_path) if name.endswith(".part")]
 
 
+def done(catalog, entry, timeout=20):
+    """Wait for the end of the job of ``entry`` (a GET is answered once its file is published,
+    before its batch ends)."""
+    deadline = time.monotonic() + timeout
+    while catalog.stages.jobs([entry.guid])[entry.guid].state == "STARTED":
+        assert time.monotonic() < deadline, f"the job of {entry.lfn} did not end"
+        time.sleep(0.02)
+
+
 def test_two_stagers_on_one_catalog_and_cache_keep_one_quota_and_each_others_pins(embedded_pacs, tmp_path,
                                                                                   key_servers, catalog_section):
     """Two front ends as two ``mdm serve`` run them (their own catalog connections, one cache
     directory): what one pins the other never evicts, and together they stay within the quota."""
-    site = make_site(tmp_path / "site", embedded_pacs, key_servers, slices=5, seed="quota", catalog=catalog_section)
+    site = make_site(tmp_path / "site", embedded_pacs, key_servers, slices=5, seed="quota", catalog=catalog_section,
+                     readahead="none")  # a GET stages its file alone
     largest = max(e.size for e in site.slices)
     quota = 3 * largest + largest // 2  # room for three slices
     site.config = replace(site.config, cache=replace(site.config.cache, quota_bytes=quota))
@@ -255,6 +265,7 @@ def test_two_stagers_on_one_catalog_and_cache_keep_one_quota_and_each_others_pin
         for entry in site.slices[2:]:  # the other front end stages the rest, one after the other
             assert second.fetch(entry, 20).is_file()
             assert on_disk(cache_dir) <= quota
+            done(other_catalog, entry)  # its batch ended: no longer protected as being published
         assert [second.locality(e) for e in site.slices] == ["DISK_AND_TAPE"] * 2 + ["TAPE"] * 2 + ["DISK_AND_TAPE"]
         second.submit([site.slices[4]], pin_lifetime=600, requester="alice")  # on disk: pinned at once
         with pytest.raises(StageFailed, match="cache full: .* held by pinned"):
