@@ -221,7 +221,8 @@ class Stager:
         section = config.keystore
         self._key_servers = workers.KeyServers(tuple(section.urls), section.k, config.path(section.ca),
                                                config.path(section.cert), config.path(section.key), section.timeout)
-        self._cache = DiskCache(config.path(config.cache.dir), config.cache.quota_bytes)
+        self._cache = DiskCache(config.path(config.cache.dir), config.cache.quota_bytes,
+                                lambda: catalog.stages.protected_guids(_now()))
         self._lock = threading.Lock()
         self._jobs: dict[str, _Job] = {}  # GUIDs someone here waits for
         self._held: set[str] = set()  # GUIDs whose catalog jobs this front end's workers hold
