@@ -130,6 +130,9 @@ class CacheConfig:
     # Seconds between two looks at the catalog for jobs to take and for the ends of those
     # other front ends run (README, "Several front ends").
     poll_interval: float = 0.5
+    # A cold GET of a slice also stages the rest of its series ("series"), as a reader of one
+    # slice reads the others next; or that slice alone ("none"). README, "What reading does".
+    readahead: str = "series"
 
 
 @dataclass(frozen=True)
@@ -304,6 +307,8 @@ def _validate(config: Config) -> None:
                           "max_connections_per_client at least 0")
     if min(config.cache.lease, config.cache.poll_interval) <= 0:
         raise ConfigError("config: [cache] lease and poll_interval must be positive numbers of seconds")
+    if config.cache.readahead not in ("series", "none"):
+        raise ConfigError("config: [cache] readahead must be 'series' or 'none'")
     if config.log.format not in ("text", "json"):
         raise ConfigError("config: [log] format must be 'text' or 'json'")
     for network in config.operations.networks:

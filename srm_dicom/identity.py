@@ -265,6 +265,26 @@ def identity_from_cert_chain(chain_der_or_pem: list[Any], vomap: VoMap, services
     return replace(vomap.identity(dn, services), limited=limited)
 
 
+class _WithoutSession:
+    """A TLS socket as cheroot's ``get_environ`` sees it, without ``session``.
+
+    cheroot reads ``sock.session.id`` once per connection for ``SSL_SESSION_ID`` (and skips it
+    on AttributeError). On CPython before 3.12.7 and 3.13.1 each read of ``SSLSocket.session``
+    leaks a copy of the TLS session, the client's certificate chain in it: about 6.5 KB per
+    connection, outside the Python heap, never given back (CPython gh-116810; cheroot issue
+    647). That was the RSS growth of ``mdm serve`` under load (README, "Hostile input, faults
+    and fuzzing"). Nothing in srm-dicom uses the session id.
+    """
+
+    def __init__(self, sock: ssl.SSLSocket) -> None:
+        self._sock = sock
+
+    def __getattr__(self, name: str) -> Any:  # noqa: ANN401 - whatever the socket's attribute is
+        if name == "session":
+            raise AttributeError(name)
+        return getattr(self._sock, name)
+
+
 class ClientAuthSSLAdapter(BuiltinSSLAdapter):
     """cheroot's builtin TLS adapter, asking for client certificates and passing on the chain.
 
@@ -284,7 +304,7 @@ class ClientAuthSSLAdapter(BuiltinSSLAdapter):
         self.context.minimum_version = ssl.TLSVersion.TLSv1_2
 
     def get_environ(self, sock: ssl.SSLSocket) -> dict[str, Any]:  # type: ignore[override]  # cheroot's stub says socket
-        environ = super().get_environ(sock)
+        environ = super().get_environ(_WithoutSession(sock))
         # SSLSocket.get_verified_chain is public from Python 3.13; 3.11 has it on _sslobj.
         getter = getattr(sock, "get_verified_chain", None) or sock._sslobj.get_verified_chain  # type: ignore[attr-defined]  # noqa: SLF001
         chain = getter() or []

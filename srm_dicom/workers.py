@@ -38,12 +38,14 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from io import BytesIO
+from pathlib import Path
 from typing import Any, TypeVar
 
 from pydicom import Dataset, dcmread
 
 from srm_dicom.anonymize import AnonymizationOptions, ErasedValue, anonymize, to_bytes
 from srm_dicom.crypto.container import encrypt_bytes
+from srm_dicom.errors import PacsError
 
 T = TypeVar("T")
 
@@ -55,15 +57,18 @@ _pool: ProcessPoolExecutor | None = None
 class ProtectTask:
     """One image to protect, as registration or staging hands it to a worker.
 
-    ``source`` is a Part-10 file's bytes (what registration reads or receives) or a pydicom
-    ``Dataset`` with its ``file_meta`` (what a retrieve delivered; it pickles as it is).
+    ``source`` is a Part-10 file's bytes (what registration reads or receives), a pydicom
+    ``Dataset`` with its ``file_meta`` (it pickles as it is), or the path of a Part-10 file
+    (what a retrieve spooled: the worker reads it, so the server decodes no image and pickles
+    no data set). ``expected`` are the Study, Series and SOP Instance UIDs the image must
+    have (a spooled file is known by its name only): another image fails the task.
     With ``output``, the ciphertext is written to that path (fsynced unless ``sync`` is
     False: a caller that fsyncs many files at once from threads lets the file system commit
     them together) and not sent back: a staged slice goes to its cache file without
     crossing the pipe twice.
     """
 
-    source: bytes | Dataset
+    source: bytes | Dataset | Path
     secret: bytes
     options: AnonymizationOptions
     key: bytes
@@ -71,6 +76,7 @@ class ProtectTask:
     version: int
     output: str | None = None
     sync: bool = True
+    expected: tuple[str, str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -88,7 +94,9 @@ class Protected:
 
 def protect(task: ProtectTask) -> Protected:
     """Anonymize and encrypt one image (runs in a worker; also callable in process)."""
-    ds = dcmread(BytesIO(task.source)) if isinstance(task.source, bytes) else task.source
+    ds = read_image(task.source)
+    if task.expected is not None:
+        check_uids(ds, task.expected)
     result = anonymize(ds, task.secret, task.options)
     payload = encrypt_bytes(task.key, uuid.UUID(task.guid).bytes, task.version, to_bytes(result))
     checksums = (len(payload), f"{zlib.adler32(payload):08x}", hashlib.sha256(payload).hexdigest())
@@ -101,6 +109,25 @@ def protect(task: ProtectTask) -> Protected:
             out.flush()
             os.fsync(out.fileno())
     return Protected(None, *checksums, tuple(result.erased))
+
+
+def read_image(source: bytes | Dataset | Path) -> Dataset:
+    """A task's image as a data set."""
+    if isinstance(source, Dataset):
+        return source
+    return dcmread(BytesIO(source) if isinstance(source, bytes) else source)
+
+
+def check_uids(ds: Dataset, expected: tuple[str, str, str]) -> None:
+    """Refuse an image whose Study, Series or SOP Instance UID is not ``expected`` (a PACS
+    that sent another image under a name it was asked for)."""
+    try:
+        found = tuple(str(ds.get(k, "") or "").strip() for k in ("StudyInstanceUID", "SeriesInstanceUID",
+                                                                  "SOPInstanceUID"))
+    except Exception:  # pydicom decodes lazily: a malformed UID element raises here
+        found = ()
+    if found != expected:
+        raise PacsError("the PACS sent another image than the one asked for")
 
 
 def size() -> int:

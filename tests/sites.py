@@ -20,9 +20,11 @@ VENDOR = DATA / "dicom2nifti"
 def write_site_config(workdir: Path, peer: Peer, key_servers: LocalKeyServers, uids: str = "deidentified",
                       store_to_pacs: bool = True, listen_port: int = 0, wait_timeout: float = 20.0,
                       quota_bytes: int = 1 << 30, retrieve: str = "get", workers: int = 2,
-                      engine: str = "pynetdicom", lease: float = 20.0) -> Path:
+                      engine: str = "pynetdicom", lease: float = 20.0, readahead: str = "none") -> Path:
     """DIR/mdm.toml for a site whose PACS is ``peer`` and whose key servers are ``key_servers``
-    (the demo PKI's service identity); the catalog lives in DIR."""
+    (the demo PKI's service identity); the catalog lives in DIR. A GET stages its file alone
+    (``readahead``), so that a test counts what it asked for; tests/test_stager.py and the
+    benchmarks read ahead, as the default config does."""
     workdir.mkdir(parents=True, exist_ok=True)
     pacs = peer.pacs_config()
     path = workdir / "mdm.toml"
@@ -74,6 +76,7 @@ wait_timeout = {wait_timeout}
 retry_after = 1
 workers = {workers}
 lease = {lease}
+readahead = "{readahead}"
 """
     )
     path.chmod(0o600)  # it holds the site secret: mdm serve and mdm listen refuse it readable

@@ -1,4 +1,5 @@
-"""The disk cache on a real directory: quota, LRU eviction, pins, versions, crash leftovers."""
+"""The disk cache on a real directory: quota, LRU eviction, pins, versions, crash leftovers, the
+verified signature and the scrub."""
 
 from __future__ import annotations
 
@@ -8,10 +9,11 @@ import subprocess
 import sys
 import time
 import uuid
+import zlib
 
 import pytest
 
-from srm_dicom.cache import CacheFull, DiskCache
+from srm_dicom.cache import CacheFull, DiskCache, intact, published, scrub
 
 A, B, C, D = (str(uuid.uuid4()) for _ in range(4))
 
@@ -97,3 +99,93 @@ def test_front_ends_sharing_a_directory_find_each_others_files_and_keep_each_oth
     assert writing.exists() and other_host.exists() and not left.exists()
     os.utime(other_host, (time.time() - 7200, time.time() - 7200))
     assert DiskCache(tmp_path, 1000).open() == 1 and not other_host.exists()
+
+
+# -- verified once, trusted while the signature holds (issue 9; README "What reading does") ----
+
+DATA = bytes(range(256)) * 64
+
+
+def _adler(data: bytes) -> str:
+    return f"{zlib.adler32(data):08x}"
+
+
+def _intact(path, data: bytes = DATA) -> bool:
+    with path.open("rb") as source:
+        return intact(source, len(data), _adler(data))
+
+
+def _rot(path) -> None:
+    """A bit flipped in place, the mtime kept: what bit rot (or a careful hand) leaves."""
+    before = path.stat()
+    with path.open("r+b") as out:
+        out.seek(100)
+        out.write(bytes([DATA[100] ^ 0x10]))
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+
+
+def test_a_published_file_is_trusted_by_its_signature_by_every_front_end(tmp_path):
+    path = DiskCache(tmp_path, 1 << 20).publish(A, 1, DATA, set())
+    other = DiskCache(tmp_path, 1 << 20)  # another front end on the same directory
+    other.open()
+    assert other.path(A, 1) == path  # its use (an atime touch) keeps the signature
+    _rot(path)
+    assert _intact(path)  # not read again: the signature is the one recorded at publishing
+
+
+def test_an_overwrite_a_truncation_or_a_replacement_is_read_again_and_refused(tmp_path):
+    cache = DiskCache(tmp_path, 1 << 20)
+    cache.open()
+    overwritten = cache.publish(A, 1, DATA, set())
+    overwritten.write_bytes(DATA[:100] + b"\0" + DATA[101:])  # same size: only the adler32 tells
+    truncated = cache.publish(B, 1, DATA, set())
+    with truncated.open("r+b") as out:
+        out.truncate(len(DATA) - 1)
+    replaced = cache.publish(C, 1, DATA, set())
+    forged = tmp_path / "forged"
+    forged.write_bytes(DATA[:100] + b"\0" + DATA[101:])
+    os.utime(forged, ns=(replaced.stat().st_atime_ns, replaced.stat().st_mtime_ns))  # the same mtime, even
+    os.replace(forged, replaced)
+    assert not _intact(overwritten) and not _intact(truncated) and not _intact(replaced)
+
+
+def test_a_file_whose_signature_changed_but_bytes_did_not_is_trusted_again_once_read(tmp_path):
+    path = DiskCache(tmp_path, 1 << 20).publish(A, 1, DATA, set())
+    os.utime(path)  # touched by some tool: read whole, found right, its new signature recorded
+    assert _intact(path)
+    _rot(path)
+    assert _intact(path)
+
+
+def test_the_scrub_finds_bit_rot_the_signature_cannot_and_removes_the_file(tmp_path):
+    cache = DiskCache(tmp_path, 1 << 20)
+    cache.open()
+    rotten, sound = cache.publish(A, 1, DATA, set()), cache.publish(B, 1, DATA, set())
+    _rot(rotten)
+    used_before = sound.stat().st_atime_ns
+    assert scrub(sound, len(DATA), _adler(DATA)) is None and sound.exists()
+    assert sound.stat().st_atime_ns == used_before  # scrubbing is no use: the eviction order stays
+    found = _adler(rotten.read_bytes())
+    assert scrub(rotten, len(DATA), _adler(DATA)) == f"has adler32 {found}, the catalog {_adler(DATA)}: removed"
+    assert not rotten.exists() and cache.path(A, 1) is None  # staged again at its next request
+    short = cache.publish(C, 1, DATA[:-1], set())
+    assert scrub(short, len(DATA), _adler(DATA)) == f"holds {len(DATA) - 1} bytes, the catalog {len(DATA)}: removed"
+    assert published(tmp_path) == [(B, 1, sound)]
+
+
+def test_without_user_extended_attributes_every_hit_reads_the_whole_file(tmp_path, caplog):
+    """ramfs keeps no user xattrs (an old NFS neither): the check of every hit, as before issue 9."""
+    mount = tmp_path / "ramfs"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "ramfs", "ramfs", str(mount)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.fail(f"cannot mount a ramfs here: {done.stderr.strip()}")
+    try:
+        path = DiskCache(mount, 1 << 20).publish(A, 1, DATA, set())
+        assert _intact(path)
+        _rot(path)
+        assert not _intact(path)
+        warnings = [r.getMessage() for r in caplog.records if "cannot record" in r.getMessage()]
+        assert len(warnings) == 1 and "every cache hit reads the whole file" in warnings[0]
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)

@@ -22,6 +22,7 @@ import pytest
 from sites import write_site_config
 from srm_dicom import stager as stager_module
 from srm_dicom.anonymize import AnonymizationOptions
+from srm_dicom.cache import DiskCache
 from srm_dicom.catalog import Catalog, Entry, open_catalog
 from srm_dicom.config import Config, EmbeddedPacsConfig, load_config
 from srm_dicom.crypto.container import check_key, decrypt_bytes, read_header
@@ -57,10 +58,11 @@ class Site:
 
 def make_site(workdir: Path, peer, key_servers, slices: int = 3, workers: int = 2, seed: str = "stage",  # type: ignore[no-untyped-def]
               drop: tuple[int, ...] = (), engine: str = "pynetdicom", lease: float = 20.0,
-              catalog: dict[str, str] | None = None, size: int = 16) -> Site:
+              catalog: dict[str, str] | None = None, size: int = 16, readahead: str = "series") -> Site:
     """A site with a synthetic series registered (and stored in ``peer``), but for the ``drop``
     slices; its catalog an SQLite file unless ``catalog`` gives another [catalog] section."""
-    path = write_site_config(workdir, peer, key_servers, workers=workers, engine=engine, lease=lease)
+    path = write_site_config(workdir, peer, key_servers, workers=workers, engine=engine, lease=lease,
+                             readahead=readahead)
     if catalog is not None:
         section = "".join(f'{key} = "{value}"\n' for key, value in catalog.items())
         path.write_text(path.read_text().replace('[catalog]\nurl = "catalog.db"\n', f"[catalog]\n{section}"))
@@ -165,14 +167,14 @@ def test_stage_request_states_cancel_release_and_delete(site, running):
         running.delete(request_id)
 
 
-def test_concurrent_fetches_of_one_file_make_one_retrieval(site, monkeypatch):
+def test_concurrent_fetches_of_one_file_make_one_retrieval_that_reads_its_series_ahead(site, monkeypatch):
     retrievals: list[str] = []
     associations: list[str] = []
 
     class CountingPacs(PacsClient):
-        def retrieve(self, study, series, sops=None, sop_classes=frozenset(), partial=None):  # type: ignore[no-untyped-def]
+        def retrieve_files(self, study, series, sops, sop_classes, spool, partial=None, order=()):  # type: ignore[no-untyped-def]
             retrievals.append(sops or series)
-            return super().retrieve(study, series, sops, sop_classes, partial)
+            return super().retrieve_files(study, series, sops, sop_classes, spool, partial, order)
 
         def _open(self, plan):  # type: ignore[no-untyped-def]
             associations.append(threading.current_thread().name)
@@ -190,12 +192,18 @@ def test_concurrent_fetches_of_one_file_make_one_retrieval(site, monkeypatch):
         for thread in threads:
             thread.join()
         assert len(paths) == 8 and len(set(paths)) == 1
-        assert len(retrievals) == 1
-        # The other slices and the volume: a worker opens its association once (then once
-        # more to add the storage contexts C-GET needs) and keeps it for all its jobs.
+        # [cache] readahead = "series": the slice's series came in the same retrieval, asked
+        # for as a series since the batch held all of its slices.
+        assert retrievals == [site.series[0].SeriesInstanceUID]
+        deadline = time.monotonic() + 20
+        while any(stager.locality(e) == "TAPE" for e in site.slices) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        # The other slices are on disk, and the volume is one more retrieval: a worker opens
+        # its association once (then once more to add the storage contexts C-GET needs) and
+        # keeps it for all its jobs.
         for entry in [*site.slices[1:], site.volume]:
             stager.fetch(entry, 20)
-        assert len(retrievals) == 4
+        assert len(retrievals) == 2
         assert len(set(associations)) <= site.config.cache.workers
         assert max(Counter(associations).values()) <= 2
     finally:
@@ -230,9 +238,9 @@ def test_fetch_times_out_as_pending_while_staging_goes_on(site, monkeypatch):
     release = threading.Event()
 
     class SlowPacs(PacsClient):
-        def retrieve(self, study, series, sops=None, sop_classes=frozenset(), partial=None):  # type: ignore[no-untyped-def]
+        def retrieve_files(self, study, series, sops, sop_classes, spool, partial=None, order=()):  # type: ignore[no-untyped-def]
             release.wait(10)
-            return super().retrieve(study, series, sops, sop_classes, partial)
+            return super().retrieve_files(study, series, sops, sop_classes, spool, partial, order)
 
     monkeypatch.setattr(stager_module, "PacsClient", SlowPacs)
     stager = site.stager()
@@ -272,10 +280,10 @@ def test_stopped_mid_retrieve_nothing_is_published_and_the_request_resumes(site,
     inside, release = threading.Event(), threading.Event()
 
     class BlockedPacs(PacsClient):
-        def retrieve(self, study, series, sops=None, sop_classes=frozenset(), partial=None):  # type: ignore[no-untyped-def]
+        def retrieve_files(self, study, series, sops, sop_classes, spool, partial=None, order=()):  # type: ignore[no-untyped-def]
             inside.set()
             release.wait(10)
-            return super().retrieve(study, series, sops, sop_classes, partial)
+            return super().retrieve_files(study, series, sops, sop_classes, spool, partial, order)
 
     monkeypatch.setattr(stager_module, "PacsClient", BlockedPacs)
     stager = site.stager()
@@ -509,9 +517,9 @@ class CountingPacs(PacsClient):
     retrieves: list[object] = []
     finds: list[str] = []
 
-    def retrieve(self, study, series, sops=None, sop_classes=frozenset(), partial=None):  # type: ignore[no-untyped-def]
+    def retrieve_files(self, study, series, sops, sop_classes, spool, partial=None, order=()):  # type: ignore[no-untyped-def]
         CountingPacs.retrieves.append(list(sops) if sops else series)
-        return super().retrieve(study, series, sops, sop_classes, partial)
+        return super().retrieve_files(study, series, sops, sop_classes, spool, partial, order)
 
     def find(self, level, query):  # type: ignore[no-untyped-def]
         CountingPacs.finds.append(level)
@@ -525,8 +533,8 @@ def counting(monkeypatch) -> type[CountingPacs]:  # type: ignore[no-untyped-def]
     return CountingPacs
 
 
-def test_a_stage_request_of_a_series_is_one_retrieve_naming_its_sop_uids(any_pacs, tmp_path, key_servers, counting,
-                                                                         monkeypatch):
+def test_a_stage_request_is_one_retrieve_of_the_series_or_naming_its_sop_uids(any_pacs, tmp_path, key_servers, counting,
+                                                                              monkeypatch):
     site = make_site(tmp_path / "site", any_pacs, key_servers, slices=6, seed=f"bulk-{any_pacs.name}")
     fetches: list[int] = []
     original = KeystoreClient.fetch_keys
@@ -539,15 +547,24 @@ def test_a_stage_request_of_a_series_is_one_retrieve_naming_its_sop_uids(any_pac
     stager = site.stager()
     stager.start()
     try:
-        request_id = stager.submit(site.slices, pin_lifetime=600, requester="bob")
+        # Part of the series: one retrieve naming the SOP UIDs of the batch.
+        request_id = stager.submit(site.slices[:4], pin_lifetime=600, requester="bob")
         wait_final(stager, request_id)
         assert all(f.state == "COMPLETED" and f.on_disk for f in stager.request(request_id).files)
         sops = [ds.SOPInstanceUID for ds in site.series]
-        assert counting.retrieves == [sops] and fetches == [6]
+        assert counting.retrieves == [sops[:4]] and fetches == [4]
         # The catalog's SOP classes spare a C-FIND per slice: one C-FIND of one instance, once
         # per association's client, tells whether the PACS omits SOP Class UID in its answers
         # (dcmqrscp does, and then gets the catch-all contexts).
         assert counting.finds == ["IMAGE"]
+        # Every slice of the series (the cache emptied): one retrieve of the series, much
+        # faster than naming its UIDs.
+        for entry in site.slices[:4]:
+            stager.cached_path(entry).unlink()
+        request_id = stager.submit(site.slices, pin_lifetime=600, requester="bob")
+        wait_final(stager, request_id)
+        assert all(f.state == "COMPLETED" and f.on_disk for f in stager.request(request_id).files)
+        assert counting.retrieves == [sops[:4], site.series[0].SeriesInstanceUID] and fetches == [4, 6]
         for entry in site.slices:
             data = stager.cached_path(entry).read_bytes()
             assert len(data) == entry.size and f"{zlib.adler32(data):08x}" == entry.adler32
@@ -619,11 +636,19 @@ def test_the_dcmtk_engine_stages_slices_and_volume_identical_to_the_catalog(any_
         site.catalog.close()
 
 
-def test_two_front_ends_on_one_catalog_and_cache_retrieve_each_file_once(embedded_pacs, tmp_path, key_servers,
-                                                                          catalog_section, counting):
+def test_two_front_ends_on_one_catalog_and_cache_stage_each_file_once(embedded_pacs, tmp_path, key_servers,
+                                                                       catalog_section, monkeypatch):
     """Two stagers as two ``mdm serve`` would run them: their own catalog connections to one
     database, one cache directory; GETs and a stage request at both at once."""
     site = make_site(tmp_path / "site", embedded_pacs, key_servers, slices=6, seed="two", catalog=catalog_section)
+    published: list[str] = []
+    commit = DiskCache.commit
+
+    def counted(self, guid, version, partial, sync=True):  # type: ignore[no-untyped-def]
+        published.append(guid)
+        return commit(self, guid, version, partial, sync)
+
+    monkeypatch.setattr(DiskCache, "commit", counted)
     other_catalog = open_catalog(site.config)
     front_ends = [site.stager(), Stager(site.config, other_catalog, site.keystore)]
     for stager in front_ends:
@@ -639,8 +664,7 @@ def test_two_front_ends_on_one_catalog_and_cache_retrieve_each_file_once(embedde
             thread.join(60)
         wait_final(front_ends[1], request_id)  # the other front end reads the request's end
         assert len(paths) == 4 * len(site.slices) and len(set(paths)) == len(site.slices)
-        sent = Counter(sop for retrieve in counting.retrieves for sop in retrieve)
-        assert sent == Counter(str(ds.SOPInstanceUID) for ds in site.series), counting.retrieves
+        assert Counter(published) == Counter(entry.guid for entry in site.slices)
         assert all(f.state == "COMPLETED" and f.on_disk for f in front_ends[1].request(request_id).files)
         for entry in site.slices:
             data = front_ends[1].cached_path(entry).read_bytes()
@@ -649,4 +673,74 @@ def test_two_front_ends_on_one_catalog_and_cache_retrieve_each_file_once(embedde
         for stager in front_ends:
             stager.stop()
         other_catalog.close()
+        site.catalog.close()
+
+
+def test_a_get_of_a_slice_is_answered_once_it_is_published_while_its_series_is_read_ahead(
+        embedded_pacs, tmp_path, key_servers, monkeypatch):
+    site = make_site(tmp_path / "site", embedded_pacs, key_servers, slices=5, seed="ahead")
+    asked = site.slices[2]
+    others = threading.Event()
+    fsync = stager_module._fsync
+
+    def held(path: Path) -> None:  # the other slices' files wait until the asked one was answered
+        if asked.guid not in path.name:
+            others.wait(20)
+        fsync(path)
+
+    monkeypatch.setattr(stager_module, "_fsync", held)
+    stager = site.stager()
+    stager.start()
+    try:
+        path = stager.fetch(asked, 20)
+        assert len(path.read_bytes()) == asked.size
+        assert [stager.locality(e) for e in site.slices if e is not asked] == ["TAPE"] * 4
+        others.set()
+        deadline = time.monotonic() + 20
+        while any(stager.locality(e) == "TAPE" for e in site.slices) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        for entry in site.slices:  # read ahead: the same bytes as the catalog's
+            data = stager.cached_path(entry).read_bytes()
+            assert len(data) == entry.size and f"{zlib.adler32(data):08x}" == entry.adler32
+    finally:
+        others.set()
+        stager.stop()
+        site.catalog.close()
+
+
+def test_readahead_none_stages_the_slice_alone(embedded_pacs, tmp_path, key_servers, counting):
+    site = make_site(tmp_path / "site", embedded_pacs, key_servers, slices=3, seed="alone", readahead="none")
+    stager = site.stager()
+    stager.start()
+    try:
+        stager.fetch(site.slices[1], 20)
+        assert counting.retrieves == [[site.series[1].SOPInstanceUID]]
+        assert [stager.locality(e) for e in site.slices] == ["TAPE", "DISK_AND_TAPE", "TAPE"]
+    finally:
+        stager.stop()
+        site.catalog.close()
+
+
+def test_a_series_retrieved_whole_publishes_only_the_images_of_the_batch(any_pacs, tmp_path, key_servers, counting):
+    """The PACS holds an image of the series the catalog does not know: it comes with the series
+    and is left out."""
+    site = make_site(tmp_path / "site", any_pacs, key_servers, slices=4, seed=f"whole-{any_pacs.name}")
+    stray = make_series(slices=5, size=16, seed=f"whole-{any_pacs.name}")[4]
+    with PacsClient(site.config.pacs) as pacs:
+        pacs.store(stray)
+    stager = site.stager()
+    stager.start()
+    try:
+        request_id = stager.submit(site.slices, pin_lifetime=600, requester="bob")
+        wait_final(stager, request_id)
+        assert all(f.state == "COMPLETED" for f in stager.request(request_id).files)
+        assert counting.retrieves == [site.series[0].SeriesInstanceUID]
+        cache_dir = site.config.path(site.config.cache.dir)
+        assert sorted(p.name for p in cache_dir.iterdir()) == sorted(f"{e.guid}.{e.content_version}"
+                                                                     for e in site.slices)
+        for entry in site.slices:
+            data = stager.cached_path(entry).read_bytes()
+            assert len(data) == entry.size and f"{zlib.adler32(data):08x}" == entry.adler32
+    finally:
+        stager.stop()
         site.catalog.close()

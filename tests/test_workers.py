@@ -14,6 +14,7 @@ from pydicom import dcmread
 from srm_dicom import workers
 from srm_dicom.anonymize import AnonymizationOptions
 from srm_dicom.crypto.container import decrypt_bytes, new_file_key
+from srm_dicom.errors import PacsError
 from srm_dicom.protect import protect_image
 from srm_dicom.synthetic import make_series
 
@@ -41,6 +42,24 @@ def test_a_worker_protects_bytes_and_datasets_exactly_as_protection_in_process(t
         assert list(result.erased) == expected.erased
     served = dcmread(io.BytesIO(decrypt_bytes(key, expected.payload)))
     assert str(served.get("PatientName", "")) != str(ds.PatientName)
+
+
+def test_a_worker_reads_a_spooled_file_and_refuses_one_that_is_not_the_image_its_name_says(tmp_path):
+    first, second = make_series(slices=2, size=32, seed="spooled")
+    spooled = tmp_path / "spool" / str(first.SOPInstanceUID)
+    spooled.parent.mkdir()
+    spooled.write_bytes(part10(first))
+    key, guid, options = new_file_key(), str(uuid.uuid4()), AnonymizationOptions()
+    expected = protect_image(dcmread(spooled), SECRET, options, key, guid, 3)
+    uids = (str(first.StudyInstanceUID), str(first.SeriesInstanceUID), str(first.SOPInstanceUID))
+    read = workers.submit(workers.protect, workers.ProtectTask(spooled, SECRET, options, key, guid, 3, expected=uids))
+    assert read.result().payload == expected.payload
+    other = (*uids[:2], str(second.SOPInstanceUID))
+    refused = workers.submit(workers.protect, workers.ProtectTask(spooled, SECRET, options, key, guid, 3,
+                                                                  str(tmp_path / "out"), expected=other))
+    with pytest.raises(PacsError, match="another image than the one asked for"):
+        refused.result()
+    assert not (tmp_path / "out").exists()
 
 
 def test_the_pool_is_sized_to_the_cores_and_runs_in_other_processes():

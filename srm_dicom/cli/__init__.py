@@ -43,6 +43,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "query": ("query", "find images by their metadata (patient, modality, dates, UIDs…); prints LFN and GUID"),
     "doctor": ("doctor", "check a deployment: config, file modes, certificates, PACS, key servers, database, cache"),
     "catalog": ("catalog", "catalog maintenance: migrate a schema, copy a site from SQLite to PostgreSQL"),
+    "cache": ("cache", "cache maintenance: verify every cached file against the catalog (bit rot)"),
     "token": ("token", "mint a demo WLCG bearer token (the demo's issuer, issuer/ beside the config)"),
     "audit": ("audit", "show how an entry was de-identified: rules, options, removed attributes (hospital side)"),
 }

@@ -18,6 +18,7 @@ from __future__ import annotations
 import itertools
 import logging
 import socket
+import tempfile
 import threading
 import time
 from collections import deque
@@ -69,7 +70,7 @@ from srm_dicom.errors import InvalidInput, NotFound, PacsError
 from srm_dicom.events import PacsCall, timed
 from srm_dicom.names import is_uid
 from srm_dicom.pacs.answers import keep_answers_for_the_caller
-from srm_dicom.pacs.dcmtk import GetscuIncomplete, getscu_get, storescu_store
+from srm_dicom.pacs.dcmtk import GetscuIncomplete, getscu_files, getscu_get, storescu_store
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +124,7 @@ class _Plan:
 
 
 STATUS_CANNOT_UNDERSTAND = 0xC000
+STATUS_OUT_OF_RESOURCES = 0xA700
 _RETRIEVED_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
 
 log = logging.getLogger(__name__)
@@ -130,15 +132,17 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class _Inbox:
-    """Datasets a C-STORE sub-operation delivered, waiting for the caller's iteration.
+    """Images a C-STORE sub-operation delivered, waiting for the caller's iteration: datasets,
+    or with ``spool``, (SOP Instance UID, file) of each written there as it came over the wire.
 
     Only what was asked is taken: valid UIDs of the study and series (and instance) of the
     retrieve under way, and, for C-MOVE, only from the PACS's own address. Anything else
     is refused (0xC000) and never reaches the stager (README, "What reading does")."""
 
-    datasets: deque[Dataset] = field(default_factory=deque)
+    datasets: deque[Any] = field(default_factory=deque)
     expected: tuple[str, str, frozenset[str] | None] | None = None  # study, series, SOPs (None: any)
     peers: frozenset[str] | None = None  # addresses allowed to send (C-MOVE); None: ours (C-GET)
+    spool: Path | None = None
 
     def on_store(self, event: evt.Event) -> int:
         if self.peers is not None and event.assoc.requestor.address not in self.peers:
@@ -148,7 +152,17 @@ class _Inbox:
         ds.file_meta = event.file_meta
         if not self.accepts(ds):
             return STATUS_CANNOT_UNDERSTAND
-        self.datasets.append(ds)
+        if self.spool is None:
+            self.datasets.append(ds)
+            return 0x0000
+        sop = str(ds.SOPInstanceUID).strip()
+        path = self.spool / sop  # a valid UID (``accepts``): digits and dots, no path
+        try:
+            path.write_bytes(event.encoded_dataset())  # the bytes as sent, never encoded again
+        except OSError as exc:
+            log.warning("retrieve: cannot spool a received image (%s)", exc.strerror)
+            return STATUS_OUT_OF_RESOURCES
+        self.datasets.append((sop, path))
         return 0x0000
 
     def accepts(self, ds: Dataset) -> bool:
@@ -166,7 +180,11 @@ class _Inbox:
             return False
         return True
 
-    def drain(self) -> Iterator[Dataset]:
+    def names(self, sop: str) -> bool:
+        """Whether ``sop`` is one of the instances asked for (any, for a whole series)."""
+        return self.expected is None or self.expected[2] is None or sop in self.expected[2]
+
+    def drain(self) -> Iterator[Any]:
         while self.datasets:
             yield self.datasets.popleft()
 
@@ -530,7 +548,7 @@ class PacsClient:
         ``DCMTK_FROM`` images (``pacs/dcmtk.py``), and pynetdicom again when getscu complains.
         """
         self._inbox.expected = (study, series, _sop_set(sops))
-        if self.config.engine == "dcmtk" and (not sops or (not isinstance(sops, str) and len(sops) >= DCMTK_FROM)):
+        if self._takes_getscu(sops):
             received = getscu_get(self.config, self.name, study, series, sops)
             try:
                 first = next(received, None)  # getscu runs to its end here
@@ -540,16 +558,60 @@ class PacsClient:
                 if first is not None:
                     yield from (ds for ds in itertools.chain((first,), received) if self._inbox.accepts(ds))
                 return
+        yield from self._c_get(study, series, sops, sop_classes, partial)
+
+    @timed(PacsCall, operation="C-GET")
+    def get_files(
+        self, study: str, series: str, sops: Instances, sop_classes: frozenset[str], spool: Path,
+        partial: list[str] | None = None, order: Sequence[str] = (),
+    ) -> Iterator[tuple[str, Path]]:
+        """``get`` into ``spool``, a private directory of the caller's: (SOP Instance UID, Part-10
+        file) of each image as it arrives, for the stager's process pool to read, so that no
+        image is decoded in the server. getscu writes the files itself; pynetdicom's are the
+        data sets' bytes as sent. The files are named by their SOP Instance UIDs, not read: the
+        reader checks that each holds the UIDs its name says (``workers.protect``). getscu has
+        them all at once: they come in the ``order`` of their SOP Instance UIDs (those not in it
+        last), so that the images a reader waits for are protected first."""
+        self._inbox.expected = (study, series, _sop_set(sops))
+        if self._takes_getscu(sops):
+            try:
+                files = getscu_files(self.config, self.name, study, series, sops,
+                                     Path(tempfile.mkdtemp(prefix="getscu-", dir=spool)))
+            except GetscuIncomplete as exc:
+                log.info("%s; asking again with pynetdicom", exc)
+            else:
+                if files:
+                    rank = {sop: i for i, sop in enumerate(order)}
+                    files.sort(key=lambda item: rank.get(item[0], len(rank)))
+                    yield from (item for item in files if self._inbox.names(item[0]))
+                    return
+        self._inbox.spool = spool
+        try:
+            yield from self._c_get(study, series, sops, sop_classes, partial)
+        finally:
+            self._inbox.spool = None
+
+    def _takes_getscu(self, sops: Instances) -> bool:
+        return self.config.engine == "dcmtk" and (not sops or (not isinstance(sops, str) and len(sops) >= DCMTK_FROM))
+
+    def _c_get(
+        self, study: str, series: str, sops: Instances, sop_classes: frozenset[str], partial: list[str] | None
+    ) -> Iterator[Any]:
         assoc = self._association(self._get_plan(study, series, sops, sop_classes))
         query = self._retrieve_query(study, series, sops)
         responses = assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet)
         yield from self._collect("C-GET", responses, QR_GET_SERVICE_CLASS_STATUS, partial=partial)
 
-    @timed(PacsCall, operation="C-MOVE")
     def move(
         self, study: str, series: str, sops: Instances = None, partial: list[str] | None = None
     ) -> Iterator[Dataset]:
         """C-MOVE to our own storage SCP (AE calling_aet on move_port), run for this call."""
+        return self._move(study, series, sops, partial, None)
+
+    @timed(PacsCall, operation="C-MOVE")
+    def _move(
+        self, study: str, series: str, sops: Instances, partial: list[str] | None, spool: Path | None
+    ) -> Iterator[Any]:
         scp = AE(ae_title=self.config.calling_aet)
         scp.network_timeout = scp.acse_timeout = scp.dimse_timeout = self.config.timeout
         # Only the PACS, calling us by our AE title, may send: not any host that finds the port.
@@ -557,7 +619,7 @@ class PacsClient:
         scp.require_calling_aet = [self.config.aet]
         for cx in AllStoragePresentationContexts:
             scp.add_supported_context(str(cx.abstract_syntax), list(MOVE_SCP_SYNTAXES))
-        inbox = _Inbox(expected=(study, series, _sop_set(sops)), peers=self._pacs_addresses())
+        inbox = _Inbox(expected=(study, series, _sop_set(sops)), peers=self._pacs_addresses(), spool=spool)
         try:
             server = scp.start_server(
                 (self.config.move_host, self.config.move_port),
@@ -596,6 +658,15 @@ class PacsClient:
             return self.move(study, series, sops, partial)
         return self.get(study, series, sops, sop_classes, partial)
 
+    def retrieve_files(
+        self, study: str, series: str, sops: Instances, sop_classes: frozenset[str], spool: Path,
+        partial: list[str] | None = None, order: Sequence[str] = (),
+    ) -> Iterator[tuple[str, Path]]:
+        """``retrieve`` into files of ``spool`` (see ``get_files``)."""
+        if self.config.retrieve == "move":
+            return self._move(study, series, sops, partial, spool)
+        return self.get_files(study, series, sops, sop_classes, spool, partial, order)
+
     def _collect(
         self,
         service: str,
@@ -603,7 +674,7 @@ class PacsClient:
         table: dict[int, tuple[str, str]],
         inbox: _Inbox | None = None,
         partial: list[str] | None = None,
-    ) -> Iterator[Dataset]:
+    ) -> Iterator[Any]:
         """Yield what sub-operations delivered while reading a retrieve's responses.
 
         Stopping the iteration early aborts the association: the PACS would otherwise

@@ -6,7 +6,8 @@ against getscu's 0.14 s on the benchmark machine, README "Benchmarks"), because 
 and every data element passes through Python. DCMTK is the toolkit the gLite MDM itself
 used; Debian's ``dcmtk`` package installs ``/usr/bin/getscu``. The images land in a
 directory only this process can read (``tempfile`` makes it 0700), are read back with
-pydicom and the directory is removed: they are the PACS's originals, PHI included.
+pydicom (by the stager's workers, ``getscu_files``; or here, ``getscu_get``) and the
+directory is removed: they are the PACS's originals, PHI included.
 
 getscu exits 0 whatever the C-GET's status, so its stderr is read: any error or warning
 (a failure status, failed sub-operations, a SOP class or transfer syntax getscu did not
@@ -28,6 +29,7 @@ from pydicom import Dataset
 
 from srm_dicom.config import GETSCU, PacsConfig
 from srm_dicom.errors import PacsError
+from srm_dicom.names import is_uid
 
 MAX_PDU = 131072  # the largest getscu accepts
 
@@ -40,6 +42,19 @@ def getscu_get(
     first is yielded (so a ``GetscuIncomplete`` comes before any); they are then read from
     the spool one at a time as the caller iterates, so that a series is never in memory
     whole (a 1 GiB volume), and the spool is removed when the iteration ends."""
+    with tempfile.TemporaryDirectory(prefix="mdm-getscu-") as spool:
+        for _, path in getscu_files(config, name, study, series, sops, Path(spool)):
+            yield pydicom.dcmread(path)
+
+
+def getscu_files(
+    config: PacsConfig, name: str, study: str, series: str, sops: Sequence[str] | str | None, spool: Path
+) -> list[tuple[str, Path]]:
+    """C-GET with getscu into ``spool``, a private directory of the caller's (the files are the
+    PACS's originals, PHI included); (SOP Instance UID, file) of each image, the UID as getscu
+    named the file (``MODALITY.UID``). Nothing is read here: the staging workers read each file
+    (``srm_dicom/workers.py``), so that no image is decoded in the server, and check that its
+    UIDs are the ones its name says. A file whose name is not a UID is left out."""
     if not os.access(GETSCU, os.X_OK):
         raise PacsError(f"{name}: [pacs] engine = \"dcmtk\" needs DCMTK's {GETSCU} (Debian package dcmtk)")
     uids = [sops] if isinstance(sops, str) else list(sops or ())
@@ -48,20 +63,19 @@ def getscu_get(
     if uids:
         keys.append("SOPInstanceUID=" + "\\".join(uids))
     timeout = str(max(1, round(config.timeout)))
-    with tempfile.TemporaryDirectory(prefix="mdm-getscu-") as spool:
-        command = [GETSCU, "-S", "-aet", config.calling_aet, "-aec", config.aet, "-to", timeout, "-ta", timeout,
-                   "-td", timeout, "-pdu", str(MAX_PDU), *(arg for key in keys for arg in ("-k", key)),
-                   "-od", spool, config.host, str(config.port)]
-        try:
-            done = subprocess.run(command, capture_output=True, text=True, errors="replace",
-                                  env={**os.environ, "TCP_NODELAY": "1"}, timeout=config.timeout * 4 + 60)
-        except subprocess.TimeoutExpired:
-            raise PacsError(f"{name}: getscu did not finish within {config.timeout * 4 + 60:g} s") from None
-        complaints = [line[3:].strip() for line in done.stderr.splitlines() if line.startswith(("E: ", "F: ", "W: "))]
-        if done.returncode != 0 or complaints:
-            raise GetscuIncomplete(f"{name}: getscu: {complaints[-1] if complaints else f'exit {done.returncode}'}")
-        for path in sorted(Path(spool).iterdir()):
-            yield pydicom.dcmread(path)
+    command = [GETSCU, "-S", "-aet", config.calling_aet, "-aec", config.aet, "-to", timeout, "-ta", timeout,
+               "-td", timeout, "-pdu", str(MAX_PDU), *(arg for key in keys for arg in ("-k", key)),
+               "-od", str(spool), config.host, str(config.port)]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, errors="replace",
+                              env={**os.environ, "TCP_NODELAY": "1"}, timeout=config.timeout * 4 + 60)
+    except subprocess.TimeoutExpired:
+        raise PacsError(f"{name}: getscu did not finish within {config.timeout * 4 + 60:g} s") from None
+    complaints = [line[3:].strip() for line in done.stderr.splitlines() if line.startswith(("E: ", "F: ", "W: "))]
+    if done.returncode != 0 or complaints:
+        raise GetscuIncomplete(f"{name}: getscu: {complaints[-1] if complaints else f'exit {done.returncode}'}")
+    found = ((path.name.partition(".")[2], path) for path in sorted(spool.iterdir()))
+    return [(uid, path) for uid, path in found if is_uid(uid)]
 
 
 class GetscuIncomplete(PacsError):

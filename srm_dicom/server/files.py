@@ -153,7 +153,8 @@ class FileService:
     def _source(self, entry: Entry, path: Path | None, staged: bool) -> BinaryIO | str:
         """The open file to serve, or why not (a 503's detail). Opened now: once open, the cache
         evicting it cannot take the bytes away mid-answer. A file that was already on disk is
-        checked against the catalog first (``cache.intact``); one that is not is removed and
+        checked against the catalog first (``cache.intact``: its size, and its adler32 if its
+        stat signature changed since it was last verified); one that is not is removed and
         staged again from the PACS, never served."""
         assert path is not None  # a GET staged the file, or found it on disk
         try:

@@ -34,7 +34,8 @@ registered, its 3D volume staged once (float32 NIfTI, ~200 MB for 200×512²), t
 nginx (Debian's, one worker, TLS with the same host certificate, ``ssl_verify_client
 optional`` against the same CA) serving the same cached file, with curl (``-o /dev/null``)
 and Python's http.client (1 MiB ``readinto``, a new connection per GET, as curl). Server CPU
-is read from /proc (all threads, or nginx master plus worker).
+is read from /proc (all threads, or nginx master plus worker), the mean of the GETs; on a
+loaded machine its ratio to nginx's is the steadier figure (the wall clock waits for CPU).
 
 Part 3, peak RSS: a series of ``--rss-slices`` × ``--rss-size``² (512 × 1024² int16: a 1 GiB
 volume) registered, its 3D assembled for the first time, then restaged cold by a new ``mdm
@@ -108,8 +109,10 @@ SEQUENTIAL = 100  # cold GETs of the first slices, one after the other
 # -- processes -------------------------------------------------------------------------
 
 def mdm_command(*args: str) -> list[str]:
-    """The CLI of this tree in this interpreter (not the pyenv shim: its PID is the server's)."""
-    return [sys.executable, "-c", "import sys; from srm_dicom.cli import main; sys.exit(main(sys.argv[1:]))", *args]
+    """The CLI of this tree in this interpreter (not the pyenv shim: its PID is the server's);
+    ``-P``: not the srm_dicom of the current directory, which ``-c`` would put first."""
+    return [sys.executable, "-P", "-c", "import sys; from srm_dicom.cli import main; sys.exit(main(sys.argv[1:]))",
+            *args]
 
 
 def wait_for_line(process: subprocess.Popen[bytes], log: Path, prefix: str) -> str:
@@ -190,7 +193,7 @@ class Site:
     def __init__(self, workdir: Path, peer: peers.Peer, keys: KeyServers, workers: int, threads: int,
                  engine: str) -> None:
         base = write_site_config(workdir, peer, keys, wait_timeout=600, quota_bytes=16 << 30,  # type: ignore[arg-type]
-                                 engine=engine)
+                                 engine=engine, readahead=CacheConfig().readahead)
         self.workdir, self.peer, self.pki = workdir, peer, keys.pki
         self._text = (base.read_text().replace("workers = 2", f"workers = {workers}")
                       .replace("threads = 8", f"threads = {threads}"))
@@ -655,22 +658,25 @@ def part2(workdir: Path, keys: KeyServers, args: argparse.Namespace) -> None:
         served.stop()
     print(f"\nPart 2, warm GET of a {size / MIB:.1f} MiB 3D volume ({args.large_slices} slices of "
           f"{args.large_size}², staged from {args.large_pacs} at first GET in {first:.2f} s); "
-          f"median of {args.gets} GETs per cell")
+          f"median of {args.gets} GETs per cell; load average {os.getloadavg()[0]:.1f}")
     for server, cipher in ciphers.items():
         print(f"  {server}: {cipher}")
     header = (f"{'client':12s} {'server':10s} {'seconds [min-max]':>21s} {'MB/s':>8s} {'x nginx':>8s}"
-              f" {'server CPU s/GET':>17s}")
+              f" {'server CPU s/GET':>17s} {'CPU x nginx':>12s}")
     print(header)
     print("-" * len(header))
     for client in CLIENTS:
         peer_rate = size / statistics.median(times[(client, "nginx")]) / 1e6
+        # CPU as the mean of all GETs: /proc counts in clock ticks (10 ms), too coarse for one GET
+        peer_cpu = statistics.mean(cpus[(client, "nginx")])
         for server in urls:
             runs = times[(client, server)]
             median = statistics.median(runs)
             rate = size / median / 1e6
             spread = f"{median:7.3f} [{min(runs):.3f}-{max(runs):.3f}]"
+            cpu_mean = statistics.mean(cpus[(client, server)])
             print(f"{client:12s} {server:10s} {spread:>21s} {rate:8.1f} {rate / peer_rate:8.2f}"
-                  f" {statistics.median(cpus[(client, server)]):17.2f}")
+                  f" {cpu_mean:17.3f} {cpu_mean / peer_cpu:12.2f}")
 
 
 # -- part 3: peak RSS while staging and serving a 1 GiB volume --------------------------
