@@ -306,6 +306,11 @@ class StageStore(Protocol):
     def pinned_guids(self, now: int) -> set[str]:
         """GUIDs with a COMPLETED, unreleased file whose pin has not expired at ``now``."""
 
+    def protected_guids(self, now: int) -> set[str]:
+        """What no front end may evict from the site's cache: ``pinned_guids`` and the GUIDs of
+        the jobs being staged (STARTED: their batch publishes them before marking them done), in
+        one snapshot, so that a file moving from staged to pinned is never unprotected."""
+
     # -- staging jobs: one per GUID for the whole site, claimed by one front end at a time
     # (README, "Several front ends"). Leases are measured by the database's clock, so front
     # ends whose clocks differ still agree on when one lapses.

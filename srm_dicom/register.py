@@ -22,7 +22,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Iterable, Iterator
-from concurrent.futures import BrokenExecutor, Future
+from concurrent.futures import BrokenExecutor, Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -117,19 +117,30 @@ def decode_fully(ds: Dataset) -> None:
     """Decode every element now, nested sequences included. pydicom decodes values lazily, on
     first access, and a malformed value then raises whatever its converter raises
     (ValueError, TypeError, OverflowError, NotImplementedError, struct.error...): decoded
-    here, at the boundary, that is one reason for the file instead of a traceback later."""
+    here, at the boundary, that is one reason for the file instead of a traceback later.
+
+    The values are decoded in a copy of the element table: ``ds`` keeps its elements as read,
+    which pydicom's writer copies as they are. The anonymizer keeps them so, as staging (which
+    never decodes them) does, and the digest and the served file cost a copy of the bytes
+    instead of encoding every value again (issue 9, "Registration as a pipeline")."""
+    # Iterating a Dataset yields its elements, decoded: its keys are the tags, left as they are.
+    probe = Dataset({tag: ds.get_item(tag) for tag in ds.keys()})  # noqa: SIM118
+    implicit, little = ds.original_encoding
+    probe.set_original_encoding(implicit, little, ds.original_character_set)
     tag = None
     try:
-        for element in ds.iterall():
+        for element in probe.iterall():
             tag = element.tag
     except Exception as exc:  # pydicom's converters raise many types on corrupt input
         where = f" after element {tag}" if tag is not None else ""
         raise InvalidInput(f"corrupt DICOM element{where} ({exc.__class__.__name__})") from None
 
 
-def check_header(ds: Dataset) -> None:
-    """Refuse a data set the catalog cannot name: one of the three UIDs missing or malformed."""
-    decode_fully(ds)
+def check_header(ds: Dataset, decoded: bool = False) -> None:
+    """Refuse a data set the catalog cannot name: one of the three UIDs missing or malformed.
+    ``decoded``: ``decode_fully`` has checked it already (``read_dicom``)."""
+    if not decoded:
+        decode_fully(ds)
     if "TransferSyntaxUID" not in getattr(ds, "file_meta", Dataset()):
         raise InvalidInput("no transfer syntax in the file meta information")
     syntax = ds.file_meta.TransferSyntaxUID
@@ -205,7 +216,7 @@ def prepare(job: Job) -> Prepared | MdmError:
     under its entry's GUID (``Registrar._staged``)."""
     try:
         ds = read_dicom(job.source) if isinstance(job.source, Path) else job.source
-        check_header(ds)
+        check_header(ds, decoded=isinstance(job.source, Path))
         settings = job.settings
         burned_in = burned_in_reason(ds)
         if burned_in and settings.options.burned_in == "refuse":
@@ -290,6 +301,27 @@ class _Record:
     sidecars: list[Entry]
 
 
+@dataclass(frozen=True)
+class _Flight:
+    """A batch stored into the PACS whose keys and catalog rows are on their way."""
+
+    items: list[Result | _Staged]
+    failed: dict[int, Result]  # by id of the staged image: stored, then failed alone
+    cataloged: Future[dict[int, Result]]
+    lfns: set[str]
+
+    def results(self) -> Iterator[Result]:
+        """Every image's result in order, once the batch is cataloged (raises what cataloging raised)."""
+        cataloged = self.cataloged.result()
+        for item in self.items:
+            if isinstance(item, Result):
+                yield item
+            elif id(item) in self.failed:
+                yield self.failed[id(item)]
+            elif id(item) in cataloged:
+                yield cataloged[id(item)]
+
+
 class Registrar:
     """Registers images for one site: names them, protects them, stores them into the PACS,
     puts their keys on the key servers and catalogs them.
@@ -368,37 +400,71 @@ class Registrar:
         A failed image is its result's error; a PACS failure (down, refusing) raises PacsError
         once the images stored before it are cataloged."""
         with self.batch():
-            yield from self._pipeline(sources, store_in_pacs, reprotect, self._pool)
+            yield from self._pipeline(sources, store_in_pacs, reprotect, self._pool, overlap=True)
 
     def _pipeline(
-        self, sources: Iterable[Source], store_in_pacs: bool, reprotect: bool, pool: bool
+        self, sources: Iterable[Source], store_in_pacs: bool, reprotect: bool, pool: bool, overlap: bool = False
     ) -> Iterator[Result]:
-        """Results in the order of ``sources``, a batch at a time. An image met twice (the same
-        LFN) ends the batch before it, so the second meets the first in the catalog."""
+        """Results in the order of ``sources``, a batch at a time. With ``overlap``, the stages
+        run side by side: while the workers prepare the batches ahead, this thread stores batch
+        N+1 into the PACS (storescu or the kept association: waiting, mostly) while a thread of
+        its own puts batch N's keys and catalogs it. Each batch still goes PACS, keys, catalog
+        in that order (README, "What registration does to an image"). An image met twice (the
+        same LFN) ends the batch before it, and waits until the first is cataloged, so the
+        second meets the first in the catalog."""
+        cataloger = ThreadPoolExecutor(1, thread_name_prefix="mdm-catalog") if overlap else None
+        flights: deque[_Flight] = deque()
+        try:
+            for pending, lfns in self._batches(self._prepared(sources, pool)):
+                if any(lfns & flight.lfns for flight in flights):
+                    while flights:
+                        yield from flights.popleft().results()
+                items = self._stage(pending, reprotect)
+                stored, failed, error = self._send([item for item in items if isinstance(item, _Staged)],
+                                                   store_in_pacs)
+                if cataloger is None:
+                    cataloged: Future[dict[int, Result]] = Future()
+                    cataloged.set_result(self._catalog_batch(stored))
+                else:
+                    cataloged = cataloger.submit(self._catalog_batch, stored)
+                flights.append(_Flight(items, failed, cataloged, lfns))
+                while len(flights) > (1 if error is None else 0):
+                    yield from flights.popleft().results()
+                if error is not None:
+                    raise error
+            while flights:
+                yield from flights.popleft().results()
+        finally:
+            if cataloger is not None:  # a batch not yet cataloged is left as a kill would leave it
+                cataloger.shutdown(wait=True, cancel_futures=True)
+
+    def _batches(
+        self, prepared: Iterable[tuple[Source, Prepared | MdmError]]
+    ) -> Iterator[tuple[list[tuple[Source, Prepared | MdmError]], set[str]]]:
+        """The prepared images in batches of ``BATCH`` LFNs, with their LFNs; an LFN met again
+        ends the batch before it."""
         pending: list[tuple[Source, Prepared | MdmError]] = []
         lfns: set[str] = set()
-        for source, prepared in self._prepared(sources, pool):
-            if isinstance(prepared, Prepared):
-                lfn = self._lfn(prepared)
+        for source, item in prepared:
+            if isinstance(item, Prepared):
+                lfn = self._lfn(item)
                 if lfn in lfns:
-                    yield from self._flush(pending, store_in_pacs, reprotect)
+                    yield pending, lfns
                     pending, lfns = [], set()
                 lfns.add(lfn)
-            pending.append((source, prepared))
+            pending.append((source, item))
             if len(lfns) >= BATCH:
-                yield from self._flush(pending, store_in_pacs, reprotect)
+                yield pending, lfns
                 pending, lfns = [], set()
-        yield from self._flush(pending, store_in_pacs, reprotect)
+        if pending:
+            yield pending, lfns
 
     def _lfn(self, prepared: Prepared) -> str:
         return normalize_lfn(UidTriple(*prepared.names).lfn(self._config.site.vo))
 
-    def _flush(
-        self, pending: list[tuple[Source, Prepared | MdmError]], store_in_pacs: bool, reprotect: bool
-    ) -> Iterator[Result]:
-        """Tell new, changed and unchanged images apart with one catalog lookup, commit the
-        new and changed ones, then yield every result in order. After a PACS failure: the
-        results of the images cataloged before it, then the error."""
+    def _stage(self, pending: list[tuple[Source, Prepared | MdmError]], reprotect: bool) -> list[Result | _Staged]:
+        """Tell new, changed and unchanged images apart with one catalog lookup: a result for
+        those that are done (failed, unchanged), the others staged for the PACS and the catalog."""
         known = self._catalog.namespace.lookup_many(
             [self._lfn(prepared) for _, prepared in pending if isinstance(prepared, Prepared)]
         )
@@ -424,14 +490,7 @@ class Registrar:
                 items.append(Result(source, lfn, error=prepared.failure))
                 continue
             items.append(_Staged(source, lfn, prepared, entry))
-        results, error = self._commit([item for item in items if isinstance(item, _Staged)], store_in_pacs)
-        for item in items:
-            if isinstance(item, Result):
-                yield item
-            elif id(item) in results:
-                yield results[id(item)]
-        if error is not None:
-            raise error
+        return items
 
     def _prepared(self, sources: Iterable[Source], pool: bool) -> Iterator[tuple[Source, Prepared | MdmError]]:
         """``prepare`` of every source, in order: here, or in the worker processes
@@ -459,28 +518,33 @@ class Registrar:
         while pending:
             yield first()
 
-    def _commit(self, batch: list[_Staged], store_in_pacs: bool) -> tuple[dict[int, Result], PacsError | None]:
-        """Store a batch into the PACS, then put its keys and catalog it: results by ``id`` of
-        the staged image. A PACS failure stops the storing: the images stored before it are
-        cataloged, and the failure is returned for the caller to raise after their results."""
-        if not batch:
-            return {}, None
-        if not store_in_pacs:
-            return self._catalog_batch(batch), None
+    def _send(
+        self, batch: list[_Staged], store_in_pacs: bool
+    ) -> tuple[list[_Staged], dict[int, Result], PacsError | None]:
+        """Store a batch into the PACS: the images stored, in order, the results of those that
+        failed alone (by ``id``), and a PACS failure, which stops the storing (the images stored
+        before it are still cataloged; the caller raises it after their results). With the
+        dcmtk engine storescu sends the files first; the rest go over the kept association,
+        opened for their contexts only if there is a rest."""
+        if not batch or not store_in_pacs:
+            return batch, {}, None
         if self._pacs is None:
             error = MdmError("no PACS connection to store the image into")
-            return {id(staged): Result(staged.source, staged.lfn, error=error) for staged in batch}, None
+            return [], {id(staged): Result(staged.source, staged.lfn, error=error) for staged in batch}, None
         stored: list[_Staged] = []
         failed: dict[int, Result] = {}
         try:
-            self._pacs.offer({(staged.prepared.sop_class, staged.prepared.transfer_syntax) for staged in batch})
             sent = self._pacs.store_files([
                 (staged.source, staged.prepared.sop_class, staged.prepared.transfer_syntax)
                 for staged in batch if isinstance(staged.source, Path) and staged.prepared.as_read
             ])
+            rest = {id(staged) for staged in batch if not (isinstance(staged.source, Path) and staged.source in sent)}
+            if rest:
+                self._pacs.offer({(staged.prepared.sop_class, staged.prepared.transfer_syntax)
+                                  for staged in batch if id(staged) in rest})
             for staged in batch:
                 try:
-                    if not (isinstance(staged.source, Path) and staged.source in sent):
+                    if id(staged) in rest:
                         self._store(staged)
                 except PacsError:
                     raise
@@ -489,8 +553,8 @@ class Registrar:
                 else:
                     stored.append(staged)
         except PacsError as exc:
-            return {**failed, **self._catalog_batch(stored)}, exc
-        return {**failed, **self._catalog_batch(stored)}, None
+            return stored, failed, exc
+        return stored, failed, None
 
     def _store(self, staged: _Staged) -> None:
         assert self._pacs is not None  # checked by the caller
@@ -508,7 +572,8 @@ class Registrar:
         A key whose image is not cataloged is deleted again."""
         if not batch:
             return {}
-        records = [self._record(staged) for staged in batch]
+        diffusion: dict[str, bool] = {}
+        records = [self._record(staged, diffusion) for staged in batch]
         try:
             self._keystore.put_keys([(r.key_id, r.staged.prepared.key, r.acl) for r in records])
         except MdmError as exc:
@@ -548,9 +613,10 @@ class Registrar:
         except MdmError as exc:
             return exc
 
-    def _record(self, staged: _Staged) -> _Record:
+    def _record(self, staged: _Staged, diffusion: dict[str, bool]) -> _Record:
         """The key and the catalog rows of a staged image; outside a batch, its series volume's
-        size planned now, from the series' rows and this image's."""
+        size planned now, from the series' rows and this image's. ``diffusion``: whether each
+        series met so far in this batch is a diffusion one (asked of the catalog once)."""
         prepared, known = staged.prepared, staged.known
         assert prepared.metadata is not None  # staged images are protected
         site, pacs = self._config.site, self._config.pacs
@@ -594,7 +660,7 @@ class Registrar:
         sidecars = [
             replace(volume, lfn=f"{volume_lfn}{suffix}", guid=str(uuid.uuid4()), sop_uid=f"{VOLUME}{suffix}",
                     size=sizes.get(f"{VOLUME}{suffix}"))
-            for suffix in self._sidecar_suffixes(image, volume_lfn)
+            for suffix in self._sidecar_suffixes(image, volume_lfn, diffusion)
         ]
         readers = tuple(a.dn for a in known.acl if a.perms & 4) if known else ()
         return _Record(staged, key_name(prepared.guid, prepared.version), key_acl(owner, site.vo, mode, readers),
@@ -619,12 +685,15 @@ class Registrar:
             return {}
         return sizes
 
-    def _sidecar_suffixes(self, image: dict, volume_lfn: str) -> list[str]:
+    def _sidecar_suffixes(self, image: dict, volume_lfn: str, diffusion: dict[str, bool]) -> list[str]:
         """Every volume has its JSON sidecar; a diffusion series (this image has a b-value,
         or an earlier one had) also its b-values and vectors; with [volume] gzip, 3D.nii.gz,
         whose size is known only once compressed (its first assembly, README "Volumes")."""
+        if volume_lfn not in diffusion:
+            diffusion[volume_lfn] = self._catalog.namespace.lookup(f"{volume_lfn}.bval") is not None
+        diffusion[volume_lfn] = diffusion[volume_lfn] or has_diffusion(image)
         suffixes = [".json"]
-        if has_diffusion(image) or self._catalog.namespace.lookup(f"{volume_lfn}.bval") is not None:
+        if diffusion[volume_lfn]:
             suffixes += [".bval", ".bvec"]
         if self._config.volume.gzip:
             suffixes.append(".nii.gz")

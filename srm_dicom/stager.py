@@ -218,7 +218,8 @@ class Stager:
         self._catalog = catalog
         self._keystore = keystore
         self._secret = config.site.secret_bytes
-        self._cache = DiskCache(config.path(config.cache.dir), config.cache.quota_bytes)
+        self._cache = DiskCache(config.path(config.cache.dir), config.cache.quota_bytes,
+                                lambda: catalog.stages.protected_guids(_now()))
         self._lock = threading.Lock()
         self._jobs: dict[str, _Job] = {}  # GUIDs someone here waits for
         self._held: set[str] = set()  # GUIDs whose catalog jobs this front end's workers hold

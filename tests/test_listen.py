@@ -140,3 +140,45 @@ def test_a_push_while_another_process_holds_the_catalog_lock_is_refused_with_a_r
     assert again.returncode == 0 and "0xa700" not in again.stderr.lower(), again.stderr
     assert "the catalog database is locked" in err and "Traceback" not in err, err
     assert "1 registered" in out and "1 failed" in out, out
+
+
+def test_a_pushed_series_is_planned_once_when_the_pushes_pause_with_the_sizes_registering_files_gives(
+    embedded_pacs, tmp_path, key_servers, monkeypatch
+):
+    """Issue 9: each push used to read the whole series again to plan its volume (n(n-1)/2 rows
+    for an n-image series). Pushes now go through the registrar's batches; the volume is planned
+    once the pushes pause, with the sizes `mdm register` of the same files gives."""
+    from srm_dicom.keystore.client import KeystoreClient
+    from srm_dicom.listen import PushListener
+    from srm_dicom.register import Registrar
+
+    files = write_files(tmp_path, "planned", slices=6)
+    sizes = {}
+    for mode in ("push", "files"):
+        port = free_port()
+        config = load_config(write_site_config(tmp_path / mode, embedded_pacs, key_servers, store_to_pacs=False,
+                                               listen_port=port))
+        catalog = open_catalog(config)
+        reads: list[str] = []
+        original = type(catalog.index).series_images
+
+        def counted(self, directory, reads=reads, original=original):  # type: ignore[no-untyped-def]
+            reads.append(directory)
+            return original(self, directory)
+
+        monkeypatch.setattr(type(catalog.index), "series_images", counted)
+        if mode == "push":
+            with PushListener(config, catalog) as listener:
+                result = push(files, port)
+                assert result.returncode == 0 and "0xc000" not in result.stderr.lower(), result.stderr
+            assert listener.summary.line().startswith("6 registered, 0 updated"), listener.summary.line()
+        else:
+            registrar = Registrar(config, catalog, None, KeystoreClient.from_config(config))
+            assert len(list(registrar.register_many(files, store_in_pacs=False))) == 6
+        assert len(reads) == 1, reads  # once for the series, not once per image
+        monkeypatch.undo()
+        namespace = catalog.namespace
+        directory = namespace.list_dir(namespace.list_dir("/grid/demo/mdm").directories[0]).directories[0]
+        sizes[mode] = {e.sop_uid: e.size for e in namespace.list_dir(directory).entries if e.kind == "volume"}
+        catalog.close()
+    assert sizes["push"] == sizes["files"] and None not in sizes["push"].values()

@@ -1,5 +1,10 @@
 """Copying a whole catalog between two SQL backends (``mdm catalog copy``): table by table,
-in an order the foreign keys accept, in batches, then counts compared table by table."""
+in an order the foreign keys accept, in batches, then counts compared table by table.
+
+Staging jobs move with the site as they are, so a stage request still pending is staged by the
+new site's front ends in its place in the queue, its attempts counted on. A job that a front end
+of the old site still held (killed, not stopped: a clean stop gives its claims back) keeps its
+lease, on the epoch-seconds clock both backends share, and is taken over once it lapses."""
 
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ from mdm_catalog_sql.database import Database
 # Parents before children (foreign keys); schema_version is the target's own.
 TABLES = (
     "entries", "directories", "acl", "patient", "image", "medical", "dicom", "protocol", "erased",
-    "stage_requests", "stage_files",
+    "stage_requests", "stage_files", "stage_jobs",
 )
 BATCH = 2000
 

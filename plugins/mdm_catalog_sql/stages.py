@@ -129,6 +129,14 @@ class SqlStageStore:
         )
         return {r["guid"] for r in rows}
 
+    def protected_guids(self, now: int) -> set[str]:
+        rows = self._db.rows(
+            "SELECT guid FROM stage_files WHERE state = 'COMPLETED' AND released = 0 AND pin_expires > ?"
+            " UNION SELECT guid FROM stage_jobs WHERE state = 'STARTED'",
+            (now,),
+        )
+        return {r["guid"] for r in rows}
+
     # -- staging jobs ---------------------------------------------------------------
 
     def _claimable(self) -> str:

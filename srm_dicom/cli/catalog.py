@@ -37,11 +37,13 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     migrate.set_defaults(handler=run_migrate)
     copy = actions.add_parser(
         "copy",
-        help="copy every entry, metadata row and stage request into an empty catalog, then compare counts",
+        help="copy every entry, metadata row, stage request and staging job into an empty catalog, then compare counts",
         description=(
             "Move a site between backends: every table of the source catalog is copied into the target, "
             "which must be empty (its schema is created), in one transaction of the target; then each "
-            "table's row count is compared. Stop the front ends and registrations first. URLs: "
+            "table's row count is compared. Pending stage requests and their staging jobs move too: the "
+            "new site's front ends stage them (a job a killed front end still held, once its lease lapses). "
+            "Stop the front ends and registrations first. URLs: "
             "postgresql://USER@HOST:PORT/DB, or an SQLite file (a path or sqlite:///path). Exit code: "
             "0 copied and counts equal, 1 counts differ, 2 bad usage or a target not empty."
         ),

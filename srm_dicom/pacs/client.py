@@ -395,16 +395,13 @@ class PacsClient:
     def store_files(self, files: Sequence[tuple[Path, str, str]]) -> set[Path]:
         """C-STORE a batch of files (path, SOP class, transfer syntax) the fast way the engine
         has, and return those stored: with ``[pacs] engine = "dcmtk"``, DCMTK's storescu sends a
-        batch of at least ``DCMTK_FROM`` files whose contexts the kept association has seen
-        accepted (``offer`` first). Nothing with pynetdicom: the caller sends the rest with
-        ``store_file``, which tells each failure."""
+        batch of at least ``DCMTK_FROM`` files, each in its own context (a file whose context
+        the PACS refuses is simply not among those returned). Nothing with pynetdicom, and no
+        kept association is opened for it (its reactor threads would wake every millisecond
+        for the whole run): the caller sends the rest with ``store_file``, which tells each failure."""
         if self.config.engine != "dcmtk" or len(files) < DCMTK_FROM:
             return set()
-        assoc = self._assoc
-        if assoc is None or not assoc.is_established:
-            return set()
-        accepted = [item for item in files if self._context_accepted(assoc, item[1], item[2])]
-        return storescu_store(self.config, self.name, accepted) if len(accepted) >= DCMTK_FROM else set()
+        return storescu_store(self.config, self.name, files)
 
     def offer(self, contexts: Iterable[tuple[str, str]]) -> None:
         """Have the kept association offer these (SOP class, transfer syntax) pairs, opening

@@ -1,5 +1,5 @@
 """``mdm catalog migrate`` and ``mdm catalog copy``: a site moved from SQLite to PostgreSQL
-keeps every entry, metadata row and stage request, and the counts are checked."""
+keeps every entry, metadata row, stage request and staging job, and the counts are checked."""
 
 import psycopg
 
@@ -37,6 +37,12 @@ def test_copy_moves_a_sqlite_site_to_postgresql_and_checks_counts(tmp_path, key_
                                        series[1].SOPInstanceUID])
     catalog.stages.add_stage_request(StageRequest("r1", "/CN=bob", 100, 60, (StageFile(slice_entry.lfn,
                                                                                          slice_entry.guid),)))
+    others = [e for e in catalog.namespace.list_dir(slice_entry.lfn.rpartition("/")[0]).entries
+              if e.guid != slice_entry.guid]
+    catalog.stages.enqueue_jobs({slice_entry.guid: "series"})  # pending: the new site must stage it
+    catalog.stages.enqueue_jobs({others[0].guid: "other"})
+    # The oldest, slice_entry's, held by a front end killed long enough ago for its lease to have lapsed.
+    held = catalog.stages.claim_jobs("killed front end", lease=-1, limit=10)
     metadata = catalog.index.metadata(slice_entry.guid)
     catalog.close()
     source = str(tmp_path / "catalog.db")
@@ -45,6 +51,7 @@ def test_copy_moves_a_sqlite_site_to_postgresql_and_checks_counts(tmp_path, key_
         copied = mdm("catalog", "copy", "--from", source, "--to", url)
         assert copied.returncode == 0, copied.stderr
         assert "entries                    5 ok" in copied.stdout and "counts equal" in copied.stdout
+        assert "stage_jobs                 2 ok" in copied.stdout
         moved = open_catalog(parse_config({"catalog": {"backend": "postgresql", "url": url}}, tmp_path))
         try:
             assert moved.backend.__class__.__name__ == "PostgresCatalog"
@@ -52,6 +59,12 @@ def test_copy_moves_a_sqlite_site_to_postgresql_and_checks_counts(tmp_path, key_
             assert moved.index.metadata(slice_entry.guid) == metadata
             assert moved.lookup_uids(slice_entry.triple) == slice_entry
             assert moved.stages.stage_request("r1").files[0].guid == slice_entry.guid
+            assert [j.guid for j in held] == [slice_entry.guid]
+            assert moved.stages.jobs([slice_entry.guid]) == {slice_entry.guid: held[0]}  # held, lease and all
+            (taken,) = moved.stages.claim_jobs("new site", 30, 10)  # taken over, in its place in the queue
+            assert (taken.guid, taken.holder, taken.attempt) == (slice_entry.guid, "new site", 1)
+            assert [j.guid for j in moved.stages.claim_jobs("new site", 30, 10)] == [others[0].guid]
+            assert moved.stages.claim_jobs("new site", 30, 10) == []
         finally:
             moved.close()
         refused = mdm("catalog", "copy", "--from", source, "--to", url)
