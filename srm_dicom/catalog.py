@@ -261,12 +261,14 @@ class RightsFacts:
     paths: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Group:
     """Matching slices of one directory (a series) in one rights class, counted by the backend:
     the class's key (opaque to the core), the truth of each flag (a condition the group is
     split on), how many, and one of them (the least GUID) with its values of the attributes
-    asked for. ``level`` is the caller's metadata level on them, set by the core."""
+    asked for. ``level`` is the caller's metadata level on them, set by the core, which also
+    narrows ``values`` to what that level reaches. Not frozen: a QIDO-RS /studies answer at
+    10^5 images holds 10^4 groups, and a frozen dataclass costs 3x as much to make."""
 
     directory: str
     rights: tuple[object, ...]

@@ -365,15 +365,22 @@ def reaches(level: str, needed: str) -> bool:
     return METADATA_LEVELS.index(level) >= METADATA_LEVELS.index(needed)
 
 
+def shown(attributes: Sequence[Attribute]) -> dict[str, list[str]]:
+    """The keywords of ``attributes`` that each metadata level reaches: worked out once for
+    the many matches of a search, not once per match."""
+    return {level: [a.keyword for a in attributes if reaches(level, a.level)] for level in METADATA_LEVELS}
+
+
 def visible(
     matches: Iterable[Match], identity: Identity, needed: str, attributes: Sequence[Attribute]
 ) -> Iterator[Visible]:
     """The matches this caller may list and whose level reaches ``needed`` (``Query.level``),
     each with only the ``attributes`` their level reaches."""
+    keywords = shown(attributes)
     for match in matches:
         level = level_of(identity, match.entry, needed)
         if level is not None:
-            yield seen_as(match, level, attributes)
+            yield Visible(match.entry, level, {k: match.values.get(k) for k in keywords[level]})
 
 
 def level_of(identity: Identity, entry: Entry, needed: str) -> str | None:
@@ -382,12 +389,6 @@ def level_of(identity: Identity, entry: Entry, needed: str) -> str | None:
         return None
     level = metadata_level(identity, entry)
     return level if level != "none" and reaches(level, needed) else None
-
-
-def seen_as(match: Match, level: str, attributes: Sequence[Attribute]) -> Visible:
-    """A match as seen at ``level``: only the ``attributes`` it reaches."""
-    return Visible(match.entry, level, {a.keyword: match.values.get(a.keyword) for a in attributes
-                                        if reaches(level, a.level)})
 
 
 # What a listing shows when the caller names no attribute (each only where their level reaches it).

@@ -22,8 +22,7 @@ from srm_dicom.keystore.client import KeystoreClient
 from srm_dicom.macaroons import MacaroonAuthority, MacaroonRequest
 from srm_dicom.names import normalize_lfn
 from srm_dicom.protect import key_name
-from srm_dicom.query import Attribute, Query, Visible, level_of, reaches, seen_as, visible
-from srm_dicom.rights import METADATA_LEVELS
+from srm_dicom.query import Attribute, Query, Visible, level_of, shown, visible
 from srm_dicom.setright import RightsChange, RightsSetter, select, site_secret
 from srm_dicom.stager import Stager
 
@@ -193,7 +192,7 @@ class StorageService:
         ``attributes`` (those the level reaches). Every decision is still ``access``'s, asked
         once per rights class (``access.reads``) of one entry of the class, not once per image."""
         levels: dict[tuple[object, ...], str | None] = {}
-        shown = {level: [a.keyword for a in attributes if reaches(level, a.level)] for level in METADATA_LEVELS}
+        keywords = shown(attributes)
         found = []
         for group in self.catalog.index.aggregate(query, access.reads(identity), flags, attributes):
             if group.rights not in levels:
@@ -201,9 +200,10 @@ class StorageService:
                 levels[group.rights] = None if entry is None else level_of(identity, entry, needed)
             level = levels[group.rights]
             if level is not None:
-                values = {k: group.values.get(k) for k in shown[level]}
-                found.append(Group(group.directory, group.rights, group.flags, group.count, group.sample, values,
-                                   level))
+                group.level = level
+                if len(keywords[level]) < len(group.values):
+                    group.values = {k: group.values.get(k) for k in keywords[level]}
+                found.append(group)
         return found
 
     def samples(self, groups: Iterable[Group], attributes: Sequence[Attribute]) -> dict[str, Visible]:
@@ -211,8 +211,9 @@ class StorageService:
         one deleted meanwhile is absent."""
         wanted = list(groups)
         found = self.catalog.index.matches([g.sample for g in wanted], attributes)
-        return {g.sample: seen_as(found[g.sample], g.level, attributes)
-                for g in wanted if g.sample in found and g.level is not None}
+        keywords = shown(attributes)
+        return {g.sample: Visible(match.entry, g.level, {k: match.values.get(k) for k in keywords[g.level]})
+                for g in wanted if g.level is not None and (match := found.get(g.sample)) is not None}
 
     def erased(self, identity: Identity, path: str) -> tuple[Entry, list[tuple[str, str, str]]]:
         """The header values anonymization erased from one image: "all" metadata rights only."""

@@ -218,6 +218,9 @@ class Stager:
         self._catalog = catalog
         self._keystore = keystore
         self._secret = config.site.secret_bytes
+        section = config.keystore
+        self._key_servers = workers.KeyServers(tuple(section.urls), section.k, config.path(section.ca),
+                                               config.path(section.cert), config.path(section.key), section.timeout)
         self._cache = DiskCache(config.path(config.cache.dir), config.cache.quota_bytes,
                                 lambda: catalog.stages.protected_guids(_now()))
         self._lock = threading.Lock()
@@ -773,10 +776,28 @@ class Stager:
         return slices
 
     def _fetch_first_keys(self, slices: list[_Slice]) -> Future[dict[str, bytes | MdmError]] | None:
-        """The slices' keys, all in one request per key server, fetched in a helper thread."""
+        """The slices' keys, fetched and combined in the process pool while the PACS sends the
+        images (``workers.fetch_keys``): a share of them per worker, each share in one request
+        per key server."""
         if not slices or self._keys is None:
             return None
-        return self._keys.submit(self._keystore.fetch_keys, [item.name for item in slices], _first_key)
+        names = [item.name for item in slices]
+        step = -(-len(names) // workers.size())
+        parts = [workers.submit(workers.fetch_keys, self._key_servers, names[start:start + step])
+                 for start in range(0, len(names), step)]
+
+        def gathered() -> dict[str, bytes | MdmError]:
+            found: dict[str, bytes | MdmError] = {}
+            for part in parts:
+                try:
+                    found.update(part.result())
+                except MdmError:
+                    raise
+                except Exception as exc:  # a dead worker: these keys' files fail, with the reason
+                    raise _protection_failure(exc) from None
+            return found
+
+        return self._keys.submit(gathered)
 
     def _received(self, slices: dict[str, _Slice], keys: Future[dict[str, bytes | MdmError]] | None,
                   pinned: list[set[str]], sop: str, path: Path) -> None:

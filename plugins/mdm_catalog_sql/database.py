@@ -34,6 +34,11 @@ class Dialect(ABC):
     def aggregate(self, expression: str, separator: str) -> str:
         """SQL joining the values of ``expression`` with ``separator`` (a literal)."""
 
+    def any_of(self, expression: str, values: Sequence[object]) -> tuple[str, list[object]]:
+        """SQL true where ``expression`` equals one of ``values``, and its parameters: ``IN``
+        with one ``?`` per value."""
+        return f"{expression} IN ({', '.join('?' * len(values))})", list(values)
+
     def number(self, expression: str) -> str:
         """SQL of a numeric header value as a number, for comparisons."""
         return expression
@@ -57,6 +62,11 @@ class Dialect(ABC):
     @abstractmethod
     def stream_cursor(self, connection: Any) -> Any:
         """A cursor of ``connection`` that fetches rows in batches from the server."""
+
+    @abstractmethod
+    def tuple_cursor(self, connection: Any) -> Any:
+        """A cursor of ``connection`` whose rows are plain tuples (no per-row mapping: the
+        aggregates read 10^4 rows, tests/bench/bench_query.py)."""
 
     @abstractmethod
     def lock_schema(self, connection: Any) -> None:
@@ -110,6 +120,13 @@ class Database:
     def row(self, sql: str, params: Sequence[object] = ()) -> Row | None:
         with self.reading() as connection:
             return connection.execute(self.dialect.sql(sql), params).fetchone()
+
+    def tuples(self, sql: str, params: Sequence[object] = ()) -> list[tuple[Any, ...]]:
+        """Rows as plain tuples, columns by position."""
+        with self.reading() as connection:
+            cursor = self.dialect.tuple_cursor(connection)
+            cursor.execute(self.dialect.sql(sql), params)
+            return list(cursor.fetchall())
 
     def write(self, sql: str, params: Sequence[object] = ()) -> int:
         """Run one statement (in the open transaction, or one of its own); the rows it changed."""

@@ -8,10 +8,10 @@ is added and removed with the last one, so listing a directory never scans entri
 from __future__ import annotations
 
 import posixpath
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-from mdm_catalog_sql.database import Database, Row
+from mdm_catalog_sql.database import Database, Dialect, Row
 from srm_dicom.catalog import LOOKUP_CHUNK, AclEntry, Entry, Listing
 from srm_dicom.errors import NotFound
 from srm_dicom.names import UidTriple, normalize_lfn
@@ -32,15 +32,13 @@ def entry_of(row: Row, acl: tuple[AclEntry, ...]) -> Entry:
     return Entry(**{c: row[c] for c in ENTRY_COLUMNS}, acl=acl)
 
 
-def acls_of(sql: Callable[[str], str], cursor: Any, guids: list[str]) -> dict[str, tuple[AclEntry, ...]]:
+def acls_of(dialect: Dialect, cursor: Any, guids: list[str]) -> dict[str, tuple[AclEntry, ...]]:
     """The per-DN rights of many entries (GUID → entries in DN order), in one query on ``cursor``."""
     if not guids:
         return {}
     found: dict[str, list[AclEntry]] = {}
-    cursor.execute(
-        sql(f"SELECT guid, dn, perms, metadata FROM acl WHERE guid IN ({', '.join('?' * len(guids))}) ORDER BY dn"),
-        guids,
-    )
+    test, params = dialect.any_of("guid", guids)
+    cursor.execute(dialect.sql(f"SELECT guid, dn, perms, metadata FROM acl WHERE {test} ORDER BY dn"), params)
     for row in cursor.fetchall():
         found.setdefault(row["guid"], []).append(AclEntry(row["dn"], row["perms"], row["metadata"]))
     return {guid: tuple(acl) for guid, acl in found.items()}
@@ -74,8 +72,9 @@ class SqlNamespace:
             cursor = connection.cursor()
             for start in range(0, len(wanted), LOOKUP_CHUNK):
                 chunk = wanted[start:start + LOOKUP_CHUNK]
-                rows = self._db.rows(f"{_SELECT} WHERE lfn IN ({', '.join('?' * len(chunk))})", chunk)
-                acls = acls_of(self._db.dialect.sql, cursor, [r["guid"] for r in rows])
+                test, params = self._db.dialect.any_of("lfn", chunk)
+                rows = self._db.rows(f"{_SELECT} WHERE {test}", params)
+                acls = acls_of(self._db.dialect, cursor, [r["guid"] for r in rows])
                 found.update((r["lfn"], entry_of(r, acls.get(r["guid"], ()))) for r in rows)
         return found
 

@@ -70,6 +70,11 @@ class SQLiteDialect(Dialect):
     def stream_cursor(self, connection: sqlite3.Connection) -> sqlite3.Cursor:
         return connection.cursor()
 
+    def tuple_cursor(self, connection: sqlite3.Connection) -> sqlite3.Cursor:
+        cursor = connection.cursor()
+        cursor.row_factory = None
+        return cursor
+
     def close(self) -> None:
         with self._lock:
             self._db.close()

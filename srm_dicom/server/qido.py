@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import functools
 import json
-import posixpath
 import re
 import sys
 import time
@@ -62,6 +61,7 @@ DEFAULTS = {"study": STUDY, "series": SERIES, "instance": INSTANCE}
 ALIASES = {"ModalitiesInStudy": "Modality"}
 IGNORED = {"fuzzymatching", "orderby"}
 MAX_OFFSET = (1 << 63) - 1  # DICOM's and SQLite's largest integer
+RANKS = {level: rank for rank, level in enumerate(METADATA_LEVELS)}
 
 
 @dataclass(frozen=True)
@@ -247,14 +247,14 @@ class Qido:
             key = group.directory.rpartition("/")[0] if search.level == "study" else group.directory
             results.setdefault(key, []).append(group)
         page = list(results.values())[search.offset: search.offset + search.limit]
-        best = [max(found, key=lambda g: METADATA_LEVELS.index(g.level or "none")) for found in page]
+        best = [found[0] if len(found) == 1 else max(found, key=lambda g: RANKS[g.level or "none"]) for found in page]
         shown = self._service.samples(best, wanted)
+        fields = [f for f in search.fields if f != "Modality" or search.level == "series"]
         out = []
         for found, first in zip(page, best, strict=True):
             sample = shown.get(first.sample)
             if sample is None:
                 continue  # deleted since it was counted
-            fields = [f for f in search.fields if f != "Modality" or search.level == "series"]
             result = _values(sample, fields, search.level, base)
             count = sum(g.count for g in found)
             if search.level == "study":
@@ -285,10 +285,8 @@ def _values(match: Visible, fields: Iterable[str], level: str, base: str) -> dic
             out[keyword] = _shown_uid(match, keyword)
         elif keyword in match.values and match.values[keyword] is not None:
             out[keyword] = match.values[keyword]
-    path = match.entry.lfn
-    for _ in range(LEVEL_UP[level]):
-        path = posixpath.dirname(path)
-    out["RetrieveURL"] = base + quote(path)
+    up = LEVEL_UP[level]
+    out["RetrieveURL"] = base + quote(match.entry.lfn.rsplit("/", up)[0] if up else match.entry.lfn)
     if match.level == ALL:
         original = {k: match.values["Original" + k] for k in LEVEL_UIDS[level] if match.values.get("Original" + k)}
         if original:

@@ -283,7 +283,9 @@ def bulk_fill(config: Config, images: Images, studies: int) -> float:
                     db.executemany(f"{verb} INTO {table} VALUES ({', '.join('?' * len(rows[0]))})", rows)
                 db.execute("COMMIT")
     if postgres:
-        db.execute("ANALYZE")  # fresh statistics, as autovacuum gathers after a bulk load
+        # Fresh statistics and the visibility map, as autovacuum leaves them after a bulk load:
+        # without the map PostgreSQL cannot count from an index alone (index-only scans).
+        db.execute("VACUUM ANALYZE")
     else:
         db.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # no ANALYZE: the backend never runs it, plans stay its own
     db.close()
