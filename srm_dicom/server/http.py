@@ -45,6 +45,12 @@ PLAIN_HTTP = "this server speaks HTTPS only on this port"
 # The listen backlog: cheroot's default of 5 drops connections of a burst of clients (they
 # retry a second later); the per-client limit, not the backlog, is what refuses a flood.
 BACKLOG = 256
+# Kept-alive connections at once: past cheroot's default of 10, every answer says
+# ``Connection: close``, so beyond ten grid clients each request paid a new TLS handshake
+# (the load run's 64 clients did, for every request). An idle kept-alive connection waits in
+# cheroot's selector, not in a worker thread, and one address holds at most
+# ``max_connections_per_client``: this bounds the file descriptors they take.
+KEEP_ALIVE_CONNECTIONS = 512
 
 
 class _DeadlineSocketIO(socket.SocketIO):
@@ -206,6 +212,7 @@ class LimitedServer(wsgi.Server):
         self.timeout = timeout  # type: ignore[assignment] # cheroot takes float seconds, its stub says int
         self.max_request_header_size = max_header_size
         self.max_request_body_size = max_body_size
+        self.keep_alive_conn_limit = KEEP_ALIVE_CONNECTIONS
         self.header_timeout = header_timeout
         self.body_timeout = body_timeout
         self.max_connections_per_client = max_connections_per_client

@@ -31,6 +31,7 @@ load from other processes hits all of them.
 from __future__ import annotations
 
 import argparse
+import compileall
 import functools
 import json
 import multiprocessing
@@ -332,6 +333,10 @@ def main() -> None:
     vendor = args.data / "dicom2nifti"
     if not vendor.is_dir():
         raise SystemExit(f"vendor data not found at {vendor}")
+    # Byte-compiled as an installed package is: with PYTHONDONTWRITEBYTECODE set (as on the
+    # shared machine) every mdm process would otherwise compile the whole tree at start-up.
+    for package in ("srm_dicom", "plugins"):
+        compileall.compile_dir(ROOT / package, quiet=1)
     with tempfile.TemporaryDirectory(prefix="bench-register-") as tmp:
         workdir = Path(tmp)
         synthetic = [

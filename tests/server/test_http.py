@@ -266,3 +266,26 @@ def test_the_openapi_document_is_served_without_credentials(site, pki):
     for path in ("/api/v1/tape/stage", "/api/v1/tape/archiveinfo", "/api/v1/metadata", "/api/v1/rights",
                  "/api/v1/delete", "/dicom-web/studies"):
         assert path in document["paths"], path
+
+
+def test_many_clients_keep_their_connections_alive(site, pki):
+    """32 grid clients at once each keep one connection for all their requests: no answer says
+    ``Connection: close`` (cheroot's default said it to every client past the tenth, so each
+    request paid a TLS handshake)."""
+    clients: list[ssl.SSLSocket] = []
+
+    def ask(tls: ssl.SSLSocket) -> None:
+        tls.sendall(b"GET /api/v1/openapi.json HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        status, headers, _ = _read_answer(tls)
+        assert status == 200 and headers.get("connection", "").lower() != "close", headers
+
+    try:
+        for n in range(1, 33):  # each client asks as soon as it is connected, as clients do
+            clients.append(_tls(site.url, pki, source=f"127.0.3.{n}"))
+            ask(clients[-1])
+        for _ in range(2):  # then again, all 32 connections open at once
+            for tls in clients:
+                ask(tls)
+    finally:
+        for tls in clients:
+            tls.close()
