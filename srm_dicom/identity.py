@@ -289,7 +289,8 @@ class _WithoutSession:
 # OpenSSL's SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_OFF) is this SSL_CTX_ctrl call (ssl.h).
 _SSL_CTRL_SET_SESS_CACHE_MODE = 44
 _SSL_SESS_CACHE_OFF = 0
-_SSL_VERIFY_MODES = {ssl.CERT_NONE: 0, ssl.CERT_OPTIONAL: 1, ssl.CERT_REQUIRED: 3}  # SSL_VERIFY_PEER | FAIL_IF_NO_PEER_CERT
+# SSL_VERIFY_NONE, SSL_VERIFY_PEER, SSL_VERIFY_PEER | SSL_VERIFY_FAIL_IF_NO_PEER_CERT
+_SSL_VERIFY_MODES = {ssl.CERT_NONE: 0, ssl.CERT_OPTIONAL: 1, ssl.CERT_REQUIRED: 3}
 
 
 def _without_session_cache(context: ssl.SSLContext) -> None:

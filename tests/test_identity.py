@@ -192,8 +192,10 @@ def _tls_connections(pki: Path, tls12: bool, users: list[str]) -> list[tuple[boo
     for user in users:
         server_end, client_end = socket.socketpair()
         clients: list[ssl.SSLSocket] = []
+        offered = sessions.get(user)
 
-        def peer(user: str = user, client_end: socket.socket = client_end, offered: ssl.SSLSession | None = sessions.get(user)) -> None:
+        def peer(user: str = user, client_end: socket.socket = client_end, offered: ssl.SSLSession | None = offered,
+                 clients: list[ssl.SSLSocket] = clients) -> None:
             tls = contexts[user].wrap_socket(client_end, session=offered)
             tls.recv(1)
             clients.append(tls)
