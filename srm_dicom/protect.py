@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
 
-from srm_dicom.anonymize import AnonymizationOptions, ErasedValue, anonymize, to_bytes
+from srm_dicom.anonymization_options import AnonymizationOptions
+from srm_dicom.anonymize import ErasedValue, anonymize, to_bytes
 from srm_dicom.crypto.container import encrypt_bytes
 from srm_dicom.keystore import Acl, AclEntry
 

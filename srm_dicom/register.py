@@ -36,7 +36,8 @@ from pydicom.filewriter import write_dataset
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 from srm_dicom import workers
-from srm_dicom.anonymize import AnonymizationOptions, burned_in_reason, protection_record
+from srm_dicom.anonymization_options import AnonymizationOptions
+from srm_dicom.anonymize import burned_in_reason, protection_record
 from srm_dicom.catalog import Catalog, Entry, Outcome
 from srm_dicom.config import Config
 from srm_dicom.crypto.container import encrypted_size, new_file_key

@@ -59,7 +59,8 @@ import pydicom
 from pydicom import Dataset
 
 from srm_dicom import workers
-from srm_dicom.anonymize import AnonymizationOptions, recorded_options, rules_version
+from srm_dicom.anonymization_options import AnonymizationOptions
+from srm_dicom.anonymize import recorded_options, rules_version
 from srm_dicom.cache import DiskCache
 from srm_dicom.catalog import (
     COMPLETED,

@@ -15,7 +15,8 @@ import srm_dicom.pacs.client as client_module
 from conftest import require_program
 from peers import free_port
 from sites import require_vendor_data, write_site_config
-from srm_dicom.anonymize import AnonymizationOptions, recorded_options, rules_version
+from srm_dicom.anonymization_options import AnonymizationOptions
+from srm_dicom.anonymize import recorded_options, rules_version
 from srm_dicom.catalog import Outcome, open_catalog
 from srm_dicom.config import load_config
 from srm_dicom.crypto.container import check_key, read_header

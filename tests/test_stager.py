@@ -22,7 +22,7 @@ import pytest
 from sites import write_site_config
 from srm_dicom import stager as stager_module
 from srm_dicom import workers
-from srm_dicom.anonymize import AnonymizationOptions
+from srm_dicom.anonymization_options import AnonymizationOptions
 from srm_dicom.cache import TALLY, DiskCache
 from srm_dicom.catalog import Catalog, Entry, open_catalog
 from srm_dicom.config import Config, EmbeddedPacsConfig, load_config
