@@ -75,13 +75,14 @@ from srm_dicom.catalog import (
 )
 from srm_dicom.config import Config
 from srm_dicom.crypto.container import encrypt_bytes, encrypt_stream, encrypted_size, new_file_key
+from srm_dicom.entry_key import key_acl, key_name
 from srm_dicom.errors import InvalidInput, MdmError, NotFound
 from srm_dicom.events import StageFinished, StageQueueChanged, emit
 from srm_dicom.keystore import KeystoreError
 from srm_dicom.keystore.client import KeystoreClient
 from srm_dicom.names import COMPRESSED_VOLUME, VOLUME, normalize_lfn, parse_pfn
 from srm_dicom.pacs.client import PacsClient, RetrieveRefused
-from srm_dicom.protect import key_acl, key_name, protect_image
+from srm_dicom.protect import protect_image
 from srm_dicom.sidecar import series_file
 from srm_dicom.volume import NotAVolume, VolumeWriter, plan_volume
 

@@ -38,8 +38,8 @@ from sites import mdm, write_site_config
 from srm_dicom.cache import TALLY
 from srm_dicom.catalog import Catalog, Entry, open_catalog
 from srm_dicom.config import load_config
+from srm_dicom.entry_key import key_name
 from srm_dicom.keystore.client import KeystoreClient
-from srm_dicom.protect import key_name
 from srm_dicom.register import BATCH
 from srm_dicom.synthetic import make_series
 from storage import register, start_storage_element
