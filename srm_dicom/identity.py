@@ -13,6 +13,7 @@ The chain handed to ``identity_from_cert_chain`` must already be verified by TLS
 
 from __future__ import annotations
 
+import ctypes
 import ssl
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -285,6 +286,32 @@ class _WithoutSession:
         return getattr(self._sock, name)
 
 
+# OpenSSL's SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_OFF) is this SSL_CTX_ctrl call (ssl.h).
+_SSL_CTRL_SET_SESS_CACHE_MODE = 44
+_SSL_SESS_CACHE_OFF = 0
+# SSL_VERIFY_NONE, SSL_VERIFY_PEER, SSL_VERIFY_PEER | SSL_VERIFY_FAIL_IF_NO_PEER_CERT
+_SSL_VERIFY_MODES = {ssl.CERT_NONE: 0, ssl.CERT_OPTIONAL: 1, ssl.CERT_REQUIRED: 3}
+
+
+def _without_session_cache(context: ssl.SSLContext) -> None:
+    """Turn off the server's TLS 1.2 session-ID cache, which Python's ssl does not expose.
+
+    Hand-written because neither the standard library nor cheroot offers it: the ``SSL_CTX``
+    pointer is the first field after the object header of CPython's ``_ssl._SSLContext``
+    (Modules/_ssl.c, 3.11 to 3.13), and libssl is reached through the ``_ssl`` module that
+    links it. The pointer is checked first against the verify mode Python set on it.
+    """
+    libssl = ctypes.CDLL(ssl._ssl.__file__)  # type: ignore[attr-defined]  # noqa: SLF001
+    libssl.SSL_CTX_get_verify_mode.restype = ctypes.c_int
+    libssl.SSL_CTX_get_verify_mode.argtypes = [ctypes.c_void_p]
+    libssl.SSL_CTX_ctrl.restype = ctypes.c_long
+    libssl.SSL_CTX_ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p]
+    pointer = ctypes.c_void_p.from_address(id(context) + object.__basicsize__).value
+    if libssl.SSL_CTX_get_verify_mode(pointer) != _SSL_VERIFY_MODES[context.verify_mode]:
+        raise RuntimeError("cannot reach OpenSSL's SSL_CTX of this Python: TLS session resumption left on")
+    libssl.SSL_CTX_ctrl(pointer, _SSL_CTRL_SET_SESS_CACHE_MODE, _SSL_SESS_CACHE_OFF, None)
+
+
 class ClientAuthSSLAdapter(BuiltinSSLAdapter):
     """cheroot's builtin TLS adapter, asking for client certificates and passing on the chain.
 
@@ -295,6 +322,15 @@ class ClientAuthSSLAdapter(BuiltinSSLAdapter):
     cheroot puts only the leaf in the WSGI environ; the DN must come from the end-entity
     certificate further down the chain, so the verified chain is added under
     ``ENVIRON_PEER_CHAIN`` (DER, leaf first).
+
+    TLS session resumption is turned off: a resumed session skips verification, so OpenSSL
+    has no verified chain for it (and keeps none of the chain in a TLS 1.3 ticket or a TLS
+    1.2 session either: ``get_unverified_chain`` is empty too), and clients resuming (curl
+    with several URLs, davix, gfal2) got 401 from their second connection on. Rebuilding the
+    path by hand from what a session keeps (the leaf alone) is neither possible nor safe, so
+    every connection makes a full handshake: no TLS 1.3 tickets (``num_tickets = 0``), no
+    TLS 1.2 tickets (``OP_NO_TICKET``), no TLS 1.2 session-ID cache. The cost is one full
+    handshake per connection; HTTP keep-alive still serves many requests on one.
     """
 
     def __init__(self, certificate: str, private_key: str, ca: str, *, required: bool = True):
@@ -302,6 +338,9 @@ class ClientAuthSSLAdapter(BuiltinSSLAdapter):
         self.context.verify_mode = ssl.CERT_REQUIRED if required else ssl.CERT_OPTIONAL
         self.context.verify_flags |= ssl.VERIFY_ALLOW_PROXY_CERTS
         self.context.minimum_version = ssl.TLSVersion.TLSv1_2
+        self.context.num_tickets = 0
+        self.context.options |= ssl.OP_NO_TICKET
+        _without_session_cache(self.context)
 
     def get_environ(self, sock: ssl.SSLSocket) -> dict[str, Any]:  # type: ignore[override]  # cheroot's stub says socket
         environ = super().get_environ(_WithoutSession(sock))

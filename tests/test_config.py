@@ -35,6 +35,8 @@ def test_config_is_found_through_the_environment(tmp_path, monkeypatch):
         ({**SECRET, "pacs": {"port": "104"}}, "port must be a int"),
         ({**SECRET, "pacs": {"retrieve": "push"}}, "retrieve must be"),
         ({**SECRET, "pacs": {"engine": "dcmtk-4"}}, "engine must be 'pynetdicom' or 'dcmtk'"),
+        ({**SECRET, "catalog": {"cache_mib": -1}}, "cache_mib and mmap_mib must be 0 or more"),
+        ({**SECRET, "catalog": {"mmap_mib": "1G"}}, "mmap_mib must be a int"),
         ({"site": {"secret": "0123456789abcdef", "file_mode": "rwxrwxrwz"}}, "file mode"),
         ({"site": {"secret": "0123456789abcdef", "metadata_mode": "open"}}, "metadata mode"),
     ],

@@ -164,3 +164,63 @@ def test_client_certificate_connections_leave_no_memory_behind(pki) -> None:
     grown = _rss_anon_kib() - before
     assert environ["SSL_CLIENT_VERIFY"] == "SUCCESS" and environ[ENVIRON_PEER_CHAIN]  # what callers are known by
     assert grown < 3 * 1024, f"RSS grew by {grown} KiB over 1500 connections"
+
+
+def _tls_connections(pki: Path, tls12: bool, users: list[str]) -> list[tuple[bool, str]]:
+    """(session reused, caller's DN) of one connection per user to the adapter's context, each
+    offering that user's first TLS session, all kept open (OpenSSL drops a TLS 1.2
+    session from its cache when a connection closes without a close_notify)."""
+    import socket
+    import ssl
+    import threading
+
+    from srm_dicom.identity import ENVIRON_PEER_CHAIN, ClientAuthSSLAdapter
+
+    host = pki / "hosts" / "storage-element"
+    adapter = ClientAuthSSLAdapter(str(host / "cert.pem"), str(host / "key.pem"), str(pki / "ca.pem"),
+                                   required=False)
+    contexts = {}
+    for user in set(users):
+        context = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+        context.check_hostname = False
+        if tls12:
+            context.maximum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(pki / "users" / user / "cert.pem", pki / "users" / user / "key.pem")
+        contexts[user] = context
+    sessions: dict[str, ssl.SSLSession] = {}
+    open_sockets, seen = [], []
+    for user in users:
+        server_end, client_end = socket.socketpair()
+        clients: list[ssl.SSLSocket] = []
+        offered = sessions.get(user)
+
+        def peer(user: str = user, client_end: socket.socket = client_end, offered: ssl.SSLSession | None = offered,
+                 clients: list[ssl.SSLSocket] = clients) -> None:
+            tls = contexts[user].wrap_socket(client_end, session=offered)
+            tls.recv(1)
+            clients.append(tls)
+
+        thread = threading.Thread(target=peer)
+        thread.start()
+        server = adapter.context.wrap_socket(server_end, server_side=True)
+        environ = adapter.get_environ(server)
+        server.sendall(b"!")
+        thread.join()
+        sessions.setdefault(user, clients[0].session)
+        open_sockets += [server, clients[0]]
+        chain = environ[ENVIRON_PEER_CHAIN]
+        seen.append((clients[0].session_reused, identity_from_cert_chain(chain, VoMap()).subject if chain else ""))
+    for tls in open_sockets:
+        tls.close()
+    return seen
+
+
+@pytest.mark.parametrize("tls12", [False, True], ids=["tls1.3", "tls1.2"])
+def test_a_client_offering_its_previous_session_is_known_on_every_connection(pki, tls12) -> None:
+    """curl with several URLs, davix and gfal2 resume TLS sessions; a resumed session has no
+    verified chain, so each connection after the first was a caller without a certificate
+    (401). Every connection is now a full handshake and names its own caller, two users'
+    sessions interleaved."""
+    bob, carol = (slash_dn(x509.load_pem_x509_certificate(_user(pki, u)[0]).subject) for u in ("bob", "carol"))
+    seen = _tls_connections(pki, tls12, ["bob", "carol", "bob", "carol", "bob"])
+    assert seen == [(False, bob), (False, carol), (False, bob), (False, carol), (False, bob)]

@@ -24,14 +24,22 @@ class SQLiteDialect(Dialect):
     migrations = MIGRATIONS
     clock = "((julianday('now') - 2440587.5) * 86400.0)"
 
-    def __init__(self, path: Path, busy_timeout: float = 30.0) -> None:
+    def __init__(self, path: Path, busy_timeout: float = 30.0, cache_mib: int = 64, mmap_mib: int = 1024) -> None:
         self.path = private_file(path)  # metadata and erased values: PHI
+        self.cache_mib, self.mmap_mib = cache_mib, mmap_mib
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=busy_timeout)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.execute("PRAGMA synchronous=NORMAL")
+        self._size(self._db)
         self._lock = threading.RLock()
+
+    def _size(self, db: sqlite3.Connection) -> None:
+        """The page cache and mmap window of ``[catalog] cache_mib`` and ``mmap_mib`` (README,
+        "Catalog at scale"): a negative cache_size is KiB, mmap_size is bytes."""
+        db.execute(f"PRAGMA cache_size=-{self.cache_mib * 1024:d}")
+        db.execute(f"PRAGMA mmap_size={self.mmap_mib * 1024 * 1024:d}")
 
     def aggregate(self, expression: str, separator: str) -> str:
         return f"group_concat({expression}, {separator})"
@@ -59,6 +67,7 @@ class SQLiteDialect(Dialect):
     def streaming(self) -> Iterator[sqlite3.Connection]:
         db = sqlite3.connect(f"{self.path.as_uri()}?mode=ro", uri=True)
         db.row_factory = sqlite3.Row
+        self._size(db)
         try:
             yield db
         finally:
@@ -81,10 +90,13 @@ class SQLiteDialect(Dialect):
 
 
 class SQLiteCatalog(SqlBackend):
-    def __init__(self, path: Path, migrate: bool = True, busy_timeout: float = 30.0) -> None:
-        self.dialect = SQLiteDialect(path, busy_timeout)
+    def __init__(
+        self, path: Path, migrate: bool = True, busy_timeout: float = 30.0, cache_mib: int = 64, mmap_mib: int = 1024
+    ) -> None:
+        self.dialect = SQLiteDialect(path, busy_timeout, cache_mib, mmap_mib)
         super().__init__(self.dialect, migrate)
 
     @classmethod
     def from_config(cls, config: Config, migrate: bool = True) -> SQLiteCatalog:
-        return cls(config.path(config.catalog.url), migrate, config.catalog.busy_timeout)
+        catalog = config.catalog
+        return cls(config.path(catalog.url), migrate, catalog.busy_timeout, catalog.cache_mib, catalog.mmap_mib)

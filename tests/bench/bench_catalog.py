@@ -153,9 +153,11 @@ class Images:
                     yield self.image(i, j, k)
 
 
-def make_config(directory: Path, name: str, url: str | None = None) -> Config:
-    """A site of the bench: its catalog an SQLite file ``name``.db, or the PostgreSQL database at ``url``."""
-    catalog = {"backend": "postgresql", "url": url} if url else {"backend": "sqlite", "url": f"{name}.db"}
+def make_config(directory: Path, name: str, url: str | None = None, sqlite: dict[str, int] | None = None) -> Config:
+    """A site of the bench: its catalog an SQLite file ``name``.db (``sqlite``: its [catalog]
+    cache_mib and mmap_mib, if not the defaults), or the PostgreSQL database at ``url``."""
+    catalog = {"backend": "postgresql", "url": url} if url else {"backend": "sqlite", "url": f"{name}.db",
+                                                                  **(sqlite or {})}
     return parse_config(
         {"site": {"vo": "biomed", "secret": "bench site secret, not for production"}, "catalog": catalog}, directory
     )
@@ -176,10 +178,11 @@ def postgres_database(server: str, name: str) -> Iterator[str]:
             admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
 
 
-def site(stack: contextlib.ExitStack, directory: Path, name: str, backend: str, server: str) -> Config:
+def site(stack: contextlib.ExitStack, directory: Path, name: str, backend: str, server: str,
+         sqlite: dict[str, int] | None = None) -> Config:
     """A bench site on ``backend`` whose catalog lives as long as ``stack``."""
     url = stack.enter_context(postgres_database(server, name)) if backend == "postgresql" else None
-    return make_config(directory, name, url)
+    return make_config(directory, name, url, sqlite)
 
 
 # -- filling --------------------------------------------------------------------------
@@ -376,17 +379,20 @@ class Timing:
     median_us: float
     p99_us: float
     items: float  # mean entries + directories returned
+    round_medians_us: list[float]  # one per pass over the keys
 
 
-def timed(calls: dict[str, list[Callable[[], object]]], budget: float) -> dict[str, Timing]:
-    """Latency of each call, the catalogs' calls taken in turn (one of each, then the next) so that
-    both see the same load of the shared machine; stopping early once ``budget`` seconds are
-    spent (a scan at 10^6 entries would take the whole run): the table reports the calls made."""
-    times: dict[str, list[int]] = {name: [] for name in calls}
-    items = dict.fromkeys(calls, 0)
-    deadline = time.perf_counter_ns() + int(budget * 1e9)
-    for round_calls in zip(*calls.values(), strict=True):
-        for name, call in zip(calls, round_calls, strict=True):
+def timed_pass(calls: dict[str, list[Callable[[], object]]], deadline: int) -> tuple[dict[str, list[int]], list[int]]:
+    """One pass over the keys, the catalogs' calls taken in turn (one of each, then the next,
+    the order swapped every call) so that both see the same load of the shared machine and
+    neither always runs right after the other; stops at ``deadline`` (a scan at 10^6 entries
+    would take the whole run). Returns each catalog's latencies (ns) and items found."""
+    names = list(calls)
+    times: dict[str, list[int]] = {name: [] for name in names}
+    items = dict.fromkeys(names, 0)
+    for index, round_calls in enumerate(zip(*calls.values(), strict=True)):
+        order = list(zip(names, round_calls, strict=True))
+        for name, call in order if index % 2 == 0 else reversed(order):
             start = time.perf_counter_ns()
             result = call()
             times[name].append(time.perf_counter_ns() - start)
@@ -395,12 +401,33 @@ def timed(calls: dict[str, list[Callable[[], object]]], budget: float) -> dict[s
             items[name] += (len(result.directories) + len(result.entries)) if hasattr(result, "entries") else 1
         if time.perf_counter_ns() > deadline:
             break
-    out = {}
-    for name, found in times.items():
-        found.sort()
-        p99 = found[min(len(found) - 1, int(len(found) * 0.99))]
-        out[name] = Timing(len(found), statistics.median(found) / 1e3, p99 / 1e3, items[name] / len(found))
-    return out
+    return times, [items[name] for name in names]
+
+
+def summary(passes: list[list[int]], items: int) -> Timing:
+    """Median and p99 over every call of ``passes``, and each pass's median (the spread)."""
+    found = sorted(t for one in passes for t in one)
+    p99 = found[min(len(found) - 1, int(len(found) * 0.99))]
+    rounds = [statistics.median(one) / 1e3 for one in passes]
+    return Timing(len(found), statistics.median(found) / 1e3, p99 / 1e3, items / len(found), rounds)
+
+
+def timed(calls: dict[str, list[Callable[[], object]]], rounds: int, budget: float) -> dict[str, tuple[Timing, Timing]]:
+    """(cold, warm) timings of each catalog: the first pass over the keys, the same for both
+    catalogs, is the cold one (whatever the fill left in the caches); then ``rounds`` more
+    passes over the same keys, warm for both alike. ``budget`` seconds at most per pass."""
+    passes: dict[str, list[list[int]]] = {name: [] for name in calls}
+    items: dict[str, list[int]] = {name: [] for name in calls}
+    for _ in range(1 + rounds):
+        times, found = timed_pass(calls, time.perf_counter_ns() + int(budget * 1e9))
+        for (name, one), count in zip(times.items(), found, strict=True):
+            passes[name].append(one)
+            items[name].append(count)
+        calls = {name: found_calls[: len(times[name])] for name, found_calls in calls.items()}  # the keys pass 0 did
+    return {
+        name: (summary(passes[name][:1], items[name][0]), summary(passes[name][1:], sum(items[name][1:])))
+        for name in calls
+    }
 
 
 def operations(
@@ -412,7 +439,7 @@ def operations(
     sample = [images.image(*p) for p in picks]
     series_dirs = [posixpath.dirname(s.entry.lfn) for s in sample]
     mdm_root = images.root
-    found: dict[str, list[Callable[[], object]]] = {
+    return {
         "lookup(lfn)": [lambda s=s: catalog.namespace.lookup(s.entry.lfn) for s in sample],
         "lookup_guid": [lambda s=s: catalog.namespace.lookup_guid(f"guid:{s.entry.guid}") for s in sample],
         "lookup_uids (names' UIDs)": [lambda s=s: catalog.lookup_uids(s.entry.triple) for s in sample],
@@ -424,41 +451,43 @@ def operations(
         "list_dir(series)": [lambda d=d: catalog.namespace.list_dir(d) for d in series_dirs],
         f"list_dir({mdm_root}) x{root_count}": [lambda: catalog.namespace.list_dir(mdm_root)] * root_count,
     }
-    for call in found["lookup(lfn)"][:200]:  # warm the connection's page cache alike for both sizes
-        call()
-    return found
 
 
 def lookups(catalogs: dict[str, tuple[Catalog, int]], images: Images, count: int, root_count: int,
-            budget: float) -> dict[str, dict[str, Timing]]:
-    """Each operation's timings per catalog (name → (catalog, its studies))."""
+            rounds: int, budget: float) -> dict[str, dict[str, tuple[Timing, Timing]]]:
+    """Each operation's (cold, warm) timings per catalog (name → (catalog, its studies))."""
     calls = {name: operations(catalog, images, studies, count, root_count) for name, (catalog, studies) in
              catalogs.items()}
-    out: dict[str, dict[str, Timing]] = {name: {} for name in catalogs}
+    out: dict[str, dict[str, tuple[Timing, Timing]]] = {name: {} for name in catalogs}
     for operation in next(iter(calls.values())):
-        for name, timing in timed({name: found[operation] for name, found in calls.items()}, budget).items():
+        for name, timing in timed({name: found[operation] for name, found in calls.items()}, rounds, budget).items():
             out[name][operation] = timing
     return out
 
 
-def report(small: dict[str, Timing], large: dict[str, Timing], small_n: int, large_n: int) -> None:
-    print(f"\nlookup latency, microseconds: median and p99 at {small_n:,} and {large_n:,} slices; ratio large/small")
+def report(small: dict[str, tuple[Timing, Timing]], large: dict[str, tuple[Timing, Timing]],
+           small_n: int, large_n: int) -> None:
+    print(f"\nlookup latency, microseconds: median and p99 at {small_n:,} and {large_n:,} slices; ratio large/small."
+          "\ncold: the first pass over the keys, for both catalogs; warm: the further passes over the same keys,"
+          "\nfor both; 'rounds' is the warm median ratio of each pass (the spread).")
     header = (
-        f"{'operation':34s} {'calls':>11s} {'items':>11s} | {'small med':>9s} {'p99':>8s}"
-        f" | {'large med':>9s} {'p99':>8s} | {'ratio med':>9s} {'p99':>6s} {'per item':>8s}"
+        f"{'operation':34s} {'pass':4s} {'calls':>11s} {'items':>11s} | {'small med':>9s} {'p99':>8s}"
+        f" | {'large med':>9s} {'p99':>8s} | {'ratio med':>9s} {'p99':>6s} {'per item':>8s}  rounds"
     )
     print(header)
     print("-" * len(header))
-    for name, s in small.items():
-        g = large[name]
-        items = f"{s.items:.0f}->{g.items:.0f}"
-        calls = f"{s.calls}/{g.calls}"
-        per_item = (g.median_us / g.items) / (s.median_us / s.items)
-        print(
-            f"{name:34s} {calls:>11s} {items:>11s} | {s.median_us:9.1f} {s.p99_us:8.1f}"
-            f" | {g.median_us:9.1f} {g.p99_us:8.1f}"
-            f" | {g.median_us / s.median_us:9.2f} {g.p99_us / s.p99_us:6.2f} {per_item:8.2f}"
-        )
+    for name, timings in small.items():
+        for label, s, g in (("cold", timings[0], large[name][0]), ("warm", timings[1], large[name][1])):
+            items = f"{s.items:.0f}->{g.items:.0f}"
+            calls = f"{s.calls}/{g.calls}"
+            per_item = (g.median_us / g.items) / (s.median_us / s.items)
+            rounds = " ".join(f"{gr / sr:.2f}" for sr, gr in zip(s.round_medians_us, g.round_medians_us, strict=True))
+            print(
+                f"{name if label == 'cold' else '':34s} {label:4s} {calls:>11s} {items:>11s}"
+                f" | {s.median_us:9.1f} {s.p99_us:8.1f} | {g.median_us:9.1f} {g.p99_us:8.1f}"
+                f" | {g.median_us / s.median_us:9.2f} {g.p99_us / s.p99_us:6.2f} {per_item:8.2f}"
+                f"  {rounds if label == 'warm' else ''}"
+            )
 
 
 def main() -> None:
@@ -468,13 +497,17 @@ def main() -> None:
     parser.add_argument("--honest", type=int, default=20_000, help="slices registered through register_image")
     parser.add_argument("--lookups", type=int, default=10_000, help="random lookups per operation")
     parser.add_argument("--root-lookups", type=int, default=20, help="listings of the VO root")
-    parser.add_argument("--budget", type=float, default=30.0, help="seconds at most per operation and catalog")
+    parser.add_argument("--rounds", type=int, default=3, help="warm passes over the keys after the cold one")
+    parser.add_argument("--budget", type=float, default=30.0, help="seconds at most per pass of an operation")
     parser.add_argument("--backend", choices=("sqlite", "postgresql"), default="sqlite",
                         help="catalog filled and timed: postgresql in databases of their own on --postgres"
                              " (dropped after)")
     parser.add_argument("--postgres", default="postgresql://postgres@127.0.0.1:5432/postgres",
                         help="PostgreSQL server (a database with admin rights to create and drop others)")
+    parser.add_argument("--cache-mib", type=int, help="SQLite: [catalog] cache_mib of the timed catalogs")
+    parser.add_argument("--mmap-mib", type=int, help="SQLite: [catalog] mmap_mib of the timed catalogs")
     args = parser.parse_args()
+    sizes = {k: v for k, v in (("cache_mib", args.cache_mib), ("mmap_mib", args.mmap_mib)) if v is not None}
     per_study = SERIES * SLICES
     print(f"code under test: {Path(srm_dicom.__file__).parent}")
     with tempfile.TemporaryDirectory(prefix="bench-catalog-", dir="/tmp") as tmp, contextlib.ExitStack() as stack:
@@ -490,7 +523,7 @@ def main() -> None:
 
         catalogs = {}
         for name, studies in (("small", args.small_studies), ("large", args.studies)):
-            config = site(stack, directory, name, args.backend, args.postgres)
+            config = site(stack, directory, name, args.backend, args.postgres, sizes)
             open_catalog(config).close()  # the backend makes the schema
             seconds = bulk_fill(config, images, studies)
             slices = studies * per_study
@@ -504,9 +537,10 @@ def main() -> None:
                 raise SystemExit(f"{name}: {catalog.namespace.count()} entries, expected {slices + studies * SERIES}")
             catalogs[name] = (catalog, studies)
         start = time.perf_counter()
-        timings = lookups(catalogs, images, args.lookups, args.root_lookups, args.budget)
+        timings = lookups(catalogs, images, args.lookups, args.root_lookups, args.rounds, args.budget)
         print(f"lookups in {time.perf_counter() - start:.1f} s")
-        print(f"backend: {args.backend}")
+        print(f"backend: {args.backend}" + (f", [catalog] cache_mib={config.catalog.cache_mib}"
+              f" mmap_mib={config.catalog.mmap_mib}" if args.backend == "sqlite" else ""))
         report(timings["small"], timings["large"], args.small_studies * per_study, args.studies * per_study)
 
 

@@ -466,3 +466,52 @@ def test_browse_and_status_pages_honour_voms_groups(voms_site):
     assert curl_status(page, Credential.of_user(site.pki, "eve"), "-H", "Accept: text/html")[0] == "404"
     assert curl_status(site.se.url + "/status", voms_site.cred("register"))[0] == "200"
     assert curl_status(site.se.url + "/status", voms_site.cred("physician"))[0] == "403"
+
+
+def _curl_two_urls(site: Site, cred: Credential, tmp_path: Path) -> None:
+    """curl fetching two slices in one call, the second on a new connection offering the
+    first's TLS session: both 200 with the served bytes (before, the second was a 401)."""
+    first, second = site.slices[0], site.slices[1]
+    out1, out2 = tmp_path / "first.enc", tmp_path / "second.enc"
+    done = clients.curl(site.url(second), cred, "-H", "Connection: close", "-w", "%{http_code} %{num_connects}\n",
+                        "-o", str(out1), site.url(first), "-o", str(out2))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[:2] == ["200 1", "200 1"], done.stdout
+    assert_served(site, first, out1.read_bytes())
+    assert_served(site, second, out2.read_bytes())
+
+
+def test_curl_with_two_urls_in_one_call_gets_both(site, tmp_path):
+    _curl_two_urls(site, Credential.of_user(site.pki, "bob"), tmp_path)
+
+
+def test_curl_with_two_urls_and_a_voms_proxy_gets_both(voms_site, tmp_path):
+    _curl_two_urls(voms_site.site, voms_site.cred("physician"), tmp_path)
+
+
+def test_a_python_client_offering_its_tls_session_again_is_still_bob(site):
+    """Python's ssl resuming explicitly (``session=``) on a second connection while the first
+    is open: the server makes a full handshake (no resumption, so a verified chain) and
+    serves bob, where it answered 401 to the resumed session."""
+    import socket
+    import ssl
+    from urllib.parse import urlsplit
+
+    context = ssl.create_default_context(cafile=str(site.pki / "ca.pem"))
+    context.load_cert_chain(site.pki / "users" / "bob" / "cert.pem", site.pki / "users" / "bob" / "key.pem")
+    parts = urlsplit(site.url(site.slices[0]))
+    assert parts.hostname is not None
+    request = f"HEAD {parts.path} HTTP/1.1\r\nHost: {parts.netloc}\r\nConnection: close\r\n\r\n".encode()
+
+    def head(session: ssl.SSLSession | None) -> tuple[ssl.SSLSocket, bytes]:
+        tls = context.wrap_socket(socket.create_connection((parts.hostname, parts.port), timeout=60),
+                                  server_hostname=parts.hostname, session=session)
+        tls.sendall(request)
+        return tls, tls.recv(65536).split(b"\r\n", 1)[0]
+
+    first, status = head(None)
+    assert status == b"HTTP/1.1 200 OK"
+    second, status = head(first.session)
+    assert (second.session_reused, status) == (False, b"HTTP/1.1 200 OK")
+    first.close()
+    second.close()
