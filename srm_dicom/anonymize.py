@@ -71,6 +71,7 @@ from pydicom.uid import (
 )
 
 from srm_dicom import __version__
+from srm_dicom.anonymization_options import AnonymizationOptions
 from srm_dicom.errors import InvalidInput
 from srm_dicom.uids import deidentify_uid, patient_key
 
@@ -87,7 +88,6 @@ _BASIC_PROFILE_CODE = ("113100", "Basic Application Confidentiality Profile")
 _SAFE_ATTRIBUTES_FILE = "safe_attributes.toml"
 _SAFE_PRIVATE_FILE = "safe_private.toml"
 PROFILE_NAME = "PS3.15 E.1-1 Basic Application Level Confidentiality Profile"
-BURNED_IN_POLICIES = ("refuse", "private")
 
 DUMMY_TEXT = "ANONYMIZED"
 _DUMMY: dict[str, object] = {
@@ -115,48 +115,6 @@ _SOP_INSTANCE_UID = 0x00080018
 _PIXEL_DATA = 0x7FE00010
 _UNDEFINED_LENGTH = 0xFFFFFFFF
 _ACQUISITION_CONTEXT = 0x00400555
-
-
-@dataclass(frozen=True)
-class AnonymizationOptions:
-    """The PS3.15 profile options a site may switch on (all off: the Basic Profile alone)."""
-
-    retain_longitudinal_modified_dates: bool = False
-    retain_patient_characteristics: bool = False
-    retain_device_identity: bool = False
-    retain_institution_identity: bool = False
-    retain_safe_private: bool = False
-    clean_descriptors: bool = False
-    # Images that may show text in their pixels: "refuse" them at registration, or catalog
-    # them "private" (owner and register group only). Not a PS3.15 option: no pixel is changed.
-    burned_in: str = "refuse"
-
-    def table_columns(self) -> list[tuple[str, str, str]]:
-        """(JSON column, CID 7050 code, code meaning) of every option switched on."""
-        switches = [
-            (self.clean_descriptors, "cleanDescOpt", "113105", "Clean Descriptors Option"),
-            (
-                self.retain_longitudinal_modified_dates,
-                "rtnLongModifDatesOpt",
-                "113107",
-                "Retain Longitudinal Temporal Information Modified Dates Option",
-            ),
-            (
-                self.retain_patient_characteristics,
-                "rtnPatCharsOpt",
-                "113108",
-                "Retain Patient Characteristics Option",
-            ),
-            (self.retain_device_identity, "rtnDevIdOpt", "113109", "Retain Device Identity Option"),
-            (self.retain_safe_private, "rtnSafePrivOpt", "113111", "Retain Safe Private Option"),
-            (
-                self.retain_institution_identity,
-                "rtnInstIdOpt",
-                "113112",
-                "Retain Institution Identity Option",
-            ),
-        ]
-        return [(column, code, meaning) for on, column, code, meaning in switches if on]
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,7 @@ its bytes from the transfer under way.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import functools
 import logging
@@ -133,7 +134,18 @@ class CacheError(MdmError):
 
 
 class CacheFull(CacheError):
-    """No room within the quota: everything that could make room is pinned."""
+    """No room: within the quota everything that could make room is pinned, or the cache disk
+    itself is full. 507 Insufficient Storage (RFC 4918), as dCache's and StoRM's doors answer."""
+
+    http_status = 507
+
+
+def write_failure(directory: Path, exc: OSError, doing: str = "write") -> CacheError:
+    """The error for a failed write into the cache directory: a full disk or quota is "cache
+    full" (507, retry later), anything else a cache fault (503)."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return CacheFull(f"cache full: no space left on the cache disk {directory} ({exc.strerror})")
+    return CacheError(f"cache: cannot {doing} a staged file in {directory} ({exc.strerror})")
 
 
 # The stat signature of a cached file when it was last verified against the catalog (module docstring).
@@ -354,7 +366,7 @@ class DiskCache:
                 os.fsync(out.fileno())
         except OSError as exc:
             self.cancel(partial)
-            raise CacheError(f"cache: cannot write a staged file in {self.directory} ({exc.strerror})") from None
+            raise write_failure(self.directory, exc) from None
         return self.commit(guid, version, partial)
 
     def reserve(self, guid: str, version: int, size: int, pinned: set[str]) -> Path:
@@ -371,7 +383,7 @@ class DiskCache:
             try:
                 os.close(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
             except OSError as exc:
-                raise CacheError(f"cache: cannot write a staged file in {self.directory} ({exc.strerror})") from None
+                raise write_failure(self.directory, exc) from None
             tally.write(used + size)
             self._writing[partial] = size
         return partial
@@ -389,7 +401,7 @@ class DiskCache:
                 os.replace(partial, final)
             except OSError as exc:
                 self._give_back(tally, partial)
-                raise CacheError(f"cache: cannot publish a staged file in {self.directory} ({exc.strerror})") from None
+                raise write_failure(self.directory, exc, "publish") from None
             change = size - self._writing.pop(partial, 0) - replaced - self._retire(guid, version)
             if (used := tally.read()) is not None:
                 used += change
@@ -471,7 +483,7 @@ class DiskCache:
         """Evict unprotected files, least recently used first, until ``size`` more bytes fit;
         the bytes then in use. Nothing is evicted unless enough can be."""
         if size > self.quota:
-            raise CacheFull(f"cache: a file of {size} bytes is larger than the whole quota ({self.quota} bytes)")
+            raise CacheFull(f"cache full: a file of {size} bytes is larger than the whole quota ({self.quota} bytes)")
         used = tally.read()
         if used is not None and used + size <= self.quota:
             return used

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from srm_dicom.config import CatalogConfig, Config
 from srm_dicom.errors import ConfigError, InvalidInput, MdmError, NotFound
-from srm_dicom.metadata import ImageMetadata
+from srm_dicom.metadata_schema import ImageMetadata
 from srm_dicom.names import SERIES_FILES, UidTriple, parse_lfn, parse_sop_spec
 
 if TYPE_CHECKING:  # query.py builds on Entry: a runtime import would be circular

@@ -29,10 +29,10 @@ from urllib.parse import quote, urlencode, urlsplit
 
 from srm_dicom.config import Config
 from srm_dicom.crypto.container import HEADER_SIZE, check_key, decrypt_stream, read_header
+from srm_dicom.entry_key import key_name
 from srm_dicom.errors import ConfigError, InvalidInput, MdmError, NotFound, PacsError
 from srm_dicom.keystore.client import KeystoreClient
 from srm_dicom.names import SIDECARS, normalize_lfn, parse_lfn
-from srm_dicom.protect import key_name
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from srm_dicom.anonymize import BURNED_IN_POLICIES, AnonymizationOptions
+from srm_dicom.anonymization_options import BURNED_IN_POLICIES, AnonymizationOptions
 from srm_dicom.errors import ConfigError
 from srm_dicom.rights import parse_metadata_mode, parse_mode
 

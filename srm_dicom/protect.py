@@ -15,11 +15,9 @@ from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
 
-from srm_dicom.anonymize import AnonymizationOptions, ErasedValue, anonymize, to_bytes
+from srm_dicom.anonymization_options import AnonymizationOptions
+from srm_dicom.anonymize import ErasedValue, anonymize, to_bytes
 from srm_dicom.crypto.container import encrypt_bytes
-from srm_dicom.keystore import Acl, AclEntry
-
-OWNER_READ, VO_READ, OTHERS_READ = 0o400, 0o040, 0o004
 
 
 @dataclass(frozen=True)
@@ -41,29 +39,9 @@ class ProtectedImage:
         return hashlib.sha256(self.payload).hexdigest()
 
 
-def key_name(guid: str, version: int) -> str:
-    """The key servers' id of an entry's key: a new content version gets a new key, so a
-    failed update never overwrites the shares the current version needs."""
-    return f"{guid}.{version}"
-
-
 def protect_image(
     ds: Dataset, secret: bytes, options: AnonymizationOptions, key: bytes, guid: str, version: int
 ) -> ProtectedImage:
     result = anonymize(ds, secret, options)
     payload = encrypt_bytes(key, uuid.UUID(guid).bytes, version, to_bytes(result))
     return ProtectedImage(bytes(payload), result.erased, result.dataset)
-
-
-def key_acl(owner: str, vo: str, mode: int, readers: tuple[str, ...] = ()) -> Acl:
-    """The key servers' ACL mirroring an entry's read rights: whoever may read the file may
-    fetch the key, nobody else. The storage element's service identity is always allowed
-    by the servers themselves. A per-DN refusal cannot be expressed: the servers' ACLs only
-    grant, so the storage element's own refusal is what keeps such a user out."""
-    # The hospital's register group reads every file at the storage element: the key must follow.
-    entries = [AclEntry(rights="r", group=f"/{vo}/register"), *(AclEntry(rights="r", dn=dn) for dn in readers)]
-    if mode & VO_READ:
-        entries.append(AclEntry(rights="r", group=f"/{vo}"))
-    if mode & OTHERS_READ:
-        entries.append(AclEntry(rights="r", any=True))
-    return Acl(owner=owner, entries=tuple(entries))

@@ -36,15 +36,18 @@ from pydicom.filewriter import write_dataset
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 from srm_dicom import workers
-from srm_dicom.anonymize import AnonymizationOptions, burned_in_reason, protection_record
+from srm_dicom.anonymization_options import AnonymizationOptions
+from srm_dicom.anonymize import burned_in_reason, protection_record
 from srm_dicom.catalog import Catalog, Entry, Outcome
 from srm_dicom.config import Config
 from srm_dicom.crypto.container import encrypted_size, new_file_key
+from srm_dicom.entry_key import key_acl, key_name
 from srm_dicom.errors import InvalidInput, MdmError, PacsError
 from srm_dicom.keystore import Acl
-from srm_dicom.metadata import ImageMetadata, extract_metadata
+from srm_dicom.metadata import extract_metadata
+from srm_dicom.metadata_schema import ImageMetadata
 from srm_dicom.names import SERIES_FILES, VOLUME, UidTriple, is_uid, normalize_lfn, pfn
-from srm_dicom.protect import key_acl, key_name, protect_image
+from srm_dicom.protect import protect_image
 from srm_dicom.rights import parse_mode
 from srm_dicom.sidecar import BVAL, BVEC, JSON, has_diffusion, series_file_from_rows
 from srm_dicom.uids import deidentify_uid

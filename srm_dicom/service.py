@@ -16,12 +16,12 @@ from pathlib import Path
 from srm_dicom import access
 from srm_dicom.catalog import Catalog, Entry, Group, StageRequest, find_entry
 from srm_dicom.config import Config
+from srm_dicom.entry_key import key_name
 from srm_dicom.errors import InvalidInput, NotFound, Refused
 from srm_dicom.identity import Identity, normalize_path
 from srm_dicom.keystore.client import KeystoreClient
 from srm_dicom.macaroons import MacaroonAuthority, MacaroonRequest
 from srm_dicom.names import normalize_lfn
-from srm_dicom.protect import key_name
 from srm_dicom.query import Attribute, Query, Visible, level_of, shown, visible
 from srm_dicom.setright import RightsChange, RightsSetter, select, site_secret
 from srm_dicom.stager import Stager

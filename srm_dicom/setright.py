@@ -36,11 +36,11 @@ from typing import Any
 
 from srm_dicom.catalog import AclEntry, Catalog, Entry, find_entry
 from srm_dicom.config import Config
+from srm_dicom.entry_key import key_acl, key_name
 from srm_dicom.errors import InvalidInput, MdmError, NotFound
 from srm_dicom.keystore import Acl, KeystoreError
 from srm_dicom.keystore.client import KeystoreClient
 from srm_dicom.names import VOLUME, is_uid, vo_root
-from srm_dicom.protect import key_acl, key_name
 from srm_dicom.rights import METADATA_LEVELS, format_mode, parse_metadata_mode, parse_mode
 from srm_dicom.uids import deidentify_uid
 

@@ -59,8 +59,9 @@ import pydicom
 from pydicom import Dataset
 
 from srm_dicom import workers
-from srm_dicom.anonymize import AnonymizationOptions, recorded_options, rules_version
-from srm_dicom.cache import DiskCache
+from srm_dicom.anonymization_options import AnonymizationOptions
+from srm_dicom.anonymize import recorded_options, rules_version
+from srm_dicom.cache import DiskCache, write_failure
 from srm_dicom.catalog import (
     COMPLETED,
     FAILED,
@@ -74,13 +75,14 @@ from srm_dicom.catalog import (
 )
 from srm_dicom.config import Config
 from srm_dicom.crypto.container import encrypt_bytes, encrypt_stream, encrypted_size, new_file_key
+from srm_dicom.entry_key import key_acl, key_name
 from srm_dicom.errors import InvalidInput, MdmError, NotFound
 from srm_dicom.events import StageFinished, StageQueueChanged, emit
 from srm_dicom.keystore import KeystoreError
 from srm_dicom.keystore.client import KeystoreClient
 from srm_dicom.names import COMPRESSED_VOLUME, VOLUME, normalize_lfn, parse_pfn
 from srm_dicom.pacs.client import PacsClient, RetrieveRefused
-from srm_dicom.protect import key_acl, key_name, protect_image
+from srm_dicom.protect import protect_image
 from srm_dicom.sidecar import series_file
 from srm_dicom.volume import NotAVolume, VolumeWriter, plan_volume
 
@@ -165,7 +167,10 @@ class _VolumeBuild:
     def add(self, ds: Dataset) -> None:
         source = self.sources.get(str(ds.SOPInstanceUID))
         if source is not None:
-            self.writer.add(source, ds)
+            try:
+                self.writer.add(source, ds)
+            except OSError as exc:
+                raise write_failure(self.plain.parent, exc) from None
 
     def close(self, cache: DiskCache) -> None:
         if self.fd >= 0:
@@ -897,7 +902,7 @@ class Stager:
             results[item.job] = self._cache.commit(entry.guid, entry.content_version, item.partial, sync=False)
         except OSError as exc:
             self._cache.cancel(item.partial)
-            results[item.job] = StageFailed(f"cache: cannot write a staged file ({exc.strerror})")
+            results[item.job] = StageFailed(str(write_failure(self._cache.directory, exc)))
             return False
         except MdmError as exc:
             results[item.job] = StageFailed(str(exc))
@@ -1078,7 +1083,7 @@ class Stager:
                 os.fsync(out.fileno())
         except OSError as exc:
             self._cache.cancel(partial)
-            raise StageFailed(f"cache: cannot write a staged file ({exc.strerror})") from None
+            raise StageFailed(str(write_failure(self._cache.directory, exc))) from None
         except BaseException:
             self._cache.cancel(partial)
             raise

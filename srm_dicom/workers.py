@@ -43,7 +43,8 @@ from typing import Any, TypeVar
 
 from pydicom import Dataset, dcmread
 
-from srm_dicom.anonymize import AnonymizationOptions, ErasedValue, anonymize, to_bytes
+from srm_dicom.anonymization_options import AnonymizationOptions
+from srm_dicom.anonymize import ErasedValue, anonymize, to_bytes
 from srm_dicom.crypto.container import encrypt_bytes
 from srm_dicom.errors import MdmError, PacsError
 from srm_dicom.keystore.client import KeystoreClient

@@ -17,9 +17,9 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, MRImageStorage
 
 from phi import SAFE_PRIVATE_TAG, SAFE_PRIVATE_VALUE, make_phi_dataset, series_uids
+from srm_dicom.anonymization_options import AnonymizationOptions
 from srm_dicom.anonymize import (
     IMPLEMENTATION_VERSION_NAME,
-    AnonymizationOptions,
     anonymize,
     profile_table,
     safe_attributes,

@@ -9,7 +9,7 @@ from pydicom import dcmread
 
 from catalogs import original_spec, register_series, series_dir
 from sites import keystore_section
-from srm_dicom.anonymize import AnonymizationOptions
+from srm_dicom.anonymization_options import AnonymizationOptions
 from srm_dicom.catalog import (
     COMPLETED,
     FAILED,

@@ -36,10 +36,10 @@ from clients import Credential
 from sites import mdm
 from srm_dicom.cli import main
 from srm_dicom.crypto.container import encrypt_bytes
+from srm_dicom.entry_key import key_name
 from srm_dicom.keystore import Acl, AclEntry
 from srm_dicom.keystore.client import KeystoreClient
 from srm_dicom.pki import USERS, make_proxy
-from srm_dicom.protect import key_name
 
 STUDY, SERIES, SOP = "2.25.1001", "2.25.1002", "2.25.1003"
 LFN = f"/grid/demo/mdm/{STUDY}/{SERIES}/{SOP}"

@@ -1,3 +1,5 @@
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -56,6 +58,20 @@ def test_anonymization_options_come_from_their_section():
     assert config.anonymization.retain_institution_identity and not config.anonymization.retain_safe_private
     with pytest.raises(ConfigError, match="unknown key 'retain_everything'"):
         parse_config({**SECRET, "anonymization": {"retain_everything": True}}, Path("/tmp"))
+
+
+def test_loading_the_config_imports_no_dicom_library(tmp_path):
+    """Every mdm command loads the config: pydicom, numpy and pynetdicom there were a quarter of
+    a second of start-up paid by commands that never touch a DICOM object (issue 9)."""
+    path = tmp_path / "mdm.toml"
+    path.write_text('[site]\nsecret = "0123456789abcdef"\n[anonymization]\nretain_safe_private = true\n')
+    probe = (
+        "import sys; from srm_dicom.config import load_config; "
+        f"assert load_config({str(path)!r}).anonymization.retain_safe_private; "
+        "print(sorted({'pydicom', 'numpy', 'pynetdicom', 'gdcm'} & set(sys.modules)))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 def test_missing_or_broken_file_is_one_clear_line(tmp_path):

@@ -16,7 +16,8 @@ from pydicom.multival import MultiValue
 from pydicom.uid import UID_dictionary
 
 from phi import make_phi_dataset
-from srm_dicom.anonymize import AnonymizationOptions, anonymize, to_bytes
+from srm_dicom.anonymization_options import AnonymizationOptions
+from srm_dicom.anonymize import anonymize, to_bytes
 from srm_dicom.uids import deidentify_uid
 
 SECRET = secrets.token_bytes(32)

@@ -15,15 +15,17 @@ import srm_dicom.pacs.client as client_module
 from conftest import require_program
 from peers import free_port
 from sites import require_vendor_data, write_site_config
-from srm_dicom.anonymize import AnonymizationOptions, recorded_options, rules_version
+from srm_dicom.anonymization_options import AnonymizationOptions
+from srm_dicom.anonymize import recorded_options, rules_version
 from srm_dicom.catalog import Outcome, open_catalog
 from srm_dicom.config import load_config
 from srm_dicom.crypto.container import check_key, read_header
+from srm_dicom.entry_key import key_name
 from srm_dicom.errors import InvalidInput
 from srm_dicom.keystore.client import KeystoreClient
 from srm_dicom.pacs.client import DCMTK_FROM, PacsClient
 from srm_dicom.pacs.dcmtk import STORESCU, _stored
-from srm_dicom.protect import key_name, protect_image
+from srm_dicom.protect import protect_image
 from srm_dicom.register import BATCH, Registrar, Summary, iter_files, read_dicom
 from srm_dicom.synthetic import make_series
 from srm_dicom.uids import deidentify_uid

@@ -17,13 +17,13 @@ from srm_dicom.access import file_perms, metadata_level
 from srm_dicom.catalog import AclEntry, Entry, open_catalog
 from srm_dicom.cli import main
 from srm_dicom.config import load_config
+from srm_dicom.entry_key import key_name
 from srm_dicom.errors import NotFound
 from srm_dicom.identity import Identity
 from srm_dicom.keystore import KeyAccessDenied, KeystoreError
 from srm_dicom.keystore.client import KeystoreClient
 from srm_dicom.keystore.local import LocalKeyServers
 from srm_dicom.keystore.server import ShareStore
-from srm_dicom.protect import key_name
 from srm_dicom.rights import METADATA_LEVELS, METADATA_MODES, parse_mode
 from srm_dicom.setright import Rights, RightsAtIntersection, RightsChange, RightsNotChanged, RightsSetter, select
 from srm_dicom.synthetic import make_series

@@ -29,7 +29,8 @@ from test_volume import GROUND_TRUTH, vendor_series
 from conftest import require_program
 from sites import require_vendor_data
 from srm_dicom.acquisition import FIELDS, acquisition_record
-from srm_dicom.anonymize import AnonymizationOptions, anonymize
+from srm_dicom.anonymization_options import AnonymizationOptions
+from srm_dicom.anonymize import anonymize
 from srm_dicom.names import SIDECARS
 from srm_dicom.sidecar import fsl_files, has_diffusion, series_file, sidecar_json
 from srm_dicom.synthetic import FakePatient, make_series

@@ -22,16 +22,16 @@ import pytest
 from sites import write_site_config
 from srm_dicom import stager as stager_module
 from srm_dicom import workers
-from srm_dicom.anonymize import AnonymizationOptions
+from srm_dicom.anonymization_options import AnonymizationOptions
 from srm_dicom.cache import TALLY, DiskCache
 from srm_dicom.catalog import Catalog, Entry, open_catalog
 from srm_dicom.config import Config, EmbeddedPacsConfig, load_config
 from srm_dicom.crypto.container import check_key, decrypt_bytes, read_header
+from srm_dicom.entry_key import key_name
 from srm_dicom.keystore.client import KeystoreClient
 from srm_dicom.names import UidTriple
 from srm_dicom.pacs.client import PacsClient
 from srm_dicom.pacs.server import EmbeddedPacs
-from srm_dicom.protect import key_name
 from srm_dicom.register import Registrar
 from srm_dicom.stager import StageFailed, Stager, StagingPending
 from srm_dicom.synthetic import make_series

@@ -12,7 +12,7 @@ import pytest
 from pydicom import dcmread
 
 from srm_dicom import workers
-from srm_dicom.anonymize import AnonymizationOptions
+from srm_dicom.anonymization_options import AnonymizationOptions
 from srm_dicom.crypto.container import decrypt_bytes, new_file_key
 from srm_dicom.errors import PacsError
 from srm_dicom.protect import protect_image

@@ -18,7 +18,7 @@ from typing import Any
 from mdm_catalog_sql.database import Database, Row
 from mdm_catalog_sql.namespace import ENTRY_COLUMNS, acls_of, entry_of
 from srm_dicom.catalog import LOOKUP_CHUNK, AclEntry, Group, RightsFacts
-from srm_dicom.metadata import IMAGE_COLUMNS, MEDICAL_FIELDS, PATIENT_FIELDS, ImageMetadata
+from srm_dicom.metadata_schema import IMAGE_COLUMNS, MEDICAL_FIELDS, PATIENT_FIELDS, ImageMetadata
 from srm_dicom.names import normalize_lfn
 from srm_dicom.query import ATTRIBUTES, Attribute, Boolean, Comparison, Expr, Match, Query
 

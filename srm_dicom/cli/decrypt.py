@@ -11,10 +11,10 @@ from srm_dicom.catalog import find_entry, open_catalog
 from srm_dicom.client import StorageClient
 from srm_dicom.config import Config, load_config
 from srm_dicom.crypto.container import Header, check_key, decrypt_stream, read_header
+from srm_dicom.entry_key import key_name
 from srm_dicom.errors import InvalidInput
 from srm_dicom.keystore.client import KeystoreClient
 from srm_dicom.names import parse_sop_spec
-from srm_dicom.protect import key_name
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:

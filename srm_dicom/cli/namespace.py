@@ -10,12 +10,12 @@ from dataclasses import astuple
 from srm_dicom.catalog import Catalog, Entry, find_entry, open_catalog
 from srm_dicom.client import StorageClient
 from srm_dicom.config import Config, load_config
+from srm_dicom.entry_key import key_name
 from srm_dicom.errors import ConfigError, InvalidInput, NotFound
 from srm_dicom.keystore.client import KeystoreClient
 from srm_dicom.names import normalize_lfn, parse_lfn, parse_sop_spec, vo_root
-from srm_dicom.protect import key_name
 from srm_dicom.rights import format_mode
-from srm_dicom.server.rights import DELETE
+from srm_dicom.server.rights_paths import DELETE
 
 _IDENTIFIER_HELP = (
     "identifiers: an LFN (/grid/<vo>/mdm/S/SE/SOP), a GUID (guid:<uuid>) or a study, series, "

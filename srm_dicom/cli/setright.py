@@ -26,7 +26,7 @@ from srm_dicom.client import StorageClient
 from srm_dicom.config import Config, load_config
 from srm_dicom.errors import ConfigError, InvalidInput
 from srm_dicom.rights import METADATA_MODES, parse_mode
-from srm_dicom.server.rights import RIGHTS
+from srm_dicom.server.rights_paths import RIGHTS
 from srm_dicom.setright import Rights, RightsChange, RightsSetter, parse_user, select, site_secret
 
 _MODE = re.compile(r"([r-][w-][x-]){3}")

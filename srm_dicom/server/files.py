@@ -99,6 +99,8 @@ class FileService:
         except StageFailed as exc:
             if exc.reason.startswith("not a volume"):  # permanent: retrying cannot help
                 return iter(problem(start_response, HTTPStatus.UNPROCESSABLE_ENTITY, exc.reason))
+            if exc.reason.startswith("cache full"):  # reasons travel between front ends as text
+                return iter(self._unavailable(start_response, exc.reason, HTTPStatus.INSUFFICIENT_STORAGE))
             return iter(self._unavailable(start_response, exc.reason))
         entry, path, staged = opened.entry, opened.path, opened.staged
         if entry.size is None:
@@ -187,10 +189,11 @@ class FileService:
             found.append(("Content-Digest", value))
         return found
 
-    def _unavailable(self, start_response: StartResponse, detail: str) -> list[bytes]:
-        """503 with Retry-After: rclone, davix and gfal2 come back later."""
+    def _unavailable(self, start_response: StartResponse, detail: str,
+                     status: HTTPStatus = HTTPStatus.SERVICE_UNAVAILABLE) -> list[bytes]:
+        """503 (or 507 for a full cache) with Retry-After: rclone, davix and gfal2 come back later."""
         retry = str(self._config.cache.retry_after)
-        return problem(start_response, HTTPStatus.SERVICE_UNAVAILABLE, detail, [("Retry-After", retry)])
+        return problem(start_response, status, detail, [("Retry-After", retry)])
 
     def _multipart(self, start_response: StartResponse, headers: list, source: BinaryIO,
                    ranges: list[tuple[int, int]], size: int) -> Iterator[bytes]:

@@ -26,11 +26,9 @@ from srm_dicom.errors import InvalidInput
 from srm_dicom.identity import Identity
 from srm_dicom.keystore import KeystoreError
 from srm_dicom.server.problems import StartResponse, json_body, problem, respond_json
+from srm_dicom.server.rights_paths import DELETE, RIGHTS
 from srm_dicom.service import StorageService
 from srm_dicom.setright import Rights, RightsChange
-
-RIGHTS = "/api/v1/rights"
-DELETE = "/api/v1/delete"
 
 
 def _paths(data: dict) -> list[str]:

@@ -51,7 +51,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "plugins")]
 import srm_dicom  # noqa: E402
 from srm_dicom.catalog import Catalog, Entry, open_catalog  # noqa: E402
 from srm_dicom.config import Config, parse_config  # noqa: E402
-from srm_dicom.metadata import ImageMetadata  # noqa: E402
+from srm_dicom.metadata_schema import ImageMetadata  # noqa: E402
 from srm_dicom.names import VOLUME, UidTriple, pfn, vo_root  # noqa: E402
 from srm_dicom.rights import parse_mode  # noqa: E402
 from srm_dicom.uids import deidentify_uid, patient_key  # noqa: E402

@@ -86,11 +86,11 @@ import srm_dicom  # noqa: E402
 from sites import write_site_config  # noqa: E402
 from srm_dicom.catalog import Entry, UidTriple, open_catalog  # noqa: E402
 from srm_dicom.config import CacheConfig, ServerConfig, default_engine, load_config  # noqa: E402
+from srm_dicom.entry_key import key_name  # noqa: E402
 from srm_dicom.errors import MdmError  # noqa: E402
 from srm_dicom.keystore.client import KeystoreClient  # noqa: E402
 from srm_dicom.pacs.client import PacsClient  # noqa: E402
 from srm_dicom.private_files import write_private  # noqa: E402
-from srm_dicom.protect import key_name  # noqa: E402
 from srm_dicom.synthetic import make_series  # noqa: E402
 from storage import register  # noqa: E402
 

@@ -39,7 +39,7 @@ from bench_catalog import postgres_database  # noqa: E402
 
 from srm_dicom.catalog import Entry, open_catalog  # noqa: E402
 from srm_dicom.config import load_config  # noqa: E402
-from srm_dicom.metadata import IMAGE_FIELDS, MEDICAL_FIELDS, PATIENT_FIELDS, ImageMetadata  # noqa: E402
+from srm_dicom.metadata_schema import IMAGE_FIELDS, MEDICAL_FIELDS, PATIENT_FIELDS, ImageMetadata  # noqa: E402
 from srm_dicom.names import VOLUME, UidTriple, pfn  # noqa: E402
 from srm_dicom.pki import init_pki  # noqa: E402
 from storage import start_storage_element  # noqa: E402

@@ -10,9 +10,10 @@ from phi import make_phi_dataset
 from sites import mdm, write_site_config
 from srm_dicom.catalog import find_entry, open_catalog
 from srm_dicom.config import load_config
+from srm_dicom.entry_key import key_name
 from srm_dicom.errors import NotFound
 from srm_dicom.keystore.client import KeystoreClient
-from srm_dicom.protect import key_name, protect_image
+from srm_dicom.protect import protect_image
 
 
 @pytest.fixture

@@ -48,6 +48,15 @@ def test_a_command_imports_its_own_module_only():
     assert not {"srm_dicom.cli.serve", "srm_dicom.cli.demo", "srm_dicom.cli.register"} & modules
 
 
+@pytest.mark.parametrize("command", ["ls", "del", "stat", "cache", "get", "decrypt", "site"])
+def test_commands_that_read_no_dicom_import_no_dicom_library(command):
+    """They load the config, the catalog or the key server client only: pydicom, numpy and
+    pynetdicom there cost them half a second of start-up (issue 9)."""
+    out, modules = imported(command, "--help")
+    assert f"usage: mdm {command}" in out
+    assert not {m.split(".")[0] for m in modules} & {"pydicom", "pynetdicom", "numpy", "gdcm"}
+
+
 def _help_of(parser: argparse.ArgumentParser) -> dict[str, str]:
     action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     return {choice.dest: choice.help for choice in action._choices_actions}

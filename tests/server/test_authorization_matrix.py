@@ -41,10 +41,10 @@ from sites import write_site_config
 from srm_dicom.catalog import AclEntry, Entry, open_catalog
 from srm_dicom.config import load_config
 from srm_dicom.crypto.container import check_key, read_header
+from srm_dicom.entry_key import key_name
 from srm_dicom.keystore import KeystoreError
 from srm_dicom.keystore.client import KeystoreClient
 from srm_dicom.pki import init_pki, init_voms
-from srm_dicom.protect import key_name
 from srm_dicom.rights import parse_mode
 from srm_dicom.setright import RightsChange, RightsSetter, select
 from srm_dicom.synthetic import make_series

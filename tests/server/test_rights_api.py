@@ -14,7 +14,7 @@ import pytest
 from https import request
 from sites import write_site_config
 from srm_dicom.cli import main
-from srm_dicom.protect import key_name
+from srm_dicom.entry_key import key_name
 from srm_dicom.synthetic import make_series
 from srm_dicom.uids import deidentify_uid
 from storage import RunningStorageElement, register, start_storage_element

@@ -15,9 +15,9 @@ from clients import Credential
 from https import request
 from sites import mdm, write_site_config
 from srm_dicom.crypto.container import decrypt_bytes, encrypted_size
+from srm_dicom.entry_key import key_name
 from srm_dicom.keystore.client import KeystoreClient
 from srm_dicom.names import UidTriple
-from srm_dicom.protect import key_name
 from srm_dicom.sidecar import series_file
 from srm_dicom.synthetic import make_series
 from srm_dicom.uids import deidentify_uid
