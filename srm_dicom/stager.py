@@ -795,11 +795,14 @@ class Stager:
             found: dict[str, bytes | MdmError] = {}
             for part in parts:
                 try:
-                    found.update(part.result())
+                    keys, calls = part.result()
                 except MdmError:
                     raise
                 except Exception as exc:  # a dead worker: these keys' files fail, with the reason
                     raise _protection_failure(exc) from None
+                found.update(keys)
+                for call in calls:
+                    emit(call)
             return found
 
         return self._keys.submit(gathered)

@@ -47,6 +47,7 @@ from srm_dicom.anonymization_options import AnonymizationOptions
 from srm_dicom.anonymize import ErasedValue, anonymize, to_bytes
 from srm_dicom.crypto.container import encrypt_bytes
 from srm_dicom.errors import MdmError, PacsError
+from srm_dicom.events import KeyServerCall, subscribe
 from srm_dicom.keystore.client import KeystoreClient
 
 T = TypeVar("T")
@@ -128,16 +129,23 @@ class KeyServers:
 _clients: dict[KeyServers, KeystoreClient] = {}  # one per worker process, its connections kept
 
 
-def fetch_keys(servers: KeyServers, names: list[str]) -> dict[str, bytes | MdmError]:
+def fetch_keys(servers: KeyServers, names: list[str]) -> tuple[dict[str, bytes | MdmError], list[KeyServerCall]]:
     """``KeystoreClient.fetch_keys`` of ``names``, each key the first combination of its shares
-    (the stager checks the protected bytes against the catalog afterwards). In a worker, because
-    combining shares is pure Python (pycryptodome's GF(2^128) arithmetic, about 1 ms a key): in
-    the server it held the GIL 1.1 s for a batch of 1000 (py-spy), against every other thread."""
+    (the stager checks the protected bytes against the catalog afterwards), and the key-server
+    calls it made: the server's listeners (metrics, ``/readyz``) live in the server process, so
+    the stager emits them there. In a worker, because combining shares is pure Python
+    (pycryptodome's GF(2^128) arithmetic, about 1 ms a key): in the server it held the GIL 1.1 s
+    for a batch of 1000 (py-spy), against every other thread."""
     client = _clients.get(servers)
     if client is None:
         client = _clients[servers] = KeystoreClient(list(servers.urls), servers.k, ca=servers.ca, cert=servers.cert,
                                                     key=servers.key, timeout=servers.timeout)
-    return client.fetch_keys(names, lambda _name, _key: True)
+    calls: list[KeyServerCall] = []
+    stop = subscribe(lambda event: calls.append(event) if isinstance(event, KeyServerCall) else None)
+    try:
+        return client.fetch_keys(names, lambda _name, _key: True), calls
+    finally:
+        stop()
 
 
 def read_image(source: bytes | Dataset | Path) -> Dataset:
