@@ -149,6 +149,8 @@ def check_header(ds: Dataset, decoded: bool = False) -> None:
     syntax = ds.file_meta.TransferSyntaxUID
     if not isinstance(syntax, UID) or not syntax.is_transfer_syntax:  # a mangled meta may hold a list
         raise InvalidInput("the file meta names no known transfer syntax")
+    if ds.group_dataset(0x0000):  # PS3.10: the command group is never part of a stored data set
+        raise InvalidInput("holds command-set elements (group 0000), which no stored data set may")
     for keyword in _REQUIRED_UIDS:
         value = str(ds.get(keyword, "") or "").strip()
         if not value:

@@ -132,6 +132,17 @@ def test_a_header_without_its_uids_is_refused_before_anything_is_stored(embedded
     catalog.close()
 
 
+def test_a_data_set_holding_command_set_elements_is_refused_with_its_reason(embedded_pacs, tmp_path, key_servers):
+    config = load_config(write_site_config(tmp_path, embedded_pacs, key_servers))
+    ds = make_series(slices=1, size=8)[0]
+    ds.add_new(0x00000016, "UI", ds.SOPClassUID)  # the push fuzz's finding: pydicom cannot write it back
+    catalog = open_catalog(config)
+    with pytest.raises(InvalidInput, match=r"command-set elements \(group 0000\)"):
+        Registrar(config, catalog, None, KeystoreClient.from_config(config)).register(ds, store_in_pacs=True)
+    assert catalog.namespace.count() == 0
+    catalog.close()
+
+
 def test_every_vendor_series_is_readable_and_named(tmp_path):
     vendor = require_vendor_data()
     summary = Summary()

@@ -114,5 +114,18 @@ def _no_rows_and_a_corrupt_sop_class() -> bytes:
     return bytes(data)
 
 
+def _sop_class_in_the_command_group() -> bytes:
+    """Found by the push fuzz: SOP Class UID's tag mutated into the command group, (0000,0016).
+    pydicom reads it, but refuses to write it back (ValueError from dcmwrite): a push answered
+    0xC211, an exception in our handler."""
+    ds = make_series(slices=1, size=8, seed="fuzz finding")[0]
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    data = bytearray(buffer.getvalue())
+    at = data.index(b"\x08\x00\x16\x00UI")
+    data[at: at + 2] = b"\x00\x00"
+    return bytes(data)
+
+
 # Inputs the fuzzing found, run first in every run (hypothesis' @example).
-FOUND = [_no_rows_and_a_corrupt_sop_class()]
+FOUND = [_no_rows_and_a_corrupt_sop_class(), _sop_class_in_the_command_group()]

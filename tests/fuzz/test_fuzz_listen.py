@@ -106,6 +106,7 @@ def _associate(listener: Listener) -> Association:
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
                                  HealthCheck.data_too_large, HealthCheck.filter_too_much])
 @example(data=FOUND[0])
+@example(data=FOUND[1])
 @given(data=mutants())
 def test_a_pushed_mutant_is_registered_or_refused_on_purpose(listener, tmp_path, data):
     path = tmp_path / "mutant.dcm"
