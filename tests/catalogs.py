@@ -20,3 +20,17 @@ def series_dir(catalog, vo="demo"):
     (study,) = catalog.namespace.list_dir(f"/grid/{vo}/mdm").directories
     (series,) = catalog.namespace.list_dir(study).directories
     return series
+
+
+def count_series_reads(monkeypatch, catalog):
+    """The series directories whose images ``catalog`` reads from now on (``series_images``), in
+    order: how often registering reads a series whole."""
+    reads = []
+    original = type(catalog.index).series_images
+
+    def counted(self, directory):
+        reads.append(directory)
+        return original(self, directory)
+
+    monkeypatch.setattr(type(catalog.index), "series_images", counted)
+    return reads

@@ -7,6 +7,7 @@ import time
 import pydicom
 import pytest
 
+from catalogs import count_series_reads
 from conftest import require_program
 from peers import free_port
 from sites import write_site_config
@@ -159,14 +160,7 @@ def test_a_pushed_series_is_planned_once_when_the_pushes_pause_with_the_sizes_re
         config = load_config(write_site_config(tmp_path / mode, embedded_pacs, key_servers, store_to_pacs=False,
                                                listen_port=port))
         catalog = open_catalog(config)
-        reads: list[str] = []
-        original = type(catalog.index).series_images
-
-        def counted(self, directory, reads=reads, original=original):  # type: ignore[no-untyped-def]
-            reads.append(directory)
-            return original(self, directory)
-
-        monkeypatch.setattr(type(catalog.index), "series_images", counted)
+        reads = count_series_reads(monkeypatch, catalog)
         if mode == "push":
             with PushListener(config, catalog) as listener:
                 result = push(files, port)

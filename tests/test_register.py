@@ -12,6 +12,7 @@ import pytest
 from pydicom.uid import ImplicitVRLittleEndian, SecondaryCaptureImageStorage
 
 import srm_dicom.pacs.client as client_module
+from catalogs import count_series_reads
 from conftest import require_program
 from peers import free_port
 from sites import require_vendor_data, write_site_config
@@ -219,14 +220,7 @@ def test_a_batch_plans_each_series_volume_once_with_the_size_one_by_one_gives(em
     for mode in ("one by one", "batch"):
         config = load_config(write_site_config(tmp_path / mode.replace(" ", "-"), embedded_pacs, key_servers))
         catalog = open_catalog(config)
-        reads: list[str] = []
-        original = type(catalog.index).series_images
-
-        def counted(self, directory, reads=reads, original=original):  # type: ignore[no-untyped-def]
-            reads.append(directory)
-            return original(self, directory)
-
-        monkeypatch.setattr(type(catalog.index), "series_images", counted)
+        reads = count_series_reads(monkeypatch, catalog)
         registrar = Registrar(config, catalog, None, KeystoreClient.from_config(config))
         if mode == "batch":
             with registrar.batch():

@@ -39,6 +39,15 @@ from srm_dicom.uids import deidentify_uid
 from srm_dicom.volume import assemble
 
 
+def assert_cached_true_to_catalog(stager: Stager, entries: list[Entry]) -> None:
+    """Every entry's cached file holds the catalog's bytes: its size and adler32."""
+    for entry in entries:
+        path = stager.cached_path(entry)
+        assert path is not None, entry.lfn
+        data = path.read_bytes()
+        assert len(data) == entry.size and f"{zlib.adler32(data):08x}" == entry.adler32, entry.lfn
+
+
 @dataclass
 class Site:
     config: Config
@@ -481,9 +490,7 @@ def test_a_server_killed_while_staging_serves_no_partial_file_and_resumes(embedd
         assert not [p for p in cache_dir.iterdir() if p.name.endswith(".part")]
         wait_final(stager, request_id)
         assert all(f.state == "COMPLETED" and f.on_disk for f in stager.request(request_id).files)
-        for entry in site.slices:
-            data = stager.cached_path(entry).read_bytes()
-            assert len(data) == entry.size and f"{zlib.adler32(data):08x}" == entry.adler32
+        assert_cached_true_to_catalog(stager, site.slices)
     finally:
         stager.stop()
         site.catalog.close()
@@ -568,9 +575,7 @@ def test_a_stage_request_is_one_retrieve_of_the_series_or_naming_its_sop_uids(an
         wait_final(stager, request_id)
         assert all(f.state == "COMPLETED" and f.on_disk for f in stager.request(request_id).files)
         assert counting.retrieves == [sops[:4], site.series[0].SeriesInstanceUID] and sum(fetches) == 10
-        for entry in site.slices:
-            data = stager.cached_path(entry).read_bytes()
-            assert len(data) == entry.size and f"{zlib.adler32(data):08x}" == entry.adler32
+        assert_cached_true_to_catalog(stager, site.slices)
     finally:
         stager.stop()
         site.catalog.close()
@@ -669,9 +674,7 @@ def test_two_front_ends_on_one_catalog_and_cache_stage_each_file_once(embedded_p
         assert len(paths) == 4 * len(site.slices) and len(set(paths)) == len(site.slices)
         assert Counter(published) == Counter(entry.guid for entry in site.slices)
         assert all(f.state == "COMPLETED" and f.on_disk for f in front_ends[1].request(request_id).files)
-        for entry in site.slices:
-            data = front_ends[1].cached_path(entry).read_bytes()
-            assert len(data) == entry.size and f"{zlib.adler32(data):08x}" == entry.adler32
+        assert_cached_true_to_catalog(front_ends[1], site.slices)
     finally:
         for stager in front_ends:
             stager.stop()
@@ -702,9 +705,7 @@ def test_a_get_of_a_slice_is_answered_once_it_is_published_while_its_series_is_r
         deadline = time.monotonic() + 20
         while any(stager.locality(e) == "TAPE" for e in site.slices) and time.monotonic() < deadline:
             time.sleep(0.02)
-        for entry in site.slices:  # read ahead: the same bytes as the catalog's
-            data = stager.cached_path(entry).read_bytes()
-            assert len(data) == entry.size and f"{zlib.adler32(data):08x}" == entry.adler32
+        assert_cached_true_to_catalog(stager, site.slices)  # read ahead: the same bytes as the catalog's
     finally:
         others.set()
         stager.stop()
@@ -741,9 +742,7 @@ def test_a_series_retrieved_whole_publishes_only_the_images_of_the_batch(any_pac
         cache_dir = site.config.path(site.config.cache.dir)
         assert sorted(p.name for p in cache_dir.iterdir() if p.name != TALLY) == sorted(f"{e.guid}.{e.content_version}"
                                                                      for e in site.slices)
-        for entry in site.slices:
-            data = stager.cached_path(entry).read_bytes()
-            assert len(data) == entry.size and f"{zlib.adler32(data):08x}" == entry.adler32
+        assert_cached_true_to_catalog(stager, site.slices)
     finally:
         stager.stop()
         site.catalog.close()
