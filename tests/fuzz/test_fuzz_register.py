@@ -29,7 +29,8 @@ from srm_dicom.catalog import open_catalog
 from srm_dicom.config import load_config
 from srm_dicom.errors import MdmError
 from srm_dicom.keystore.client import KeystoreClient
-from srm_dicom.register import Registrar, read_dicom
+from srm_dicom.prepare import read_dicom
+from srm_dicom.register import Registrar
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "200"))
 CASE_TIMEOUT = 20  # seconds: far above any real file's registration, even on a loaded machine
@@ -68,6 +69,8 @@ TALLY = Tally()
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large])
 @example(data=FOUND[0])
 @example(data=FOUND[1])
+@example(data=FOUND[2])
+@example(data=FOUND[3])
 @given(data=mutants())
 def test_a_mutated_file_is_registered_or_refused_with_one_reason(registrar, tmp_path, caplog, data):
     path = tmp_path / "mutant.dcm"
