@@ -16,10 +16,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.tag import BaseTag
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 from srm_dicom.anonymization_options import AnonymizationOptions
@@ -63,7 +65,7 @@ def _values_of_the_file(step: str) -> Iterator[None]:
         raise InvalidInput(f"a header value cannot be {step} ({exc.__class__.__name__})") from None
 
 
-def decode_fully(ds: Dataset) -> None:
+def decode_fully(ds: Dataset) -> Dataset:
     """Decode every element now, nested sequences included. pydicom decodes values lazily, on
     first access, and a malformed value then raises whatever its converter raises
     (ValueError, TypeError, OverflowError, NotImplementedError, struct.error...): decoded
@@ -72,7 +74,10 @@ def decode_fully(ds: Dataset) -> None:
     The values are decoded in a copy of the element table: ``ds`` keeps its elements as read,
     which pydicom's writer copies as they are. The anonymizer keeps them so, as staging (which
     never decodes them) does, and the digest and the served file cost a copy of the bytes
-    instead of encoding every value again (issue 9, "Registration as a pipeline")."""
+    instead of encoding every value again (issue 9, "Registration as a pipeline").
+
+    Returns the decoded copy, with the file meta of ``ds``: the metadata is read from it, so
+    that no value is decoded twice."""
     # Iterating a Dataset yields its elements, decoded: its keys are the tags, left as they are.
     # keep_deferred: an element read without its value (value None) is decoded in the probe too,
     # inside the guard (get_item would decode it here, unguarded: a traceback, found by the fuzz).
@@ -86,13 +91,16 @@ def decode_fully(ds: Dataset) -> None:
     except Exception as exc:  # pydicom's converters raise many types on corrupt input
         where = f" after element {tag}" if tag is not None else ""
         raise InvalidInput(f"corrupt DICOM element{where} ({exc.__class__.__name__})") from None
+    if hasattr(ds, "file_meta"):
+        probe.file_meta = ds.file_meta
+    return probe
 
 
-def check_header(ds: Dataset, decoded: bool = False) -> None:
+def check_header(ds: Dataset, decoded: Dataset | None = None) -> Dataset:
     """Refuse a data set the catalog cannot name: one of the three UIDs missing or malformed.
-    ``decoded``: ``decode_fully`` has checked it already (``read_dicom``)."""
-    if not decoded:
-        decode_fully(ds)
+    ``decoded``: what ``decode_fully`` made of it already (a file read); returned."""
+    if decoded is None:
+        decoded = decode_fully(ds)
     if "TransferSyntaxUID" not in getattr(ds, "file_meta", Dataset()):
         raise InvalidInput("no transfer syntax in the file meta information")
     syntax = ds.file_meta.TransferSyntaxUID
@@ -106,6 +114,7 @@ def check_header(ds: Dataset, decoded: bool = False) -> None:
             raise InvalidInput(f"missing {keyword}")
         if not is_uid(value):
             raise InvalidInput(f"{keyword} is not a valid UID")
+    return decoded
 
 
 
@@ -162,8 +171,12 @@ def prepare(job: Job) -> Prepared | MdmError:
     a worker per image, and the rare image that turns out to be a changed one is protected again
     under its entry's GUID (``Registrar._staged``)."""
     try:
-        ds = read_dicom(job.source) if isinstance(job.source, Path) else job.source
-        check_header(ds, decoded=isinstance(job.source, Path))
+        if isinstance(job.source, Path):
+            ds, decoded = _read(job.source)
+            check_header(ds, decoded)
+        else:
+            ds = job.source
+            decoded = check_header(ds)
         settings = job.settings
         burned_in = burned_in_reason(ds)
         if burned_in and settings.options.burned_in == "refuse":
@@ -183,22 +196,39 @@ def prepare(job: Job) -> Prepared | MdmError:
     except MdmError as exc:
         return exc
     try:
-        return _protect(named, ds, job)
+        return _protect(named, ds, decoded, job)
     except MdmError as exc:
         return replace(named, failure=exc)
 
 
-def _protect(named: Prepared, ds: Dataset, job: Job) -> Prepared:
+def _protect(named: Prepared, ds: Dataset, decoded: Dataset, job: Job) -> Prepared:
     settings, guid, key = job.settings, job.guid or str(uuid.uuid4()), new_file_key()
     with _values_of_the_file("anonymized"):
         protected = protect_image(ds, settings.secret, settings.options, key, guid, job.version)
     with _values_of_the_file("read for the metadata"):
-        metadata = extract_metadata(ds, settings.secret, served=protected.served)
+        metadata = extract_metadata(decoded, settings.secret, served=_decoded_view(protected.served, ds, decoded))
     erased = tuple((e.path, e.keyword, e.value) for e in protected.erased)
     return replace(
         named, guid=guid, version=job.version, key=key, size=protected.size, adler32=protected.adler32,
         sha256=protected.sha256, metadata=replace(metadata, erased=erased),
     )
+
+
+def _decoded_view(served: Dataset, ds: Dataset, decoded: Dataset) -> Dataset:
+    """``served`` with each element the anonymizer kept as read (the very element of ``ds``)
+    replaced by its decoded twin from ``decoded``: the same values, not decoded again. As it is
+    when its character set is not that of ``ds`` (its text would decode otherwise)."""
+    if served._character_set != decoded._character_set:
+        return served
+    elements: dict[BaseTag, Any] = {}
+    for tag in served.keys():  # noqa: SIM118 - the tags; iterating the data set would decode it
+        element = served.get_item(tag, keep_deferred=True)
+        elements[tag] = decoded.get_item(tag) if element is ds.get_item(tag, keep_deferred=True) else element
+    view = Dataset(elements)
+    implicit, little = served.original_encoding
+    view.set_original_encoding(implicit, little, served.original_character_set)
+    view.file_meta = served.file_meta
+    return view
 
 
 def _sendable_as_read(ds: Dataset) -> bool:
@@ -215,9 +245,13 @@ def _sendable_as_read(ds: Dataset) -> bool:
     )
 
 
-
 def read_dicom(path: Path) -> Dataset:
     """Read a whole Part-10 file (or a bare data set), turning every failure into one reason."""
+    return _read(path)[0]
+
+
+def _read(path: Path) -> tuple[Dataset, Dataset]:
+    """``read_dicom``, and what ``decode_fully`` made of the data set."""
     try:
         ds = pydicom.dcmread(path)
     except InvalidDicomError:
@@ -237,8 +271,7 @@ def read_dicom(path: Path) -> Dataset:
     if storage_class == MEDIA_STORAGE_DIRECTORY:
         raise NotAnImage(DICOMDIR)
     check_complete(ds)  # first: it reads the raw elements' declared lengths
-    decode_fully(ds)
-    return ds
+    return ds, decode_fully(ds)
 
 
 class NotDicom(InvalidInput):
