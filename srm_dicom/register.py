@@ -60,6 +60,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _REQUIRED_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
+# Checked with them: the SOP class is no part of the name, but the catalog records it and the
+# PACS store offers it (a data set without one is refused here, not mid-way).
+_CHECKED_UIDS = (*_REQUIRED_UIDS, "SOPClassUID")
 
 
 @dataclass
@@ -140,8 +143,9 @@ def decode_fully(ds: Dataset) -> None:
 
 
 def check_header(ds: Dataset, decoded: bool = False) -> None:
-    """Refuse a data set the catalog cannot name: one of the three UIDs missing or malformed.
-    ``decoded``: ``decode_fully`` has checked it already (``read_dicom``)."""
+    """Refuse a data set the catalog cannot name or record: one of the three UIDs or the SOP
+    Class UID missing or malformed. ``decoded``: ``decode_fully`` has checked it already
+    (``read_dicom``)."""
     if not decoded:
         decode_fully(ds)
     if "TransferSyntaxUID" not in getattr(ds, "file_meta", Dataset()):
@@ -151,7 +155,7 @@ def check_header(ds: Dataset, decoded: bool = False) -> None:
         raise InvalidInput("the file meta names no known transfer syntax")
     if ds.group_dataset(0x0000):  # PS3.10: the command group is never part of a stored data set
         raise InvalidInput("holds command-set elements (group 0000), which no stored data set may")
-    for keyword in _REQUIRED_UIDS:
+    for keyword in _CHECKED_UIDS:
         value = str(ds.get(keyword, "") or "").strip()
         if not value:
             raise InvalidInput(f"missing {keyword}")

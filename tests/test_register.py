@@ -144,6 +144,20 @@ def test_a_data_set_holding_command_set_elements_is_refused_with_its_reason(embe
     catalog.close()
 
 
+def test_a_data_set_without_a_valid_sop_class_uid_is_refused_with_its_reason(embedded_pacs, tmp_path, key_servers):
+    config = load_config(write_site_config(tmp_path, embedded_pacs, key_servers))
+    ds = make_series(slices=1, size=8)[0]
+    del ds.SOPClassUID  # the push fuzz's finding: its tag mutated to (0001,0016), answered 0xC211
+    catalog = open_catalog(config)
+    with pytest.raises(InvalidInput, match="missing SOPClassUID"):
+        Registrar(config, catalog, None, KeystoreClient.from_config(config)).register(ds, store_in_pacs=True)
+    ds.SOPClassUID = "1.2.abc"
+    with pytest.raises(InvalidInput, match="SOPClassUID is not a valid UID"):
+        Registrar(config, catalog, None, KeystoreClient.from_config(config)).register(ds, store_in_pacs=True)
+    assert catalog.namespace.count() == 0
+    catalog.close()
+
+
 def test_every_vendor_series_is_readable_and_named(tmp_path):
     vendor = require_vendor_data()
     summary = Summary()
