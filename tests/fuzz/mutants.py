@@ -140,5 +140,20 @@ def _sop_class_in_group_0001() -> bytes:
     return bytes(data)
 
 
+def _an_empty_element_of_unknown_vr() -> bytes:
+    """Found by the push fuzz (in pydicom's CT): an empty Laterality whose VR is ZZ. pydicom
+    decodes an empty element when it is looked up, so building the decoding's copy of the
+    element table raised NotImplementedError, outside its guard: a push answered 0xC211."""
+    ds = make_series(slices=1, size=8, seed="fuzz finding")[0]
+    ds.Laterality = ""
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    data = bytearray(buffer.getvalue())
+    at = data.index(b"\x20\x00\x60\x00CS\x00\x00")
+    data[at + 4: at + 6] = b"ZZ"
+    return bytes(data)
+
+
 # Inputs the fuzzing found, run first in every run (hypothesis' @example).
-FOUND = [_no_rows_and_a_corrupt_sop_class(), _sop_class_in_the_command_group(), _sop_class_in_group_0001()]
+FOUND = [_no_rows_and_a_corrupt_sop_class(), _sop_class_in_the_command_group(), _sop_class_in_group_0001(),
+         _an_empty_element_of_unknown_vr()]
