@@ -36,6 +36,9 @@ from srm_dicom.protect import protect_image
 from srm_dicom.uids import deidentify_uid
 
 REQUIRED_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
+# Checked with them: the SOP class is no part of the name, but the catalog records it and the
+# PACS store offers it (a data set without one is refused here, not mid-way).
+_CHECKED_UIDS = (*REQUIRED_UIDS, "SOPClassUID")
 DICOMDIR = "DICOMDIR"
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
 
@@ -78,14 +81,13 @@ def decode_fully(ds: Dataset) -> Dataset:
 
     Returns the decoded copy, with the file meta of ``ds``: the metadata is read from it, so
     that no value is decoded twice."""
-    # Iterating a Dataset yields its elements, decoded: its keys are the tags, left as they are.
-    # keep_deferred: an element read without its value (value None) is decoded in the probe too,
-    # inside the guard (get_item would decode it here, unguarded: a traceback, found by the fuzz).
-    probe = Dataset({tag: ds.get_item(tag, keep_deferred=True) for tag in ds.keys()})  # noqa: SIM118
     implicit, little = ds.original_encoding
-    probe.set_original_encoding(implicit, little, ds.original_character_set)
     tag = None
     try:
+        # Iterating a Dataset yields its elements, decoded: its keys are the tags, left as they
+        # are. get_item decodes an element whose raw value is None (an empty one) in ``ds``.
+        probe = Dataset({key: ds.get_item(key) for key in ds.keys()})  # noqa: SIM118
+        probe.set_original_encoding(implicit, little, ds.original_character_set)
         for element in probe.iterall():
             tag = element.tag
     except Exception as exc:  # pydicom's converters raise many types on corrupt input
@@ -97,8 +99,9 @@ def decode_fully(ds: Dataset) -> Dataset:
 
 
 def check_header(ds: Dataset, decoded: Dataset | None = None) -> Dataset:
-    """Refuse a data set the catalog cannot name: one of the three UIDs missing or malformed.
-    ``decoded``: what ``decode_fully`` made of it already (a file read); returned."""
+    """Refuse a data set the catalog cannot name or record: one of the three UIDs or the SOP
+    Class UID missing or malformed. ``decoded``: what ``decode_fully`` made of it already (a
+    file read); returned."""
     if decoded is None:
         decoded = decode_fully(ds)
     if "TransferSyntaxUID" not in getattr(ds, "file_meta", Dataset()):
@@ -108,7 +111,7 @@ def check_header(ds: Dataset, decoded: Dataset | None = None) -> Dataset:
         raise InvalidInput("the file meta names no known transfer syntax")
     if ds.group_dataset(0x0000):  # PS3.10: the command group is never part of a stored data set
         raise InvalidInput("holds command-set elements (group 0000), which no stored data set may")
-    for keyword in REQUIRED_UIDS:
+    for keyword in _CHECKED_UIDS:
         value = str(ds.get(keyword, "") or "").strip()
         if not value:
             raise InvalidInput(f"missing {keyword}")
@@ -264,11 +267,8 @@ def _read(path: Path) -> tuple[Dataset, Dataset]:
         raise InvalidInput(f"corrupt or truncated DICOM ({exc.__class__.__name__})") from None
     if "TransferSyntaxUID" not in getattr(ds, "file_meta", Dataset()):
         raise InvalidInput("not a DICOM Part-10 file (no file meta information)")
-    try:  # decoded before decode_fully, which checks the data set: a corrupt meta is this file's reason too
-        storage_class = str(ds.file_meta.get("MediaStorageSOPClassUID", ""))
-    except Exception as exc:  # pydicom's converters raise many types on corrupt input
-        raise InvalidInput(f"corrupt DICOM element (0002,0002) ({exc.__class__.__name__})") from None
-    if storage_class == MEDIA_STORAGE_DIRECTORY:
+    decode_fully(ds.file_meta)  # decoded lazily too, and read below and at every step after
+    if str(ds.file_meta.get("MediaStorageSOPClassUID", "")) == MEDIA_STORAGE_DIRECTORY:
         raise NotAnImage(DICOMDIR)
     check_complete(ds)  # first: it reads the raw elements' declared lengths
     return ds, decode_fully(ds)
@@ -286,7 +286,7 @@ def check_complete(ds: Dataset) -> None:
     """pydicom stops quietly at a short read; a truncated file shows as a last element
     shorter than its declared length, or as an image without its pixel data."""
     if len(ds):
-        last = ds.get_item(list(ds.keys())[-1])
+        last = ds.get_item(list(ds.keys())[-1], keep_deferred=True)  # raw: decode_fully decodes it
         declared = getattr(last, "length", 0xFFFFFFFF)
         if declared != 0xFFFFFFFF and isinstance(last.value, bytes) and len(last.value) < declared:
             raise InvalidInput("truncated DICOM file")

@@ -56,8 +56,9 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 # What the fork server imports once, so that every worker it forks has them: this module (the
-# staging tasks) and registration's (``prepare``).
-PRELOAD = [__name__, "srm_dicom.prepare"]
+# staging tasks), registration's (``prepare``), and srm_dicom.worker_start, which protects a
+# sample image there once so that no worker's first task pays for the first protection.
+PRELOAD = [__name__, "srm_dicom.prepare", "srm_dicom.worker_start"]
 
 _lock = threading.Lock()
 _pool: ProcessPoolExecutor | None = None

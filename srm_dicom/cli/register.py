@@ -24,10 +24,10 @@ if TYPE_CHECKING:
 
 EXIT_SOME_FAILED = 1
 POOL_FROM = 32
-# What the workers are and run (srm_dicom.workers.PRELOAD: srm_dicom.workers, srm_dicom.prepare):
-# imported once by the fork server, inherited by every worker it forks. Named here, not imported
-# from srm_dicom.workers: this process starts the fork server before its own imports.
-WORKER_MODULES = ["srm_dicom.workers", "srm_dicom.prepare"]
+# What the workers are and run (srm_dicom.workers.PRELOAD): imported once by the fork server,
+# inherited by every worker it forks. Named here, not imported from srm_dicom.workers: this
+# process starts the fork server before its own imports.
+WORKER_MODULES = ["srm_dicom.workers", "srm_dicom.prepare", "srm_dicom.worker_start"]
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:

@@ -101,20 +101,14 @@ def mutants(draw: st.DrawFn) -> bytes:
     return bytes(data)
 
 
-def _finding_slice(without_rows: bool = False) -> bytearray:
-    """The synthetic slice the findings below are made from, as a Part-10 file."""
-    ds = make_series(slices=1, size=8, seed="fuzz finding")[0]
-    if without_rows:
-        del ds.Rows
-    buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    return bytearray(buffer.getvalue())
-
-
 def _no_rows_and_a_corrupt_sop_class() -> bytes:
     """Found by the push fuzz: an image without Rows whose SOP Class UID's VR is FD (pydicom's
     BytesLengthException from the completeness check, before any decoding was guarded)."""
-    data = _finding_slice(without_rows=True)
+    ds = make_series(slices=1, size=8, seed="fuzz finding")[0]
+    del ds.Rows
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    data = bytearray(buffer.getvalue())
     at = data.index(b"\x08\x00\x16\x00UI")
     data[at + 4: at + 6] = b"FD"
     return bytes(data)
@@ -124,31 +118,42 @@ def _sop_class_in_the_command_group() -> bytes:
     """Found by the push fuzz: SOP Class UID's tag mutated into the command group, (0000,0016).
     pydicom reads it, but refuses to write it back (ValueError from dcmwrite): a push answered
     0xC211, an exception in our handler."""
-    data = _finding_slice()
+    ds = make_series(slices=1, size=8, seed="fuzz finding")[0]
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    data = bytearray(buffer.getvalue())
     at = data.index(b"\x08\x00\x16\x00UI")
     data[at: at + 2] = b"\x00\x00"
     return bytes(data)
 
 
-def _an_element_read_without_its_value() -> bytes:
-    """Found by the registration fuzz: pydicom's CT with 14 bytes deleted after Patient's Birth
-    Date, so that a group length (5153,0000) with the VR "H\\0" follows; pydicom leaves its value
-    unread, and taking the element out of the data set decoded it, outside the guard
-    (NotImplementedError from read_dicom, a traceback in mdm register)."""
-    data = Path(str(get_testdata_file("CT_small.dcm"))).read_bytes()
-    at = data.index(b"\x10\x00\x40\x00CS")  # (0010,0040) Patient's Sex
-    return data[:at] + data[at + 14:]
+def _sop_class_in_group_0001() -> bytes:
+    """Found by the push fuzz (in pydicom's RT plan): SOP Class UID's tag mutated to (0001,0016),
+    so the data set has no SOP Class UID, which was not checked with the three UIDs of its
+    name: an AttributeError when the catalog row was built, a push answered 0xC211."""
+    ds = make_series(slices=1, size=8, seed="fuzz finding")[0]
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    data = bytearray(buffer.getvalue())
+    at = data.index(b"\x08\x00\x16\x00UI")
+    data[at: at + 2] = b"\x01\x00"
+    return bytes(data)
 
 
-def _a_corrupt_media_storage_sop_class() -> bytes:
-    """Found by the registration fuzz: the file meta's Media Storage SOP Class UID with the VR
-    "U\\0", decoded unguarded by the DICOMDIR check (NotImplementedError from read_dicom)."""
-    data = _finding_slice()
-    at = data.index(b"\x02\x00\x02\x00UI")
-    data[at + 4: at + 6] = b"U\x00"
+def _an_empty_element_of_unknown_vr() -> bytes:
+    """Found by the push fuzz (in pydicom's CT): an empty Laterality whose VR is ZZ. pydicom
+    decodes an empty element when it is looked up, so building the decoding's copy of the
+    element table raised NotImplementedError, outside its guard: a push answered 0xC211."""
+    ds = make_series(slices=1, size=8, seed="fuzz finding")[0]
+    ds.Laterality = ""
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    data = bytearray(buffer.getvalue())
+    at = data.index(b"\x20\x00\x60\x00CS\x00\x00")
+    data[at + 4: at + 6] = b"ZZ"
     return bytes(data)
 
 
 # Inputs the fuzzing found, run first in every run (hypothesis' @example).
-FOUND = [_no_rows_and_a_corrupt_sop_class(), _sop_class_in_the_command_group(), _an_element_read_without_its_value(),
-         _a_corrupt_media_storage_sop_class()]
+FOUND = [_no_rows_and_a_corrupt_sop_class(), _sop_class_in_the_command_group(), _sop_class_in_group_0001(),
+         _an_empty_element_of_unknown_vr()]
