@@ -96,6 +96,27 @@ def test_lookup_by_lfn_guid_names_uids_and_original_uids(config, catalog):
         find_entry(catalog, "1.2.3,1.2.4,1.2.5")
 
 
+def test_a_site_upgraded_in_place_finds_its_entries_by_original_uids(config):
+    """An existing catalog, filled at the schema before the original-UID index holds the GUID,
+    migrated: what it held is found by the PACS's UIDs as before, through the new index."""
+    catalog = open_catalog(config, migrate=False)
+    try:
+        dialect, migrations = catalog.backend.dialect, catalog.backend.dialect.migrations
+        before = next(n for n, script in enumerate(migrations) if "dicom_original_guid" in script)
+        dialect.migrations = migrations[:before]
+        assert catalog.backend.migrate() == (0, before)
+        series, _ = register_series(config, catalog)
+        del dialect.migrations  # the class's: every migration
+        assert catalog.backend.migrate() == (before, len(migrations))
+        for ds in series:
+            found = find_entry(catalog, original_spec(ds))
+            assert found.sop_uid != ds.SOPInstanceUID and found == find_entry(catalog, found.lfn)
+        volume = find_entry(catalog, f"{series[0].StudyInstanceUID},{series[0].SeriesInstanceUID},3D")
+        assert volume.lfn == f"{series_dir(catalog)}/3D"
+    finally:
+        catalog.close()
+
+
 def test_bulk_lookup_finds_every_existing_name_across_chunks_with_its_rights(config, catalog):
     register_series(config, catalog, slices=3)
     entries = catalog.namespace.list_dir(series_dir(catalog)).entries

@@ -155,4 +155,9 @@ MIGRATIONS: list[str] = [
     CREATE INDEX entries_rights ON entries (parent, mode, metadata_mode, vo, owner, kind, guid);
     CREATE INDEX acl_dn ON acl (dn)
     """,
+    # 8: an entry by the PACS's original UIDs from the index alone (SQLite's 13).
+    """
+    CREATE INDEX dicom_original_guid ON dicom (study_uid, series_uid, sop_uid) INCLUDE (guid);
+    DROP INDEX dicom_original
+    """,
 ]
