@@ -99,6 +99,45 @@ def encode_dataset(ds: Dataset, implicit: bool, little: bool) -> bytes:
     return out.getvalue()
 
 
+# The file meta the anonymizer writes (srm_dicom.anonymize._file_meta), by tag: its VR and padding.
+_META = {0x00020001: ("OB", b"\0"), 0x00020002: ("UI", b"\0"), 0x00020003: ("UI", b"\0"), 0x00020010: ("UI", b"\0"),
+         0x00020012: ("UI", b"\0"), 0x00020013: ("SH", b" ")}
+_REQUIRED_META = frozenset(_META)
+
+
+def _file_meta(meta: Dataset) -> bytes | None:
+    """The group length and file meta elements as pydicom's ``write_file_meta_info`` writes
+    them (explicit VR little endian, tag order, even lengths), for a meta of exactly the
+    anonymizer's elements with plain ASCII values; None for any other (left to dcmwrite, which
+    also completes or refuses it)."""
+    if set(meta.keys()) != _REQUIRED_META:
+        return None
+    parts = []
+    for tag in sorted(meta.keys()):
+        elem = meta.get_item(tag)
+        vr, padding = _META[tag]
+        value = elem.value
+        if vr != elem.VR or isinstance(elem, RawDataElement):
+            return None
+        if vr == "OB":
+            if not isinstance(value, bytes) or not value:
+                return None
+            encoded = value
+        else:
+            if not isinstance(value, str) or not value or not value.isascii():
+                return None
+            encoded = value.encode()
+        if len(encoded) % 2:
+            encoded += padding
+        group, element = tag >> 16, tag & 0xFFFF
+        if vr == "OB":
+            parts.append(struct.pack("<HH2s2xL", group, element, b"OB", len(encoded)) + encoded)
+        else:
+            parts.append(struct.pack("<HH2sH", group, element, vr.encode(), len(encoded)) + encoded)
+    body = b"".join(parts)
+    return struct.pack("<HH2sHL", 0x0002, 0x0000, b"UL", 4, len(body)) + body
+
+
 def part10(ds: Dataset) -> bytes:
     """``dcmwrite(buffer, ds, enforce_file_format=True)``: the preamble and file meta as pydicom
     writes them, then ``encode_dataset``. A case where dcmwrite changes the meta or the data set
@@ -116,13 +155,12 @@ def part10(ds: Dataset) -> bytes:
         and (sop_instance is None or not sop_instance.value or sop_instance.value == meta.MediaStorageSOPInstanceUID)
         and getattr(ds, "preamble", None) is None
     )
+    meta_bytes = _file_meta(meta) if plain else None
     buffer = BytesIO()
-    if not plain:
+    if meta_bytes is None:
         dcmwrite(buffer, ds, enforce_file_format=True)
         return buffer.getvalue()
-    head = Dataset()
-    head.file_meta = meta
-    dcmwrite(buffer, head, enforce_file_format=True)  # preamble, "DICM", the file meta
+    buffer.write(b"\0" * 128 + b"DICM" + meta_bytes)
     assert isinstance(syntax, UID)  # checked above
     if "PixelData" in ds:  # as dcmwrite: the syntax says whether pixel data is encapsulated
         ds["PixelData"].is_undefined_length = syntax.is_compressed
