@@ -1,12 +1,14 @@
 """The catalog's contract (srm_dicom/catalog.py), run over every installed backend: the
 core's domain rules and each store, with real registrations (real key servers)."""
 
+import contextlib
 import io
 from dataclasses import replace
 
 import pytest
 from pydicom import dcmread
 
+import postgres
 from catalogs import original_spec, register_series, series_dir
 from sites import keystore_section
 from srm_dicom.anonymization_options import AnonymizationOptions
@@ -219,6 +221,62 @@ def test_aggregates_count_per_directory_rights_class_and_flag(config, catalog):
     assert sorted((d, n, f) for d, n, _, f, _ in flagged) == sorted(
         [(directories[0], 1, (True,)), (directories[0], 2, (False,)), (directories[1], 2, (False,))])
     assert catalog.index.aggregate(parse("PatientName = 'nobody'"), RightsFacts(), [], [modality]) == []
+
+
+def test_aggregates_split_a_series_by_modality_as_registered_last(config, catalog):
+    """Each part holds one Modality, the one of its sample, and a slice registered again with
+    another Modality moves to that part: QIDO-RS ModalitiesInStudy lists every one seen."""
+    series = make_series(slices=3, size=8, seed="mixed")
+    series[1].Modality = "MR"
+    registrar = Registrar(config, catalog, None, KeystoreClient.from_config(config))
+    for ds in series:
+        registrar.register(ds, store_in_pacs=False)
+    modality = ATTRIBUTES["Modality"]
+
+    def parts():
+        found = catalog.index.aggregate(parse(""), RightsFacts(None, "demo"), [], [modality])
+        return sorted((g.values["Modality"], g.count, g.sample) for g in found)
+
+    def samples():
+        slices = [(m.values["Modality"], m.entry.guid) for m in catalog.index.search(parse(""), [modality])]
+        return sorted((value, sum(v == value for v, _ in slices), min(g for v, g in slices if v == value))
+                      for value in {v for v, _ in slices})
+
+    assert [(value, n) for value, n, _ in parts()] == [("CT", 2), ("MR", 1)]
+    assert parts() == samples()
+    series[1].Modality = "CT"
+    assert registrar.register(series[1], store_in_pacs=False) is Outcome.UPDATED
+    assert [(value, n) for value, n, _ in parts()] == [("CT", 3)]
+    assert parts() == samples()
+
+
+def test_a_catalog_of_the_schema_before_modality_on_entries_migrates_to_the_same_aggregates(config, catalog,
+                                                                                            tmp_path):
+    """A site upgraded past the migration that copied Modality onto the entries (SQLite 13,
+    PostgreSQL 8) counts its studies as one registered since: its slices have theirs."""
+    register_series(config, catalog, slices=3, seed="a")
+    register_series(config, catalog, slices=2, seed="b")
+    migrations = catalog.backend.dialect.migrations
+    version = next(n for n, script in enumerate(migrations, 1) if "ADD COLUMN modality" in script)
+    with contextlib.ExitStack() as stack:
+        if config.catalog.backend == "postgresql":
+            section = {"backend": "postgresql", "url": stack.enter_context(postgres.database())}
+        else:
+            section = {"backend": "sqlite", "url": "before.db"}
+        old = type(catalog.backend).from_config(parse_config({"catalog": section}, tmp_path), migrate=False)
+        stack.callback(old.close)
+        old.dialect.migrations = migrations[:version - 1]
+        old.migrate()
+        catalog.backend.copy_to(old, lambda table, rows: None)  # the columns both have
+        old.dialect.migrations = migrations
+        assert old.migrate() == (version - 1, len(migrations))
+
+        def groups(index):
+            found = index.aggregate(parse(""), RightsFacts(None, "demo"), [], [ATTRIBUTES["Modality"]])
+            return [(g.directory, g.rights, g.count, g.sample, g.values) for g in found]
+
+        assert groups(old.index) == groups(catalog.index) and len(groups(old.index)) == 2
+        assert all(values == {"Modality": "CT"} for *_, values in groups(old.index))
 
 
 def request_of(request_id, entries, created_at, lifetime=60):
