@@ -60,6 +60,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _REQUIRED_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
+# Checked with them: the SOP class is no part of the name, but the catalog records it and the
+# PACS store offers it (a data set without one is refused here, not mid-way).
+_CHECKED_UIDS = (*_REQUIRED_UIDS, "SOPClassUID")
 
 
 @dataclass
@@ -126,12 +129,13 @@ def decode_fully(ds: Dataset) -> None:
     which pydicom's writer copies as they are. The anonymizer keeps them so, as staging (which
     never decodes them) does, and the digest and the served file cost a copy of the bytes
     instead of encoding every value again (issue 9, "Registration as a pipeline")."""
-    # Iterating a Dataset yields its elements, decoded: its keys are the tags, left as they are.
-    probe = Dataset({tag: ds.get_item(tag) for tag in ds.keys()})  # noqa: SIM118
     implicit, little = ds.original_encoding
-    probe.set_original_encoding(implicit, little, ds.original_character_set)
     tag = None
     try:
+        # Iterating a Dataset yields its elements, decoded: its keys are the tags, left as they
+        # are. get_item decodes an element whose raw value is None (an empty one) in ``ds``.
+        probe = Dataset({key: ds.get_item(key) for key in ds.keys()})  # noqa: SIM118
+        probe.set_original_encoding(implicit, little, ds.original_character_set)
         for element in probe.iterall():
             tag = element.tag
     except Exception as exc:  # pydicom's converters raise many types on corrupt input
@@ -140,8 +144,9 @@ def decode_fully(ds: Dataset) -> None:
 
 
 def check_header(ds: Dataset, decoded: bool = False) -> None:
-    """Refuse a data set the catalog cannot name: one of the three UIDs missing or malformed.
-    ``decoded``: ``decode_fully`` has checked it already (``read_dicom``)."""
+    """Refuse a data set the catalog cannot name or record: one of the three UIDs or the SOP
+    Class UID missing or malformed. ``decoded``: ``decode_fully`` has checked it already
+    (``read_dicom``)."""
     if not decoded:
         decode_fully(ds)
     if "TransferSyntaxUID" not in getattr(ds, "file_meta", Dataset()):
@@ -151,7 +156,7 @@ def check_header(ds: Dataset, decoded: bool = False) -> None:
         raise InvalidInput("the file meta names no known transfer syntax")
     if ds.group_dataset(0x0000):  # PS3.10: the command group is never part of a stored data set
         raise InvalidInput("holds command-set elements (group 0000), which no stored data set may")
-    for keyword in _REQUIRED_UIDS:
+    for keyword in _CHECKED_UIDS:
         value = str(ds.get(keyword, "") or "").strip()
         if not value:
             raise InvalidInput(f"missing {keyword}")
@@ -770,6 +775,7 @@ def read_dicom(path: Path) -> Dataset:
         raise InvalidInput(f"corrupt or truncated DICOM ({exc.__class__.__name__})") from None
     if "TransferSyntaxUID" not in getattr(ds, "file_meta", Dataset()):
         raise InvalidInput("not a DICOM Part-10 file (no file meta information)")
+    decode_fully(ds.file_meta)  # decoded lazily too, and read below and at every step after
     if str(ds.file_meta.get("MediaStorageSOPClassUID", "")) == MEDIA_STORAGE_DIRECTORY:
         raise NotAnImage(DICOMDIR)
     check_complete(ds)  # first: it reads the raw elements' declared lengths
@@ -789,7 +795,7 @@ def check_complete(ds: Dataset) -> None:
     """pydicom stops quietly at a short read; a truncated file shows as a last element
     shorter than its declared length, or as an image without its pixel data."""
     if len(ds):
-        last = ds.get_item(list(ds.keys())[-1])
+        last = ds.get_item(list(ds.keys())[-1], keep_deferred=True)  # raw: decode_fully decodes it
         declared = getattr(last, "length", 0xFFFFFFFF)
         if declared != 0xFFFFFFFF and isinstance(last.value, bytes) and len(last.value) < declared:
             raise InvalidInput("truncated DICOM file")

@@ -536,7 +536,7 @@ class Stager:
             waited = {c.guid for c in claimed if c.guid in self._jobs}
             batch = [self._jobs.setdefault(c.guid, _Job(c.guid, c.attempt)) for c in claimed]
             self._held.update(c.guid for c in claimed)
-        # The files someone here waits for first: those the PACS sends at once are protected in this order.
+        # The files someone here waits for first: a batch asked for in parts asks for them first.
         batch.sort(key=lambda job: job.guid not in waited)
         started = time.monotonic()
         outcomes: dict[str, tuple[str, str | None]] = {}
@@ -708,16 +708,16 @@ class Stager:
 
     def _retrieve_iter(
         self, study: str, series: str, sops: Sequence[str] | None, classes: frozenset[str], spool: Path,
-        partial: list[str] | None = None, order: Sequence[str] = (),
+        partial: list[str] | None = None,
     ) -> Iterator[tuple[str, Path]]:
         """The retrieved images' (SOP Instance UID, file in ``spool``) as they arrive (C-MOVE's
         one port held meanwhile)."""
         pacs = self._pacs()
         if self._move_lock is None:
-            yield from pacs.retrieve_files(study, series, sops, classes, spool, partial, order)
+            yield from pacs.retrieve_files(study, series, sops, classes, spool, partial)
             return
         with self._move_lock:
-            yield from pacs.retrieve_files(study, series, sops, classes, spool, partial, order)
+            yield from pacs.retrieve_files(study, series, sops, classes, spool, partial)
 
     def _retrieve_instances(
         self, study: str, series: str, sops: list[str], classes: frozenset[str],
@@ -735,7 +735,7 @@ class Stager:
         def ask(part: list[str] | None) -> None:
             partial: list[str] = []
             try:
-                for sop, path in self._retrieve_iter(study, series, part, classes, spool, partial, unique):
+                for sop, path in self._retrieve_iter(study, series, part, classes, spool, partial):
                     got.add(sop)
                     received(sop, path)
             except RetrieveRefused as exc:

@@ -180,7 +180,8 @@ def pool() -> ProcessPoolExecutor:
             if _pool is not None:
                 _pool.shutdown(wait=False, cancel_futures=True)
             context = multiprocessing.get_context("forkserver")
-            context.set_forkserver_preload([__name__])
+            # srm_dicom.worker_start: a first protection done once there, not in each worker.
+            context.set_forkserver_preload([__name__, "srm_dicom.worker_start"])
             _pool = ProcessPoolExecutor(size(), mp_context=context)
         return _pool
 

@@ -119,6 +119,39 @@ def test_bad_files_get_a_reason_each(tmp_path):
     assert summary.failures == [(str(tmp_path / "missing"), "no such file or directory")]
 
 
+@pytest.mark.parametrize("where", ["inside", "last"])
+def test_an_empty_element_of_unknown_vr_is_one_reason(tmp_path, where):
+    """Found by the push fuzz: pydicom decodes an empty element (its raw value is None) when it
+    is looked up, and an unknown VR then raised NotImplementedError from read_dicom, before its
+    decoding was guarded (a traceback in mdm register, 0xC211 for a push)."""
+    ds = make_series(slices=1, size=8)[0]
+    ds.BodyPartExamined = ""
+    path = tmp_path / "empty-zz.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    data = path.read_bytes()
+    empty = b"\x18\x00\x15\x00CS\x00\x00"  # (0018,0015), explicit VR little endian, no value
+    assert data.count(empty) == 1
+    if where == "inside":
+        path.write_bytes(data.replace(empty, empty[:4] + b"ZZ\x00\x00"))
+    else:
+        path.write_bytes(data + b"\xfc\xff\xfc\xffZZ\x00\x00")  # (FFFC,FFFC) after the pixel data
+    with pytest.raises(InvalidInput, match=r"corrupt DICOM element .*\(NotImplementedError\)"):
+        read_dicom(path)
+
+
+@pytest.mark.parametrize("vr", [b"ZZ", b"FD"])
+def test_a_file_meta_value_that_cannot_be_decoded_is_one_reason(tmp_path, vr):
+    """The file meta is decoded lazily as well: Media Storage SOP Class UID with an unknown VR
+    or as FD raised NotImplementedError or BytesLengthException from read_dicom."""
+    path = write_series(tmp_path, slices=1)[0]
+    data = bytearray(path.read_bytes())
+    at = data.index(b"\x02\x00\x02\x00UI")  # (0002,0002), explicit VR little endian
+    data[at + 4: at + 6] = vr
+    path.write_bytes(bytes(data))
+    with pytest.raises(InvalidInput, match=r"corrupt DICOM element .*\((NotImplementedError|BytesLengthException)\)"):
+        read_dicom(path)
+
+
 def test_a_header_without_its_uids_is_refused_before_anything_is_stored(embedded_pacs, tmp_path, key_servers):
     config = load_config(write_site_config(tmp_path, embedded_pacs, key_servers))
     ds = make_series(slices=1, size=8)[0]
@@ -139,6 +172,20 @@ def test_a_data_set_holding_command_set_elements_is_refused_with_its_reason(embe
     ds.add_new(0x00000016, "UI", ds.SOPClassUID)  # the push fuzz's finding: pydicom cannot write it back
     catalog = open_catalog(config)
     with pytest.raises(InvalidInput, match=r"command-set elements \(group 0000\)"):
+        Registrar(config, catalog, None, KeystoreClient.from_config(config)).register(ds, store_in_pacs=True)
+    assert catalog.namespace.count() == 0
+    catalog.close()
+
+
+def test_a_data_set_without_a_valid_sop_class_uid_is_refused_with_its_reason(embedded_pacs, tmp_path, key_servers):
+    config = load_config(write_site_config(tmp_path, embedded_pacs, key_servers))
+    ds = make_series(slices=1, size=8)[0]
+    del ds.SOPClassUID  # the push fuzz's finding: its tag mutated to (0001,0016), answered 0xC211
+    catalog = open_catalog(config)
+    with pytest.raises(InvalidInput, match="missing SOPClassUID"):
+        Registrar(config, catalog, None, KeystoreClient.from_config(config)).register(ds, store_in_pacs=True)
+    ds.SOPClassUID = "1.2.abc"
+    with pytest.raises(InvalidInput, match="SOPClassUID is not a valid UID"):
         Registrar(config, catalog, None, KeystoreClient.from_config(config)).register(ds, store_in_pacs=True)
     assert catalog.namespace.count() == 0
     catalog.close()

@@ -182,9 +182,9 @@ def test_concurrent_fetches_of_one_file_make_one_retrieval_that_reads_its_series
     associations: list[str] = []
 
     class CountingPacs(PacsClient):
-        def retrieve_files(self, study, series, sops, sop_classes, spool, partial=None, order=()):  # type: ignore[no-untyped-def]
+        def retrieve_files(self, study, series, sops, sop_classes, spool, partial=None):  # type: ignore[no-untyped-def]
             retrievals.append(sops or series)
-            return super().retrieve_files(study, series, sops, sop_classes, spool, partial, order)
+            return super().retrieve_files(study, series, sops, sop_classes, spool, partial)
 
         def _open(self, plan):  # type: ignore[no-untyped-def]
             associations.append(threading.current_thread().name)
@@ -248,9 +248,9 @@ def test_fetch_times_out_as_pending_while_staging_goes_on(site, monkeypatch):
     release = threading.Event()
 
     class SlowPacs(PacsClient):
-        def retrieve_files(self, study, series, sops, sop_classes, spool, partial=None, order=()):  # type: ignore[no-untyped-def]
+        def retrieve_files(self, study, series, sops, sop_classes, spool, partial=None):  # type: ignore[no-untyped-def]
             release.wait(10)
-            return super().retrieve_files(study, series, sops, sop_classes, spool, partial, order)
+            return super().retrieve_files(study, series, sops, sop_classes, spool, partial)
 
     monkeypatch.setattr(stager_module, "PacsClient", SlowPacs)
     stager = site.stager()
@@ -290,10 +290,10 @@ def test_stopped_mid_retrieve_nothing_is_published_and_the_request_resumes(site,
     inside, release = threading.Event(), threading.Event()
 
     class BlockedPacs(PacsClient):
-        def retrieve_files(self, study, series, sops, sop_classes, spool, partial=None, order=()):  # type: ignore[no-untyped-def]
+        def retrieve_files(self, study, series, sops, sop_classes, spool, partial=None):  # type: ignore[no-untyped-def]
             inside.set()
             release.wait(10)
-            return super().retrieve_files(study, series, sops, sop_classes, spool, partial, order)
+            return super().retrieve_files(study, series, sops, sop_classes, spool, partial)
 
     monkeypatch.setattr(stager_module, "PacsClient", BlockedPacs)
     stager = site.stager()
@@ -526,9 +526,9 @@ class CountingPacs(PacsClient):
     retrieves: list[object] = []
     finds: list[str] = []
 
-    def retrieve_files(self, study, series, sops, sop_classes, spool, partial=None, order=()):  # type: ignore[no-untyped-def]
+    def retrieve_files(self, study, series, sops, sop_classes, spool, partial=None):  # type: ignore[no-untyped-def]
         CountingPacs.retrieves.append(list(sops) if sops else series)
-        return super().retrieve_files(study, series, sops, sop_classes, spool, partial, order)
+        return super().retrieve_files(study, series, sops, sop_classes, spool, partial)
 
     def find(self, level, query):  # type: ignore[no-untyped-def]
         CountingPacs.finds.append(level)

@@ -70,7 +70,7 @@ from srm_dicom.errors import InvalidInput, NotFound, PacsError
 from srm_dicom.events import PacsCall, timed
 from srm_dicom.names import is_uid
 from srm_dicom.pacs.answers import keep_answers_for_the_caller
-from srm_dicom.pacs.dcmtk import GetscuIncomplete, getscu_files, getscu_get, storescu_store
+from srm_dicom.pacs.dcmtk import GetscuIncomplete, getscu_get, getscu_stream, storescu_store
 
 log = logging.getLogger(__name__)
 
@@ -560,27 +560,28 @@ class PacsClient:
     @timed(PacsCall, operation="C-GET")
     def get_files(
         self, study: str, series: str, sops: Instances, sop_classes: frozenset[str], spool: Path,
-        partial: list[str] | None = None, order: Sequence[str] = (),
+        partial: list[str] | None = None,
     ) -> Iterator[tuple[str, Path]]:
         """``get`` into ``spool``, a private directory of the caller's: (SOP Instance UID, Part-10
         file) of each image as it arrives, for the stager's process pool to read, so that no
-        image is decoded in the server. getscu writes the files itself; pynetdicom's are the
-        data sets' bytes as sent. The files are named by their SOP Instance UIDs, not read: the
-        reader checks that each holds the UIDs its name says (``workers.protect``). getscu has
-        them all at once: they come in the ``order`` of their SOP Instance UIDs (those not in it
-        last), so that the images a reader waits for are protected first."""
+        image is decoded in the server. getscu writes the files itself (each handed on once
+        written, ``getscu_stream``); pynetdicom's are the data sets' bytes as sent. The files are
+        named by their SOP Instance UIDs, not read: the reader checks that each holds the UIDs
+        its name says (``workers.protect``). When getscu complains, pynetdicom is asked for the
+        same images again: the caller takes those it already has once."""
         self._inbox.expected = (study, series, _sop_set(sops))
         if self._takes_getscu(sops):
+            wrote = False
             try:
-                files = getscu_files(self.config, self.name, study, series, sops,
-                                     Path(tempfile.mkdtemp(prefix="getscu-", dir=spool)))
+                for item in getscu_stream(self.config, self.name, study, series, sops,
+                                          Path(tempfile.mkdtemp(prefix="getscu-", dir=spool))):
+                    wrote = True
+                    if self._inbox.names(item[0]):
+                        yield item
             except GetscuIncomplete as exc:
                 log.info("%s; asking again with pynetdicom", exc)
             else:
-                if files:
-                    rank = {sop: i for i, sop in enumerate(order)}
-                    files.sort(key=lambda item: rank.get(item[0], len(rank)))
-                    yield from (item for item in files if self._inbox.names(item[0]))
+                if wrote:
                     return
         self._inbox.spool = spool
         try:
@@ -657,12 +658,12 @@ class PacsClient:
 
     def retrieve_files(
         self, study: str, series: str, sops: Instances, sop_classes: frozenset[str], spool: Path,
-        partial: list[str] | None = None, order: Sequence[str] = (),
+        partial: list[str] | None = None,
     ) -> Iterator[tuple[str, Path]]:
         """``retrieve`` into files of ``spool`` (see ``get_files``)."""
         if self.config.retrieve == "move":
             return self._move(study, series, sops, partial, spool)
-        return self.get_files(study, series, sops, sop_classes, spool, partial, order)
+        return self.get_files(study, series, sops, sop_classes, spool, partial)
 
     def _collect(
         self,

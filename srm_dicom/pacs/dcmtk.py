@@ -6,8 +6,9 @@ against getscu's 0.14 s on the benchmark machine, README "Benchmarks"), because 
 and every data element passes through Python. DCMTK is the toolkit the gLite MDM itself
 used; Debian's ``dcmtk`` package installs ``/usr/bin/getscu``. The images land in a
 directory only this process can read (``tempfile`` makes it 0700), are read back with
-pydicom (by the stager's workers, ``getscu_files``; or here, ``getscu_get``) and the
-directory is removed: they are the PACS's originals, PHI included.
+pydicom (by the stager's workers, each as soon as getscu has written it, ``getscu_stream``;
+or here, ``getscu_get``) and the directory is removed: they are the PACS's originals, PHI
+included.
 
 getscu exits 0 whatever the C-GET's status, so its stderr is read: any error or warning
 (a failure status, failed sub-operations, a SOP class or transfer syntax getscu did not
@@ -18,10 +19,14 @@ fewer images than asked means the PACS has no more: the caller tells which are m
 
 from __future__ import annotations
 
+import ctypes
 import os
+import selectors
+import struct
 import subprocess
 import tempfile
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import pydicom
@@ -50,11 +55,28 @@ def getscu_get(
 def getscu_files(
     config: PacsConfig, name: str, study: str, series: str, sops: Sequence[str] | str | None, spool: Path
 ) -> list[tuple[str, Path]]:
+    """``getscu_stream`` to its end: every image once getscu has finished (a ``GetscuIncomplete``
+    comes before any)."""
+    return list(getscu_stream(config, name, study, series, sops, spool))
+
+
+def getscu_stream(
+    config: PacsConfig, name: str, study: str, series: str, sops: Sequence[str] | str | None, spool: Path
+) -> Iterator[tuple[str, Path]]:
     """C-GET with getscu into ``spool``, a private directory of the caller's (the files are the
-    PACS's originals, PHI included); (SOP Instance UID, file) of each image, the UID as getscu
-    named the file (``MODALITY.UID``). Nothing is read here: the staging workers read each file
-    (``srm_dicom/workers.py``), so that no image is decoded in the server, and check that its
-    UIDs are the ones its name says. A file whose name is not a UID is left out."""
+    PACS's originals, PHI included); (SOP Instance UID, file) of each image as soon as getscu
+    has written it, the UID as getscu named the file (``MODALITY.UID``).
+
+    getscu receives a whole data set before it writes its file, and closes the file before
+    it answers the C-STORE: the kernel's word that a file was closed after writing (inotify
+    ``IN_CLOSE_WRITE``) is the word that it is complete, so the stager's workers protect the
+    first images while the PACS still sends the others (a 100-slice series took getscu's
+    whole run plus the protection of all its slices one after the other). Where inotify
+    cannot be had, the images come when getscu has finished. A ``GetscuIncomplete`` comes
+    at the end, after the images written: the caller asks again for what it still lacks.
+    Nothing is read here: the staging workers read each file (``srm_dicom/workers.py``), so
+    that no image is decoded in the server, and check that its UIDs are the ones its name
+    says. A file whose name is not a UID is left out."""
     if not os.access(GETSCU, os.X_OK):
         raise PacsError(f"{name}: [pacs] engine = \"dcmtk\" needs DCMTK's {GETSCU} (Debian package dcmtk)")
     uids = [sops] if isinstance(sops, str) else list(sops or ())
@@ -66,16 +88,102 @@ def getscu_files(
     command = [GETSCU, "-S", "-aet", config.calling_aet, "-aec", config.aet, "-to", timeout, "-ta", timeout,
                "-td", timeout, "-pdu", str(MAX_PDU), *(arg for key in keys for arg in ("-k", key)),
                "-od", str(spool), config.host, str(config.port)]
+    limit = config.timeout * 4 + 60
+    deadline = time.monotonic() + limit
+    written = _Written(spool)
+    sent: set[str] = set()
+    errors: list[bytes] = []
+    process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               env={**os.environ, "TCP_NODELAY": "1"})
+    assert process.stderr is not None
     try:
-        done = subprocess.run(command, capture_output=True, text=True, errors="replace",
-                              env={**os.environ, "TCP_NODELAY": "1"}, timeout=config.timeout * 4 + 60)
-    except subprocess.TimeoutExpired:
-        raise PacsError(f"{name}: getscu did not finish within {config.timeout * 4 + 60:g} s") from None
-    complaints = [line[3:].strip() for line in done.stderr.splitlines() if line.startswith(("E: ", "F: ", "W: "))]
-    if done.returncode != 0 or complaints:
-        raise GetscuIncomplete(f"{name}: getscu: {complaints[-1] if complaints else f'exit {done.returncode}'}")
-    found = ((path.name.partition(".")[2], path) for path in sorted(spool.iterdir()))
-    return [(uid, path) for uid, path in found if is_uid(uid)]
+        with selectors.DefaultSelector() as selector:
+            selector.register(process.stderr, selectors.EVENT_READ)
+            if written.fd >= 0:
+                selector.register(written.fd, selectors.EVENT_READ)
+            running = True
+            while running:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise PacsError(f"{name}: getscu did not finish within {limit:g} s")
+                for ready, _ in selector.select(left):
+                    if ready.fileobj is process.stderr:
+                        chunk = os.read(process.stderr.fileno(), 65536)
+                        errors.append(chunk)
+                        running = running and bool(chunk)
+                    else:
+                        yield from _new_images(spool, written.names(), sent)
+        try:
+            process.wait(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            raise PacsError(f"{name}: getscu did not finish within {limit:g} s") from None
+        yield from _new_images(spool, written.names(), sent)
+        text = b"".join(errors).decode(errors="replace")
+        complaints = [line[3:].strip() for line in text.splitlines() if line.startswith(("E: ", "F: ", "W: "))]
+        if process.returncode != 0 or complaints:
+            raise GetscuIncomplete(f"{name}: getscu: {complaints[-1] if complaints else f'exit {process.returncode}'}")
+        # Those the kernel did not report (no inotify here, or its queue overflowed).
+        yield from _new_images(spool, sorted(path.name for path in spool.iterdir()), sent)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        process.stderr.close()
+        written.close()
+
+
+def _new_images(spool: Path, names: Iterable[str], sent: set[str]) -> Iterator[tuple[str, Path]]:
+    for file_name in names:
+        uid = file_name.partition(".")[2]
+        if file_name not in sent and is_uid(uid):
+            sent.add(file_name)
+            yield uid, spool / file_name
+
+
+_IN_CLOSE_WRITE, _IN_MOVED_TO = 0x8, 0x80  # <sys/inotify.h>
+_EVENT = struct.Struct("iIII")  # struct inotify_event: wd, mask, cookie, len; then the name
+
+
+class _Written:
+    """The names of the files of a directory closed after writing (or moved in), as Linux's
+    inotify reports them; ``fd`` is -1 where it cannot be had (another kernel, no instance
+    left under fs.inotify.max_user_instances)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.fd = -1
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        except (OSError, AttributeError):
+            return
+        if fd < 0:
+            return
+        if libc.inotify_add_watch(fd, os.fsencode(directory), _IN_CLOSE_WRITE | _IN_MOVED_TO) < 0:
+            os.close(fd)
+            return
+        self.fd = fd
+
+    def names(self) -> list[str]:
+        """The names reported since the last call."""
+        found: list[str] = []
+        while self.fd >= 0:
+            try:
+                data = os.read(self.fd, 65536)
+            except BlockingIOError:
+                break
+            offset = 0
+            while offset + _EVENT.size <= len(data):
+                length = _EVENT.unpack_from(data, offset)[3]
+                name = data[offset + _EVENT.size:offset + _EVENT.size + length].rstrip(b"\0")
+                offset += _EVENT.size + length
+                if name:
+                    found.append(os.fsdecode(name))
+        return found
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 class GetscuIncomplete(PacsError):

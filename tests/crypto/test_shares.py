@@ -4,6 +4,7 @@ import itertools
 import os
 
 import pytest
+from Crypto.Protocol.SecretSharing import Shamir
 
 from srm_dicom.crypto.shares import Share, combine_key, split_key
 from srm_dicom.errors import InvalidInput
@@ -53,3 +54,18 @@ def test_duplicate_or_malformed_shares_are_refused():
         combine_key([shares[0], shares[0]])
     with pytest.raises(InvalidInput):
         Share(1, b"too short")
+
+
+@pytest.mark.parametrize(("k", "n"), [(1, 1), (2, 3), (3, 5), (4, 7)])
+def test_combining_gives_what_pycryptodome_gives_for_right_and_wrong_shares(k, n):
+    # The combination is computed here (coefficients per set of indices), not by Shamir.combine:
+    # it must be the same function, so that keys and the commitment check behave as before.
+    key = os.urandom(32)
+    shares = split_key(key, k, n)
+    wrong = [Share(s.index, os.urandom(32)) for s in shares]
+    for subset in itertools.combinations(shares, k):
+        assert combine_key(list(subset)) == key
+    for subset in [*itertools.combinations(wrong, k), *itertools.combinations(shares, max(1, k - 1))]:
+        expected = b"".join(Shamir.combine([(s.index, s.data[start:start + 16]) for s in subset])
+                            for start in (0, 16))
+        assert combine_key(list(subset)) == expected

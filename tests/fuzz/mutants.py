@@ -127,5 +127,33 @@ def _sop_class_in_the_command_group() -> bytes:
     return bytes(data)
 
 
+def _sop_class_in_group_0001() -> bytes:
+    """Found by the push fuzz (in pydicom's RT plan): SOP Class UID's tag mutated to (0001,0016),
+    so the data set has no SOP Class UID, which was not checked with the three UIDs of its
+    name: an AttributeError when the catalog row was built, a push answered 0xC211."""
+    ds = make_series(slices=1, size=8, seed="fuzz finding")[0]
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    data = bytearray(buffer.getvalue())
+    at = data.index(b"\x08\x00\x16\x00UI")
+    data[at: at + 2] = b"\x01\x00"
+    return bytes(data)
+
+
+def _an_empty_element_of_unknown_vr() -> bytes:
+    """Found by the push fuzz (in pydicom's CT): an empty Laterality whose VR is ZZ. pydicom
+    decodes an empty element when it is looked up, so building the decoding's copy of the
+    element table raised NotImplementedError, outside its guard: a push answered 0xC211."""
+    ds = make_series(slices=1, size=8, seed="fuzz finding")[0]
+    ds.Laterality = ""
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    data = bytearray(buffer.getvalue())
+    at = data.index(b"\x20\x00\x60\x00CS\x00\x00")
+    data[at + 4: at + 6] = b"ZZ"
+    return bytes(data)
+
+
 # Inputs the fuzzing found, run first in every run (hypothesis' @example).
-FOUND = [_no_rows_and_a_corrupt_sop_class(), _sop_class_in_the_command_group()]
+FOUND = [_no_rows_and_a_corrupt_sop_class(), _sop_class_in_the_command_group(), _sop_class_in_group_0001(),
+         _an_empty_element_of_unknown_vr()]

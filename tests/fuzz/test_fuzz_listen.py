@@ -107,6 +107,8 @@ def _associate(listener: Listener) -> Association:
                                  HealthCheck.data_too_large, HealthCheck.filter_too_much])
 @example(data=FOUND[0])
 @example(data=FOUND[1])
+@example(data=FOUND[2])
+@example(data=FOUND[3])
 @given(data=mutants())
 def test_a_pushed_mutant_is_registered_or_refused_on_purpose(listener, tmp_path, data):
     path = tmp_path / "mutant.dcm"

@@ -68,6 +68,8 @@ TALLY = Tally()
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large])
 @example(data=FOUND[0])
 @example(data=FOUND[1])
+@example(data=FOUND[2])
+@example(data=FOUND[3])
 @given(data=mutants())
 def test_a_mutated_file_is_registered_or_refused_with_one_reason(registrar, tmp_path, caplog, data):
     path = tmp_path / "mutant.dcm"

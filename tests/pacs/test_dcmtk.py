@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import stat
+import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,8 @@ from pydicom import Dataset
 
 from conftest import require_program
 from peers import Peer
+from srm_dicom.config import PacsConfig
+from srm_dicom.pacs import dcmtk
 from srm_dicom.pacs.client import DCMTK_FROM, PacsClient, RetrieveRefused
 from srm_dicom.pacs.dcmtk import GETSCU
 from srm_dicom.synthetic import make_series
@@ -88,3 +92,69 @@ def test_what_getscu_cannot_take_is_asked_again_with_pynetdicom(pacs: str, reque
     for ds in sent:
         assert got[ds.SOPInstanceUID].file_meta.TransferSyntaxUID == ds.file_meta.TransferSyntaxUID
         assert got[ds.SOPInstanceUID].PixelData == ds.PixelData
+
+
+# A stand-in for getscu: writes the images named in $FAKE_IMAGES into its -od directory, one
+# at a time, each after the file named $FAKE_GO_<n> exists (the test's go-ahead), then prints
+# $FAKE_STDERR on stderr. What getscu_stream hands on while it waits is what was written so far.
+FAKE_GETSCU = """#!{python}
+import os, sys, time
+out = sys.argv[sys.argv.index("-od") + 1]
+for n, image in enumerate(os.environ["FAKE_IMAGES"].split()):
+    go = os.environ["FAKE_GO"] + str(n)
+    while not os.path.exists(go):
+        time.sleep(0.01)
+    with open(os.path.join(out, image), "wb") as f:
+        f.write(b"an image")
+sys.stderr.write(os.environ.get("FAKE_STDERR", ""))
+"""
+
+
+@pytest.fixture
+def fake_getscu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    program = tmp_path / "getscu"
+    program.write_text(FAKE_GETSCU.format(python=sys.executable))
+    program.chmod(0o755)
+    monkeypatch.setattr(dcmtk, "GETSCU", str(program))
+    monkeypatch.setenv("FAKE_GO", str(tmp_path / "go"))
+    monkeypatch.setenv("FAKE_IMAGES", "CT.1.2.3 CT.1.2.4 not-an-image")
+    (tmp_path / "go0").touch()
+    (tmp_path / "spool").mkdir()
+    return tmp_path
+
+
+def _stream(folder: Path) -> Iterator[tuple[str, Path]]:
+    config = PacsConfig(aet="PACS", host="127.0.0.1", port=104, calling_aet="ME", engine="dcmtk")
+    return dcmtk.getscu_stream(config, "PACS", "1.2", "1.2.1", None, folder / "spool")
+
+
+def test_each_image_is_handed_on_once_getscu_has_written_it(fake_getscu: Path) -> None:
+    """The stager's workers protect the first images while the PACS still sends the others."""
+    images = _stream(fake_getscu)
+    assert next(images) == ("1.2.3", fake_getscu / "spool" / "CT.1.2.3")  # the second is not written yet
+    assert not (fake_getscu / "spool" / "CT.1.2.4").exists()
+    (fake_getscu / "go1").touch()
+    (fake_getscu / "go2").touch()
+    assert list(images) == [("1.2.4", fake_getscu / "spool" / "CT.1.2.4")]  # not a UID: left out
+
+
+def test_without_inotify_the_images_come_when_getscu_has_finished(
+    fake_getscu: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(dcmtk.ctypes, "CDLL", lambda *args, **kwargs: object())  # no inotify_init1 there
+    for n in (1, 2):
+        (fake_getscu / f"go{n}").touch()
+    assert sorted(_stream(fake_getscu)) == [("1.2.3", fake_getscu / "spool" / "CT.1.2.3"),
+                                            ("1.2.4", fake_getscu / "spool" / "CT.1.2.4")]
+
+
+def test_a_complaint_comes_after_the_images_written(fake_getscu: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The caller keeps what it has and asks pynetdicom again (PacsClient.get_files)."""
+    monkeypatch.setenv("FAKE_STDERR", "W: Store SCP: failed sub-operations\n")
+    for n in (1, 2):
+        (fake_getscu / f"go{n}").touch()
+    got = []
+    with pytest.raises(dcmtk.GetscuIncomplete, match="failed sub-operations"):
+        for uid, _ in _stream(fake_getscu):
+            got.append(uid)
+    assert sorted(got) == ["1.2.3", "1.2.4"]
