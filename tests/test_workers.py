@@ -74,3 +74,20 @@ def test_a_worker_killed_during_its_task_fails_that_task_and_the_next_task_gets_
         workers.submit(signal.raise_signal, signal.SIGKILL).result(timeout=30)
     first = workers.submit(os.getpid).result(timeout=30)
     assert first != os.getpid() and workers.submit(os.getpid).result(timeout=30)
+
+
+def test_the_fork_server_s_warm_up_protects_its_sample_and_a_failing_one_is_ignored(monkeypatch):
+    """Every worker is forked from a fork server that protected a sample image once (so the
+    first task does not pay for lazy imports); were the sample refused, that would be silent."""
+    from srm_dicom import worker_start
+
+    sample = worker_start._sample()
+    done = workers.protect(workers.ProtectTask(sample, b"\0" * 32, AnonymizationOptions(), new_file_key(),
+                                               str(uuid.uuid4()), 1))
+    assert done.payload and done.size == len(done.payload)
+
+    def refused(task):
+        raise PacsError("refused")
+
+    monkeypatch.setattr(worker_start, "protect", refused)
+    worker_start._protect_once()  # logged at debug, never raised into the fork server

@@ -185,6 +185,35 @@ def site(stack: contextlib.ExitStack, directory: Path, name: str, backend: str, 
     return make_config(directory, name, url, sqlite)
 
 
+def kept_site(keep: Path, name: str, backend: str, server: str, sqlite: dict[str, int] | None,
+              entries: int) -> tuple[Config, bool]:
+    """A bench site of ``--keep``: the SQLite file ``name``.db in ``keep``, or the PostgreSQL
+    database named after ``keep`` and ``name``, never removed; and whether it already holds the
+    ``entries`` a fill leaves (else it is emptied, to be filled again)."""
+    url = None
+    if backend == "postgresql":
+        import psycopg
+
+        database = f"mdm_bench_keep_{keep.name}_{name}".replace("-", "_").lower()
+        url = f"{server.rsplit('/', 1)[0]}/{database}"
+        with psycopg.connect(server, autocommit=True) as admin:
+            if not admin.execute("SELECT 1 FROM pg_database WHERE datname = %s", (database,)).fetchone():
+                admin.execute(f'CREATE DATABASE "{database}"')
+    config = make_config(keep, name, url, sqlite)
+    filled = False
+    with contextlib.suppress(Exception), contextlib.closing(Reader(config)) as reader:  # no file, no schema yet
+        filled = reader.rows("SELECT count(*) FROM entries")[0][0] == entries
+    if not filled:
+        if url:
+            with contextlib.closing(Reader(config)) as reader:
+                for table in reader.tables():
+                    reader.db.execute(f"DROP TABLE {table} CASCADE")
+        else:
+            for suffix in ("", "-wal", "-shm"):
+                Path(f"{config.path(config.catalog.url)}{suffix}").unlink(missing_ok=True)
+    return config, filled
+
+
 # -- filling --------------------------------------------------------------------------
 
 
@@ -210,9 +239,10 @@ class BulkWriter:
     def _add(self, table: str, row: tuple[object, ...]) -> None:
         self.rows.setdefault(table, []).append(row)
 
-    def _entry(self, entry: Entry, now: float, content_version: int) -> None:
+    def _entry(self, entry: Entry, now: float, content_version: int, modality: str | None = None) -> None:
         parent, name = posixpath.split(entry.lfn)
-        values = {"parent": parent, "name": name, "created": now, "modified": now, "content_version": content_version}
+        values = {"parent": parent, "name": name, "created": now, "modified": now, "content_version": content_version,
+                  "modality": modality}  # a slice's entry holds its Modality too (mdm_catalog_sql.index.HELD)
         self._add("entries", tuple(values[c] if c in values else getattr(entry, c) for c in self.entry_columns))
         while parent != "/" and parent not in self.directories:
             self.directories.add(parent)
@@ -220,7 +250,7 @@ class BulkWriter:
             parent = posixpath.dirname(parent)
 
     def add(self, image: Image, now: float) -> None:
-        self._entry(image.entry, now, 1)
+        self._entry(image.entry, now, 1, image.metadata.medical["modality"])
         if image.original.sop.endswith(f".{SLICES}"):  # the series' last slice: its volume, bumped per slice
             self._entry(image.volume, now, SLICES)
         meta, guid = image.metadata, image.entry.guid
@@ -314,7 +344,10 @@ class Reader:
 
             self.db: Any = psycopg.connect(config.catalog.url, autocommit=True)
         else:
-            self.db = sqlite3.connect(config.path(config.catalog.url))
+            self.db = sqlite3.connect(f"{config.path(config.catalog.url).as_uri()}?mode=rw", uri=True)
+
+    def close(self) -> None:
+        self.db.close()
 
     def rows(self, sql: str, params: Sequence[object] = ()) -> list[tuple[object, ...]]:
         cursor = self.db.cursor()
@@ -353,7 +386,7 @@ def series_rows(config: Config, study_uid: str, series_uid: str) -> dict[str, li
             out[table] = sorted(reader.rows(f"SELECT {', '.join(keep)} FROM {table} WHERE {where}", params), key=repr)
         return out
     finally:
-        reader.db.close()
+        reader.close()
 
 
 def check_bulk_matches(reference: Config, images: Images, large: Config) -> None:
@@ -506,6 +539,10 @@ def main() -> None:
                         help="PostgreSQL server (a database with admin rights to create and drop others)")
     parser.add_argument("--cache-mib", type=int, help="SQLite: [catalog] cache_mib of the timed catalogs")
     parser.add_argument("--mmap-mib", type=int, help="SQLite: [catalog] mmap_mib of the timed catalogs")
+    parser.add_argument("--keep", type=Path,
+                        help="keep the small and large catalogs (SQLite files in this directory, PostgreSQL"
+                             " databases named after it) for a later run with the same sizes, which times them"
+                             " without filling them again (migrated to the code's schema first)")
     args = parser.parse_args()
     sizes = {k: v for k, v in (("cache_mib", args.cache_mib), ("mmap_mib", args.mmap_mib)) if v is not None}
     per_study = SERIES * SLICES
@@ -523,10 +560,20 @@ def main() -> None:
 
         catalogs = {}
         for name, studies in (("small", args.small_studies), ("large", args.studies)):
-            config = site(stack, directory, name, args.backend, args.postgres, sizes)
+            slices = studies * per_study
+            if args.keep:
+                args.keep.mkdir(parents=True, exist_ok=True)
+                config, filled = kept_site(args.keep.resolve(), f"{name}-{studies}", args.backend, args.postgres,
+                                           sizes, slices + studies * SERIES)
+            else:
+                config, filled = site(stack, directory, name, args.backend, args.postgres, sizes), False
+            if filled:
+                print(f"{name}: kept from an earlier run ({config.catalog.url})")
+                catalogs[name] = (open_catalog(config), studies)
+                stack.callback(catalogs[name][0].close)
+                continue
             open_catalog(config).close()  # the backend makes the schema
             seconds = bulk_fill(config, images, studies)
-            slices = studies * per_study
             print(f"{name}: bulk fill of {slices:,} slices in {seconds:.1f} s ({slices / seconds:,.0f} slices/s)")
             if name == "large":
                 check_bulk_matches(site(stack, directory, "reference", args.backend, args.postgres), images, config)

@@ -81,6 +81,19 @@ def test_lookups_use_indexes_never_a_full_scan(catalog, query):
     assert not any(f"SCAN {table}" in plan for table in ("entries", "dicom", "directories", "protocol", "image")), plan
 
 
+@pytest.mark.parametrize(
+    "query",
+    [
+        "SELECT guid FROM dicom WHERE sop_uid = 'a' AND series_uid = 'b' AND study_uid = 'c'",
+        "SELECT guid FROM dicom WHERE study_uid = 'a' AND series_uid = 'b' LIMIT 1",
+    ],
+)
+def test_an_entry_by_original_uids_is_found_from_one_index_alone(catalog, query):
+    plan = " ".join(row[-1] for row in catalog.backend.dialect._db.execute(f"EXPLAIN QUERY PLAN {query}"))
+    assert plan == "SEARCH dicom USING COVERING INDEX dicom_original_guid (study_uid=? AND series_uid=?" + (
+        " AND sop_uid=?)" if "sop_uid" in query else ")"), plan
+
+
 def test_reopening_an_existing_catalog_keeps_data_and_schema(config, catalog):
     register_series(config, catalog, slices=1)
     catalog.close()
