@@ -54,9 +54,7 @@ from dataclasses import asdict, dataclass, field, fields
 from datetime import date, timedelta
 from functools import lru_cache
 from importlib.resources import files
-from io import BytesIO
 
-from pydicom import dcmwrite
 from pydicom.datadict import dictionary_VR, get_entry, tag_for_keyword
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -72,6 +70,7 @@ from pydicom.uid import (
 
 from srm_dicom import __version__
 from srm_dicom.anonymization_options import AnonymizationOptions
+from srm_dicom.encode import part10
 from srm_dicom.errors import InvalidInput
 from srm_dicom.uids import deidentify_uid, patient_key
 
@@ -587,7 +586,6 @@ def anonymize(
 
 
 def to_bytes(result: AnonymizationResult) -> bytes:
-    """A Part-10 file: zero preamble, rebuilt file meta, the source's transfer syntax."""
-    buffer = BytesIO()
-    dcmwrite(buffer, result.dataset, enforce_file_format=True)
-    return buffer.getvalue()
+    """A Part-10 file: zero preamble, rebuilt file meta, the source's transfer syntax; the
+    bytes of ``dcmwrite`` (``srm_dicom.encode``: the elements kept as read are copied)."""
+    return part10(result.dataset)

@@ -35,7 +35,8 @@ from srm_dicom.errors import CatalogUnavailable, ConfigError, InvalidInput, MdmE
 from srm_dicom.keystore.client import KeystoreClient
 from srm_dicom.pacs import nodelay
 from srm_dicom.pacs.client import PacsClient
-from srm_dicom.register import BATCH, Registrar, Result, Summary, check_complete
+from srm_dicom.prepare import check_complete
+from srm_dicom.register import BATCH, Registrar, Result, Summary
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +233,7 @@ def _status(error: MdmError) -> int:
 def _received(event: Event) -> Dataset:
     """The pushed data set with its file meta. pynetdicom decodes it on first access (inflating a
     deflated one), and a corrupt one then raises whatever pydicom or zlib raise: here, at the
-    boundary, that is one reason, as ``register.read_dicom`` makes of a corrupt or truncated file."""
+    boundary, that is one reason, as ``prepare.read_dicom`` makes of a corrupt or truncated file."""
     try:
         ds = event.dataset
     except Exception as exc:  # pydicom and zlib raise many types on corrupt input

@@ -39,7 +39,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydicom import Dataset, dcmread
 
@@ -50,7 +50,15 @@ from srm_dicom.errors import MdmError, PacsError
 from srm_dicom.events import KeyServerCall, subscribe
 from srm_dicom.keystore.client import KeystoreClient
 
+if TYPE_CHECKING:
+    from srm_dicom.prepare import Job, Prepared
+
 T = TypeVar("T")
+
+# What the fork server imports once, so that every worker it forks has them: this module (the
+# staging tasks), registration's (``prepare``), and srm_dicom.worker_start, which protects a
+# sample image there once so that no worker's first task pays for the first protection.
+PRELOAD = [__name__, "srm_dicom.prepare", "srm_dicom.worker_start"]
 
 _lock = threading.Lock()
 _pool: ProcessPoolExecutor | None = None
@@ -148,6 +156,15 @@ def fetch_keys(servers: KeyServers, names: list[str]) -> tuple[dict[str, bytes |
         stop()
 
 
+def prepare(job: Job) -> Prepared | MdmError:
+    """Registration's task, ``srm_dicom.prepare.prepare``: named here so that the registrar
+    submits it without importing pydicom and the anonymizer itself (the workers have them,
+    from ``PRELOAD``)."""
+    from srm_dicom.prepare import prepare as prepare_image
+
+    return prepare_image(job)
+
+
 def read_image(source: bytes | Dataset | Path) -> Dataset:
     """A task's image as a data set."""
     if isinstance(source, Dataset):
@@ -180,8 +197,7 @@ def pool() -> ProcessPoolExecutor:
             if _pool is not None:
                 _pool.shutdown(wait=False, cancel_futures=True)
             context = multiprocessing.get_context("forkserver")
-            # srm_dicom.worker_start: a first protection done once there, not in each worker.
-            context.set_forkserver_preload([__name__, "srm_dicom.worker_start"])
+            context.set_forkserver_preload(PRELOAD)
             _pool = ProcessPoolExecutor(size(), mp_context=context)
         return _pool
 

@@ -26,8 +26,9 @@ from srm_dicom.errors import InvalidInput
 from srm_dicom.keystore.client import KeystoreClient
 from srm_dicom.pacs.client import DCMTK_FROM, PacsClient
 from srm_dicom.pacs.dcmtk import STORESCU, _stored
+from srm_dicom.prepare import read_dicom
 from srm_dicom.protect import protect_image
-from srm_dicom.register import BATCH, Registrar, Summary, iter_files, read_dicom
+from srm_dicom.register import BATCH, Registrar, Summary, iter_files
 from srm_dicom.synthetic import make_series
 from srm_dicom.uids import deidentify_uid
 

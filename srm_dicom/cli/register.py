@@ -24,9 +24,10 @@ if TYPE_CHECKING:
 
 EXIT_SOME_FAILED = 1
 POOL_FROM = 32
-# What the workers run (srm_dicom.register.prepare) and what they are (srm_dicom.workers):
-# imported once by the fork server, inherited by every worker it forks.
-WORKER_MODULES = ["srm_dicom.workers", "srm_dicom.register"]
+# What the workers are and run (srm_dicom.workers.PRELOAD): imported once by the fork server,
+# inherited by every worker it forks. Named here, not imported from srm_dicom.workers: this
+# process starts the fork server before its own imports.
+WORKER_MODULES = ["srm_dicom.workers", "srm_dicom.prepare", "srm_dicom.worker_start"]
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -142,7 +143,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _register_files(registrar: Registrar, files: list[Path], args: argparse.Namespace, summary: Summary) -> None:
-    from srm_dicom.register import DICOMDIR, NOT_DICOM, NotAnImage, NotDicom
+    from srm_dicom.prepare import DICOMDIR, NotAnImage, NotDicom
+    from srm_dicom.register import NOT_DICOM
 
     named = set(args.paths)
     with _progress(len(files)) as progress:

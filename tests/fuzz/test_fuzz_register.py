@@ -29,7 +29,8 @@ from srm_dicom.catalog import open_catalog
 from srm_dicom.config import load_config
 from srm_dicom.errors import MdmError
 from srm_dicom.keystore.client import KeystoreClient
-from srm_dicom.register import Registrar, read_dicom
+from srm_dicom.prepare import read_dicom
+from srm_dicom.register import Registrar
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "200"))
 CASE_TIMEOUT = 20  # seconds: far above any real file's registration, even on a loaded machine
