@@ -243,8 +243,10 @@ class MetadataIndex(Protocol):
         """The slices matching ``query``, counted per directory, rights class (``RightsFacts``)
         and truth of each of ``flags``, in directory order, each group's sample with its values
         of ``attributes``: what QIDO-RS answers of studies and series is counted in the
-        database, never by reading every image (README, "QIDO-RS at scale"). No rights applied:
-        the core decides once per class (``StorageService.aggregate``)."""
+        database, never by reading every image (README, "QIDO-RS at scale"). A backend may
+        split a group further by the value of one of ``attributes`` (the SQL core does by
+        Modality, which it counts from an index): each part then holds one value. No rights
+        applied: the core decides once per class (``StorageService.aggregate``)."""
 
 
 @dataclass(frozen=True)

@@ -47,10 +47,12 @@ class CatalogConfig:
     # ``mdm serve``) before the one line "the catalog database is locked" (a 503 for HTTP).
     busy_timeout: float = 30.0
     # SQLite only, per connection: the page cache and the memory-mapped window, in MiB. A
-    # catalog of 10^6 entries is ~1 GB of B-trees; SQLite's own 2 MiB cache would send most
-    # lookups to the kernel (README, "Catalog at scale"). 0 turns memory mapping off.
+    # catalog of 10^6 entries is ~3 GB of B-trees; SQLite's own 2 MiB cache would send most
+    # lookups to the kernel, and the map is as large as Debian's SQLite maps (just under its
+    # 2 GiB cap): pages beyond it are read through the cache (README, "Catalog at scale").
+    # 0 turns memory mapping off.
     cache_mib: int = 64
-    mmap_mib: int = 1024
+    mmap_mib: int = 2047
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,7 @@ REQUIRED_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
 # Checked with them: the SOP class is no part of the name, but the catalog records it and the
 # PACS store offers it (a data set without one is refused here, not mid-way).
 _CHECKED_UIDS = (*REQUIRED_UIDS, "SOPClassUID")
+_NOT_IN_A_DATA_SET = ((0x0000, "command-set elements"), (0x0002, "file meta elements"))
 DICOMDIR = "DICOMDIR"
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
 
@@ -109,8 +110,11 @@ def check_header(ds: Dataset, decoded: Dataset | None = None) -> Dataset:
     syntax = ds.file_meta.TransferSyntaxUID
     if not isinstance(syntax, UID) or not syntax.is_transfer_syntax:  # a mangled meta may hold a list
         raise InvalidInput("the file meta names no known transfer syntax")
-    if ds.group_dataset(0x0000):  # PS3.10: the command group is never part of a stored data set
-        raise InvalidInput("holds command-set elements (group 0000), which no stored data set may")
+    # PS3.10: neither the command group nor the file meta is part of a stored data set (pydicom
+    # reads them there but will not write them, and the anonymizer records the meta's as well).
+    for group, what in _NOT_IN_A_DATA_SET:
+        if ds.group_dataset(group):
+            raise InvalidInput(f"holds {what} (group {group:04X}), which no stored data set may")
     for keyword in _CHECKED_UIDS:
         value = str(ds.get(keyword, "") or "").strip()
         if not value:

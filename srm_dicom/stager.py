@@ -352,13 +352,24 @@ class Stager:
         A file still SUBMITTED or STARTED is reported not on disk without a catalog lookup:
         its batch publishes it before writing its state, and a client polling a request of n
         files while the batch runs would otherwise cost n lookups a poll (1000 files: the
-        poller took the interpreter from the batch it waited for)."""
+        poller took the interpreter from the batch it waited for). The others are looked up
+        by their LFNs in a few queries (the poll that sees a 100-file request done took 17-63 ms
+        with a lookup per GUID), by GUID only where the LFN now names another file."""
         found = self._catalog.stages.stage_request(request_id)
         if found is None:
             return None
-        return replace(found, files=tuple(
-            replace(f, on_disk=f.state not in (SUBMITTED, STARTED) and self._on_disk(f.guid)) for f in found.files
-        ))
+        ended = [f for f in found.files if f.state not in (SUBMITTED, STARTED)]
+        entries = self._catalog.namespace.lookup_many([f.lfn for f in ended]) if ended else {}
+
+        def on_disk(file: StageFile) -> bool:
+            if file.state in (SUBMITTED, STARTED):
+                return False
+            entry = entries.get(file.lfn)
+            if entry is None or entry.guid != file.guid:
+                return self._on_disk(file.guid)  # renamed or replaced since
+            return self._cache.path(entry.guid, entry.content_version, touch=False) is not None
+
+        return replace(found, files=tuple(replace(f, on_disk=on_disk(f)) for f in found.files))
 
     def cancel(self, request_id: str, lfns: list[str]) -> None:
         self._known_files(request_id, lfns)

@@ -1,12 +1,14 @@
 """The catalog's contract (srm_dicom/catalog.py), run over every installed backend: the
 core's domain rules and each store, with real registrations (real key servers)."""
 
+import contextlib
 import io
 from dataclasses import replace
 
 import pytest
 from pydicom import dcmread
 
+import postgres
 from catalogs import original_spec, register_series, series_dir
 from sites import keystore_section
 from srm_dicom.anonymization_options import AnonymizationOptions
@@ -96,25 +98,38 @@ def test_lookup_by_lfn_guid_names_uids_and_original_uids(config, catalog):
         find_entry(catalog, "1.2.3,1.2.4,1.2.5")
 
 
-def test_a_site_upgraded_in_place_finds_its_entries_by_original_uids(config):
+@contextlib.contextmanager
+def catalog_before(config, catalog, tmp_path, version):
+    """A second catalog on the backend of ``catalog``, at schema ``version``, holding a copy of
+    its rows (the columns that schema has): a site filled before a migration, not yet migrated.
+    Filled by copy, not by registering: today's code writes columns an old schema lacks."""
+    with contextlib.ExitStack() as stack:
+        if config.catalog.backend == "postgresql":
+            section = {"backend": "postgresql", "url": stack.enter_context(postgres.database())}
+        else:
+            section = {"backend": "sqlite", "url": "before.db"}
+        old = open_catalog(parse_config({"catalog": section}, tmp_path), migrate=False)
+        stack.callback(old.close)
+        old.backend.dialect.migrations = catalog.backend.dialect.migrations[:version]
+        assert old.backend.migrate() == (0, version)
+        catalog.backend.copy_to(old.backend, lambda table, rows: None)
+        del old.backend.dialect.migrations  # the class's: every migration
+        yield old
+
+
+def test_a_site_upgraded_in_place_finds_its_entries_by_original_uids(config, catalog, tmp_path):
     """An existing catalog, filled at the schema before the original-UID index holds the GUID,
     migrated: what it held is found by the PACS's UIDs as before, through the new index."""
-    catalog = open_catalog(config, migrate=False)
-    try:
-        dialect, migrations = catalog.backend.dialect, catalog.backend.dialect.migrations
-        before = next(n for n, script in enumerate(migrations) if "dicom_original_guid" in script)
-        dialect.migrations = migrations[:before]
-        assert catalog.backend.migrate() == (0, before)
-        series, _ = register_series(config, catalog)
-        del dialect.migrations  # the class's: every migration
-        assert catalog.backend.migrate() == (before, len(migrations))
+    series, _ = register_series(config, catalog)
+    migrations = catalog.backend.dialect.migrations
+    before = next(n for n, script in enumerate(migrations) if "dicom_original_guid" in script)
+    with catalog_before(config, catalog, tmp_path, before) as old:
+        assert old.backend.migrate() == (before, len(migrations))
         for ds in series:
-            found = find_entry(catalog, original_spec(ds))
-            assert found.sop_uid != ds.SOPInstanceUID and found == find_entry(catalog, found.lfn)
-        volume = find_entry(catalog, f"{series[0].StudyInstanceUID},{series[0].SeriesInstanceUID},3D")
-        assert volume.lfn == f"{series_dir(catalog)}/3D"
-    finally:
-        catalog.close()
+            found = find_entry(old, original_spec(ds))
+            assert found.sop_uid != ds.SOPInstanceUID and found == find_entry(old, found.lfn)
+        volume = find_entry(old, f"{series[0].StudyInstanceUID},{series[0].SeriesInstanceUID},3D")
+        assert volume.lfn == f"{series_dir(old)}/3D"
 
 
 def test_bulk_lookup_finds_every_existing_name_across_chunks_with_its_rights(config, catalog):
@@ -240,6 +255,52 @@ def test_aggregates_count_per_directory_rights_class_and_flag(config, catalog):
     assert sorted((d, n, f) for d, n, _, f, _ in flagged) == sorted(
         [(directories[0], 1, (True,)), (directories[0], 2, (False,)), (directories[1], 2, (False,))])
     assert catalog.index.aggregate(parse("PatientName = 'nobody'"), RightsFacts(), [], [modality]) == []
+
+
+def test_aggregates_split_a_series_by_modality_as_registered_last(config, catalog):
+    """Each part holds one Modality, the one of its sample, and a slice registered again with
+    another Modality moves to that part: QIDO-RS ModalitiesInStudy lists every one seen."""
+    series = make_series(slices=3, size=8, seed="mixed")
+    series[1].Modality = "MR"
+    registrar = Registrar(config, catalog, None, KeystoreClient.from_config(config))
+    for ds in series:
+        registrar.register(ds, store_in_pacs=False)
+    modality = ATTRIBUTES["Modality"]
+
+    def parts():
+        found = catalog.index.aggregate(parse(""), RightsFacts(None, "demo"), [], [modality])
+        return sorted((g.values["Modality"], g.count, g.sample) for g in found)
+
+    def samples():
+        slices = [(m.values["Modality"], m.entry.guid) for m in catalog.index.search(parse(""), [modality])]
+        return sorted((value, sum(v == value for v, _ in slices), min(g for v, g in slices if v == value))
+                      for value in {v for v, _ in slices})
+
+    assert [(value, n) for value, n, _ in parts()] == [("CT", 2), ("MR", 1)]
+    assert parts() == samples()
+    series[1].Modality = "CT"
+    assert registrar.register(series[1], store_in_pacs=False) is Outcome.UPDATED
+    assert [(value, n) for value, n, _ in parts()] == [("CT", 3)]
+    assert parts() == samples()
+
+
+def test_a_catalog_of_the_schema_before_modality_on_entries_migrates_to_the_same_aggregates(config, catalog,
+                                                                                            tmp_path):
+    """A site upgraded past the migration that copied Modality onto the entries (SQLite 14,
+    PostgreSQL 9) counts its studies as one registered since: its slices have theirs."""
+    register_series(config, catalog, slices=3, seed="a")
+    register_series(config, catalog, slices=2, seed="b")
+    migrations = catalog.backend.dialect.migrations
+    before = next(n for n, script in enumerate(migrations) if "ADD COLUMN modality" in script)
+
+    def groups(index):
+        found = index.aggregate(parse(""), RightsFacts(None, "demo"), [], [ATTRIBUTES["Modality"]])
+        return [(g.directory, g.rights, g.count, g.sample, g.values) for g in found]
+
+    with catalog_before(config, catalog, tmp_path, before) as old:
+        assert old.backend.migrate() == (before, len(migrations))
+        assert groups(old.index) == groups(catalog.index) and len(groups(old.index)) == 2
+        assert all(values == {"Modality": "CT"} for *_, values in groups(old.index))
 
 
 def request_of(request_id, entries, created_at, lifetime=60):

@@ -167,13 +167,21 @@ def test_a_header_without_its_uids_is_refused_before_anything_is_stored(embedded
     catalog.close()
 
 
-def test_a_data_set_holding_command_set_elements_is_refused_with_its_reason(embedded_pacs, tmp_path, key_servers):
+@pytest.mark.parametrize(("tag", "vr", "what"), [
+    (0x00000016, "UI", r"command-set elements \(group 0000\)"),  # pydicom cannot write it back
+    (0x00020013, "SH", r"file meta elements \(group 0002\)"),  # recorded twice as erased, with the meta's
+])
+def test_a_data_set_holding_command_set_or_file_meta_elements_is_refused_with_its_reason(
+        embedded_pacs, tmp_path, key_servers, tag, vr, what):
+    """Found by the push fuzz: a tag mutated into group 0000 (0xC211 from dcmwrite's ValueError),
+    and one into group 0002 (0xC211 from the catalog's unique erased path)."""
     config = load_config(write_site_config(tmp_path, embedded_pacs, key_servers))
     ds = make_series(slices=1, size=8)[0]
-    ds.add_new(0x00000016, "UI", ds.SOPClassUID)  # the push fuzz's finding: pydicom cannot write it back
+    ds.file_meta.ImplementationVersionName = "MDM_TEST"
+    ds.add_new(tag, vr, ds.SOPClassUID if vr == "UI" else "PYDICOM 3.0.2")
     catalog = open_catalog(config)
-    with pytest.raises(InvalidInput, match=r"command-set elements \(group 0000\)"):
-        Registrar(config, catalog, None, KeystoreClient.from_config(config)).register(ds, store_in_pacs=True)
+    with pytest.raises(InvalidInput, match=what):
+        Registrar(config, catalog, None, KeystoreClient.from_config(config)).register(ds, store_in_pacs=False)
     assert catalog.namespace.count() == 0
     catalog.close()
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 import zlib
 from collections import Counter
 from collections.abc import Iterator
@@ -140,6 +141,22 @@ def test_a_fetched_slice_is_the_registered_bytes_and_decrypts_to_the_anonymized_
     assert entry.lfn in caplog.text  # logged by its de-identified name, never by the PACS's UIDs
     for phi in (original.StudyInstanceUID, original.SOPInstanceUID, str(original.PatientName), entry.pfn):
         assert phi not in caplog.text
+
+
+def test_a_completed_file_is_on_disk_while_its_cache_file_is_and_its_name_still_names_it(site, running, monkeypatch):
+    first, second, _ = site.slices
+    request_id = running.submit([first, second], pin_lifetime=600, requester="bob")
+    wait_final(running, request_id)
+    assert [f.on_disk for f in running.request(request_id).files] == [True, True]
+    cached = running.cached_path(first)
+    assert cached is not None
+    cached.unlink()  # evicted (or removed by hand) since
+    assert [f.on_disk for f in running.request(request_id).files] == [False, True]
+    # A name that now names another file: the request's file is looked for by its GUID.
+    looked_up = site.catalog.namespace.lookup_many
+    monkeypatch.setattr(site.catalog.namespace, "lookup_many", lambda lfns: {
+        lfn: replace(entry, guid=str(uuid.uuid4())) for lfn, entry in looked_up(lfns).items()})
+    assert [f.on_disk for f in running.request(request_id).files] == [False, True]
 
 
 def test_stage_request_states_cancel_release_and_delete(site, running):

@@ -160,4 +160,14 @@ MIGRATIONS: list[str] = [
     CREATE INDEX dicom_original_guid ON dicom (study_uid, series_uid, sop_uid) INCLUDE (guid);
     DROP INDEX dicom_original
     """,
+    # 9: each slice's Modality on its entry too, in entries_rights (SQLite's 14). The index is
+    # dropped before the rows are updated, so the update does not also rewrite it; the new
+    # one is built after, once (a large catalog wants a VACUUM afterwards: every entry row is
+    # rewritten).
+    """
+    ALTER TABLE entries ADD COLUMN modality TEXT;
+    DROP INDEX entries_rights;
+    UPDATE entries e SET modality = m.modality FROM medical m WHERE m.guid = e.guid AND e.kind = 'slice';
+    CREATE INDEX entries_rights ON entries (parent, mode, metadata_mode, vo, owner, modality, kind, guid)
+    """,
 ]

@@ -63,6 +63,13 @@ JOINS = {
     "d": " JOIN dicom d ON d.guid = e.guid", "p": " LEFT JOIN patient p ON p.patient_key = i.patient_key",
 }
 TABLES = {"i": "image i", "m": "medical m", "d": "dicom d"}
+# Attributes a slice's entry holds too (column of entries), in the entries_rights index right
+# after the rights columns: an aggregate groups on them from that index alone, where probing
+# each group's sample in the Medical table was 2/3 of QIDO-RS /studies at 10^5 images (10^4
+# probes; README, "QIDO-RS at scale"). Searches read them where COLUMNS says; ``add`` copies them.
+HELD = {"Modality": "modality"}
+# The columns every rights key starts with, as entries_rights has them after the directory.
+_BASE_KEY = ("e.mode", "e.metadata_mode", "e.vo", "e.owner")
 _SQL_OPS = {"=": "=", "!=": "!=", "<": "<", "<=": "<=", ">": ">", ">=": ">="}
 
 
@@ -90,6 +97,10 @@ class SqlMetadataIndex:
                 self._db.write(
                     f"INSERT INTO {table} ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})", tuple(row.values())
                 )
+            self._db.write(
+                f"UPDATE entries SET {', '.join(f'{c} = ?' for c in HELD.values())} WHERE guid = ?",
+                (*(metadata.medical.get(c) for c in HELD.values()), guid),
+            )
             self._db.write_many(
                 "INSERT INTO protocol (name, guid) VALUES (?, ?)", [(name, guid) for name in metadata.protocols]
             )
@@ -240,7 +251,7 @@ class SqlMetadataIndex:
         parameters, and the join (with its parameters) that brings the caller's per-DN entry.
         Owner and VO are keyed as they are, not as "is the caller's": a few more classes (one
         per registrar), and groups come in the order of the entries_rights index, unsorted."""
-        keys, params = ["e.mode", "e.metadata_mode", "e.vo", "e.owner"], list[object]()
+        keys, params = list(_BASE_KEY), list[object]()
         join, join_params = "", list[object]()
         if facts.dn is not None and self._db.row("SELECT 1 FROM acl WHERE dn = ? LIMIT 1", (facts.dn,)):
             join, join_params = " LEFT JOIN acl a ON a.guid = e.guid AND a.dn = ?", [facts.dn]
@@ -265,6 +276,9 @@ class SqlMetadataIndex:
     def aggregate(
         self, query: Query, facts: RightsFacts, flags: Sequence[Query] = (), attributes: Sequence[Attribute] = ()
     ) -> list[Group]:
+        """Groups per directory, rights class and flags, and per value of each HELD attribute asked
+        for (the slices of a group share it, so it is also their sample's); the other attributes
+        are the sample's, probed per group."""
         keys, key_params, join, join_params = self._rights_key(facts)
         tests, test_params = [], list[object]()
         for flag in flags:
@@ -272,27 +286,35 @@ class SqlMetadataIndex:
             tests.append(f"CASE WHEN {self.where(flag.where, test_params)} THEN 1 ELSE 0 END")
         condition_params: list[object] = []
         condition = self.where(query.where, condition_params) if query.where is not None else "TRUE"
-        split = [f"{k} AS k{n}" for n, k in enumerate(keys)] + [f"{t} AS x{n}" for n, t in enumerate(tests)]
-        names = [f"k{n}" for n in range(len(keys))] + [f"x{n}" for n in range(len(tests))]
         wanted = {a.keyword: a for a in attributes}
-        values = "".join(f", {self._sample_value(a)} AS a{n}" for n, a in enumerate(wanted.values()))
+        held = [k for k in wanted if k in HELD]
+        probed = [a for k, a in wanted.items() if k not in HELD]
+        split = [f"{k} AS k{n}" for n, k in enumerate(keys)] + [f"{t} AS x{n}" for n, t in enumerate(tests)]
+        split += [f"e.{HELD[k]} AS h{n}" for n, k in enumerate(held)]
+        # Grouped and ordered as the entries_rights index is (directory, the mode, owner and VO
+        # columns every key starts with, then the held attributes): PostgreSQL and SQLite count
+        # from that index alone, in its order, without a sort or a hash table.
+        base = len(_BASE_KEY)
+        names = [f"k{n}" for n in range(base)] + [f"h{n}" for n in range(len(held))]
+        names += [f"k{n}" for n in range(base, len(keys))] + [f"x{n}" for n in range(len(tests))]
+        values = "".join(f", {self._sample_value(a)} AS a{n}" for n, a in enumerate(probed))
         filtered = [*query.attributes, *(a for flag in flags for a in flag.attributes)]
-        # Grouped and ordered as the entries_rights index is (directory, then the owner and mode
-        # columns the key starts with): PostgreSQL and SQLite count from that index alone, in its
-        # order, without a sort or a hash table.
-        group = ", ".join(names)
         rows = self._db.tuples(
             f"SELECT g.*{values} FROM (SELECT e.parent AS directory, {', '.join(split)}, count(*) AS n,"
             f" min(e.guid) AS sample FROM {_joined(filtered)}{join} WHERE e.kind = 'slice' AND {condition}"
-            f" GROUP BY e.parent, {group}) g ORDER BY g.directory, {', '.join(f'g.{n}' for n in names)}",
+            f" GROUP BY e.parent, {', '.join(names)}) g ORDER BY g.directory, {', '.join(f'g.{n}' for n in names)}",
             [*key_params, *test_params, *join_params, *condition_params],
         )
-        width, tested = len(keys), len(keys) + len(tests)
+        # Each row: directory, keys, flags, held values, count, sample, probed values.
+        flagged = len(keys) + 1
+        held_at = flagged + len(tests)
+        count_at = held_at + len(held)
+        keywords = [*held, *(a.keyword for a in probed)]
         numeric = [k for k, a in wanted.items() if a.numeric]
         groups = []
         for r in rows:  # by position, no per-row mapping: 10^4 rows for 10^5 images
-            found = Group(r[0], r[1:width + 1], tuple(bool(x) for x in r[width + 1:tested + 1]), int(r[tested + 1]),
-                          r[tested + 2], dict(zip(wanted, r[tested + 3:], strict=True)))
+            found = Group(r[0], r[1:flagged], tuple(bool(x) for x in r[flagged:held_at]), int(r[count_at]),
+                          r[count_at + 1], dict(zip(keywords, r[held_at:count_at] + r[count_at + 2:], strict=True)))
             for k in numeric:
                 found.values[k] = as_number(found.values[k])
             groups.append(found)

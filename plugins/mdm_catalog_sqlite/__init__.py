@@ -24,7 +24,7 @@ class SQLiteDialect(Dialect):
     migrations = MIGRATIONS
     clock = "((julianday('now') - 2440587.5) * 86400.0)"
 
-    def __init__(self, path: Path, busy_timeout: float = 30.0, cache_mib: int = 64, mmap_mib: int = 1024) -> None:
+    def __init__(self, path: Path, busy_timeout: float = 30.0, cache_mib: int = 64, mmap_mib: int = 2047) -> None:
         self.path = private_file(path)  # metadata and erased values: PHI
         self.cache_mib, self.mmap_mib = cache_mib, mmap_mib
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=busy_timeout)
@@ -91,7 +91,7 @@ class SQLiteDialect(Dialect):
 
 class SQLiteCatalog(SqlBackend):
     def __init__(
-        self, path: Path, migrate: bool = True, busy_timeout: float = 30.0, cache_mib: int = 64, mmap_mib: int = 1024
+        self, path: Path, migrate: bool = True, busy_timeout: float = 30.0, cache_mib: int = 64, mmap_mib: int = 2047
     ) -> None:
         self.dialect = SQLiteDialect(path, busy_timeout, cache_mib, mmap_mib)
         super().__init__(self.dialect, migrate)

@@ -235,8 +235,9 @@ class Qido:
         the catalog per series directory and rights class (``StorageService.aggregate``): a
         study's directory holds its series', a series' its images, so directories are the
         groups. A result's attributes are those of one of its images, at the highest level
-        the caller has on them; ``ModalitiesInStudy`` has one image's per series and class
-        (Modality is a series attribute, PS3.3 C.7.3.1)."""
+        the caller has on them; ``ModalitiesInStudy`` has each group's Modality: every one of
+        the images counted, as the SQL catalogs count per Modality too (PS3.4: the distinct
+        Modality values of the study's series)."""
         flags = [equals_any(ATTRIBUTES[k], sorted(listed)) for k, listed in search.uids.items()]
         modality = [ATTRIBUTES["Modality"]] if search.level == "study" else []
         groups = [g for g in self._service.aggregate(identity, query, search.query.level, flags, modality)

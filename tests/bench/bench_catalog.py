@@ -239,9 +239,10 @@ class BulkWriter:
     def _add(self, table: str, row: tuple[object, ...]) -> None:
         self.rows.setdefault(table, []).append(row)
 
-    def _entry(self, entry: Entry, now: float, content_version: int) -> None:
+    def _entry(self, entry: Entry, now: float, content_version: int, modality: str | None = None) -> None:
         parent, name = posixpath.split(entry.lfn)
-        values = {"parent": parent, "name": name, "created": now, "modified": now, "content_version": content_version}
+        values = {"parent": parent, "name": name, "created": now, "modified": now, "content_version": content_version,
+                  "modality": modality}  # a slice's entry holds its Modality too (mdm_catalog_sql.index.HELD)
         self._add("entries", tuple(values[c] if c in values else getattr(entry, c) for c in self.entry_columns))
         while parent != "/" and parent not in self.directories:
             self.directories.add(parent)
@@ -249,7 +250,7 @@ class BulkWriter:
             parent = posixpath.dirname(parent)
 
     def add(self, image: Image, now: float) -> None:
-        self._entry(image.entry, now, 1)
+        self._entry(image.entry, now, 1, image.metadata.medical["modality"])
         if image.original.sop.endswith(f".{SLICES}"):  # the series' last slice: its volume, bumped per slice
             self._entry(image.volume, now, SLICES)
         meta, guid = image.metadata, image.entry.guid

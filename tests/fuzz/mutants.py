@@ -154,6 +154,20 @@ def _an_empty_element_of_unknown_vr() -> bytes:
     return bytes(data)
 
 
+def _file_meta_in_the_data_set() -> bytes:
+    """Found by the push fuzz: Implementation Class UID's tag mutated out of group 0002, so the
+    file meta ends there and Implementation Version Name (0002,0013) is sent in the data set.
+    The anonymizer recorded it as erased beside the receiver's own file meta element of that
+    path: the catalog's unique (guid, path) raised IntegrityError, a push answered 0xC211."""
+    ds = make_series(slices=1, size=8, seed="fuzz finding")[0]
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    data = bytearray(buffer.getvalue())
+    at = data.index(b"\x02\x00\x12\x00UI")
+    data[at: at + 2] = b"\x08\x00"
+    return bytes(data)
+
+
 # Inputs the fuzzing found, run first in every run (hypothesis' @example).
 FOUND = [_no_rows_and_a_corrupt_sop_class(), _sop_class_in_the_command_group(), _sop_class_in_group_0001(),
-         _an_empty_element_of_unknown_vr()]
+         _an_empty_element_of_unknown_vr(), _file_meta_in_the_data_set()]

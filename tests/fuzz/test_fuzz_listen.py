@@ -109,6 +109,7 @@ def _associate(listener: Listener) -> Association:
 @example(data=FOUND[1])
 @example(data=FOUND[2])
 @example(data=FOUND[3])
+@example(data=FOUND[4])
 @given(data=mutants())
 def test_a_pushed_mutant_is_registered_or_refused_on_purpose(listener, tmp_path, data):
     path = tmp_path / "mutant.dcm"

@@ -71,6 +71,7 @@ TALLY = Tally()
 @example(data=FOUND[1])
 @example(data=FOUND[2])
 @example(data=FOUND[3])
+@example(data=FOUND[4])
 @given(data=mutants())
 def test_a_mutated_file_is_registered_or_refused_with_one_reason(registrar, tmp_path, caplog, data):
     path = tmp_path / "mutant.dcm"

@@ -104,11 +104,11 @@ def test_reopening_an_existing_catalog_keeps_data_and_schema(config, catalog):
 
 def test_page_cache_and_mmap_follow_the_config(tmp_path):
     """A sysadmin sizes SQLite's memory for a large catalog in [catalog]: the writer's connection
-    and a search's read-only one both get it (defaults: 64 MiB cache, 1 GiB map)."""
+    and a search's read-only one both get it (defaults: 64 MiB cache, a map of 2047 MiB)."""
     default = SQLiteCatalog.from_config(parse_config({}, tmp_path / "a"))
     sized = SQLiteCatalog.from_config(parse_config({"catalog": {"cache_mib": 8, "mmap_mib": 0}}, tmp_path / "b"))
     try:
-        for catalog, cache_kib, mmap_bytes in ((default, 64 * 1024, 1 << 30), (sized, 8 * 1024, 0)):
+        for catalog, cache_kib, mmap_bytes in ((default, 64 * 1024, 2047 << 20), (sized, 8 * 1024, 0)):
             with catalog.dialect.reading() as writer, catalog.dialect.streaming() as reader:
                 for db in (writer, reader):
                     assert db.execute("PRAGMA cache_size").fetchone()[0] == -cache_kib
