@@ -20,7 +20,9 @@ import queue
 import sqlite3
 import threading
 import time
+import traceback
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from pydicom import Dataset
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
@@ -200,7 +202,8 @@ class PushListener:
             failure = catalog_unavailable(exc)
             if failure is None:
                 unexpected = exc
-        except Exception as exc:  # noqa: BLE001 - a bug: pynetdicom answers 0xC211 and logs it, as before
+        except Exception as exc:  # noqa: BLE001 - a bug: pynetdicom answers 0xC211
+            log.error("push registration failed by a bug, answered 0xC211: %s", _where(exc))
             unexpected = exc
         for index, push in enumerate(group):
             if index < len(results):
@@ -228,6 +231,24 @@ class PushListener:
 def _status(error: MdmError) -> int:
     """0xA700 when sending again later may succeed (the PACS, the catalog), 0xC000 otherwise."""
     return STATUS_OUT_OF_RESOURCES if isinstance(error, (PacsError, CatalogUnavailable)) else STATUS_CANNOT_UNDERSTAND
+
+
+def _where(exc: BaseException) -> str:
+    """The exception's class and the code it passed through, innermost first, without its message:
+    pynetdicom's logger is quiet (``srm_dicom.pacs``), and a message or a source line may quote a
+    value of the pushed data set, which is patient data."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    path = " < ".join(f"{_module(frame.filename)}:{frame.lineno} {frame.name}" for frame in reversed(frames))
+    return f"{exc.__class__.__name__} at {path}" if path else exc.__class__.__name__
+
+
+def _module(filename: str) -> str:
+    """A source file's path from its package down (``srm_dicom/prepare.py``), not the site's."""
+    parts = Path(filename).parts
+    for anchor, skip in (("srm_dicom", 0), ("site-packages", 1)):
+        if anchor in parts:
+            return "/".join(parts[parts.index(anchor) + skip:])
+    return parts[-1]
 
 
 def _received(event: Event) -> Dataset:

@@ -1,4 +1,5 @@
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -176,3 +177,32 @@ def test_a_pushed_series_is_planned_once_when_the_pushes_pause_with_the_sizes_re
         sizes[mode] = {e.sop_uid: e.size for e in namespace.list_dir(directory).entries if e.kind == "volume"}
         catalog.close()
     assert sizes["push"] == sizes["files"] and None not in sizes["push"].values()
+
+
+def test_a_bug_while_registering_a_push_is_logged_with_its_class_and_code_path_but_not_its_message(
+    embedded_pacs, tmp_path, key_servers, monkeypatch, caplog
+):
+    """Issue 12: pynetdicom's logger is quiet, so a bug in the push handler left nothing in the
+    log, only 0xC211 at the modality. It is logged now, without the message, which may quote a
+    value of the pushed data set."""
+    from srm_dicom.listen import PushListener
+    from srm_dicom.register import Registrar
+
+    def broken(self, sources, store_in_pacs):
+        raise KeyError("DOE^JANE")  # a bug whose message quotes patient data
+        yield
+
+    port = free_port()
+    config = load_config(write_site_config(tmp_path / "site", embedded_pacs, key_servers, store_to_pacs=False,
+                                           listen_port=port))
+    catalog = open_catalog(config)
+    monkeypatch.setattr(Registrar, "register_many", broken)
+    with caplog.at_level("INFO"), PushListener(config, catalog):
+        result = push(write_files(tmp_path, "bug", slices=1), port, "-v")
+    catalog.close()
+    assert "Received Store Response (Error: CannotUnderstand)" in result.stderr, result.stderr  # 0xC211
+    lines = [r.getMessage() for r in caplog.records if "bug" in r.getMessage()]
+    assert len(lines) == 1, lines
+    path = r"KeyError at test_listen\.py:\d+ broken < srm_dicom/listen\.py:\d+ _register$"
+    assert re.search(path, lines[0]), lines[0]
+    assert all("DOE^JANE" not in r.getMessage() for r in caplog.records)
