@@ -21,7 +21,7 @@ from typing import Any
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.tag import BaseTag
+from pydicom.tag import BaseTag, Tag
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 from srm_dicom.anonymization_options import AnonymizationOptions
@@ -115,8 +115,8 @@ def check_header(ds: Dataset, decoded: Dataset | None = None) -> Dataset:
     for group, what in _NOT_IN_A_DATA_SET:
         if ds.group_dataset(group):
             raise InvalidInput(f"holds {what} (group {group:04X}), which no stored data set may")
-    for keyword in _CHECKED_UIDS:
-        value = str(ds.get(keyword, "") or "").strip()
+    for keyword in _CHECKED_UIDS:  # read in ``decoded``: ``ds`` keeps its elements as read
+        value = str(decoded.get(keyword, "") or "").strip()
         if not value:
             raise InvalidInput(f"missing {keyword}")
         if not is_uid(value):
@@ -185,10 +185,13 @@ def prepare(job: Job) -> Prepared | MdmError:
             ds = job.source
             decoded = check_header(ds)
         settings = job.settings
-        burned_in = burned_in_reason(ds)
+        # Values are read in ``decoded``, never in ``ds``: pydicom decodes an element in place on
+        # access, and the writer then re-encodes it in its normal form (b" CT " as b"CT"), which
+        # staging, reading the image as the PACS sends it, would not do: other protected bytes.
+        burned_in = burned_in_reason(decoded)
         if burned_in and settings.options.burned_in == "refuse":
             raise InvalidInput(f"refused: {burned_in} ([anonymization] burned_in = \"refuse\")")
-        original = tuple(str(ds.get(k)).strip() for k in REQUIRED_UIDS)
+        original = tuple(str(decoded.get(k)).strip() for k in REQUIRED_UIDS)
         names = original if settings.original_uids else tuple(deidentify_uid(settings.secret, u) for u in original)
         with _values_of_the_file("encoded"):
             digest = dataset_digest(ds)
@@ -196,9 +199,9 @@ def prepare(job: Job) -> Prepared | MdmError:
             names=names,  # type: ignore[arg-type]  # three UIDs
             digest=digest,
             burned_in=burned_in,
-            sop_class=str(ds.SOPClassUID),
+            sop_class=str(decoded.SOPClassUID),
             transfer_syntax=str(ds.file_meta.TransferSyntaxUID),
-            as_read=isinstance(job.source, Path) and _sendable_as_read(ds),
+            as_read=isinstance(job.source, Path) and _sendable_as_read(decoded, ds),
         )
     except MdmError as exc:
         return exc
@@ -238,15 +241,15 @@ def _decoded_view(served: Dataset, ds: Dataset, decoded: Dataset) -> Dataset:
     return view
 
 
-def _sendable_as_read(ds: Dataset) -> bool:
+def _sendable_as_read(decoded: Dataset, ds: Dataset) -> bool:
     """Whether the file's own bytes are the image the PACS must receive: its file meta names the
     data set's SOP class and instance, and the data set is encoded as the meta says (pydicom
     reads some files leniently; those are sent as decoded, re-encoded in their syntax)."""
     meta = ds.file_meta
     syntax = meta.TransferSyntaxUID
     return (
-        str(meta.get("MediaStorageSOPClassUID", "")) == str(ds.SOPClassUID)
-        and str(meta.get("MediaStorageSOPInstanceUID", "")) == str(ds.SOPInstanceUID)
+        str(meta.get("MediaStorageSOPClassUID", "")) == str(decoded.SOPClassUID)
+        and str(meta.get("MediaStorageSOPInstanceUID", "")) == str(decoded.SOPInstanceUID)
         and syntax != DeflatedExplicitVRLittleEndian
         and tuple(ds.original_encoding) == (syntax.is_implicit_VR, syntax.is_little_endian)
     )
@@ -294,8 +297,9 @@ def check_complete(ds: Dataset) -> None:
         declared = getattr(last, "length", 0xFFFFFFFF)
         if declared != 0xFFFFFFFF and isinstance(last.value, bytes) and len(last.value) < declared:
             raise InvalidInput("truncated DICOM file")
-    try:  # decoded before decode_fully: a corrupt SOP Class UID is this file's reason too
-        sop_class = ds.get("SOPClassUID")
+    try:  # decoded before decode_fully: a corrupt SOP Class UID is this file's reason too; in a
+        # copy of the element, as decode_fully does, so that ``ds`` keeps it as read
+        sop_class = Dataset({tag: ds.get_item(tag) for tag in (Tag(0x00080016),) if tag in ds}).get("SOPClassUID")
     except Exception as exc:  # pydicom's converters raise many types on corrupt input
         raise InvalidInput(f"corrupt DICOM element (0008,0016) ({exc.__class__.__name__})") from None
     is_image = "Rows" in ds or "Image" in getattr(sop_class, "name", "")

@@ -763,3 +763,41 @@ def test_a_series_retrieved_whole_publishes_only_the_images_of_the_batch(any_pac
     finally:
         stager.stop()
         site.catalog.close()
+
+
+def _padded(ds: pydicom.Dataset, path: Path) -> Path:
+    """``ds`` written with the values registration reads padded as pydicom would never write
+    them (it decodes b" CT " as "CT" and writes it so): kept as read, they are the PACS's bytes."""
+    ds.save_as(path, enforce_file_format=True)
+    padded = pydicom.dcmread(path)
+    sop_class = str(ds.SOPClassUID)
+    values = {"Modality": b" CT ", "ImageType": b"ORIGINAL \\PRIMARY\\AXIAL ", "BurnedInAnnotation": b"NO  ",
+              "SOPClassUID": sop_class.encode() + (b" " if len(sop_class) % 2 else b"  ")}
+    for keyword, value in values.items():
+        tag = pydicom.tag.Tag(keyword)
+        vr = pydicom.datadict.dictionary_VR(tag)
+        padded._dict[tag] = pydicom.dataelem.RawDataElement(tag, vr, len(value), value, 0, False, True)
+    padded.save_as(path)
+    assert b" CT " in path.read_bytes()
+    return path
+
+
+def test_values_stored_with_odd_padding_restage_to_the_registered_bytes(site, running, tmp_path):
+    # Registration reads Modality, ImageType, BurnedInAnnotation and the SOP Class UID; staging
+    # does not: read in place, they would be re-encoded in the registered bytes only.
+    files = [_padded(ds, tmp_path / f"{i}.dcm") for i, ds in enumerate(make_series(slices=2, size=16, seed="pad"))]
+    with PacsClient(site.config.pacs) as pacs:
+        results = list(Registrar(site.config, site.catalog, pacs, site.keystore).register_many(files, True))
+    assert [r.error for r in results] == [None, None]
+    secret = site.config.site.secret_bytes
+    entries = []
+    for path in files:
+        ds = pydicom.dcmread(path)
+        uids = (ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+        found = site.catalog.namespace.lookup("/grid/demo/mdm/" + "/".join(deidentify_uid(secret, u) for u in uids))
+        assert found is not None and running.locality(found) == "TAPE"
+        entries.append(found)
+    for entry in entries:
+        data = running.fetch(entry, timeout=20).read_bytes()
+        assert len(data) == entry.size and f"{zlib.adler32(data):08x}" == entry.adler32, entry.lfn
+    assert_cached_true_to_catalog(running, entries)
