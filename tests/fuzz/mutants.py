@@ -101,57 +101,54 @@ def mutants(draw: st.DrawFn) -> bytes:
     return bytes(data)
 
 
-def _no_rows_and_a_corrupt_sop_class() -> bytes:
-    """Found by the push fuzz: an image without Rows whose SOP Class UID's VR is FD (pydicom's
-    BytesLengthException from the completeness check, before any decoding was guarded)."""
-    ds = make_series(slices=1, size=8, seed="fuzz finding")[0]
-    del ds.Rows
+def _finding() -> pydicom.Dataset:
+    """The synthetic slice every finding below is made from."""
+    return make_series(slices=1, size=8, seed="fuzz finding")[0]
+
+
+def _saved_and_patched(ds: pydicom.Dataset, header: bytes, offset: int, replacement: bytes) -> bytes:
+    """``ds`` saved as a file, with ``replacement`` written ``offset`` bytes into the first
+    element header starting with ``header`` (tag, then explicit VR): the mutation a finding was."""
     buffer = io.BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
     data = bytearray(buffer.getvalue())
-    at = data.index(b"\x08\x00\x16\x00UI")
-    data[at + 4: at + 6] = b"FD"
+    at = data.index(header) + offset
+    data[at: at + len(replacement)] = replacement
     return bytes(data)
+
+
+SOP_CLASS_UID = b"\x08\x00\x16\x00UI"  # (0008,0016) UI, little endian explicit VR
+
+
+def _no_rows_and_a_corrupt_sop_class() -> bytes:
+    """Found by the push fuzz: an image without Rows whose SOP Class UID's VR is FD (pydicom's
+    BytesLengthException from the completeness check, before any decoding was guarded)."""
+    ds = _finding()
+    del ds.Rows
+    return _saved_and_patched(ds, SOP_CLASS_UID, 4, b"FD")
 
 
 def _sop_class_in_the_command_group() -> bytes:
     """Found by the push fuzz: SOP Class UID's tag mutated into the command group, (0000,0016).
     pydicom reads it, but refuses to write it back (ValueError from dcmwrite): a push answered
     0xC211, an exception in our handler."""
-    ds = make_series(slices=1, size=8, seed="fuzz finding")[0]
-    buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    data = bytearray(buffer.getvalue())
-    at = data.index(b"\x08\x00\x16\x00UI")
-    data[at: at + 2] = b"\x00\x00"
-    return bytes(data)
+    return _saved_and_patched(_finding(), SOP_CLASS_UID, 0, b"\x00\x00")
 
 
 def _sop_class_in_group_0001() -> bytes:
     """Found by the push fuzz (in pydicom's RT plan): SOP Class UID's tag mutated to (0001,0016),
     so the data set has no SOP Class UID, which was not checked with the three UIDs of its
     name: an AttributeError when the catalog row was built, a push answered 0xC211."""
-    ds = make_series(slices=1, size=8, seed="fuzz finding")[0]
-    buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    data = bytearray(buffer.getvalue())
-    at = data.index(b"\x08\x00\x16\x00UI")
-    data[at: at + 2] = b"\x01\x00"
-    return bytes(data)
+    return _saved_and_patched(_finding(), SOP_CLASS_UID, 0, b"\x01\x00")
 
 
 def _an_empty_element_of_unknown_vr() -> bytes:
     """Found by the push fuzz (in pydicom's CT): an empty Laterality whose VR is ZZ. pydicom
     decodes an empty element when it is looked up, so building the decoding's copy of the
     element table raised NotImplementedError, outside its guard: a push answered 0xC211."""
-    ds = make_series(slices=1, size=8, seed="fuzz finding")[0]
+    ds = _finding()
     ds.Laterality = ""
-    buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    data = bytearray(buffer.getvalue())
-    at = data.index(b"\x20\x00\x60\x00CS\x00\x00")
-    data[at + 4: at + 6] = b"ZZ"
-    return bytes(data)
+    return _saved_and_patched(ds, b"\x20\x00\x60\x00CS\x00\x00", 4, b"ZZ")
 
 
 def _file_meta_in_the_data_set() -> bytes:
@@ -159,13 +156,7 @@ def _file_meta_in_the_data_set() -> bytes:
     file meta ends there and Implementation Version Name (0002,0013) is sent in the data set.
     The anonymizer recorded it as erased beside the receiver's own file meta element of that
     path: the catalog's unique (guid, path) raised IntegrityError, a push answered 0xC211."""
-    ds = make_series(slices=1, size=8, seed="fuzz finding")[0]
-    buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    data = bytearray(buffer.getvalue())
-    at = data.index(b"\x02\x00\x12\x00UI")
-    data[at: at + 2] = b"\x08\x00"
-    return bytes(data)
+    return _saved_and_patched(_finding(), b"\x02\x00\x12\x00UI", 0, b"\x08\x00")
 
 
 # Inputs the fuzzing found, run first in every run (hypothesis' @example).
