@@ -238,14 +238,17 @@ class MetadataIndex(Protocol):
         one query per chunk of ``LOOKUP_CHUNK``; slices not in the catalog are absent."""
 
     def aggregate(
-        self, query: Query, facts: RightsFacts, flags: Sequence[Query] = (), attributes: Sequence[Attribute] = ()
+        self, query: Query, facts: RightsFacts, flags: Sequence[Query] = (), attributes: Sequence[Attribute] = (),
+        per_study: bool = False,
     ) -> list[Group]:
-        """The slices matching ``query``, counted per directory, rights class (``RightsFacts``)
-        and truth of each of ``flags``, in directory order, each group's sample with its values
-        of ``attributes``: what QIDO-RS answers of studies and series is counted in the
-        database, never by reading every image (README, "QIDO-RS at scale"). A backend may
-        split a group further by the value of one of ``attributes`` (the SQL core does by
-        Modality, which it counts from an index): each part then holds one value. No rights
+        """The slices matching ``query``, counted per series directory (``per_study``: per study
+        directory), rights class (``RightsFacts``) and truth of each of ``flags``, in directory
+        order, each group's sample with its values of ``attributes``: what QIDO-RS answers of
+        studies and series is counted in the database, never by reading every image (README,
+        "QIDO-RS at scale"). A backend may split a group further by the value of one of
+        ``attributes`` (the SQL core does by Modality, which it counts from an index): each
+        part then holds one value. A study's group tells how many series it counts, and which
+        ones whenever the study has other groups (a series may be in several). No rights
         applied: the core decides once per class (``StorageService.aggregate``)."""
 
 
@@ -265,12 +268,12 @@ class RightsFacts:
 
 @dataclass(slots=True)
 class Group:
-    """Matching slices of one directory (a series) in one rights class, counted by the backend:
-    the class's key (opaque to the core), the truth of each flag (a condition the group is
-    split on), how many, and one of them (the least GUID) with its values of the attributes
-    asked for. ``level`` is the caller's metadata level on them, set by the core, which also
-    narrows ``values`` to what that level reaches. Not frozen: a QIDO-RS /studies answer at
-    10^5 images holds 10^4 groups, and a frozen dataclass costs 3x as much to make."""
+    """Matching slices of one directory (a series, or a study) in one rights class, counted by
+    the backend: the class's key (opaque to the core), the truth of each flag (a condition the
+    group is split on), how many, and one of them (the least GUID) with its values of the
+    attributes asked for. ``level`` is the caller's metadata level on them, set by the core,
+    which also narrows ``values`` to what that level reaches. Not frozen: a QIDO-RS /series
+    answer at 10^5 images holds 10^4 groups, and a frozen dataclass costs 3x as much to make."""
 
     directory: str
     rights: tuple[object, ...]
@@ -279,6 +282,8 @@ class Group:
     sample: str
     values: dict[str, Any] = field(default_factory=dict)
     level: str | None = None
+    series: int = 1  # the series directories a study's group counts
+    series_directories: tuple[str, ...] = ()  # which ones, when its study has other groups
 
 
 class StageStore(Protocol):

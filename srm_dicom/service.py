@@ -186,15 +186,15 @@ class StorageService:
         return visible(matches, identity, query.level if needed is None else needed, attributes)
 
     def aggregate(self, identity: Identity, query: Query, needed: str, flags: Sequence[Query] = (),
-                  attributes: Sequence[Attribute] = ()) -> list[Group]:
+                  attributes: Sequence[Attribute] = (), per_study: bool = False) -> list[Group]:
         """The matching slices the caller may see (at a level reaching ``needed``), counted per
-        series directory by the catalog, each group with its level and its sample's values of
+        series (or study) directory by the catalog, each group with its level and its sample's values of
         ``attributes`` (those the level reaches). Every decision is still ``access``'s, asked
         once per rights class (``access.reads``) of one entry of the class, not once per image."""
         levels: dict[tuple[object, ...], str | None] = {}
         keywords = shown(attributes)
         found = []
-        for group in self.catalog.index.aggregate(query, access.reads(identity), flags, attributes):
+        for group in self.catalog.index.aggregate(query, access.reads(identity), flags, attributes, per_study):
             if group.rights not in levels:
                 entry = self.catalog.namespace.lookup_guid(group.sample)
                 levels[group.rights] = None if entry is None else level_of(identity, entry, needed)

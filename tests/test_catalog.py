@@ -257,6 +257,42 @@ def test_aggregates_count_per_directory_rights_class_and_flag(config, catalog):
     assert catalog.index.aggregate(parse("PatientName = 'nobody'"), RightsFacts(), [], [modality]) == []
 
 
+def test_aggregates_per_study_fold_the_series_groups_and_name_the_series_of_a_split_study(config, catalog):
+    """Per study, each group is the sum of its study's series groups of the same class, flags and
+    Modality; a study split into several groups names the series of each, so that the core
+    counts a series in two groups once (QIDO-RS NumberOfStudyRelatedSeries)."""
+    two, _ = register_series(config, catalog, slices=3, seed="a")
+    other = make_series(slices=2, size=8, seed="b")
+    registrar = Registrar(config, catalog, None, KeystoreClient.from_config(config))
+    for ds in other:
+        ds.StudyInstanceUID = two[0].StudyInstanceUID  # a second series of study "a"
+        registrar.register(ds, store_in_pacs=False)
+    other[1].Modality = "MR"
+    registrar.register(other[1], store_in_pacs=False)
+    register_series(config, catalog, slices=2, seed="c")  # a study of one series
+    slices = sorted((m.entry for m in catalog.index.search(parse(""), [])), key=lambda e: e.guid)
+    catalog.namespace.set_rights([slices[0].guid], None, None, [AclEntry("/CN=bob", 0o5, "all")])
+    modality = ATTRIBUTES["Modality"]
+    flag = equals_any(ATTRIBUTES["SOPInstanceUID"], [slices[1].sop_uid])
+    for facts, flags in ((RightsFacts(None, "demo"), []), (RightsFacts("/CN=bob", "demo"), [flag]),
+                         (RightsFacts(None, None, (slices[2].lfn,)), [])):
+        series = catalog.index.aggregate(parse(""), facts, flags, [modality])
+        studies = catalog.index.aggregate(parse(""), facts, flags, [modality], per_study=True)
+        folded: dict = {}  # (study, class, flags, Modality) → count, series directories, least GUID
+        for g in series:
+            key = (g.directory.rsplit("/", 1)[0], g.rights, g.flags, g.values["Modality"])
+            count, directories, sample = folded.get(key, (0, set(), g.sample))
+            folded[key] = (count + g.count, directories | {g.directory}, min(sample, g.sample))
+        found = {(g.directory, g.rights, g.flags, g.values["Modality"]): g for g in studies}
+        assert {key: (g.count, g.series, g.sample) for key, g in found.items()} == {
+            key: (count, len(directories), sample) for key, (count, directories, sample) in folded.items()}, facts
+        for key, g in found.items():
+            split = sum(study == key[0] for study, *_ in found) > 1
+            assert set(g.series_directories) == (folded[key][1] if split else set()), facts
+    everyone = catalog.index.aggregate(parse(""), RightsFacts(None, "demo"), [], [modality], per_study=True)
+    assert sorted((len(g.series_directories), g.series, g.count) for g in everyone) == [(0, 1, 2), (1, 1, 1), (2, 2, 4)]
+
+
 def test_aggregates_split_a_series_by_modality_as_registered_last(config, catalog):
     """Each part holds one Modality, the one of its sample, and a slice registered again with
     another Modality moves to that part: QIDO-RS ModalitiesInStudy lists every one seen."""

@@ -274,11 +274,14 @@ class SqlMetadataIndex:
         return f"(SELECT {COLUMNS[attribute.keyword]} FROM {TABLES[alias]} WHERE {alias}.guid = g.sample)"
 
     def aggregate(
-        self, query: Query, facts: RightsFacts, flags: Sequence[Query] = (), attributes: Sequence[Attribute] = ()
+        self, query: Query, facts: RightsFacts, flags: Sequence[Query] = (), attributes: Sequence[Attribute] = (),
+        per_study: bool = False,
     ) -> list[Group]:
         """Groups per directory, rights class and flags, and per value of each HELD attribute asked
         for (the slices of a group share it, so it is also their sample's); the other attributes
-        are the sample's, probed per group."""
+        are the sample's, probed per group. Per study, the series groups are folded again in
+        the same statement: 10^3 rows for 10^5 images where Python folded 10^4 (README,
+        "QIDO-RS at scale")."""
         keys, key_params, join, join_params = self._rights_key(facts)
         tests, test_params = [], list[object]()
         for flag in flags:
@@ -297,15 +300,40 @@ class SqlMetadataIndex:
         base = len(_BASE_KEY)
         names = [f"k{n}" for n in range(base)] + [f"h{n}" for n in range(len(held))]
         names += [f"k{n}" for n in range(base, len(keys))] + [f"x{n}" for n in range(len(tests))]
+        columns = [f"k{n}" for n in range(len(keys))] + [f"x{n}" for n in range(len(tests))]
+        columns += [f"h{n}" for n in range(len(held))]  # how rows are read below
         values = "".join(f", {self._sample_value(a)} AS a{n}" for n, a in enumerate(probed))
         filtered = [*query.attributes, *(a for flag in flags for a in flag.attributes)]
-        rows = self._db.tuples(
-            f"SELECT g.*{values} FROM (SELECT e.parent AS directory, {', '.join(split)}, count(*) AS n,"
-            f" min(e.guid) AS sample FROM {_joined(filtered)}{join} WHERE e.kind = 'slice' AND {condition}"
-            f" GROUP BY e.parent, {', '.join(names)}) g ORDER BY g.directory, {', '.join(f'g.{n}' for n in names)}",
-            [*key_params, *test_params, *join_params, *condition_params],
+        series = (
+            f"SELECT e.parent AS directory, {', '.join(split)}, count(*) AS n, min(e.guid) AS sample"
+            f" FROM {_joined(filtered)}{join} WHERE e.kind = 'slice' AND {condition}"
+            f" GROUP BY e.parent, {', '.join(names)}"
         )
-        # Each row: directory, keys, flags, held values, count, sample, probed values.
+        order = ", ".join(f"g.{n}" for n in names)
+        kept = ", ".join(f"g.{c}" for c in columns)
+        if per_study:
+            # A series directory ends in its Series Instance UID (digits and dots, names.parse_lfn):
+            # trimmed of it and of its slash, it is its study's. The groups of one series are apart
+            # (each rights class, flag, Modality): a study's group counts each of its series once.
+            # Which series, only where the study has other groups, as the core must not count a
+            # series of two groups twice.
+            listed = self._db.dialect.aggregate("g.directory", "'|'")
+            studies = (
+                f"SELECT rtrim(rtrim(g.directory, '0123456789.'), '/') AS study, {kept}, sum(g.n) AS n,"
+                f" min(g.sample) AS sample, count(*) AS series, {listed} AS listed"
+                f" FROM ({series}) g GROUP BY study, {kept}"
+            )
+            sql = (
+                f"SELECT g.study, {kept}, g.n, g.sample, g.series,"
+                f" CASE WHEN count(*) OVER (PARTITION BY g.study) > 1 THEN g.listed END{values}"
+                f" FROM ({studies}) g ORDER BY g.study, {order}"
+            )
+        else:
+            sql = (f"SELECT g.directory, {kept}, g.n, g.sample, 1, NULL{values} FROM ({series}) g"
+                   f" ORDER BY g.directory, {order}")
+        rows = self._db.tuples(sql, [*key_params, *test_params, *join_params, *condition_params])
+        # Each row: directory, keys, flags, held values, count, sample, series, the series
+        # listed (or NULL), probed values.
         flagged = len(keys) + 1
         held_at = flagged + len(tests)
         count_at = held_at + len(held)
@@ -314,7 +342,9 @@ class SqlMetadataIndex:
         groups = []
         for r in rows:  # by position, no per-row mapping: 10^4 rows for 10^5 images
             found = Group(r[0], r[1:flagged], tuple(bool(x) for x in r[flagged:held_at]), int(r[count_at]),
-                          r[count_at + 1], dict(zip(keywords, r[held_at:count_at] + r[count_at + 2:], strict=True)))
+                          r[count_at + 1], dict(zip(keywords, r[held_at:count_at] + r[count_at + 4:], strict=True)),
+                          series=int(r[count_at + 2]),
+                          series_directories=tuple(r[count_at + 3].split("|")) if r[count_at + 3] else ())
             for k in numeric:
                 found.values[k] = as_number(found.values[k])
             groups.append(found)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import re
 import sys
 import time
@@ -33,6 +34,7 @@ from itertools import islice
 from typing import Any
 from urllib.parse import parse_qsl, quote
 
+import orjson
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 
 from srm_dicom.catalog import Group
@@ -198,7 +200,7 @@ class Qido:
                            " instances)")
         base = self._base_url(environ)
         results = [_dicom_json(item) for item in self._results(search, identity, base)]
-        body = json.dumps(results).encode()
+        body = orjson.dumps(results)  # 3x as fast as json's at /studies' 1 MB (README, "QIDO-RS at scale")
         headers = [("Content-Type", MEDIA_TYPE), ("Content-Length", str(len(body)))]
         if search.ignored:
             headers.append(("Warning", _warning("not supported, ignored: " + ", ".join(sorted(set(search.ignored))))))
@@ -232,25 +234,24 @@ class Qido:
     def _aggregate(self, identity: Identity, query: Query, search: Search, wanted: list[Attribute],
                    base: str) -> list[dict[str, Any]]:
         """Studies or series of the images that match and that the caller may see, counted by
-        the catalog per series directory and rights class (``StorageService.aggregate``): a
-        study's directory holds its series', a series' its images, so directories are the
-        groups. A result's attributes are those of one of its images, at the highest level
-        the caller has on them; ``ModalitiesInStudy`` has each group's Modality: every one of
-        the images counted, as the SQL catalogs count per Modality too (PS3.4: the distinct
-        Modality values of the study's series)."""
+        the catalog per directory (a study's or a series') and rights class
+        (``StorageService.aggregate``). A result's attributes are those of one of its images, at
+        the highest level the caller has on them; ``ModalitiesInStudy`` has each group's
+        Modality: every one of the images counted, as the SQL catalogs count per Modality too
+        (PS3.4: the distinct Modality values of the study's series)."""
         flags = [equals_any(ATTRIBUTES[k], sorted(listed)) for k, listed in search.uids.items()]
-        modality = [ATTRIBUTES["Modality"]] if search.level == "study" else []
-        groups = [g for g in self._service.aggregate(identity, query, search.query.level, flags, modality)
+        per_study = search.level == "study"
+        modality = [ATTRIBUTES["Modality"]] if per_study else []
+        groups = [g for g in self._service.aggregate(identity, query, search.query.level, flags, modality, per_study)
                   # A UID key names an image by the namespace's UID, or for "all" rights by the original.
                   if all(g.flags) or g.level == ALL]
         results: dict[str, list[Group]] = {}
         for group in groups:
-            key = group.directory.rpartition("/")[0] if search.level == "study" else group.directory
-            results.setdefault(key, []).append(group)
+            results.setdefault(group.directory, []).append(group)
         page = list(results.values())[search.offset: search.offset + search.limit]
         best = [found[0] if len(found) == 1 else max(found, key=lambda g: RANKS[g.level or "none"]) for found in page]
         shown = self._service.samples(best, wanted)
-        fields = [f for f in search.fields if f != "Modality" or search.level == "series"]
+        fields = [f for f in search.fields if f != "Modality" or not per_study]
         out = []
         for found, first in zip(page, best, strict=True):
             sample = shown.get(first.sample)
@@ -258,9 +259,10 @@ class Qido:
                 continue  # deleted since it was counted
             result = _values(sample, fields, search.level, base)
             count = sum(g.count for g in found)
-            if search.level == "study":
+            if per_study:
                 result["ModalitiesInStudy"] = sorted({g.values["Modality"] for g in found if g.values.get("Modality")})
-                result["NumberOfStudyRelatedSeries"] = len({g.directory for g in found})
+                result["NumberOfStudyRelatedSeries"] = (
+                    found[0].series if len(found) == 1 else len({d for g in found for d in g.series_directories}))
                 result["NumberOfStudyRelatedInstances"] = count
             else:
                 result["NumberOfSeriesRelatedInstances"] = count
@@ -322,9 +324,19 @@ def _dicom_json(values: dict[str, Any]) -> dict[str, Any]:
             items = [_dicom_json(item) for item in value]
         elif vr == "PN":
             items = [{"Alphabetic": v} for v in items]
-        elif vr in INTEGERS:
-            items = [int(float(v)) for v in items]
-        elif vr in DECIMALS:
-            items = [float(v) for v in items]
+        elif vr in INTEGERS or vr in DECIMALS:
+            items = [_number(v, vr in INTEGERS) for v in items]
         out[tag] = {"vr": vr, "Value": items}
     return out
+
+
+def _number(value: object, integer: bool) -> object:
+    """A numeric value as a JSON number; one that is none (a value breaking its VR is kept as
+    written at registration, srm_dicom/metadata.py), not finite or beyond 64 bits, as its text."""
+    try:
+        number = float(value)  # type: ignore[arg-type]  # a number or its text: float() refuses the rest
+    except (TypeError, ValueError):
+        return str(value)
+    if not math.isfinite(number) or (integer and abs(number) >= 2**63):
+        return str(value)
+    return int(number) if integer else number

@@ -13,6 +13,7 @@ from srm_dicom.access import may_list, metadata_level
 from srm_dicom.catalog import AclEntry
 from srm_dicom.identity import VoMap
 from srm_dicom.query import ATTRIBUTES, parse
+from srm_dicom.server.qido import _dicom_json
 
 PATIENT_NAME, STUDY_UID, SERIES_UID, SOP_UID, MODALITY = "00100010", "0020000D", "0020000E", "00080018", "00080060"
 
@@ -137,28 +138,37 @@ def test_answers_are_dicom_json_and_errors_are_problems(site, pki):
 
 
 def test_each_caller_counts_only_the_images_they_may_see(site, pki):
-    """/studies is counted by the catalog per directory and rights class, each class decided
-    once: the answer is the one srm_dicom.access gives image by image, for every user. Eve
-    (another VO) sees one DOE CT slice through a per-DN entry: its study, one image, one series."""
+    """/studies is counted by the catalog per study directory and rights class, each class
+    decided once: the answer is the one srm_dicom.access gives image by image, for every user.
+    Eve (another VO) sees one DOE CT slice through a per-DN entry: its study, one image, one
+    series. Bob's own entry on that slice puts it in a class of its own: the DOE study is then
+    three groups (two classes of CT, one of MR), and still two series."""
     catalog = site.running.catalog
     vomap = VoMap.load(pki / "vomap.toml")
     shared = catalog.namespace.lookup(sorted(site.lfns("doe_ct"))[0])
-    eve = "/C=XX/O=srm-dicom/CN=eve"
-    catalog.namespace.set_rights([shared.guid], None, None, [AclEntry(eve, 0o5, "anonymous")])
+    eve, bob = "/C=XX/O=srm-dicom/CN=eve", "/C=XX/O=srm-dicom/CN=bob"
+    catalog.namespace.set_rights([shared.guid], None, None,
+                                 [AclEntry(eve, 0o5, "anonymous"), AclEntry(bob, 0o5, "all")])
     try:
         for user in ("alice", "bob", "carol", "dave", "eve"):
             identity = vomap.identity(f"/C=XX/O=srm-dicom/CN={user}")
-            expected: Counter = Counter()
+            images: Counter = Counter()
+            series: dict[str, set[str]] = {}
             for match in catalog.index.search(parse(""), [ATTRIBUTES["StudyInstanceUID"]]):
                 if may_list(identity, match.entry) and metadata_level(identity, match.entry) != "none":
-                    expected[match.values["StudyInstanceUID"]] += 1
+                    images[match.values["StudyInstanceUID"]] += 1
+                    series.setdefault(match.values["StudyInstanceUID"], set()).add(match.entry.lfn.rsplit("/", 2)[1])
             studies = client(site, pki, user).search_for_studies()
-            assert {value(s, STUDY_UID): value(s, "00201208") for s in studies} == expected, user
+            assert {value(s, STUDY_UID): value(s, "00201208") for s in studies} == images, user
+            assert {value(s, STUDY_UID): value(s, "00201206") for s in studies} == {
+                study: len(names) for study, names in series.items()}, user
         (seen,) = client(site, pki, "eve").search_for_studies()
         assert value(seen, STUDY_UID) == shared.study_uid and value(seen, "00201206") == 1
         assert PATIENT_NAME not in seen  # anonymous: no patient
+        doe = [s for s in client(site, pki, "bob").search_for_studies() if value(s, STUDY_UID) == shared.study_uid]
+        assert [(value(s, "00201206"), value(s, "00201208")) for s in doe] == [(2, 5)]
     finally:
-        catalog.namespace.set_rights([shared.guid], None, None, [AclEntry(eve, 0, "none")])
+        catalog.namespace.set_rights([shared.guid], None, None, [AclEntry(eve, 0, "none"), AclEntry(bob, 0, "none")])
 
 
 # -- hostile input (issue 12, findings 1 and 4): 4xx with a problem body, never a 500 ---------
@@ -198,3 +208,14 @@ def test_catalog_columns_are_not_dicom_attributes(site, pki):
         answer = request(site.running.url, pki, "bob", path=f"/dicom-web/instances?limit=2&{query}")
         assert answer.status == 200, (query, answer.body)
         assert all(all(len(tag) == 8 for tag in item) for item in answer.json())
+
+
+@pytest.mark.parametrize(("keyword", "tag", "text"), [
+    ("InstanceNumber", "00200013", "abc"), ("InstanceNumber", "00200013", "1e999"),
+    ("InstanceNumber", "00200013", "99999999999999999999"), ("SliceThickness", "00180050", "nan"),
+])
+def test_a_number_breaking_its_vr_is_answered_as_written(keyword, tag, text):
+    """Registration keeps a value that breaks its VR as it was written (srm_dicom/metadata.py);
+    QIDO-RS answered such an InstanceNumber or SliceThickness with a 500 (ValueError)."""
+    vr, seven = ("IS", 7) if keyword == "InstanceNumber" else ("DS", 7.0)
+    assert _dicom_json({keyword: f"7\\{text}"}) == {tag: {"vr": vr, "Value": [seven, text]}}
