@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import http.client
 import random
 import ssl
@@ -130,6 +131,8 @@ def main() -> None:
         app = StorageElement(config, catalog, stager)
         server = make_server(config, app)
         qido = Qido(app.service, lambda environ: "https://127.0.0.1")
+        gc.collect()
+        gc.freeze()  # as mdm serve does (srm_dicom/cli/serve.py)
         server.prepare()
         threading.Thread(target=server.serve, daemon=True).start()
         identity = VoMap.load(pki / "vomap.toml").identity("/C=XX/O=srm-dicom/CN=bob")
