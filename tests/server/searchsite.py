@@ -53,10 +53,16 @@ def _with_metadata_mode(config_path: Path, mode: str) -> None:
 
 
 @contextmanager
-def search_site(workdir: Path, key_servers: LocalKeyServers) -> Iterator[SearchSite]:
+def search_site(workdir: Path, key_servers: LocalKeyServers, postgres_url: str | None = None) -> Iterator[SearchSite]:
+    """The site, its catalog in SQLite or, given ``postgres_url``, in that PostgreSQL database."""
     pacs = peers.start_embedded(workdir / "pacs", CLIENT_AET, peers.free_port())
     try:
         config_path = write_site_config(workdir / "site", pacs, key_servers)
+        if postgres_url:
+            sqlite = '[catalog]\nurl = "catalog.db"'
+            text = config_path.read_text()
+            assert sqlite in text, "write_site_config's [catalog] section changed"
+            config_path.write_text(text.replace(sqlite, f'[catalog]\nbackend = "postgresql"\nurl = "{postgres_url}"'))
         series = {"doe_ct": _series("doe-ct", DOE, 3, "CT"), "roe_ct": _series("roe-ct", ROE, 2, "CT")}
         series["doe_mr"] = _series("doe-mr", DOE, 2, "MR", study=series["doe_ct"][0].StudyInstanceUID)
         register(config_path, [ds for name in ("doe_ct", "doe_mr", "roe_ct") for ds in series[name]])

@@ -1,5 +1,6 @@
 """DICOMweb QIDO-RS searched with the dicomweb-client package, as a user's certificate."""
 
+import contextlib
 from collections import Counter
 
 import pytest
@@ -8,6 +9,7 @@ from dicomweb_client.api import DICOMwebClient
 from pydicom import Dataset
 from searchsite import search_site
 
+import postgres
 from https import request
 from srm_dicom.access import may_list, metadata_level
 from srm_dicom.catalog import AclEntry
@@ -18,9 +20,13 @@ from srm_dicom.server.qido import _dicom_json
 PATIENT_NAME, STUDY_UID, SERIES_UID, SOP_UID, MODALITY = "00100010", "0020000D", "0020000E", "00080018", "00080060"
 
 
-@pytest.fixture(scope="module")
-def site(key_servers, tmp_path_factory):
-    with search_site(tmp_path_factory.mktemp("qido"), key_servers) as found:
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def site(request, key_servers, tmp_path_factory):
+    """The search site on each backend: /studies and /series are counted in the catalog's SQL."""
+    with contextlib.ExitStack() as stack:
+        url = stack.enter_context(postgres.database()) if request.param == "postgresql" else None
+        found = stack.enter_context(search_site(tmp_path_factory.mktemp("qido"), key_servers, url))
+        assert type(found.running.catalog.backend).__module__ == f"mdm_catalog_{request.param}"
         yield found
 
 
