@@ -84,6 +84,50 @@ def test_front_ends_claiming_at_once_never_take_the_same_job(config):
             catalog.close()
 
 
+def test_front_ends_queueing_one_series_in_different_orders_at_once_never_fail(config):
+    """A slice and then its series read ahead, asked of two front ends at once, queue one
+    series' jobs in different orders while a third finishes them: on PostgreSQL rows locked
+    in the callers' orders deadlocked, and a GET failed with "catalog unavailable"."""
+    catalogs = [open_catalog(config) for _ in range(3)]
+    try:
+        series = guids(30)
+        failures: list[BaseException] = []
+        done = threading.Event()
+
+        def queuer(stages, order: list[str]) -> None:  # type: ignore[no-untyped-def]
+            try:
+                for _ in range(10):
+                    stages.enqueue_jobs(dict.fromkeys(order, "study/series"))
+            except Exception as failure:  # noqa: BLE001 - the test reports what broke
+                failures.append(failure)
+
+        def finisher(stages) -> None:  # type: ignore[no-untyped-def]
+            try:
+                while not done.is_set():
+                    claimed = stages.claim_jobs("finisher", 30, limit=30)
+                    outcomes = {job.guid: (COMPLETED, None) for job in reversed(claimed)}
+                    stages.finish_jobs("finisher", outcomes, int(time.time()))
+            except Exception as failure:  # noqa: BLE001
+                failures.append(failure)
+
+        orders = [series[n * 5:] + series[:n * 5] for n in range(5)] + [series[::-1]]
+        threads = [threading.Thread(target=queuer, args=(catalogs[n % 2].stages, order))
+                   for n, order in enumerate(orders)]
+        finishing = threading.Thread(target=finisher, args=(catalogs[2].stages,))
+        finishing.start()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        done.set()
+        finishing.join(60)
+        assert failures == []
+        assert set(catalogs[2].stages.jobs(series)) == set(series)
+    finally:
+        for catalog in catalogs:
+            catalog.close()
+
+
 def test_a_dead_holders_lease_lapses_and_another_takes_the_job_but_a_renewed_lease_is_not_stolen(front_ends):
     a, b = front_ends
     dead, alive = guids(2), guids(2)

@@ -145,17 +145,22 @@ class SqlStageStore:
     def enqueue_jobs(self, batches: Mapping[str, str]) -> dict[str, int]:
         if not batches:
             return {}
-        # seq: the queue's order, one more than the last (two PostgreSQL transactions queueing
-        # at the same instant may tie: then the GUID decides, fair enough for an order of work).
-        seq = "(SELECT coalesce(max(seq), 0) + 1 FROM stage_jobs)"
+        # Rows are written in GUID order, whatever the caller's: two front ends queueing one series
+        # at once (a slice, then its series read ahead, each in its own order) lock the rows in
+        # one order on PostgreSQL, so neither waits on the other in a deadlock. seq keeps the
+        # caller's order, counted on from the last; two transactions queueing at the same
+        # instant may tie, and then the GUID decides, fair enough for an order of work.
         with self._db.transaction():
+            last = self._db.row("SELECT coalesce(max(seq), 0) AS seq FROM stage_jobs")
+            base = last["seq"] if last is not None else 0
+            ordered = {guid: (batch, base + 1 + position) for position, (guid, batch) in enumerate(batches.items())}
             self._db.write_many(
-                f"INSERT INTO stage_jobs (guid, batch, attempt, state, seq) VALUES (?, ?, 1, 'SUBMITTED', {seq})"
+                "INSERT INTO stage_jobs (guid, batch, attempt, state, seq) VALUES (?, ?, 1, 'SUBMITTED', ?)"
                 " ON CONFLICT (guid) DO UPDATE SET batch = excluded.batch, attempt = stage_jobs.attempt + 1,"
                 " state = 'SUBMITTED', holder = NULL, lease_expires = NULL, error = NULL,"
                 " seq = excluded.seq, finished_at = NULL"
                 " WHERE stage_jobs.state IN ('COMPLETED', 'FAILED')",
-                list(batches.items()),
+                [(guid, batch, seq) for guid, (batch, seq) in sorted(ordered.items())],
             )
             return {job.guid: job.attempt for job in self.jobs(list(batches)).values()}
 
@@ -195,6 +200,8 @@ class SqlStageStore:
     def finish_jobs(self, holder: str, outcomes: Mapping[str, tuple[str, str | None]], at: int) -> None:
         # The jobs first: their rows locked, a request queueing one of them meanwhile waits for
         # this end and queues it again; the files then include every request written before.
+        # In GUID order, as enqueue_jobs locks them, so the two never deadlock.
+        outcomes = dict(sorted(outcomes.items()))
         with self._db.transaction():
             self._db.write_many(
                 f"UPDATE stage_jobs SET state = ?, error = ?, holder = NULL, lease_expires = NULL,"
