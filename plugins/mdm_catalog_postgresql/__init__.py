@@ -87,8 +87,8 @@ class PostgresDialect(Dialect):
             raise unavailable(self.url) from None
         except psycopg.errors.UniqueViolation as exc:
             raise CatalogConflict(f"another writer got there first ({exc.diag.constraint_name}); try again") from None
-        except psycopg.OperationalError:
-            raise unavailable(self.url) from None
+        except psycopg.OperationalError as exc:
+            raise unavailable(self.url, exc) from None
 
     def transaction(self) -> Any:
         return self._connection(transaction=True)
@@ -112,7 +112,17 @@ class PostgresDialect(Dialect):
         self.pool.close()
 
 
-def unavailable(url: str) -> CatalogUnavailable:
+def unavailable(url: str, error: psycopg.OperationalError | None = None) -> CatalogUnavailable:
+    """Why the catalog cannot be used now; the caller may try again shortly.
+
+    SQLSTATE class 40 (a deadlock, a serialization failure): the server is up and answered,
+    the transaction lost to another writer's. Anything else: the server is down, restarting
+    or out of reach."""
+    if error is not None and error.sqlstate is not None and error.sqlstate.startswith("40"):
+        return CatalogUnavailable(
+            f"the catalog database rolled back a transaction that met another writer's"
+            f" ({error.sqlstate} {type(error).__name__}); try again shortly"
+        )
     where = url.split("@")[-1]  # no user name in messages
     return CatalogUnavailable(f"the catalog database at {where} does not answer; try again shortly")
 
