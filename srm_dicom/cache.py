@@ -59,7 +59,7 @@ import stat
 import threading
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -352,6 +352,13 @@ class DiskCache:
         except OSError:
             return None
         return path
+
+    def published(self, files: Iterable[tuple[str, int]]) -> set[str]:
+        """The GUIDs of these (GUID, version) files that are published now, looked at under the
+        directory's lock: no eviction is midway, and one that starts later asks the catalog for
+        what is protected anew, so a pin written before this call keeps what it found."""
+        with self._site():
+            return {guid for guid, version in files if self.path(guid, version, touch=False) is not None}
 
     def publish(self, guid: str, version: int, data: bytes | bytearray, pinned: set[str]) -> Path:
         """Store ``data`` as this version: make room, write, fsync, rename; retire older versions.

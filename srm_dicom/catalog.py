@@ -304,6 +304,10 @@ class StageStore(Protocol):
     def cancel_stage_files(self, request_id: str, lfns: list[str], at: int) -> None:
         """CANCELLED for those of ``lfns`` not yet final; their pins are released."""
 
+    def reopen_stage_files(self, request_id: str, guids: Sequence[str]) -> None:
+        """SUBMITTED again, with no pin, for those of ``guids`` the request holds as COMPLETED:
+        files found on disk when it was written and evicted before its pins were."""
+
     def release_stage_files(self, request_id: str | None, lfns: list[str] | None) -> None:
         """Release the pins of ``lfns`` (all files if None) of one request, or of every request."""
 

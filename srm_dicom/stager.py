@@ -343,6 +343,14 @@ class Stager:
         with self._catalog.backend.transaction():
             self._catalog.stages.add_stage_request(request)
             self._catalog.stages.enqueue_jobs(batches)
+        # A file found on disk above may have been evicted before its pin was written: it is
+        # staged again, so that a COMPLETED file of a new request is on disk (FTS reads onDisk).
+        found = [entry for entry, f in zip(unique, files, strict=True) if f.state == COMPLETED]
+        kept = self._cache.published((entry.guid, entry.content_version) for entry in found) if found else set()
+        if evicted := [entry for entry in found if entry.guid not in kept]:
+            with self._catalog.backend.transaction():
+                self._catalog.stages.reopen_stage_files(request.id, [entry.guid for entry in evicted])
+                self._catalog.stages.enqueue_jobs({entry.guid: _batch_of(entry.guid, entry) for entry in evicted})
         self._wake.set()
         return request.id
 

@@ -369,3 +369,20 @@ def test_stage_requests_states_pins_and_release(config, catalog):
     assert stages.delete_stage_request("r1") and not stages.delete_stage_request("r1")
     assert stages.stage_request("r1") is None and [f.state for f in stages.stage_request("r2").files][1] == COMPLETED
     assert SUBMITTED not in {f.state for f in stages.stage_request("r2").files}
+
+
+def test_a_reopened_file_waits_unpinned_for_its_next_staging_and_only_in_its_request(config, catalog):
+    register_series(config, catalog, slices=2)
+    a, b = (e for e in catalog.namespace.list_dir(series_dir(catalog)).entries if e.kind == "slice")
+    stages = catalog.stages
+    on_disk = StageFile(a.lfn, a.guid, COMPLETED, None, 100, 100, 160)
+    stages.add_stage_request(StageRequest("r1", "/CN=bob", 100, 60, (on_disk, StageFile(b.lfn, b.guid))))
+    stages.add_stage_request(StageRequest("r2", "/CN=bob", 100, 60, (on_disk,)))
+    stages.reopen_stage_files("r1", [a.guid, b.guid])  # b is not COMPLETED: left as it is
+    reopened, waiting = stages.stage_request("r1").files
+    assert reopened.state == SUBMITTED
+    assert (reopened.started_at, reopened.finished_at, reopened.pin_expires) == (None, None, None)
+    assert waiting.state == SUBMITTED and stages.stage_request("r2").files[0] == on_disk
+    assert stages.pinned_guids(now=150) == {a.guid}  # r2's pin
+    stages.set_stage_state(a.guid, COMPLETED, 200)
+    assert stages.stage_request("r1").files[0].pin_expires == 260 and stages.stage_request("r2").files[0] == on_disk

@@ -25,7 +25,7 @@ from srm_dicom import stager as stager_module
 from srm_dicom import workers
 from srm_dicom.anonymization_options import AnonymizationOptions
 from srm_dicom.cache import TALLY, DiskCache
-from srm_dicom.catalog import Catalog, Entry, open_catalog
+from srm_dicom.catalog import Catalog, Entry, StageRequest, open_catalog
 from srm_dicom.config import Config, EmbeddedPacsConfig, load_config
 from srm_dicom.crypto.container import check_key, decrypt_bytes, read_header
 from srm_dicom.entry_key import key_name
@@ -157,6 +157,29 @@ def test_a_completed_file_is_on_disk_while_its_cache_file_is_and_its_name_still_
     monkeypatch.setattr(site.catalog.namespace, "lookup_many", lambda lfns: {
         lfn: replace(entry, guid=str(uuid.uuid4())) for lfn, entry in looked_up(lfns).items()})
     assert [f.on_disk for f in running.request(request_id).files] == [False, True]
+
+
+def test_a_file_evicted_before_its_new_pin_is_written_is_staged_again_for_the_request(site, running, monkeypatch):
+    """submit() finds a file on disk, then writes the request that pins it: an eviction in
+    between (here: the file removed just before the write) must not leave the request's file
+    COMPLETED and off disk, which FTS would read as staged and fail to copy."""
+    first, second, _ = site.slices
+    wait_final(running, running.submit([first, second], pin_lifetime=0, requester="bob"))
+    cached = running.cached_path(first)
+    assert cached is not None and running.cached_path(second) is not None
+    add_stage_request = site.catalog.stages.add_stage_request
+
+    def evicted_meanwhile(request: StageRequest) -> None:
+        cached.unlink()
+        add_stage_request(request)
+
+    monkeypatch.setattr(site.catalog.stages, "add_stage_request", evicted_meanwhile)
+    request_id = running.submit([first, second], pin_lifetime=600, requester="bob")
+    wait_final(running, request_id)
+    found = running.request(request_id)
+    assert [(f.state, f.on_disk) for f in found.files] == [("COMPLETED", True), ("COMPLETED", True)]
+    assert site.catalog.stages.pinned_guids(int(time.time())) == {first.guid, second.guid}
+    assert all(f.pin_expires >= f.finished_at + 600 for f in found.files)
 
 
 def test_stage_request_states_cancel_release_and_delete(site, running):

@@ -98,6 +98,14 @@ class SqlStageStore:
             [(at, request_id, normalize_lfn(lfn)) for lfn in lfns],
         )
 
+    def reopen_stage_files(self, request_id: str, guids: Sequence[str]) -> None:
+        if guids:
+            self._db.write(
+                "UPDATE stage_files SET state = 'SUBMITTED', started_at = NULL, finished_at = NULL,"
+                f" pin_expires = NULL WHERE request_id = ? AND state = 'COMPLETED' AND guid IN ({_marks(guids)})",
+                (request_id, *guids),
+            )
+
     def release_stage_files(self, request_id: str | None, lfns: list[str] | None) -> None:
         where: list[str] = []
         params: list[object] = []
