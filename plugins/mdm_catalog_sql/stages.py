@@ -159,16 +159,15 @@ class SqlStageStore:
         # caller's order, counted on from the last; two transactions queueing at the same
         # instant may tie, and then the GUID decides, fair enough for an order of work.
         with self._db.transaction():
-            last = self._db.row("SELECT coalesce(max(seq), 0) AS seq FROM stage_jobs")
-            base = last["seq"] if last is not None else 0
-            ordered = {guid: (batch, base + 1 + position) for position, (guid, batch) in enumerate(batches.items())}
+            base = self._db.tuples("SELECT coalesce(max(seq), 0) FROM stage_jobs")[0][0]
+            rows = sorted((guid, batch, base + 1 + position) for position, (guid, batch) in enumerate(batches.items()))
             self._db.write_many(
                 "INSERT INTO stage_jobs (guid, batch, attempt, state, seq) VALUES (?, ?, 1, 'SUBMITTED', ?)"
                 " ON CONFLICT (guid) DO UPDATE SET batch = excluded.batch, attempt = stage_jobs.attempt + 1,"
                 " state = 'SUBMITTED', holder = NULL, lease_expires = NULL, error = NULL,"
                 " seq = excluded.seq, finished_at = NULL"
                 " WHERE stage_jobs.state IN ('COMPLETED', 'FAILED')",
-                [(guid, batch, seq) for guid, (batch, seq) in sorted(ordered.items())],
+                rows,
             )
             return {job.guid: job.attempt for job in self.jobs(list(batches)).values()}
 
